@@ -1,0 +1,291 @@
+"""Reading checkpoints: one tensor at a time, memory-mapped, from any supported source.
+
+Sources: a folder (one or sharded safetensors, or PyTorch .bin/.pt), a single
+.safetensors/.bin/.pt file, or a Hugging Face repo id `org/name[@revision]`.
+No maths here: tensors come out in their stored dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .errors import BadInput
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+MERGEABLE_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+# Files copied from the base so that the output loads like the base (never code: no *.py).
+CONFIG_FILE_PATTERN = re.compile(
+    r"^(config\.json|generation_config\.json|preprocessor_config\.json|processor_config\.json|"
+    r"tokenizer(_config)?\.json|special_tokens_map\.json|added_tokens\.json|vocab\.(txt|json)|merges\.txt|"
+    r"tokenizer\.model|spiece\.model|sentencepiece\.bpe\.model|chat_template\.(jinja|json)|modules\.json|"
+    r"sentence_bert_config\.json|config_sentence_transformers\.json)$"
+)
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+HUB_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.json", "*.txt", "*.model", "*.jinja"]
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    file: Path
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+
+
+class Checkpoint:
+    """The tensors of one model, with their headers known up front and data read on demand."""
+
+    def __init__(self, label: str, folder: Optional[Path], tensors: dict[str, TensorInfo], handles: dict[Path, object], torch_state: dict[Path, dict]):
+        self.label = label
+        self.folder = folder  # where config/tokenizer files live, if any
+        self.tensors = tensors
+        self._handles = handles  # safetensors safe_open handles, per file
+        self._torch_state = torch_state  # lazily loaded (mmapped) PyTorch state dicts, per file
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def read(self, name: str) -> torch.Tensor:
+        """The stored tensor (CPU, stored dtype). Raises BadInput if the file is damaged."""
+        info = self.tensors[name]
+        try:
+            if info.file in self._handles:
+                return self._handles[info.file].get_tensor(name)
+            return self._torch_file(info.file)[name]
+        except (SafetensorError, RuntimeError, OSError) as error:
+            raise BadInput(f"{info.file}: cannot read tensor {name}: {error}") from None
+
+    def _torch_file(self, file: Path) -> dict:
+        if file not in self._torch_state:
+            self._torch_state[file] = load_torch_state(file)
+        return self._torch_state[file]
+
+    def close(self) -> None:
+        self._handles.clear()
+        self._torch_state.clear()
+
+
+# ---------------------------------------------------------------- safetensors
+
+
+def _safetensors_file(file: Path) -> tuple[object, dict[str, TensorInfo]]:
+    try:
+        handle = safe_open(str(file), framework="pt", device="cpu")
+        infos = {}
+        for name in handle.keys():
+            slice_ = handle.get_slice(name)
+            dtype_name = slice_.get_dtype()
+            dtype = SAFETENSORS_DTYPES.get(dtype_name)
+            if dtype is None:
+                raise BadInput(f"{file}: tensor {name} has dtype {dtype_name}, which tadrop does not support (supported: {', '.join(SAFETENSORS_DTYPES)})")
+            infos[name] = TensorInfo(name, dtype, tuple(slice_.get_shape()), file)
+    except SafetensorError as error:
+        raise BadInput(f"{file}: not a valid safetensors file ({error})") from None
+    except OSError as error:
+        raise BadInput(f"{file}: cannot open ({error.strerror or error})") from None
+    return handle, infos
+
+
+def load_torch_state(file: Path) -> dict[str, torch.Tensor]:
+    """A PyTorch state dict, unpickled with weights_only=True: code in the pickle never runs."""
+    try:
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as error:
+            if "mmap" not in str(error):
+                raise
+            state = torch.load(file, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except Exception as error:  # weights_only refusals come as UnpicklingError and friends
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise BadInput(f"{file}: refused to load: not a plain weights-only PyTorch state dict ({first_line[:200]})") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise BadInput(f"{file}: not a state dict (expected a mapping of tensor names to tensors)")
+    return state
+
+
+def _torch_infos(file: Path) -> tuple[dict, dict[str, TensorInfo]]:
+    state = load_torch_state(file)
+    infos = {}
+    for name, tensor in state.items():
+        if tensor.dtype not in SAFETENSORS_DTYPES.values():
+            raise BadInput(f"{file}: tensor {name} has dtype {tensor.dtype}, which tadrop does not support")
+        infos[name] = TensorInfo(name, tensor.dtype, tuple(tensor.shape), file)
+    return state, infos
+
+
+# ---------------------------------------------------------------- locating weight files
+
+
+def _inside(folder: Path, relative: str, index: Path) -> Path:
+    """Resolve a shard name from an index; refuse anything that escapes the folder."""
+    candidate = folder / relative
+    if Path(relative).is_absolute() or ".." in Path(relative).parts:
+        raise BadInput(f"{index}: shard path {relative!r} points outside its folder")
+    if not candidate.exists():
+        raise BadInput(f"{index}: names shard {relative!r}, which does not exist")
+    if not candidate.resolve().is_relative_to(folder.resolve()):
+        raise BadInput(f"{index}: shard {relative!r} is a link that points outside its folder")
+    return candidate
+
+
+def _index_shards(index: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError
+    except (OSError, ValueError, KeyError, TypeError):
+        raise BadInput(f"{index}: not a valid index file (expected JSON with a 'weight_map' mapping)") from None
+    shards = []
+    for relative in weight_map.values():
+        if not isinstance(relative, str):
+            raise BadInput(f"{index}: shard names must be strings")
+        path = _inside(index.parent, relative, index)
+        if path not in shards:
+            shards.append(path)
+    return shards
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The weight files of a checkpoint folder, in the order tadrop prefers formats."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = folder / index_name
+        if index.is_file():
+            return _index_shards(index)
+    for pattern in ("*.safetensors", "*.bin", "*.pt", "*.pth"):
+        files = sorted(p for p in folder.glob(pattern) if p.is_file())
+        for file in files:
+            if not file.resolve().is_relative_to(folder.resolve()):
+                raise BadInput(f"{file}: a link that points outside its folder")
+        if files:
+            return files
+    raise BadInput(f"{folder}: no weights found (expected *.safetensors, a safetensors index, or a PyTorch .bin/.pt state dict)")
+
+
+def _download_from_hub(reference: str) -> Path:
+    """A local snapshot of a Hugging Face repo: weights and config/tokenizer files only.
+
+    Honours HF_TOKEN, HF_HOME, HF_HUB_OFFLINE and the local cache (through huggingface_hub).
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    repo_id, _, revision = reference.partition("@")
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=HUB_PATTERNS))
+        if not any(folder.glob("*.safetensors")):  # older repos: PyTorch weights only
+            folder = Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=HUB_PATTERNS + ["*.bin", "*.bin.index.json"]))
+    except RevisionNotFoundError:
+        raise BadInput(f"{reference}: revision {revision!r} not found on the Hugging Face Hub") from None
+    except RepositoryNotFoundError:
+        raise BadInput(f"{reference}: no such repository on the Hugging Face Hub (or no access: set HF_TOKEN)") from None
+    except LocalEntryNotFoundError:
+        raise BadInput(f"{reference}: not a local path, and not in the Hugging Face cache while offline") from None
+    except (HfHubHTTPError, HFValidationError, OSError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise BadInput(f"{reference}: cannot fetch from the Hugging Face Hub ({first_line[:200]})") from None
+    return folder
+
+
+def resolve_source(reference: str) -> tuple[Optional[Path], list[Path]]:
+    """(folder for config files, weight files) for a recipe's model reference."""
+    path = Path(reference).expanduser()
+    if path.is_dir():
+        return path, weight_files(path)
+    if path.is_file():
+        if path.suffix not in (".safetensors", ".bin", ".pt", ".pth"):
+            raise BadInput(f"{path}: not a checkpoint (expected a folder, .safetensors, .bin or .pt)")
+        return None, [path]
+    if HUB_ID.match(reference) and not reference.startswith((".", "/", "~")):
+        folder = _download_from_hub(reference)
+        return folder, weight_files(folder)
+    raise BadInput(f"{reference}: model not found (no such file or folder)")
+
+
+def open_checkpoint(reference: str) -> Checkpoint:
+    """Open a checkpoint and read every header; tensor data is read later, on demand."""
+    folder, files = resolve_source(reference)
+    tensors: dict[str, TensorInfo] = {}
+    handles: dict[Path, object] = {}
+    torch_state: dict[Path, dict] = {}
+    for file in files:
+        if file.suffix == ".safetensors":
+            handles[file], infos = _safetensors_file(file)
+        else:
+            torch_state[file], infos = _torch_infos(file)
+        for name, info in infos.items():
+            if name in tensors:
+                raise BadInput(f"{file}: tensor {name} also appears in {tensors[name].file}")
+            tensors[name] = info
+    if not tensors:
+        raise BadInput(f"{reference}: the checkpoint holds no tensors")
+    return Checkpoint(reference, folder, tensors, handles, torch_state)
+
+
+def config_files(folder: Optional[Path]) -> Iterator[Path]:
+    """Config, tokenizer and generation files to copy from the base folder."""
+    if folder is None:
+        return
+    for file in sorted(folder.iterdir()):
+        if file.is_file() and CONFIG_FILE_PATTERN.match(file.name):
+            yield file
+
+
+def tensor_order(names: list[str]) -> list[str]:
+    """A stable output order: by layer number where there is one, then by name."""
+
+    def key(name: str) -> tuple:
+        match = re.search(r"\.(\d+)\.", name)
+        return (int(match.group(1)) if match else -1, name)
+
+    return sorted(names, key=key)
+
+
+def layer_positions(names: list[str]) -> dict[str, Optional[float]]:
+    """Each tensor's relative layer position in [0, 1] (None outside numbered layers),
+    for mergekit's gradient parameters."""
+    layers = {}
+    for name in names:
+        match = re.search(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.", name)
+        layers[name] = int(match.group(1)) if match else None
+    known = [v for v in layers.values() if v is not None]
+    if not known:
+        return {name: None for name in names}
+    top = max(known)
+    return {name: (None if v is None else (v / top if top else 0.0)) for name, v in layers.items()}
+
+
+def environment_token_present() -> bool:
+    return bool(os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN"))
+
+
+def read_float32(checkpoint: Checkpoint, name: str, device: torch.device) -> torch.Tensor:
+    """A tensor as a fresh float32 copy on `device`; refuses NaN and Inf with a message naming it."""
+    stored = checkpoint.read(name)
+    tensor = stored.to(device=device, dtype=torch.float32, copy=True)
+    if not bool(torch.isfinite(tensor).all()):
+        raise BadInput(f"{checkpoint.label}: tensor {name} contains NaN or Inf")
+    return tensor

@@ -1,0 +1,256 @@
+"""The streaming engine: layout, pass 1 (the plan), pass 2 (merge and write), publish.
+
+Only one tensor name's worth of inputs is held at a time: the base tensor and one
+task vector per model, in float32 on the chosen device. The result is cast once to
+the output dtype and appended to its shard.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Protocol
+
+import torch
+
+from . import __version__
+from .checkpoint import Checkpoint, config_files, read_float32
+from .errors import BadInput
+from .layout import Layout, TensorJob, build_layout, tensor_seed
+from .methods import TaskVector
+from .plan import Plan, build_plan
+from .recipe import Recipe, recipe_digest
+from .writer import OutputTensor, ShardWriter, StagingFolder, index_json, plan_shards
+
+
+class Progress(Protocol):
+    """What the engine reports; the CLI draws it (or not)."""
+
+    def start(self, phase: str, total_tensors: int, total_bytes: int) -> None: ...
+    def advance(self, nbytes: int) -> None: ...
+    def finish(self) -> None: ...
+
+
+class NoProgress:
+    def start(self, phase: str, total_tensors: int, total_bytes: int) -> None:
+        pass
+
+    def advance(self, nbytes: int) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+@dataclass
+class MergeOptions:
+    output: Optional[Path] = None  # overrides the recipe's output.path
+    overwrite: bool = False
+    resume: bool = False
+    device: Optional[str] = None  # overrides the recipe's device
+
+
+def choose_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BadInput(f"device: {name} asked for, but no CUDA GPU is available (use cpu or auto)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise BadInput(f"device: {name} asked for, but only {torch.cuda.device_count()} GPU(s) are visible")
+    return device
+
+
+def output_path(recipe: Recipe, options: MergeOptions) -> Path:
+    path = options.output or (Path(recipe.output.path) if recipe.output.path else None)
+    if path is None:
+        raise BadInput("output.path: no output folder (set output.path in the recipe or pass --output)")
+    return Path(path).expanduser()
+
+
+def check_output_location(layout: Layout, target: Path, overwrite: bool) -> None:
+    """Refuse an existing output (unless --overwrite) and an output inside an input."""
+    resolved = target.resolve()
+    for checkpoint in [layout.reference, *(m.checkpoint for m in layout.models)]:
+        roots = [checkpoint.folder] if checkpoint.folder else []
+        roots += [info.file.parent for info in list(checkpoint.tensors.values())[:1]]
+        for root in roots:
+            if resolved == root.resolve() or resolved.is_relative_to(root.resolve()):
+                raise BadInput(f"{target}: output inside the input {checkpoint.label}; choose another output folder")
+    if target.exists() and not overwrite:
+        raise BadInput(f"{target}: output exists (use --overwrite to replace it)")
+    if target.exists() and not target.is_dir():
+        raise BadInput(f"{target}: exists and is not a folder")
+
+
+def merge_tensor(layout: Layout, plan: Plan, job: TensorJob, device: torch.device) -> torch.Tensor:
+    """The output tensor for one job, in its output dtype, on the CPU."""
+    if not job.mergeable:
+        return layout.reference.read(job.name)
+    if job.copy_base or not job.contributors:
+        return layout.reference.read(job.name).to(job.out.dtype)
+    base = read_float32(layout.reference, job.name, device)
+    task_vectors = []
+    for j in job.contributors:
+        model = layout.models[j]
+        delta = read_float32(model.checkpoint, job.name, device).sub_(base)
+        task_vectors.append(TaskVector(
+            delta=delta,
+            weight=float(layout.model_parameter(model, "weight", job.name)),
+            density=1.0 - plan.ratio(model.label, job.name),
+            seed=tensor_seed(layout.recipe.seed, model.label, job.name),
+            gamma=float(layout.model_parameter(model, "gamma", job.name)) if layout.recipe.method.param("gamma") else 0.01,
+        ))
+    merged = layout.recipe.method.merge(base, task_vectors, **layout.method_parameters(job.name))
+    result = merged.to(job.out.dtype)
+    if not bool(torch.isfinite(result).all()):
+        raise BadInput(f"tensor {job.name}: the merge produced NaN or Inf (in {job.out.dtype}); check the weights and lambda")
+    return result.cpu()
+
+
+def uniform_plan(layout: Layout) -> Plan:
+    """The plan without TADrop: no tensor data needs reading."""
+    return build_plan(layout, torch.device("cpu"))
+
+
+def _needs_scores(layout: Layout) -> bool:
+    return layout.recipe.method.sparsifier is not None and any(m.tadrop is not None for m in layout.models)
+
+
+def make_plan(layout: Layout, device: torch.device, progress: Progress) -> Plan:
+    if not _needs_scores(layout):
+        return uniform_plan(layout)
+    progress.start("scoring", len(layout.jobs), sum(j.out.nbytes for j in layout.jobs))
+    plan = build_plan(layout, device, on_tensor=lambda job: progress.advance(job.out.nbytes))
+    progress.finish()
+    return plan
+
+
+def _peak_memory() -> dict[str, int]:
+    peak = {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        peak["peak_gpu_bytes"] = int(torch.cuda.max_memory_allocated())
+    return peak
+
+
+def _ratio_summary(plan: Plan) -> list[dict]:
+    return [
+        {"model": m.model, "statistic": m.statistic, "adaptive_tensors": m.adaptive_tensors, "mean_base_ratio": round(m.mean_base_ratio, 6),
+         "mean_ratio": round(m.mean_ratio, 6), "min_ratio": round(m.min_ratio, 6), "max_ratio": round(m.max_ratio, 6), "budget_met": m.budget_met}
+        for m in plan.models
+    ]
+
+
+def _metadata(recipe: Recipe, digest: str) -> dict[str, str]:
+    return {"format": "pt", "tadrop_version": __version__, "merge_method": recipe.merge_method, "recipe_sha256": digest}
+
+
+def run_merge(recipe: Recipe, options: MergeOptions, progress: Progress = NoProgress()) -> dict:
+    """Merge as the recipe says; returns the summary. The output appears only when complete."""
+    started = time.perf_counter()
+    device = choose_device(options.device or recipe.device)
+    target = output_path(recipe, options)
+    layout = build_layout(recipe)
+    try:
+        check_output_location(layout, target, options.overwrite)
+        digest = recipe_digest(recipe)
+        staging = StagingFolder(target, digest)
+        done = staging.open(resume=options.resume)
+        try:
+            summary = _merge_into(layout, staging, done, device, digest, progress, options)
+            staging.publish(overwrite=options.overwrite)
+        except (KeyboardInterrupt, SystemExit):
+            staging.keep_for_resume()
+            raise
+        except BaseException:
+            staging.discard()
+            raise
+    finally:
+        layout.close()
+    summary.update(output=str(target), seconds=round(time.perf_counter() - started, 3), device=str(device), **_peak_memory())
+    return summary
+
+
+def _merge_into(layout: Layout, staging: StagingFolder, done: set[str], device: torch.device, digest: str, progress: Progress, options: MergeOptions) -> dict:
+    saved = staging.read_json("plan.json") if done else None
+    plan = Plan.from_json(saved) if saved else make_plan(layout, device, progress)
+    staging.write_json("plan.json", plan.to_json())
+
+    shards = plan_shards([job.out for job in layout.jobs], layout.recipe.output.shard_size)
+    metadata = _metadata(layout.recipe, digest)
+    jobs = {job.name: job for job in layout.jobs}
+    todo = [s for s in shards if s.file_name not in done]
+    progress.start("merging", sum(len(s.tensors) for s in todo), sum(s.nbytes for s in todo))
+    for shard in todo:
+        writer = ShardWriter(staging.path / shard.file_name, shard, metadata)
+        for tensor in shard.tensors:
+            writer.write(tensor.name, merge_tensor(layout, plan, jobs[tensor.name], device))
+            progress.advance(tensor.nbytes)
+        writer.close()
+        staging.mark_complete(shard.file_name)
+    progress.finish()
+
+    if len(shards) > 1:
+        staging.write_json("model.safetensors.index.json", index_json(shards, {"tadrop_version": __version__, "recipe_sha256": digest}))
+    copied = []
+    for file in config_files(layout.reference.folder if layout.recipe.base_model else None):
+        staging.copy_in(file)
+        copied.append(file.name)
+
+    return {
+        "method": layout.recipe.merge_method,
+        "tadrop": _needs_scores(layout),
+        "tensors": len(layout.jobs),
+        "shards": len(shards),
+        "resumed_shards": len(shards) - len(todo),
+        "bytes_written": sum(s.nbytes for s in shards),
+        "copied_files": copied,
+        "ratios": _ratio_summary(plan),
+        "notes": layout.notes,
+    }
+
+
+def plan_only(recipe: Recipe, device_name: Optional[str] = None, progress: Progress = NoProgress()) -> tuple[Layout, Plan]:
+    """Pass 1 alone, for `tadrop plan`."""
+    device = choose_device(device_name or recipe.device)
+    layout = build_layout(recipe)
+    try:
+        return layout, make_plan(layout, device, progress)
+    finally:
+        layout.close()
+
+
+def dry_run(recipe: Recipe, options: MergeOptions) -> dict:
+    """Validate everything that can be checked from headers, and estimate the cost."""
+    device = choose_device(options.device or recipe.device)
+    target = output_path(recipe, options)
+    layout = build_layout(recipe)
+    try:
+        check_output_location(layout, target, options.overwrite)
+        outputs: list[OutputTensor] = [job.out for job in layout.jobs]
+        shards = plan_shards(outputs, recipe.output.shard_size)
+        inputs = [layout.reference, *(m.checkpoint for m in layout.models)]
+        bytes_per_pass = sum(info.nbytes for c in inputs for info in c.tensors.values())
+        passes = 2 if _needs_scores(layout) else 1
+        largest = max((job.out.nbytes // job.out.dtype.itemsize * 4 for job in layout.jobs if job.mergeable), default=0)
+        width = max((len(job.contributors) for job in layout.jobs), default=0)
+        return {
+            "output": str(target),
+            "method": recipe.merge_method,
+            "device": str(device),
+            "tadrop": passes == 2,
+            "tensors": len(outputs),
+            "shards": [s.file_name for s in shards],
+            "bytes_to_write": sum(s.nbytes for s in shards),
+            "bytes_to_read": bytes_per_pass * passes,
+            # the base, one float32 task vector per model and a few working buffers of the largest tensor
+            "estimated_peak_memory_bytes": (width + 4) * largest + 300 * 2**20,
+            # a rough figure: reading from cache at ~1 GB/s and ~4 float32 passes per model at ~1 GB/s
+            "estimated_seconds": round(bytes_per_pass * passes / 1e9 + 4 * width * sum(j.out.nbytes for j in layout.jobs) / 1e9, 1),
+            "notes": layout.notes,
+        }
+    finally:
+        layout.close()

@@ -1,0 +1,173 @@
+"""The layout of a merge: which tensors are written, which models feed each one, and with
+which parameters. Built from the recipe and the input headers alone (no tensor data),
+so it is also what `--dry-run` checks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from .checkpoint import MERGEABLE_DTYPES, Checkpoint, layer_positions, open_checkpoint, tensor_order
+from .errors import BadInput
+from .recipe import DTYPES, ModelEntry, Recipe, TadropSettings, value_for_tensor
+from .writer import OutputTensor
+
+
+@dataclass
+class ModelInput:
+    index: int  # position in the recipe's models list
+    entry: ModelEntry
+    checkpoint: Checkpoint
+    tadrop: Optional[TadropSettings]  # the settings in force for this model; None when TADrop is off
+
+    @property
+    def label(self) -> str:
+        return self.entry.model
+
+
+@dataclass
+class TensorJob:
+    """One output tensor: its header and the models that feed it."""
+
+    out: OutputTensor
+    mergeable: bool  # floating point: merged; otherwise copied from the reference model
+    contributors: list[int]  # indices into Layout.models
+    copy_base: bool = False  # a policy chose to keep the base tensor as it is
+
+    @property
+    def name(self) -> str:
+        return self.out.name
+
+
+@dataclass
+class Layout:
+    recipe: Recipe
+    reference: Checkpoint  # the base (or, for linear without a base, the first model)
+    models: list[ModelInput]
+    jobs: list[TensorJob]
+    positions: dict[str, Optional[float]]
+    notes: list[str] = field(default_factory=list)
+
+    def model_parameter(self, model: ModelInput, name: str, tensor: str) -> Any:
+        """A per-model parameter for one tensor: the model's value, else the recipe's, else the default."""
+        for source in (model.entry.parameters, self.recipe.parameters):
+            if name in source:
+                value = value_for_tensor(source[name], tensor, self.positions.get(tensor))
+                if value is not None:
+                    return value
+        return self.recipe.method.param(name).default
+
+    def method_parameters(self, tensor: str) -> dict[str, Any]:
+        """The method's global parameters (normalize, lambda, ...) for one tensor."""
+        result = {}
+        for spec in self.recipe.method.params:
+            if spec.per_model:
+                continue
+            value = value_for_tensor(self.recipe.parameters[spec.name], tensor, self.positions.get(tensor)) if spec.name in self.recipe.parameters else None
+            result[spec.name] = spec.default if value is None else value
+        return result
+
+    def close(self) -> None:
+        self.reference.close()
+        for model in self.models:
+            model.checkpoint.close()
+
+
+def tensor_seed(recipe_seed: int, model_label: str, tensor_name: str) -> int:
+    """The random seed of one (model, tensor): independent of order, device and resume."""
+    digest = hashlib.sha256(f"{recipe_seed}\0{model_label}\0{tensor_name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def model_tadrop(recipe: Recipe, entry: ModelEntry) -> Optional[TadropSettings]:
+    """The recipe's TADrop settings with this model's own settings laid over them."""
+    if recipe.tadrop is None:
+        return None
+    settings = recipe.tadrop
+    if entry.tadrop is not None:
+        changes = {k: v for k, v in entry.tadrop.model_dump(exclude_none=True).items()}
+        if "overrides" in changes:  # the model's overrides are tried before the recipe's
+            changes["overrides"] = [*entry.tadrop.overrides, *settings.overrides]
+        settings = TadropSettings.model_validate({**settings.model_dump(), **changes})
+    return settings if settings.enabled else None
+
+
+def _same_source(a: str, b: str) -> bool:
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    if pa.exists() and pb.exists():
+        return pa.resolve() == pb.resolve()
+    return a == b
+
+
+def _output_dtype(recipe: Recipe, stored: torch.dtype) -> torch.dtype:
+    name = recipe.output_dtype
+    if name is None or stored not in MERGEABLE_DTYPES:
+        return stored
+    return getattr(torch, DTYPES[name])
+
+
+def build_layout(recipe: Recipe) -> Layout:
+    """Open every input (headers only), apply the policies, and list the output tensors."""
+    opened: list[Checkpoint] = []
+    try:
+        reference = open_checkpoint(recipe.base_model) if recipe.base_model else None
+        if reference:
+            opened.append(reference)
+        models: list[ModelInput] = []
+        notes: list[str] = []
+        for i, entry in enumerate(recipe.models):
+            if recipe.base_model and recipe.method.name != "linear" and _same_source(entry.model, recipe.base_model):
+                notes.append(f"models[{i}] is the base model: it has no task vector and is skipped (as in mergekit)")
+                continue
+            checkpoint = open_checkpoint(entry.model)
+            opened.append(checkpoint)
+            models.append(ModelInput(i, entry, checkpoint, model_tadrop(recipe, entry)))
+        if reference is None:
+            reference = models[0].checkpoint
+        if not models:
+            raise BadInput("models: no model other than the base to merge")
+        names = tensor_order(list(reference.tensors))
+        jobs = [_tensor_job(recipe, reference, models, name, notes) for name in names]
+        for model in models:
+            extra = sorted(set(model.checkpoint.tensors) - set(reference.tensors))
+            if extra:
+                notes.append(f"{model.label}: {len(extra)} tensor(s) not in the base are ignored (e.g. {extra[0]})")
+        return Layout(recipe, reference, models, jobs, layer_positions(names), notes)
+    except BaseException:
+        for checkpoint in opened:
+            checkpoint.close()
+        raise
+
+
+def _tensor_job(recipe: Recipe, reference: Checkpoint, models: list[ModelInput], name: str, notes: list[str]) -> TensorJob:
+    info = reference.tensors[name]
+    mergeable = info.dtype in MERGEABLE_DTYPES
+    job = TensorJob(OutputTensor(name, _output_dtype(recipe, info.dtype), info.shape), mergeable, [])
+    if not mergeable:
+        return job
+    for j, model in enumerate(models):
+        other = model.checkpoint.tensors.get(name)
+        if other is None:
+            problem, policy, key = "lacks tensor", recipe.policies.missing_tensor, "missing_tensor"
+        elif other.shape != info.shape:
+            problem, policy, key = f"has shape {list(other.shape)} (base {list(info.shape)}) for tensor", recipe.policies.shape_mismatch, "shape_mismatch"
+        elif other.dtype not in MERGEABLE_DTYPES:
+            raise BadInput(f"{other.file}: tensor {name} has dtype {other.dtype}, the base has {info.dtype}")
+        else:
+            job.contributors.append(j)
+            continue
+        if policy == "error":
+            raise BadInput(f"{model.label} {problem} {name} (set policies.{key} to skip_model or copy_base to merge anyway)")
+        if policy == "copy_base":
+            notes.append(f"{model.label} {problem} {name}: base tensor kept (policies.{key}: copy_base)")
+            job.copy_base = True
+        else:
+            notes.append(f"{model.label} {problem} {name}: model skipped for this tensor (policies.{key}: skip_model)")
+    if job.copy_base:
+        job.contributors = []
+    return job

@@ -1,0 +1,345 @@
+"""The recipe: YAML in, a validated `Recipe` out, or a one-line `BadInput` naming the key.
+
+Recipes in mergekit's `models:` form load unchanged; tadrop adds `tadrop:`, `seed`,
+`device`, `output:` and `policies:`. Which `parameters` a method takes comes from
+the method registry (methods.py), so a new method needs no change here.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import re
+import typing
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError, field_validator, model_validator
+
+from .errors import BadInput
+from .methods import METHODS, MergeMethod, ParamSpec
+from .tadrop import STATISTICS
+
+DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "half": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+DTypeName = Literal["float32", "fp32", "float16", "fp16", "half", "bfloat16", "bf16"]
+Policy = Literal["error", "skip_model", "copy_base"]
+Number = Union[StrictInt, StrictFloat]
+
+
+def parse_size(value: Union[int, str]) -> int:
+    """'5GB', '500MB', '2GiB' or a byte count -> bytes."""
+    if isinstance(value, int):
+        size = value
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", value, re.IGNORECASE)
+        if not match:
+            raise ValueError(f"not a size: {value!r} (e.g. 5GB, 500MB, 2GiB)")
+        unit = match.group(2).upper().rstrip("B")
+        factor = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}[unit]
+        size = int(float(match.group(1)) * factor)
+    if size <= 0:
+        raise ValueError("must be positive")
+    return size
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ConditionalValue(_Strict):
+    """mergekit's filtered parameter value: applies to tensors whose name contains `filter`."""
+
+    filter: Optional[str] = None
+    value: Union[StrictBool, Number, str]
+
+
+ParamValue = Union[StrictBool, Number, str, list[ConditionalValue], list[Number]]
+
+
+class TadropOverride(_Strict):
+    """TADrop settings for the tensors whose name matches `filter` (a glob, e.g. '*mlp*')."""
+
+    filter: str
+    enabled: Optional[bool] = None
+    strength: Optional[float] = Field(None, ge=0.0, le=1.0)
+    min_ratio: Optional[float] = Field(None, ge=0.0, le=1.0)
+    max_ratio: Optional[float] = Field(None, ge=0.0, le=1.0)
+
+
+class TadropSettings(_Strict):
+    """Every setting of TADrop (see the README's TADrop section); defaults as documented there."""
+
+    enabled: bool = True
+    statistic: Literal[STATISTICS] = "kurtosis"  # type: ignore[valid-type]
+    normalize: Literal["rank", "minmax"] = "rank"
+    strength: float = Field(0.2, ge=0.0, le=1.0)
+    min_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    max_ratio: float = Field(0.99, ge=0.0, le=1.0)
+    min_numel: int = Field(4096, ge=0)
+    exclude: list[str] = ["*norm*", "*.bias"]
+    excluded_ratio: Literal["global", "none"] = "global"
+    topmass_fraction: float = Field(0.01, gt=0.0, le=1.0)
+    preserve_budget: bool = True
+    overrides: list[TadropOverride] = []
+
+    @model_validator(mode="after")
+    def _ratios_ordered(self) -> "TadropSettings":
+        if self.min_ratio > self.max_ratio:
+            raise ValueError(f"min_ratio ({self.min_ratio}) must not exceed max_ratio ({self.max_ratio})")
+        return self
+
+
+class ModelTadropSettings(_Strict):
+    """Per-model TADrop settings: any field given replaces the recipe-level one for this model."""
+
+    enabled: Optional[bool] = None
+    statistic: Optional[Literal[STATISTICS]] = None  # type: ignore[valid-type]
+    normalize: Optional[Literal["rank", "minmax"]] = None
+    strength: Optional[float] = Field(None, ge=0.0, le=1.0)
+    min_ratio: Optional[float] = Field(None, ge=0.0, le=1.0)
+    max_ratio: Optional[float] = Field(None, ge=0.0, le=1.0)
+    min_numel: Optional[int] = Field(None, ge=0)
+    exclude: Optional[list[str]] = None
+    excluded_ratio: Optional[Literal["global", "none"]] = None
+    topmass_fraction: Optional[float] = Field(None, gt=0.0, le=1.0)
+    preserve_budget: Optional[bool] = None
+    overrides: Optional[list[TadropOverride]] = None
+
+
+class ModelEntry(_Strict):
+    model: str = Field(min_length=1)
+    parameters: dict[str, ParamValue] = {}
+    tadrop: Optional[ModelTadropSettings] = None
+
+
+class OutputSettings(_Strict):
+    path: Optional[str] = None
+    dtype: Optional[DTypeName] = None
+    shard_size: Union[StrictInt, str] = Field("5GB", validate_default=True)
+
+    @field_validator("shard_size")
+    @classmethod
+    def _parse_size(cls, value: Union[int, str]) -> int:
+        return parse_size(value)
+
+
+class Policies(_Strict):
+    """What to do when a model lacks a tensor the base has, or has it in another shape."""
+
+    missing_tensor: Policy = "error"
+    shape_mismatch: Policy = "error"
+
+
+class Recipe(_Strict):
+    merge_method: str
+    base_model: Optional[str] = None
+    models: list[ModelEntry] = Field(min_length=1)
+    parameters: dict[str, ParamValue] = {}
+    dtype: Optional[DTypeName] = None
+    out_dtype: Optional[DTypeName] = None
+    tokenizer_source: Optional[Literal["base"]] = None
+    name: Optional[str] = None
+    tadrop: Optional[TadropSettings] = None
+    seed: int = Field(0, ge=0, lt=2**63)
+    device: str = "auto"
+    output: OutputSettings = OutputSettings()
+    policies: Policies = Policies()
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            raise ValueError("must be auto, cpu, cuda or cuda:N")
+        return value
+
+    @property
+    def method(self) -> MergeMethod:
+        return METHODS[self.merge_method]
+
+    @property
+    def output_dtype(self) -> Optional[str]:
+        """The dtype to write, or None to keep each tensor's dtype in the base."""
+        name = self.output.dtype or self.out_dtype or self.dtype
+        return DTYPES[name] if name else None
+
+
+# ---------------------------------------------------------------- values
+
+
+def value_for_tensor(value: ParamValue, tensor_name: str, layer_position: Optional[float]) -> Any:
+    """Resolve a mergekit parameter value for one tensor.
+
+    Scalars apply everywhere; a list of {filter, value} takes the first entry whose
+    filter is a substring of the name (or has no filter); a list of numbers is a
+    gradient, interpolated over the tensor's relative layer position (mergekit's rule:
+    tensors outside numbered layers take the first value).
+    """
+    if not isinstance(value, list):
+        return value
+    if value and isinstance(value[0], ConditionalValue):
+        for cond in value:
+            if cond.filter is None or cond.filter in tensor_name:
+                return cond.value
+        return None
+    if layer_position is None or len(value) == 1:
+        return value[0]
+    scaled = layer_position * (len(value) - 1)
+    low = min(int(scaled), len(value) - 2)
+    frac = scaled - low
+    return value[low] * (1 - frac) + value[low + 1] * frac
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _unwrap_model(annotation: Any) -> Optional[type]:
+    """The BaseModel class inside Optional[...] / list[...] annotations, if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _unwrap_model(arg)
+        if found:
+            return found
+    return None
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    cls: Optional[type] = Recipe
+    for part in loc:
+        if isinstance(part, int) or cls is None:
+            continue
+        field = cls.model_fields.get(part)
+        cls = _unwrap_model(field.annotation) if field else None
+    return list(cls.model_fields) if cls else []
+
+
+def _format_loc(loc: tuple) -> str:
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif not (isinstance(part, str) and (part in ("list[ConditionalValue]", "list[union[int,float]]") or part[:1].isupper() or part.startswith(("function-", "constrained-", "literal[")))):
+            text += f".{part}" if text else str(part)
+    return text or "(top level)"
+
+
+def _suggest(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
+    return f"did you mean '{close[0]}'? " if close else ""
+
+
+def _first_error(error: ValidationError) -> str:
+    """One readable line for the most relevant pydantic error."""
+    errors = error.errors()
+    # Unions report one error per branch; the most specific (longest path) reads best.
+    unknown = [e for e in errors if e["type"] == "extra_forbidden"]
+    chosen = unknown[0] if unknown else max(errors, key=lambda e: len(e["loc"]))
+    loc = tuple(p for p in chosen["loc"])
+    where = _format_loc(loc)
+    if chosen["type"] == "extra_forbidden":
+        key = str(loc[-1])
+        allowed = _allowed_keys(loc[:-1])
+        return f"{where}: unknown key; {_suggest(key, allowed)}allowed keys: {', '.join(allowed)}"
+    if chosen["type"] == "missing":
+        return f"{where}: required key is missing"
+    got = chosen.get("input")
+    got_text = f" (got {got!r})" if not isinstance(got, (dict, list)) else ""
+    return f"{where}: {chosen['msg'].removeprefix('Value error, ')}{got_text}"
+
+
+def check_method_parameters(recipe: Recipe) -> None:
+    """Check `parameters` against what the chosen method takes (names, types, ranges)."""
+    method = recipe.method
+
+    def check(where: str, params: dict[str, ParamValue], per_model_only: bool) -> None:
+        for key, value in params.items():
+            spec = method.param(key)
+            if spec is None or (per_model_only and not spec.per_model):
+                allowed = [p.name for p in method.params if p.per_model or not per_model_only]
+                raise BadInput(f"{where}.{key}: not a parameter of {method.name}; {_suggest(key, allowed)}allowed: {', '.join(allowed)}")
+            values = value if isinstance(value, list) else [value]
+            for v in values:
+                _check_value(f"{where}.{key}", spec, v.value if isinstance(v, ConditionalValue) else v)
+
+    check("parameters", recipe.parameters, per_model_only=False)
+    for i, entry in enumerate(recipe.models):
+        check(f"models[{i}].parameters", entry.parameters, per_model_only=True)
+
+
+def _check_value(where: str, spec: ParamSpec, value: Any) -> None:
+    if spec.kind == "bool":
+        if not isinstance(value, bool):
+            raise BadInput(f"{where}: must be true or false (got {value!r})")
+        return
+    if spec.kind == "rescale":
+        if not (isinstance(value, bool) or value in ("none", "paper", "l1", "l2", "linf")):
+            raise BadInput(f"{where}: must be true, false, paper, l1, l2, linf or none (got {value!r})")
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise BadInput(f"{where}: must be a number (got {value!r})")
+    if value != value or value in (float("inf"), float("-inf")):
+        raise BadInput(f"{where}: must be a finite number (got {value!r})")
+    if spec.low is not None and value < spec.low or spec.high is not None and value > spec.high:
+        raise BadInput(f"{where}: must be between {spec.low} and {spec.high} (got {value!r})")
+
+
+def check_consistency(recipe: Recipe) -> None:
+    """Rules that span several keys."""
+    method = recipe.method
+    if recipe.base_model is None and method.name != "linear":
+        raise BadInput(f"base_model: required for {method.name} (only linear merges without a base)")
+    seen: dict[str, int] = {}
+    for i, entry in enumerate(recipe.models):
+        if entry.model in seen:
+            raise BadInput(f"models[{i}].model: {entry.model!r} is listed twice (also models[{seen[entry.model]}])")
+        seen[entry.model] = i
+    if recipe.output.dtype and recipe.out_dtype and DTYPES[recipe.output.dtype] != DTYPES[recipe.out_dtype]:
+        raise BadInput(f"output.dtype: {recipe.output.dtype} contradicts out_dtype: {recipe.out_dtype}; give one")
+    if recipe.tadrop is not None and recipe.tadrop.enabled and method.sparsifier is None:
+        hint = " (use magnitude_prune: task arithmetic with a magnitude trim)" if method.name == "task_arithmetic" else ""
+        raise BadInput(f"tadrop: {method.name} does not sparsify, so TADrop has nothing to adapt{hint}")
+
+
+def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
+    """Validate an already-parsed YAML document. Raises BadInput with a one-line reason."""
+    if not isinstance(data, dict):
+        kind = "empty" if data is None else f"a {type(data).__name__}"
+        raise BadInput(f"{source}: a recipe must be a mapping of keys (got {kind})")
+    method_name = data.get("merge_method")
+    if isinstance(method_name, str) and method_name not in METHODS:
+        raise BadInput(f"{source}: merge_method: unknown method {method_name!r}; {_suggest(method_name, list(METHODS))}valid: {', '.join(METHODS)}")
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as error:
+        raise BadInput(f"{source}: {_first_error(error)}") from None
+    try:
+        check_method_parameters(recipe)
+        check_consistency(recipe)
+    except BadInput as error:
+        raise BadInput(f"{source}: {error}") from None
+    return recipe
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput(f"{path}: recipe not found" if not path.exists() else f"{path}: not a file")
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = yaml.safe_load(text)
+    except UnicodeDecodeError:
+        raise BadInput(f"{path}: not a text file") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise BadInput(f"{path}: not valid YAML{where}: {problem}") from None
+    return parse_recipe(data, str(path))
+
+
+def recipe_digest(recipe: Recipe) -> str:
+    """A stable digest of the validated recipe (output path excluded), for metadata and resume."""
+    data = recipe.model_dump(mode="json")
+    data["output"].pop("path", None)
+    return hashlib.sha256(yaml.safe_dump(data, sort_keys=True).encode()).hexdigest()

@@ -1,0 +1,120 @@
+"""Sparsifiers: functions that keep a fraction `density` of one task-vector tensor.
+
+Tensors in, tensors out, no I/O. `density` is the fraction of entries kept
+(1 - drop ratio); TADrop changes it per tensor, the functions do not care why.
+Counts follow mergekit (`int(density * n)`) so that recipes give the same masks.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Union
+
+import torch
+
+Rescale = Union[bool, Literal["none", "paper", "l1", "l2", "linf"]]
+
+
+def kept_count(numel: int, density: float) -> int:
+    """How many entries a magnitude sparsifier keeps: floor(density * n), as mergekit."""
+    return max(0, min(numel, int(density * numel)))
+
+
+def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the k largest entries of `scores` (same shape).
+
+    Uses selection (kthvalue) rather than a full sort. Ties at the threshold are
+    broken by position (lowest flat index first), so exactly k entries are kept
+    and the result is deterministic on every device.
+    """
+    flat = scores.reshape(-1)
+    n = flat.numel()
+    if k >= n:
+        return torch.ones_like(scores, dtype=torch.bool)
+    if k <= 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    threshold = torch.kthvalue(flat, n - k + 1).values
+    mask = flat > threshold
+    missing = k - int(mask.sum())
+    if missing > 0:
+        tied = torch.nonzero(flat == threshold).reshape(-1)[:missing]
+        mask[tied] = True
+    return mask.reshape(scores.shape)
+
+
+def rescale_kept(original: torch.Tensor, kept: torch.Tensor, density: float, how: Rescale) -> torch.Tensor:
+    """Rescale the surviving entries after a drop.
+
+    `paper` (or True): divide by the keep probability, as DARE and DELLA state it.
+    `l1`/`l2`/`linf`: match that norm of the original tensor, as mergekit does.
+    """
+    if how in (False, None, "none"):
+        return kept
+    if how in (True, "paper"):
+        return kept / density if density > 0 else kept
+    if how == "l1":
+        before, after = original.abs().sum(), kept.abs().sum()
+    elif how == "l2":
+        before, after = original.norm(), kept.norm()
+    elif how == "linf":
+        before, after = original.abs().max(), kept.abs().max()
+    else:
+        raise ValueError(f"unknown rescale {how!r}")
+    eps = 1e-7
+    if before < eps or after < eps:
+        return kept
+    return kept * (before / after)
+
+
+def magnitude(delta: torch.Tensor, density: float, rescale: Rescale = False) -> torch.Tensor:
+    """Keep the `density` fraction of entries with the largest |delta| (TIES trim)."""
+    if density >= 1:
+        return delta
+    mask = top_k_mask(delta.abs(), kept_count(delta.numel(), density))
+    return rescale_kept(delta, delta * mask, density, rescale)
+
+
+def random_keep_mask(shape: torch.Size, density: float, seed: int, device: torch.device) -> torch.Tensor:
+    """Bernoulli(density) keep mask drawn from a CPU generator seeded with `seed`.
+
+    Drawn on the CPU whatever the device, so that a tensor's mask is the same on
+    CPU and GPU, and in any order of processing.
+    """
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    uniform = torch.rand(shape, generator=generator, dtype=torch.float32)
+    return (uniform < density).to(device)
+
+
+def random(delta: torch.Tensor, density: float, seed: int, rescale: Rescale = True) -> torch.Tensor:
+    """DARE: drop each entry with probability 1 - density, rescale the survivors."""
+    if density >= 1:
+        return delta
+    mask = random_keep_mask(delta.shape, density, seed, delta.device)
+    return rescale_kept(delta, delta * mask, density, rescale)
+
+
+def breadcrumbs(delta: torch.Tensor, density: float, gamma: float = 0.01, rescale: Rescale = False) -> torch.Tensor:
+    """Model Breadcrumbs: drop the largest `gamma` fraction (outliers) and the smallest
+    entries, keeping `density` of the tensor in all (counts as in mergekit)."""
+    if density >= 1:
+        return delta
+    n = delta.numel()
+    n_keep = kept_count(n, density)
+    n_top = int(gamma * n)
+    n_bottom = n - n_keep - n_top
+    if n_bottom < 0:  # fewer outliers removed so that the density is met
+        n_top += n_bottom
+        n_bottom = 0
+    magnitudes = delta.abs()
+    mask = top_k_mask(magnitudes, n - n_bottom) & ~top_k_mask(magnitudes, n_top)
+    return rescale_kept(delta, delta * mask, density, rescale)
+
+
+def sign_consensus(weighted_deltas: list[torch.Tensor], method: Literal["sum", "count"] = "sum") -> torch.Tensor:
+    """TIES sign election: the sign (+1/-1) of the summed mass (or of the vote count)."""
+    if method not in ("sum", "count"):
+        raise ValueError(f"unknown consensus method {method!r}")
+    vote = (lambda d: d) if method == "sum" else torch.sign
+    total = vote(weighted_deltas[0]).clone()
+    for d in weighted_deltas[1:]:
+        total += vote(d)
+    return torch.where(total >= 0, 1.0, -1.0).to(weighted_deltas[0].dtype)
