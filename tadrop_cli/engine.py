@@ -196,7 +196,7 @@ def _merge_into(layout: Layout, staging: StagingFolder, done: set[str], device: 
     if len(shards) > 1:
         staging.write_json("model.safetensors.index.json", index_json(shards, {"tadrop_version": __version__, "recipe_sha256": digest}))
     copied = []
-    for file in config_files(layout.reference.folder if layout.recipe.base_model else None):
+    for file in config_files(layout.reference.folder):  # the base, or the first model of a linear merge
         staging.copy_in(file)
         copied.append(file.name)
 
