@@ -1,0 +1,317 @@
+"""Independent float64 numpy references for the golden tests.
+
+Everything here is re-derived from the papers / mergekit semantics (see the
+golden test modules' docstrings); nothing imports tadrop_cli. The only torch
+use is drawing DARE's uniform numbers, which *is* the specification of the
+random stream: ``torch.rand(shape, generator=torch.Generator('cpu').manual_seed(seed))``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+# ---------------------------------------------------------------- sparsifiers
+
+
+def kept_count(n: int, density: float) -> int:
+    """mergekit's count: int(density * n), clipped to [0, n]."""
+    return max(0, min(n, int(density * n)))
+
+
+def topk_keep_mask(scores: np.ndarray, k: int) -> np.ndarray:
+    """Keep the k largest scores; among equal scores, the lowest flat index wins."""
+    flat = np.asarray(scores, dtype=np.float64).reshape(-1)
+    n = flat.size
+    # lexsort: last key is primary -> sort by -score, then by index (ascending).
+    order = np.lexsort((np.arange(n), -flat))
+    mask = np.zeros(n, dtype=bool)
+    mask[order[: max(0, min(k, n))]] = True
+    return mask.reshape(np.shape(scores))
+
+
+def rescale(original: np.ndarray, kept: np.ndarray, density: float, how) -> np.ndarray:
+    if how in (False, None, "none"):
+        return kept
+    if how in (True, "paper"):
+        return kept / density if density > 0 else kept
+    if how == "l1":
+        before, after = np.abs(original).sum(), np.abs(kept).sum()
+    elif how == "l2":
+        before, after = np.sqrt((original**2).sum()), np.sqrt((kept**2).sum())
+    elif how == "linf":
+        before, after = np.abs(original).max(), np.abs(kept).max()
+    else:
+        raise ValueError(how)
+    if before < 1e-7 or after < 1e-7:
+        return kept
+    return kept * (before / after)
+
+
+def magnitude(delta: np.ndarray, density: float, how=False) -> np.ndarray:
+    delta = np.asarray(delta, dtype=np.float64)
+    if density >= 1:
+        return delta.copy()
+    keep = topk_keep_mask(np.abs(delta), kept_count(delta.size, density))
+    return rescale(delta, delta * keep, density, how)
+
+
+def dare_uniform(shape, seed: int) -> np.ndarray:
+    """The specified random stream (float32 uniforms from a seeded CPU generator)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.rand(tuple(shape), generator=g, dtype=torch.float32).numpy()
+
+
+def random_drop(delta: np.ndarray, density: float, seed: int, how=True) -> np.ndarray:
+    delta = np.asarray(delta, dtype=np.float64)
+    if density >= 1:
+        return delta.copy()
+    # `torch.rand(...) < density` compares in float32 (the scalar is cast to the tensor dtype).
+    keep = dare_uniform(delta.shape, seed) < np.float32(density)
+    return rescale(delta, delta * keep, density, how)
+
+
+def breadcrumbs(delta: np.ndarray, density: float, gamma: float, how=False) -> np.ndarray:
+    """Sort |delta| ascending; keep ranks [n_bottom, n - n_top)."""
+    delta = np.asarray(delta, dtype=np.float64)
+    if density >= 1:
+        return delta.copy()
+    n = delta.size
+    n_keep = int(density * n)
+    n_top = int(gamma * n)
+    n_bottom = n - n_keep - n_top
+    if n_bottom < 0:
+        n_top += n_bottom
+        n_bottom = 0
+    order = np.argsort(np.abs(delta).reshape(-1), kind="stable")
+    mask = np.zeros(n, dtype=bool)
+    mask[order[n_bottom : n - n_top]] = True
+    return rescale(delta, delta * mask.reshape(delta.shape), density, how)
+
+
+# ---------------------------------------------------------------- merge methods
+
+
+@dataclass
+class TV:
+    delta: np.ndarray
+    weight: float = 1.0
+    density: float = 1.0
+    seed: int = 0
+    gamma: float = 0.01
+
+
+def sparsify(tv: TV, sparsifier: Optional[str], how) -> np.ndarray:
+    d = np.asarray(tv.delta, dtype=np.float64)
+    if sparsifier is None:
+        return d.copy()
+    if sparsifier == "magnitude":
+        return magnitude(d, tv.density, how)
+    if sparsifier == "random":
+        return random_drop(d, tv.density, tv.seed, how)
+    if sparsifier == "breadcrumbs":
+        return breadcrumbs(d, tv.density, tv.gamma, how)
+    raise ValueError(sparsifier)
+
+
+def generalized_task_arithmetic(base, tvs: Sequence[TV], sparsifier, consensus: bool, normalize: bool, lam: float, how) -> np.ndarray:
+    base = np.asarray(base, dtype=np.float64)
+    weights = np.array([tv.weight for tv in tvs], dtype=np.float64)
+    weighted = np.stack([sparsify(tv, sparsifier, how) * tv.weight for tv in tvs])  # (m, ...)
+    if consensus:
+        total = weighted.sum(axis=0)
+        majority = np.where(total >= 0, 1.0, -1.0)
+        counts = (np.sign(weighted) == majority) & (weighted != 0)
+        mixed = (weighted * counts).sum(axis=0)
+        divisor = np.tensordot(weights, counts.astype(np.float64), axes=1)
+        divisor = np.where(divisor == 0, 1.0, divisor)
+    else:
+        mixed = weighted.sum(axis=0)
+        divisor = weights.sum()
+        if abs(divisor) < 1e-8:
+            divisor = 1.0
+    if normalize:
+        mixed = mixed / divisor
+    mixed = mixed * lam
+    return base + mixed
+
+
+def linear(base, tvs: Sequence[TV], normalize: bool) -> np.ndarray:
+    base = np.asarray(base, dtype=np.float64)
+    total = sum(tv.weight for tv in tvs)
+    merged = sum(tv.weight * (base + np.asarray(tv.delta, dtype=np.float64)) for tv in tvs)
+    if normalize:
+        merged = merged / total
+    return merged
+
+
+# (sparsifier, TIES consensus, default normalize, default rescale) per method, from the papers/mergekit.
+GTA_METHODS = {
+    "task_arithmetic": (None, False, False, False),
+    "magnitude_prune": ("magnitude", False, False, False),
+    "ties": ("magnitude", True, True, False),
+    "dare_linear": ("random", False, False, True),
+    "dare_ties": ("random", True, False, True),
+    "breadcrumbs": ("breadcrumbs", False, False, False),
+    "breadcrumbs_ties": ("breadcrumbs", True, False, False),
+}
+
+
+def _gta_ref(name):
+    sparsifier, consensus, default_normalize, default_rescale = GTA_METHODS[name]
+
+    def ref(base, tvs, normalize=None, lam=1.0, how=None):
+        normalize = default_normalize if normalize is None else normalize
+        how = default_rescale if how is None else how
+        return generalized_task_arithmetic(base, tvs, sparsifier, consensus, normalize, lam, how)
+
+    return ref
+
+
+def _linear_ref(base, tvs, normalize=None, lam=1.0, how=None):
+    return linear(base, tvs, True if normalize is None else normalize)
+
+
+REFERENCES = {"linear": _linear_ref, **{name: _gta_ref(name) for name in GTA_METHODS}}
+DEFAULT_NORMALIZE = {"linear": True, **{k: v[2] for k, v in GTA_METHODS.items()}}
+DEFAULT_RESCALE = {k: v[3] for k, v in GTA_METHODS.items()}
+SPARSIFIER = {"linear": None, **{k: v[0] for k, v in GTA_METHODS.items()}}
+
+
+# ---------------------------------------------------------------- TADrop statistics
+
+
+def _values(tau) -> np.ndarray:
+    return np.asarray(tau, dtype=np.float64).reshape(-1)
+
+
+def excess_kurtosis(tau) -> float:
+    x = _values(tau)
+    if np.all(x == x[0]):
+        return -2.0
+    c = x - x.mean()
+    m2 = np.mean(c**2)
+    m4 = np.mean(c**4)
+    return float(m4 / m2**2 - 3.0)
+
+
+def hoyer(tau) -> float:
+    x = _values(tau)
+    n = x.size
+    l2 = math.sqrt(float(np.sum(x * x)))
+    if n < 2 or l2 == 0:
+        return 0.0
+    l1 = float(np.sum(np.abs(x)))
+    return (math.sqrt(n) - l1 / l2) / (math.sqrt(n) - 1)
+
+
+def cv(tau) -> float:
+    a = np.abs(_values(tau))
+    mean = a.mean()
+    if mean == 0:
+        return 0.0
+    return float(np.sqrt(np.mean((a - mean) ** 2)) / mean)
+
+
+def gini(tau) -> float:
+    a = np.sort(np.abs(_values(tau)))
+    n = a.size
+    total = a.sum()
+    if total == 0:
+        return 0.0
+    i = np.arange(1, n + 1, dtype=np.float64)
+    return float(np.sum((2 * i - n - 1) * a) / (n * total))
+
+
+def topmass(tau, fraction: float = 0.01) -> float:
+    a = np.sort(np.abs(_values(tau)))[::-1]
+    k = max(1, math.ceil(fraction * a.size))
+    return float(a[:k].sum() / a.sum())
+
+
+STATISTICS = {"kurtosis": excess_kurtosis, "hoyer": hoyer, "cv": cv, "gini": gini, "topmass": topmass}
+
+
+def score(tau, statistic: str, fraction: float = 0.01) -> Optional[float]:
+    if not np.any(_values(tau) != 0):
+        return None
+    if statistic == "topmass":
+        return topmass(tau, fraction)
+    return STATISTICS[statistic](tau)
+
+
+# ---------------------------------------------------------------- normalisation and ratios
+
+
+def normalize_rank(scores: Sequence[float]) -> list[float]:
+    x = np.asarray(scores, dtype=np.float64)
+    m = x.size
+    if m == 1:
+        return [0.5]
+    # average 0-based rank: (# strictly smaller) + (# equal - 1) / 2
+    less = (x[None, :] < x[:, None]).sum(axis=1)
+    equal = (x[None, :] == x[:, None]).sum(axis=1)
+    return list((less + (equal - 1) / 2) / (m - 1))
+
+
+def normalize_minmax(scores: Sequence[float]) -> list[float]:
+    x = np.asarray(scores, dtype=np.float64)
+    if x.size == 1 or x.max() == x.min():
+        return [0.5] * x.size
+    return list((x - x.min()) / (x.max() - x.min()))
+
+
+def _broadcast(value, count):
+    arr = np.asarray(value, dtype=np.float64)
+    return np.full(count, float(arr)) if arr.ndim == 0 else arr.copy()
+
+
+@dataclass
+class Ratios:
+    ratios: np.ndarray
+    reachable: bool
+    shift: float
+
+
+def adaptive_ratios(normalized, base_ratios, sizes, strength, min_ratio=0.0, max_ratio=0.99, preserve_budget=True) -> Ratios:
+    """clip(p_t0 + g_t (1 - 2 s_t) + shift, lo_t, hi_t); with the budget, `shift` solves
+    sum n_t ratio_t(shift) = sum n_t p_t0 exactly (piecewise-linear, via sorted breakpoints)."""
+    s = np.asarray(normalized, dtype=np.float64)
+    count = s.size
+    p0 = np.asarray(base_ratios, dtype=np.float64)
+    n = np.asarray(sizes, dtype=np.float64)
+    g, lo, hi = _broadcast(strength, count), _broadcast(min_ratio, count), _broadcast(max_ratio, count)
+    raw = p0 + g * (1 - 2 * s)
+
+    def ratios(shift):
+        return np.clip(raw + shift, lo, hi)
+
+    if not preserve_budget:
+        return Ratios(ratios(0.0), True, 0.0)
+
+    target = float(np.dot(n, p0))
+
+    def f(shift):
+        return float(np.dot(n, ratios(shift)))
+
+    floor, ceiling = float(np.dot(n, lo)), float(np.dot(n, hi))
+    scale = max(1.0, float(n.sum()))
+    if target < floor - 1e-12 * scale:
+        return Ratios(lo.copy(), False, -math.inf)
+    if target > ceiling + 1e-12 * scale:
+        return Ratios(hi.copy(), False, math.inf)
+    breaks = np.unique(np.concatenate([lo - raw, hi - raw]))
+    values = np.array([f(b) for b in breaks])
+    j = int(np.searchsorted(values, target, side="left"))  # first breakpoint with f >= target
+    if j == 0:
+        shift = float(breaks[0])
+    elif j >= breaks.size:
+        shift = float(breaks[-1])
+    else:
+        b0, b1, f0, f1 = breaks[j - 1], breaks[j], values[j - 1], values[j]
+        shift = float(b0 + (target - f0) * (b1 - b0) / (f1 - f0))
+    return Ratios(ratios(shift), True, shift)
