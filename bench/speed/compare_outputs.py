@@ -14,6 +14,14 @@ has, over all common tensors (or the ones named):
                        spacing of max(|a|, |b|) (i.e. not explained by one
                        rounding of a bfloat16 output)
     worst              the tensor with the largest max_abs_diff
+    frac_differ_outside_ties / max_abs_diff_outside_ties
+                       only with --inputs BASE FT... --density D: the same,
+                       leaving out entries where some fine-tune's |delta| (in
+                       float32) equals that tensor's top-k magnitude threshold
+                       (k = int(D * numel), as mergekit's `magnitude`). Which
+                       of several equal magnitudes a top-k keeps is arbitrary
+                       (mergekit uses an unstable argsort), so differences
+                       there say nothing about correctness.
     missing_in_a/b     tensor names present in only one folder
     dtypes             the stored dtypes seen in each folder
 
@@ -61,8 +69,26 @@ def bf16_spacing(x: torch.Tensor) -> torch.Tensor:
     return torch.exp2(torch.floor(torch.log2(ax)) - 7)
 
 
-def compare(a_dir: Path, b_dir: Path, names: list[str] | None = None) -> dict:
+def tie_mask(name: str, base: "Reader", fts: list["Reader"], density: float) -> torch.Tensor:
+    """Entries where some fine-tune's |delta| sits exactly at its top-k threshold."""
+    bt = base.get(name).float()
+    n = bt.numel()
+    k = max(1, int(density * n))
+    mask = torch.zeros(bt.shape, dtype=torch.bool)
+    for ft in fts:
+        d = (ft.get(name).float() - bt).abs_()
+        thr = d.reshape(-1).kthvalue(n - k + 1).values
+        mask |= d == thr
+    return mask
+
+
+def compare(a_dir: Path, b_dir: Path, names: list[str] | None = None,
+            inputs: list[Path] | None = None, density: float | None = None) -> dict:
     a, b = Reader(a_dir), Reader(b_dir)
+    tie_base = Reader(inputs[0]) if inputs and density is not None else None
+    tie_fts = [Reader(p) for p in inputs[1:]] if tie_base else []
+    n_out = 0
+    max_out = 0.0
     common = sorted(set(a.map) & set(b.map))
     if names:
         common = [n for n in names if n in a.map and n in b.map]
@@ -90,10 +116,20 @@ def compare(a_dir: Path, b_dir: Path, names: list[str] | None = None) -> dict:
         n_tot += d.numel()
         n_diff += int((d > 0).sum())
         n_ulp += int((d > bf16_spacing(torch.maximum(fa.abs(), fb.abs()))).sum())
+        if tie_base is not None:
+            outside = d.masked_fill(tie_mask(name, tie_base, tie_fts, density), 0)
+            n_out += int((outside > 0).sum())
+            if outside.numel():
+                max_out = max(max_out, float(outside.max()))
         abs_sum += float(d.double().sum())
         if m >= max_abs:
             max_abs, worst = m, name
+    extra = {}
+    if tie_base is not None:
+        extra = {"frac_differ_outside_ties": n_out / n_tot if n_tot else 0.0,
+                 "max_abs_diff_outside_ties": max_out}
     return {
+        **extra,
         "a": str(a_dir),
         "b": str(b_dir),
         "tensors": len(common),
@@ -115,9 +151,12 @@ def main(argv=None) -> int:
     ap.add_argument("a", type=Path)
     ap.add_argument("b", type=Path)
     ap.add_argument("--tensors", nargs="*", default=None)
+    ap.add_argument("--inputs", nargs="+", type=Path, default=None,
+                    help="base and fine-tune folders of the merge, for the top-k tie analysis")
+    ap.add_argument("--density", type=float, default=None, help="the merge's top-k density")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
-    print(json.dumps(compare(args.a, args.b, args.tensors)))
+    print(json.dumps(compare(args.a, args.b, args.tensors, args.inputs, args.density)))
     return 0
 
 

@@ -47,6 +47,8 @@ CACHE = REPO / "bench" / ".cache"
 MK_VENV = REPO / "bench" / ".venv-mergekit"
 TORCH_PIN = "torch==2.13.0"
 ALL_METHODS = ("task_arithmetic", "ties", "dare_ties")
+TOPK_METHODS = {"ties": 0.5}  # magnitude top-k methods of the recipes, and their density
+NO_TADROP = {"task_arithmetic", "linear"}  # nothing is sparsified: TADrop-on is refused (exit 2)
 RANDOM_METHODS = {"dare_ties", "dare_linear", "della", "della_linear"}
 SIZES = ("40m", "168m", "500m", "1b")  # must match make_checkpoints.PRESETS
 CHILD_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -59,9 +61,48 @@ def log(msg: str) -> None:
 # ---------------------------------------------------------------- children
 
 
+HZ = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_busy_s() -> float:
+    """Seconds of CPU time the whole machine has spent busy (all cores, /proc/stat)."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+    except OSError:
+        return 0.0
+    # user nice system idle iowait irq softirq steal ...
+    return (v[0] + v[1] + v[2] + v[5] + v[6] + (v[7] if len(v) > 7 else 0)) / HZ
+
+
+def others_load(window: float = 2.0) -> float:
+    """Cores busy over a short window (the runner itself is asleep meanwhile)."""
+    b0, t0 = cpu_busy_s(), time.perf_counter()
+    time.sleep(window)
+    return (cpu_busy_s() - b0) / (time.perf_counter() - t0)
+
+
+def wait_idle(max_s: float, threshold: float) -> tuple[float, float]:
+    """Wait (at most max_s) until other processes use fewer than `threshold` cores."""
+    t0 = time.perf_counter()
+    load = others_load()
+    announced = False
+    while load > threshold and time.perf_counter() - t0 < max_s:
+        if not announced:
+            log(f"  machine busy ({load:.2f} cores in use by others); waiting up to {max_s:.0f} s")
+            announced = True
+        time.sleep(3)
+        load = others_load()
+    return time.perf_counter() - t0, load
+
+
 def run_child(cmd: list[str], stdout_path: Path | None = None, stderr_path: Path | None = None,
               env: dict | None = None, cwd: Path | None = None) -> dict:
-    """Run cmd as a child; return wall, cpu (user+sys) and peak RSS from wait4."""
+    """Run cmd as a child; return wall, cpu (user+sys) and peak RSS from wait4.
+
+    Also the CPU time that the rest of the machine used meanwhile (`others_cores`,
+    in cores on average), to tell a run slowed by other work from a slow tool.
+    """
     e = dict(os.environ)
     e.update(CHILD_ENV)
     if env:
@@ -69,21 +110,25 @@ def run_child(cmd: list[str], stdout_path: Path | None = None, stderr_path: Path
     out = open(stdout_path, "wb") if stdout_path else subprocess.DEVNULL
     err = open(stderr_path, "wb") if stderr_path else subprocess.DEVNULL
     try:
+        b0 = cpu_busy_s()
         t0 = time.perf_counter()
         p = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=e, cwd=cwd)
         _, status, ru = os.wait4(p.pid, 0)
         wall = time.perf_counter() - t0
+        busy = cpu_busy_s() - b0
         p.returncode = os.waitstatus_to_exitcode(status)
     finally:
         for f in (out, err):
             if hasattr(f, "close"):
                 f.close()
+    cpu = ru.ru_utime + ru.ru_stime
     return {
         "rc": p.returncode,
         "wall_s": wall,
+        "others_cores": max(0.0, busy - cpu) / wall if wall > 0 else 0.0,
         "user_s": ru.ru_utime,
         "sys_s": ru.ru_stime,
-        "cpu_s": ru.ru_utime + ru.ru_stime,
+        "cpu_s": cpu,
         "maxrss_mb": ru.ru_maxrss / 1024.0,  # KiB on Linux
         "majflt": ru.ru_majflt,
         "inblock": ru.ru_inblock,
@@ -348,7 +393,7 @@ def run_case(size: str, n: int, method: str, args, tad, py: str, results: dict) 
 
     work = CACHE / "speed" / case_id
     work.mkdir(parents=True, exist_ok=True)
-    variants = variants_for(args)
+    variants = [v for v in variants_for(args) if not (v.flag == "on" and method in NO_TADROP)]
     recipes = {}
     for v in variants:
         if v.tool == "mergekit":
@@ -369,7 +414,9 @@ def run_case(size: str, n: int, method: str, args, tad, py: str, results: dict) 
                 shutil.rmtree(out)
             cmd = build_cmd(v, recipes[v.key], out, args, tad)
             so, se = work / f"{v.key}.stdout", work / f"{v.key}.stderr"
+            waited, before = wait_idle(args.wait_idle, args.idle_cores) if args.wait_idle > 0 else (0.0, None)
             m = run_child(cmd, so, se)
+            m["waited_s"], m["others_before"] = waited, before
             m.update({"size": size, "n": n, "method": method, "variant": v.key, "tool": v.tool,
                       "flag": v.flag, "dtype": v.dtype, "repeat": rep, "timed": True,
                       "cmd": " ".join(shlex.quote(c) for c in cmd),
@@ -384,7 +431,7 @@ def run_case(size: str, n: int, method: str, args, tad, py: str, results: dict) 
                 log(f"  {v.key} FAILED rc={m['rc']}: {cmd}\n{m['error']}")
             else:
                 log(f"  {v.key} rep {rep}: wall {m['wall_s']:.2f} s, cpu {m['cpu_s']:.2f} s, "
-                    f"rss {m['maxrss_mb']:.0f} MB")
+                    f"rss {m['maxrss_mb']:.0f} MB, others {m['others_cores']:.2f} cores")
             runs.append(m)
 
     # correctness cross-check (non-random methods only)
@@ -415,13 +462,17 @@ def run_case(size: str, n: int, method: str, args, tad, py: str, results: dict) 
             runs.append(m)
             if m["rc"] == 0:
                 if off_out:
-                    pairs.append(("tadrop off vs mergekit (float32 compute, bf16 out)", off_out, out32))
+                    pairs.append(("tadrop off vs mergekit (float32 compute, bf16 out)", off_out, out32, True))
                 if mk_out:
-                    pairs.append((f"mergekit ({args.mergekit_dtype}) vs mergekit (float32)", mk_out, out32))
-        for label, a, b in pairs:
+                    pairs.append((f"mergekit ({args.mergekit_dtype}) vs mergekit (float32)", mk_out, out32, False))
+        for label, a, b, *ties in pairs:
             if not (a.exists() and b.exists()):
                 continue
-            r = sh([py, str(HERE / "compare_outputs.py"), str(a), str(b)])
+            cmd = [py, str(HERE / "compare_outputs.py"), str(a), str(b)]
+            if ties and ties[0] and method in TOPK_METHODS:
+                # both sides compute in float32: differences should sit only at top-k ties
+                cmd += ["--density", str(TOPK_METHODS[method]), "--inputs", str(base), *map(str, fts)]
+            r = sh(cmd)
             if r.returncode != 0:
                 log(f"  compare failed: {r.stderr[-2000:]}")
                 continue
@@ -429,7 +480,9 @@ def run_case(size: str, n: int, method: str, args, tad, py: str, results: dict) 
             c.update({"size": size, "n": n, "method": method, "pair": label})
             checks.append(c)
             log(f"  check {label}: max|diff| {c['max_abs_diff']:.3g}, "
-                f"differing {100 * c['frac_differ']:.3f}%, >1 bf16 ulp {100 * c['frac_over_1ulp']:.4f}%")
+                f"differing {100 * c['frac_differ']:.3f}%, >1 bf16 ulp {100 * c['frac_over_1ulp']:.4f}%" +
+                (f", differing outside top-k ties {100 * c['frac_differ_outside_ties']:.4f}%"
+                 if "frac_differ_outside_ties" in c else ""))
 
     if not args.keep_outputs:
         for d in work.glob("out-*"):
@@ -456,6 +509,7 @@ def summarize(results: dict) -> list[dict]:
             "runs": len(ms), "ok": len(ok),
             "wall": med([m["wall_s"] for m in ok]), "cpu": med([m["cpu_s"] for m in ok]),
             "rss": med([m["maxrss_mb"] for m in ok]),
+            "others": med([m.get("others_cores") for m in ok]),
             "wall_min": min((m["wall_s"] for m in ok), default=None),
             "wall_max": max((m["wall_s"] for m in ok), default=None),
             "written": med([m["written_bytes"] for m in ok]),
@@ -468,6 +522,7 @@ def summarize(results: dict) -> list[dict]:
     for r in rows:
         mk = idx.get((r["size"], r["n"], r["method"], "mergekit"))
         r["speedup"] = (mk["wall"] / r["wall"]) if mk and mk["wall"] and r["wall"] else None
+        r["speedup_cpu"] = (mk["cpu"] / r["cpu"]) if mk and mk["cpu"] and r["cpu"] else None
         r["mem_ratio"] = (mk["rss"] / r["rss"]) if mk and mk["rss"] and r["rss"] else None
         off = idx.get((r["size"], r["n"], r["method"], "tadrop-off"))
         r["on_off"] = (r["wall"] / off["wall"]) if r["variant"] == "tadrop-on" and off and off["wall"] \
@@ -511,7 +566,9 @@ def write_report(path: Path, results: dict, args) -> None:
              "weight 1/N each and lambda 1; ties with density 0.5, weight 0.5 each, normalize true; "
              f"dare_ties with density 0.5, weight 0.5 each, normalize true. `dtype: {args.mergekit_dtype}`. "
              "mergekit computes in `dtype`; tadrop computes in float32 and writes bfloat16. "
-             "tadrop's copy adds `seed: 0`, and for the TADrop-on rows `tadrop: {enabled: true}`.")
+             "tadrop's copy adds `seed: 0`, and for the TADrop-on rows `tadrop: {enabled: true}`. "
+             "task_arithmetic sparsifies nothing, so it has no TADrop-on row (tadrop refuses that "
+             "recipe with exit 2).")
     L.append("")
     L.append("Commands (one child process each, timed as a whole, from process start to exit):")
     L.append("")
@@ -526,18 +583,24 @@ def write_report(path: Path, results: dict, args) -> None:
              "`ru_maxrss` from `os.wait4` (it includes the launcher's "
              f"{results['launcher_rss_mb']:.0f} MB, which Linux carries into every child). "
              "Outputs go to the page cache; the time to flush them to disk is not counted. "
-             "Inputs are in the page cache (warmed before each case).")
+             "Inputs are in the page cache (warmed before each case). "
+             "`others' load` is the CPU time the rest of the machine used during the run, in cores "
+             f"(median; this machine has {mi['nproc']}): where it is well above 0, the wall times are "
+             "inflated by other work and the CPU times are the better guide. Before each run the "
+             f"runner waits (up to {args.wait_idle:.0f} s) for other work to use under "
+             f"{args.idle_cores} cores.")
     L.append("")
     L.append("## Results")
     L.append("")
     L.append("`x vs mergekit` = mergekit's median wall time / this row's (above 1: faster than mergekit); "
+             "`CPU x vs mergekit` = the same for CPU time; "
              "`mem vs mergekit` = mergekit's peak RSS / this row's; `on/off` = TADrop-on wall / "
              "TADrop-off wall. The floor is the time to read every input byte once from the page cache "
              "in a child process (best of 3): no merge can beat it.")
     L.append("")
     L.append("| size | N | method | tool | tadrop | wall s (median) | CPU s | peak RSS MB | x vs mergekit "
-             "| mem vs mergekit | on/off | read floor s | read GB | written GB | runs |")
-    L.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+             "| CPU x vs mergekit | mem vs mergekit | on/off | read floor s | read GB | written GB | others' load | runs |")
+    L.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         fl = results["floors"].get(f"{r['size']}-n{r['n']}", {})
         tool = "mergekit" if r["tool"] == "mergekit" else "tadrop"
@@ -545,17 +608,18 @@ def write_report(path: Path, results: dict, args) -> None:
             tool += f" ({r['dtype']})" + ("" if r["timed"] else " †")
         if r["ok"] == 0:
             L.append(f"| {r['size']} | {r['n']} | {r['method']} | {tool} | {r['flag']} | "
-                     f"FAILED (exit {', '.join(map(str, r['rcs']))}) | | | | | | {fmt(fl.get('read_s'))} | "
-                     f"{fmt(fl.get('read_bytes', 0) / 1e9, '.2f')} | | 0/{r['runs']} |")
+                     f"FAILED (exit {', '.join(map(str, r['rcs']))}) | | | | | | | {fmt(fl.get('read_s'))} | "
+                     f"{fmt(fl.get('read_bytes', 0) / 1e9, '.2f')} | | | 0/{r['runs']} |")
             continue
         spread = f" ({r['wall_min']:.1f}–{r['wall_max']:.1f})" if r["ok"] > 1 else ""
         L.append(
             f"| {r['size']} | {r['n']} | {r['method']} | {tool} | {r['flag']} | {fmt(r['wall'])}{spread} | "
             f"{fmt(r['cpu'], '.1f')} | {fmt(r['rss'], '.0f')} | "
-            f"{fmt(r['speedup'], '.2f') if r['tool'] == 'tadrop' else '1'} | "
-            f"{fmt(r['mem_ratio'], '.2f') if r['tool'] == 'tadrop' else '1'} | "
+            f"{fmt(r['speedup'], '.2f') if r['variant'] != 'mergekit' else '1'} | "
+            f"{fmt(r['speedup_cpu'], '.2f') if r['variant'] != 'mergekit' else '1'} | "
+            f"{fmt(r['mem_ratio'], '.2f') if r['variant'] != 'mergekit' else '1'} | "
             f"{fmt(r['on_off'], '.2f', '')} | {fmt(fl.get('read_s'))} | {fmt(fl.get('read_bytes', 0) / 1e9)} | "
-            f"{fmt((r['written'] or 0) / 1e9)} | {r['ok']}/{r['runs']} |")
+            f"{fmt((r['written'] or 0) / 1e9)} | {fmt(r['others'])} | {r['ok']}/{r['runs']} |")
     if any(not r["timed"] for r in rows):
         L.append("")
         L.append("† one untimed-in-the-comparison run with `dtype: float32, out_dtype: bfloat16`, made for "
@@ -566,15 +630,24 @@ def write_report(path: Path, results: dict, args) -> None:
         L.append("")
         L.append("Every tensor of the two outputs, compared in float32. `> 1 ulp` = share of entries "
                  "differing by more than one bfloat16 spacing, i.e. more than one rounding of the output "
-                 "explains.")
+                 "explains. For TIES, a top-k keeps `int(density * n)` entries of largest |delta|; the "
+                 "bfloat16 inputs make many deltas exactly equal, and which of the entries tied at the "
+                 "threshold a top-k keeps is arbitrary (mergekit uses an unstable argsort). The column "
+                 "`differing outside top-k ties` leaves out entries where some fine-tune's |delta| equals "
+                 "its tensor's threshold: 0 there means the two merges agree everywhere the result is "
+                 "determined. mergekit with `dtype: bfloat16` computes the deltas and their sums in "
+                 "bfloat16, so it differs from any float32 computation by more than output rounding.")
         L.append("")
         L.append("| size | N | method | pair | max abs diff | mean abs diff | entries differing | > 1 ulp "
-                 "| worst tensor |")
-        L.append("|---|---|---|---|---|---|---|---|---|")
+                 "| differing outside top-k ties (max diff there) | worst tensor |")
+        L.append("|---|---|---|---|---|---|---|---|---|---|")
         for c in results["checks"]:
+            outside = (f"{100 * c['frac_differ_outside_ties']:.4f}% ({c['max_abs_diff_outside_ties']:.3g})"
+                       if "frac_differ_outside_ties" in c else "–")
             L.append(f"| {c['size']} | {c['n']} | {c['method']} | {c['pair']} | {c['max_abs_diff']:.3g} | "
                      f"{c['mean_abs_diff']:.3g} | {100 * c['frac_differ']:.3f}% | "
-                     f"{100 * c['frac_over_1ulp']:.4f}% | `{c['worst']}` |")
+                     f"{100 * c['frac_over_1ulp']:.4f}% | {outside} | "
+                     f"{'`' + c['worst'] + '`' if c['max_abs_diff'] else '–'} |")
             if c["missing_in_a"] or c["missing_in_b"]:
                 L.append(f"|  |  |  | tensors only in one output: {len(c['missing_in_a'])} / "
                          f"{len(c['missing_in_b'])} | | | | | |")
@@ -597,11 +670,12 @@ def write_report(path: Path, results: dict, args) -> None:
     L.append("")
     L.append("<details><summary>per-run numbers</summary>")
     L.append("")
-    L.append("| size | N | method | variant | repeat | exit | wall s | CPU s | peak RSS MB |")
-    L.append("|---|---|---|---|---|---|---|---|---|")
+    L.append("| size | N | method | variant | repeat | exit | wall s | CPU s | peak RSS MB | others' load |")
+    L.append("|---|---|---|---|---|---|---|---|---|---|")
     for m in results["runs"]:
         L.append(f"| {m['size']} | {m['n']} | {m['method']} | {m['variant']} | {m['repeat']} | {m['rc']} | "
-                 f"{m['wall_s']:.2f} | {m['cpu_s']:.2f} | {m['maxrss_mb']:.0f} |")
+                 f"{m['wall_s']:.2f} | {m['cpu_s']:.2f} | {m['maxrss_mb']:.0f} | "
+                 f"{m.get('others_cores', 0):.2f} |")
     L.append("")
     L.append("</details>")
     L.append("")
@@ -638,6 +712,11 @@ def main(argv=None) -> int:
     ap.add_argument("--tadrop-cmd", default=None, help="how to call tadrop (default: the venv's `tadrop`)")
     ap.add_argument("--tadrop-args", default="", help="extra arguments for `tadrop merge`")
     ap.add_argument("--mergekit-args", default="", help="extra arguments for mergekit-yaml")
+    ap.add_argument("--wait-idle", type=float, default=120.0,
+                    help="before each timed run, wait up to this many seconds for the machine to be quiet "
+                         "(0: don't wait)")
+    ap.add_argument("--idle-cores", type=float, default=0.3,
+                    help="'quiet' means other processes use fewer cores than this")
     ap.add_argument("--setup-only", action="store_true", help="create the mergekit venv and exit")
     args = ap.parse_args(argv)
 
