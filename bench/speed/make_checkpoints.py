@@ -5,7 +5,7 @@ A preset gives the shape (by parameter count); the script writes a base model
 and N fine-tunes, each a Hugging Face style folder:
 
     config.json                          (a valid transformers LlamaConfig)
-    model-00001-of-0000K.safetensors     (bfloat16 shards, ~500 MB each)
+    model-00001-of-0000K.safetensors     (bfloat16 shards, ~250 MB each by default)
     model.safetensors.index.json
 
 The fine-tune deltas (tau = fine-tune - base) differ in distribution from
@@ -262,7 +262,7 @@ def model_dirs(preset: str, n_models: int, seed: int = 0, cache: Path = DEFAULT_
 
 
 def ensure(preset: str, n_models: int, seed: int = 0, cache: Path = DEFAULT_CACHE,
-           shard_mb: int = 500, log=print) -> tuple[Path, list[Path]]:
+           shard_mb: int = 250, log=print) -> tuple[Path, list[Path]]:
     """Make (or reuse) the base and fine-tunes 1..n_models; return their folders."""
     shape = PRESETS[preset]
     shard_bytes = shard_mb * 1000 * 1000
@@ -281,7 +281,7 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", default="40m", choices=sorted(PRESETS))
     ap.add_argument("--n-models", type=int, default=4, help="number of fine-tunes (2..8)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--shard-mb", type=int, default=500)
+    ap.add_argument("--shard-mb", type=int, default=250)
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     ap.add_argument("--list", action="store_true", help="list presets and exit")
     ap.add_argument("--describe", action="store_true",

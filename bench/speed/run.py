@@ -558,7 +558,7 @@ def write_report(path: Path, results: dict, args) -> None:
              "the table shows medians.")
     L.append("")
     L.append("Checkpoints are synthetic Llama-shaped models (`bench/speed/make_checkpoints.py`): one base "
-             "and N fine-tunes, bfloat16, sharded safetensors of ~500 MB, with per-tensor delta "
+             "and N fine-tunes, bfloat16, sharded safetensors of ~250 MB, with per-tensor delta "
              "distributions (dense Gaussian, heavy-tailed Student-t, or sparse with a few large "
              "entries). Sizes: 40m = 42.1M parameters, 168m = 168.6M, 500m = 501.8M, 1b = 1012.0M.")
     L.append("")
