@@ -16,7 +16,7 @@ from typing import Optional, Protocol
 import torch
 
 from . import __version__
-from .checkpoint import Checkpoint, config_files, read_float32
+from .checkpoint import Checkpoint, all_finite, config_files, read_float32
 from .errors import BadInput
 from .layout import Layout, TensorJob, build_layout, tensor_seed
 from .methods import TaskVector
@@ -100,13 +100,13 @@ def merge_tensor(layout: Layout, plan: Plan, job: TensorJob, device: torch.devic
         task_vectors.append(TaskVector(
             delta=delta,
             weight=float(layout.model_parameter(model, "weight", job.name)),
-            density=1.0 - plan.ratio(model.label, job.name),
+            density=plan.density(model.label, job.name, float(layout.model_parameter(model, "density", job.name, missing=1.0))),
             seed=tensor_seed(layout.recipe.seed, model.label, job.name),
-            gamma=float(layout.model_parameter(model, "gamma", job.name)) if layout.recipe.method.param("gamma") else 0.01,
+            gamma=float(layout.model_parameter(model, "gamma", job.name, missing=0.0)),
         ))
     merged = layout.recipe.method.merge(base, task_vectors, **layout.method_parameters(job.name))
     result = merged.to(job.out.dtype)
-    if not bool(torch.isfinite(result).all()):
+    if not all_finite(result):
         raise BadInput(f"tensor {job.name}: the merge produced NaN or Inf (in {job.out.dtype}); check the weights and lambda")
     return result.cpu()
 

@@ -53,14 +53,18 @@ class Layout:
     positions: dict[str, Optional[float]]
     notes: list[str] = field(default_factory=list)
 
-    def model_parameter(self, model: ModelInput, name: str, tensor: str) -> Any:
-        """A per-model parameter for one tensor: the model's value, else the recipe's, else the default."""
+    def model_parameter(self, model: ModelInput, name: str, tensor: str, missing: Any = None) -> Any:
+        """A per-model parameter for one tensor: the model's value, else the recipe's, else the
+        default; `missing` if the method has no such parameter."""
+        spec = self.recipe.method.param(name)
+        if spec is None:
+            return missing
         for source in (model.entry.parameters, self.recipe.parameters):
             if name in source:
                 value = value_for_tensor(source[name], tensor, self.positions.get(tensor))
                 if value is not None:
                     return value
-        return self.recipe.method.param(name).default
+        return spec.default
 
     def method_parameters(self, tensor: str) -> dict[str, Any]:
         """The method's global parameters (normalize, lambda, ...) for one tensor."""

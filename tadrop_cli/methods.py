@@ -62,33 +62,36 @@ class MergeMethod:
 # ---------------------------------------------------------------- the maths
 
 
-def sparsify_task_vector(tv: TaskVector, sparsifier: Sparsifier, rescale: sparsify.Rescale) -> torch.Tensor:
+def sparsify_task_vector(tv: TaskVector, sparsifier: Sparsifier, rescale: sparsify.Rescale, in_place: bool = False) -> torch.Tensor:
     """The task vector after the host's own drop, at this tensor's density."""
     if sparsifier is None or tv.density >= 1:
         return tv.delta
     if sparsifier == "magnitude":
-        return sparsify.magnitude(tv.delta, tv.density, rescale)
+        return sparsify.magnitude(tv.delta, tv.density, rescale, in_place)
     if sparsifier == "random":
-        return sparsify.random(tv.delta, tv.density, tv.seed, rescale)
+        return sparsify.random(tv.delta, tv.density, tv.seed, rescale, in_place)
     if sparsifier == "breadcrumbs":
-        return sparsify.breadcrumbs(tv.delta, tv.density, tv.gamma, rescale)
+        return sparsify.breadcrumbs(tv.delta, tv.density, tv.gamma, rescale, in_place)
     raise ValueError(f"unknown sparsifier {sparsifier!r}")
 
 
-def disjoint_mean(weighted: list[torch.Tensor], weights: list[float], consensus: str) -> tuple[torch.Tensor, torch.Tensor]:
+def disjoint_mean(weighted: list[torch.Tensor], weights: list[float], consensus: str, with_divisor: bool = True, in_place: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """TIES merge step: sum only the entries whose sign agrees with the elected sign.
 
-    Returns the summed agreeing deltas and the summed weights of the agreeing models
-    (1 where none agrees), the divisor for a mean.
+    Returns the summed agreeing deltas and, if asked, the summed weights of the
+    agreeing models (1 where none agrees), the divisor for a mean. With in_place,
+    the `weighted` tensors are overwritten.
     """
     majority = sparsify.sign_consensus(weighted, consensus)
     mixed = torch.zeros_like(weighted[0])
-    divisor = torch.zeros_like(weighted[0])
+    divisor = torch.zeros_like(weighted[0]) if with_divisor else None
     for weight, delta in zip(weights, weighted):
         agrees = delta.sign() == majority
-        mixed += delta * agrees
-        divisor += weight * agrees
-    divisor[divisor == 0] = 1
+        mixed += delta.mul_(agrees) if in_place else delta * agrees
+        if divisor is not None:
+            divisor.add_(agrees, alpha=weight)
+    if divisor is not None:
+        divisor[divisor == 0] = 1
     return mixed, divisor
 
 
@@ -105,16 +108,18 @@ def generalized_task_arithmetic(
     """base + lambda * mix(sparsify(tau_i) * w_i): task arithmetic, TIES, DARE, breadcrumbs.
 
     Same steps and defaults as mergekit's generalized task arithmetic, so that its
-    recipes give the same tensors.
+    recipes give the same tensors. The task vectors' deltas are used as scratch
+    space (overwritten): the engine hands over buffers it no longer needs, which
+    saves N tensor-sized allocations per tensor.
     """
     if not task_vectors:
         return base
     weights = [tv.weight for tv in task_vectors]
-    weighted = [sparsify_task_vector(tv, sparsifier, rescale) * tv.weight for tv in task_vectors]
+    weighted = [sparsify_task_vector(tv, sparsifier, rescale, in_place=True).mul_(tv.weight) for tv in task_vectors]
     if consensus is not None:
-        mixed, divisor = disjoint_mean(weighted, weights, consensus)
+        mixed, divisor = disjoint_mean(weighted, weights, consensus, with_divisor=normalize, in_place=True)
     else:
-        mixed = weighted[0].clone()
+        mixed = weighted[0]
         for delta in weighted[1:]:
             mixed += delta
         divisor = sum(weights)
@@ -124,7 +129,7 @@ def generalized_task_arithmetic(
         mixed /= divisor
     if lambda_ != 1:
         mixed *= lambda_
-    return base + mixed
+    return mixed.add_(base)
 
 
 def linear(base: torch.Tensor, task_vectors: list[TaskVector], *, normalize: bool = True, **_: Any) -> torch.Tensor:

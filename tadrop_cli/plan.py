@@ -53,10 +53,17 @@ class Plan:
     models: list[ModelSummary]
 
     def __post_init__(self) -> None:
-        self._lookup = {(row.model, row.tensor): row.ratio for row in self.rows}
+        self._lookup = {(row.model, row.tensor): row for row in self.rows}
 
     def ratio(self, model: str, tensor: str) -> float:
-        return self._lookup[(model, tensor)]
+        return self._lookup[(model, tensor)].ratio
+
+    def density(self, model: str, tensor: str, recipe_density: float) -> float:
+        """The fraction to keep. Where the plan left the host's ratio alone, the recipe's
+        density is returned as written: 1 - (1 - d) can lose an ulp, and mergekit's
+        int(d * n) count would then keep one entry fewer."""
+        row = self._lookup[(model, tensor)]
+        return recipe_density if row.ratio == row.base_ratio else 1.0 - row.ratio
 
     def to_json(self) -> dict:
         return {"models": [asdict(m) for m in self.models], "tensors": [asdict(r) for r in self.rows]}

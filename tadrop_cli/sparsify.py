@@ -19,12 +19,42 @@ def kept_count(numel: int, density: float) -> int:
     return max(0, min(numel, int(density * numel)))
 
 
+_SAMPLE = 1 << 16  # sample size for bracketing the k-th largest value
+
+
+def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest entry of a 1-D tensor (1 <= k <= n), exactly.
+
+    Large tensors: a fixed random sample brackets the value, a few cheap
+    comparisons count what lies above the bracket, and kthvalue runs only on the
+    (small) bracket. Falls back to kthvalue on everything if the bracket misses.
+    """
+    n = values.numel()
+    if n <= 4 * _SAMPLE:
+        return torch.kthvalue(values, n - k + 1).values
+    generator = torch.Generator(device="cpu").manual_seed(n)
+    picks = torch.randint(n, (_SAMPLE,), generator=generator).to(values.device)
+    sample = values[picks].sort().values
+    position = (n - k) / n * (_SAMPLE - 1)  # where the answer sits in the sample
+    margin = 4 * int(_SAMPLE**0.5) + 8
+    low_index, high_index = int(position) - margin, int(position) + margin + 1
+    above = int((values > sample[high_index]).sum()) if high_index < _SAMPLE else 0
+    in_band = values >= sample[low_index] if low_index >= 0 else torch.ones_like(values, dtype=torch.bool)
+    if high_index < _SAMPLE:
+        in_band &= values <= sample[high_index]
+    band = values[in_band]
+    need = k - above  # the answer is the need-th largest of the band
+    if need < 1 or need > band.numel():
+        return torch.kthvalue(values, n - k + 1).values
+    return torch.kthvalue(band, band.numel() - need + 1).values
+
+
 def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of the k largest entries of `scores` (same shape).
 
-    Uses selection (kthvalue) rather than a full sort. Ties at the threshold are
-    broken by position (lowest flat index first), so exactly k entries are kept
-    and the result is deterministic on every device.
+    Uses selection, not a full sort. Ties at the threshold are broken by position
+    (lowest flat index first), so exactly k entries are kept and the result is
+    deterministic on every device.
     """
     flat = scores.reshape(-1)
     n = flat.numel()
@@ -32,12 +62,12 @@ def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
         return torch.ones_like(scores, dtype=torch.bool)
     if k <= 0:
         return torch.zeros_like(scores, dtype=torch.bool)
-    threshold = torch.kthvalue(flat, n - k + 1).values
-    mask = flat > threshold
-    missing = k - int(mask.sum())
-    if missing > 0:
-        tied = torch.nonzero(flat == threshold).reshape(-1)[:missing]
-        mask[tied] = True
+    threshold = kth_largest(flat, k)
+    mask = flat >= threshold
+    surplus = int(mask.sum()) - k
+    if surplus > 0:  # entries equal to the threshold beyond k: drop the last ones
+        tied = torch.nonzero(flat == threshold).reshape(-1)
+        mask[tied[tied.numel() - surplus:]] = False
     return mask.reshape(scores.shape)
 
 
@@ -65,12 +95,23 @@ def rescale_kept(original: torch.Tensor, kept: torch.Tensor, density: float, how
     return kept * (before / after)
 
 
-def magnitude(delta: torch.Tensor, density: float, rescale: Rescale = False) -> torch.Tensor:
-    """Keep the `density` fraction of entries with the largest |delta| (TIES trim)."""
+def _apply_mask(delta: torch.Tensor, mask: torch.Tensor, density: float, rescale: Rescale, in_place: bool) -> torch.Tensor:
+    """delta * mask, rescaled; the mask and the rescale are applied in place where allowed."""
+    if rescale in (False, None, "none", True, "paper"):  # no norm of the original is needed
+        kept = delta.mul_(mask) if in_place else delta * mask
+        return kept.div_(density) if rescale in (True, "paper") and density > 0 else kept
+    return rescale_kept(delta, delta * mask, density, rescale)
+
+
+def magnitude(delta: torch.Tensor, density: float, rescale: Rescale = False, in_place: bool = False) -> torch.Tensor:
+    """Keep the `density` fraction of entries with the largest |delta| (TIES trim).
+
+    With in_place, `delta` itself is overwritten (saves a tensor-sized buffer).
+    """
     if density >= 1:
         return delta
     mask = top_k_mask(delta.abs(), kept_count(delta.numel(), density))
-    return rescale_kept(delta, delta * mask, density, rescale)
+    return _apply_mask(delta, mask, density, rescale, in_place)
 
 
 def random_keep_mask(shape: torch.Size, density: float, seed: int, device: torch.device) -> torch.Tensor:
@@ -84,15 +125,15 @@ def random_keep_mask(shape: torch.Size, density: float, seed: int, device: torch
     return (uniform < density).to(device)
 
 
-def random(delta: torch.Tensor, density: float, seed: int, rescale: Rescale = True) -> torch.Tensor:
+def random(delta: torch.Tensor, density: float, seed: int, rescale: Rescale = True, in_place: bool = False) -> torch.Tensor:
     """DARE: drop each entry with probability 1 - density, rescale the survivors."""
     if density >= 1:
         return delta
     mask = random_keep_mask(delta.shape, density, seed, delta.device)
-    return rescale_kept(delta, delta * mask, density, rescale)
+    return _apply_mask(delta, mask, density, rescale, in_place)
 
 
-def breadcrumbs(delta: torch.Tensor, density: float, gamma: float = 0.01, rescale: Rescale = False) -> torch.Tensor:
+def breadcrumbs(delta: torch.Tensor, density: float, gamma: float = 0.01, rescale: Rescale = False, in_place: bool = False) -> torch.Tensor:
     """Model Breadcrumbs: drop the largest `gamma` fraction (outliers) and the smallest
     entries, keeping `density` of the tensor in all (counts as in mergekit)."""
     if density >= 1:
@@ -105,8 +146,10 @@ def breadcrumbs(delta: torch.Tensor, density: float, gamma: float = 0.01, rescal
         n_top += n_bottom
         n_bottom = 0
     magnitudes = delta.abs()
-    mask = top_k_mask(magnitudes, n - n_bottom) & ~top_k_mask(magnitudes, n_top)
-    return rescale_kept(delta, delta * mask, density, rescale)
+    mask = top_k_mask(magnitudes, n - n_bottom)
+    if n_top > 0:
+        mask &= ~top_k_mask(magnitudes, n_top)
+    return _apply_mask(delta, mask, density, rescale, in_place)
 
 
 def sign_consensus(weighted_deltas: list[torch.Tensor], method: Literal["sum", "count"] = "sum") -> torch.Tensor:

@@ -25,35 +25,52 @@ STATISTICS: tuple[str, ...] = ("kurtosis", "hoyer", "cv", "gini", "topmass")
 _FLAT_SCORE = {"kurtosis": -2.0, "hoyer": 0.0, "cv": 0.0, "gini": 0.0}
 
 
+def _scaled(tau: torch.Tensor) -> torch.Tensor | None:
+    """tau / max|tau| (None if all zero). The statistics are scale-free; scaling first
+    keeps squares and fourth powers of tiny deltas from underflowing in float32."""
+    flat = tau.reshape(-1)
+    peak = float(flat.abs().max())
+    return None if peak == 0 else flat / peak
+
+
+def _mean(x: torch.Tensor) -> float:
+    """Mean with a float64 accumulator: float32 sums over millions of entries drift."""
+    return float(x.sum(dtype=torch.float64)) / x.numel()
+
+
 def excess_kurtosis(tau: torch.Tensor) -> float:
     """Excess kurtosis m4 / m2^2 - 3 of the entries (heavy tails = a few large entries)."""
-    x = tau.reshape(-1)
-    centred = x - x.mean()
-    squared = centred * centred
-    m2 = float(squared.mean())
-    if m2 <= 0:
+    x = _scaled(tau)
+    if x is None:
         return _FLAT_SCORE["kurtosis"]
-    m4 = float((squared * squared).mean())
-    return m4 / (m2 * m2) - 3.0
+    squared = (x - _mean(x)).square_()
+    m2 = _mean(squared)
+    if m2 <= 1e-30:
+        return _FLAT_SCORE["kurtosis"]
+    return _mean(squared.square_()) / (m2 * m2) - 3.0
 
 
 def hoyer(tau: torch.Tensor) -> float:
     """Hoyer sparsity (sqrt(n) - L1/L2) / (sqrt(n) - 1), in [0, 1]."""
     n = tau.numel()
-    l2 = float(tau.norm())
-    if n < 2 or l2 == 0:
+    x = _scaled(tau)
+    if n < 2 or x is None:
         return _FLAT_SCORE["hoyer"]
+    l1 = float(x.abs().sum(dtype=torch.float64))
+    l2 = math.sqrt(float(x.square().sum(dtype=torch.float64)))
     root_n = math.sqrt(n)
-    return (root_n - float(tau.abs().sum()) / l2) / (root_n - 1)
+    return (root_n - l1 / l2) / (root_n - 1)
 
 
 def coefficient_of_variation(tau: torch.Tensor) -> float:
     """std(|tau|) / mean(|tau|) (population std)."""
-    magnitudes = tau.abs().reshape(-1)
-    mean = float(magnitudes.mean())
-    if mean == 0:
+    x = _scaled(tau)
+    if x is None:
         return _FLAT_SCORE["cv"]
-    return float(magnitudes.std(correction=0)) / mean
+    magnitudes = x.abs_()
+    mean = _mean(magnitudes)
+    variance = _mean((magnitudes - mean).square_())
+    return math.sqrt(max(variance, 0.0)) / mean if variance > 1e-30 else _FLAT_SCORE["cv"]
 
 
 def gini(tau: torch.Tensor) -> float:
