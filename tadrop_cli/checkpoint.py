@@ -1,4 +1,4 @@
-"""Reading checkpoints: one tensor at a time, memory-mapped, from any supported source.
+"""Reading checkpoints: one tensor at a time, from any supported source.
 
 Sources: a folder (one or sharded safetensors, or PyTorch .bin/.pt), a single
 .safetensors/.bin/.pt file, or a Hugging Face repo id `org/name[@revision]`.
@@ -11,9 +11,10 @@ import json
 import math
 import os
 import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -42,6 +43,7 @@ class TensorInfo:
     dtype: torch.dtype
     shape: tuple[int, ...]
     file: Path
+    offset: int = -1  # where the bytes start in a safetensors file (-1: a PyTorch file)
 
     @property
     def numel(self) -> int:
@@ -58,25 +60,43 @@ class TensorInfo:
 class Checkpoint:
     """The tensors of one model, with their headers known up front and data read on demand."""
 
-    def __init__(self, label: str, folder: Optional[Path], tensors: dict[str, TensorInfo], handles: dict[Path, object], torch_state: dict[Path, dict]):
+    def __init__(self, label: str, folder: Optional[Path], tensors: dict[str, TensorInfo], torch_state: dict[Path, dict]):
         self.label = label
         self.folder = folder  # where config/tokenizer files live, if any
         self.tensors = tensors
-        self._handles = handles  # safetensors safe_open handles, per file
+        self._fds: dict[Path, int] = {}  # open safetensors files
         self._torch_state = torch_state  # lazily loaded (mmapped) PyTorch state dicts, per file
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
 
     def read(self, name: str) -> torch.Tensor:
-        """The stored tensor (CPU, stored dtype). Raises BadInput if the file is damaged."""
+        """The stored tensor as a fresh CPU tensor in its stored dtype. BadInput if the file is damaged.
+
+        safetensors data is read with pread into a new buffer rather than through a
+        memory map: mapped pages would stay in the process's resident memory until the
+        file is closed, so peak memory would grow with the model's size.
+        """
         info = self.tensors[name]
         try:
-            if info.file in self._handles:
-                return self._handles[info.file].get_tensor(name)
-            return self._torch_file(info.file)[name]
-        except (SafetensorError, RuntimeError, OSError) as error:
+            if info.offset < 0:
+                return self._torch_file(info.file)[name]
+            return self._pread(info)
+        except (RuntimeError, OSError) as error:
             raise BadInput(f"{info.file}: cannot read tensor {name}: {error}") from None
+
+    def _pread(self, info: TensorInfo) -> torch.Tensor:
+        if info.file not in self._fds:
+            self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+        buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+        view = memoryview(buffer.numpy()) if info.nbytes else memoryview(b"")
+        done = 0
+        while done < info.nbytes:  # pread may return less than asked for (large reads)
+            count = os.preadv(self._fds[info.file], [view[done:]], info.offset + done)
+            if count == 0:
+                raise OSError(f"file ends {info.nbytes - done} bytes early")
+            done += count
+        return buffer.view(info.dtype).reshape(info.shape)
 
     def _torch_file(self, file: Path) -> dict:
         if file not in self._torch_state:
@@ -84,29 +104,36 @@ class Checkpoint:
         return self._torch_state[file]
 
     def close(self) -> None:
-        self._handles.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
         self._torch_state.clear()
 
 
 # ---------------------------------------------------------------- safetensors
 
 
-def _safetensors_file(file: Path) -> tuple[object, dict[str, TensorInfo]]:
+def _safetensors_file(file: Path) -> dict[str, TensorInfo]:
+    """The headers of one safetensors file. The safetensors library validates the file
+    (header, dtypes, offsets against the file size); tadrop reads the offsets itself."""
     try:
-        handle = safe_open(str(file), framework="pt", device="cpu")
-        infos = {}
-        for name in handle.keys():
-            slice_ = handle.get_slice(name)
-            dtype_name = slice_.get_dtype()
-            dtype = SAFETENSORS_DTYPES.get(dtype_name)
-            if dtype is None:
-                raise BadInput(f"{file}: tensor {name} has dtype {dtype_name}, which tadrop does not support (supported: {', '.join(SAFETENSORS_DTYPES)})")
-            infos[name] = TensorInfo(name, dtype, tuple(slice_.get_shape()), file)
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            names = list(handle.keys())
+        with open(file, "rb") as raw:
+            header_size = struct.unpack("<Q", raw.read(8))[0]
+            header = json.loads(raw.read(header_size))
     except SafetensorError as error:
         raise BadInput(f"{file}: not a valid safetensors file ({error})") from None
-    except OSError as error:
-        raise BadInput(f"{file}: cannot open ({error.strerror or error})") from None
-    return handle, infos
+    except (OSError, ValueError, struct.error) as error:
+        raise BadInput(f"{file}: cannot read the header ({error})") from None
+    infos = {}
+    for name in names:
+        entry = header[name]
+        dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise BadInput(f"{file}: tensor {name} has dtype {entry['dtype']}, which tadrop does not support (supported: {', '.join(SAFETENSORS_DTYPES)})")
+        infos[name] = TensorInfo(name, dtype, tuple(entry["shape"]), file, 8 + header_size + entry["data_offsets"][0])
+    return infos
 
 
 def load_torch_state(file: Path) -> dict[str, torch.Tensor]:
@@ -141,6 +168,19 @@ def _torch_infos(file: Path) -> tuple[dict, dict[str, TensorInfo]]:
 # ---------------------------------------------------------------- locating weight files
 
 
+def link_root(folder: Path) -> Path:
+    """How far links in a checkpoint folder may point: the folder itself, or for a snapshot in
+    the Hugging Face cache (models--org--name/snapshots/<commit>, whose files are links to
+    ../../blobs/<hash>) the repository's cache folder."""
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith(("models--", "datasets--")):
+        return folder.parent.parent
+    return folder
+
+
+def _escapes(file: Path, folder: Path) -> bool:
+    return not file.resolve().is_relative_to(link_root(folder).resolve())
+
+
 def _inside(folder: Path, relative: str, index: Path) -> Path:
     """Resolve a shard name from an index; refuse anything that escapes the folder."""
     candidate = folder / relative
@@ -148,7 +188,7 @@ def _inside(folder: Path, relative: str, index: Path) -> Path:
         raise BadInput(f"{index}: shard path {relative!r} points outside its folder")
     if not candidate.exists():
         raise BadInput(f"{index}: names shard {relative!r}, which does not exist")
-    if not candidate.resolve().is_relative_to(folder.resolve()):
+    if _escapes(candidate, folder):
         raise BadInput(f"{index}: shard {relative!r} is a link that points outside its folder")
     return candidate
 
@@ -179,7 +219,7 @@ def weight_files(folder: Path) -> list[Path]:
     for pattern in ("*.safetensors", "*.bin", "*.pt", "*.pth"):
         files = sorted(p for p in folder.glob(pattern) if p.is_file())
         for file in files:
-            if not file.resolve().is_relative_to(folder.resolve()):
+            if _escapes(file, folder):
                 raise BadInput(f"{file}: a link that points outside its folder")
         if files:
             return files
@@ -230,11 +270,10 @@ def open_checkpoint(reference: str) -> Checkpoint:
     """Open a checkpoint and read every header; tensor data is read later, on demand."""
     folder, files = resolve_source(reference)
     tensors: dict[str, TensorInfo] = {}
-    handles: dict[Path, object] = {}
     torch_state: dict[Path, dict] = {}
     for file in files:
         if file.suffix == ".safetensors":
-            handles[file], infos = _safetensors_file(file)
+            infos = _safetensors_file(file)
         else:
             torch_state[file], infos = _torch_infos(file)
         for name, info in infos.items():
@@ -243,16 +282,22 @@ def open_checkpoint(reference: str) -> Checkpoint:
             tensors[name] = info
     if not tensors:
         raise BadInput(f"{reference}: the checkpoint holds no tensors")
-    return Checkpoint(reference, folder, tensors, handles, torch_state)
+    return Checkpoint(reference, folder, tensors, torch_state)
 
 
-def config_files(folder: Optional[Path]) -> Iterator[Path]:
-    """Config, tokenizer and generation files to copy from the base folder."""
+def config_files(folder: Optional[Path]) -> list[Path]:
+    """Config, tokenizer and generation files to copy from the base folder.
+
+    A link that points out of the folder is refused: it could carry a secret (a token
+    file, say) into the output.
+    """
     if folder is None:
-        return
-    for file in sorted(folder.iterdir()):
-        if file.is_file() and CONFIG_FILE_PATTERN.match(file.name):
-            yield file
+        return []
+    files = [file for file in sorted(folder.iterdir()) if file.is_file() and CONFIG_FILE_PATTERN.match(file.name)]
+    for file in files:
+        if _escapes(file, folder):
+            raise BadInput(f"{file}: a link that points outside its folder; tadrop will not copy it into the output")
+    return files
 
 
 def tensor_order(names: list[str]) -> list[str]:
@@ -292,7 +337,9 @@ def all_finite(tensor: torch.Tensor) -> bool:
 def read_float32(checkpoint: Checkpoint, name: str, device: torch.device) -> torch.Tensor:
     """A tensor as a fresh float32 copy on `device`; refuses NaN and Inf with a message naming it."""
     stored = checkpoint.read(name)
-    tensor = stored.to(device=device, dtype=torch.float32, copy=True)
+    # a float32 read is already a fresh buffer of ours; anything else is converted (a copy)
+    fresh = stored.dtype == torch.float32 and checkpoint.tensors[name].offset >= 0
+    tensor = stored.to(device=device, dtype=torch.float32, copy=not fresh)
     if not all_finite(tensor):
         raise BadInput(f"{checkpoint.label}: tensor {name} contains NaN or Inf")
     return tensor
