@@ -7,6 +7,7 @@ the output dtype and appended to its shard.
 
 from __future__ import annotations
 
+import re
 import resource
 import time
 from dataclasses import dataclass
@@ -22,7 +23,8 @@ from .layout import Layout, TensorJob, build_layout, tensor_seed
 from .methods import TaskVector
 from .plan import Plan, build_plan
 from .recipe import Recipe, recipe_digest
-from .writer import OutputTensor, ShardWriter, StagingFolder, index_json, plan_shards
+from .verify import verify_written_shard
+from .writer import OutputTensor, ShardWriter, StagingFolder, index_json, plan_shards, shard_is_intact
 
 
 class Progress(Protocol):
@@ -53,6 +55,8 @@ class MergeOptions:
 
 
 def choose_device(name: str) -> torch.device:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", name):
+        raise BadInput(f"device: {name!r} is not a device (use auto, cpu, cuda or cuda:N)")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
@@ -80,6 +84,8 @@ def check_output_location(layout: Layout, target: Path, overwrite: bool) -> None
         for root in roots:
             if resolved == root.resolve() or resolved.is_relative_to(root.resolve()):
                 raise BadInput(f"{target}: output inside the input {checkpoint.label}; choose another output folder")
+            if root.resolve().is_relative_to(resolved):  # --overwrite would delete the input
+                raise BadInput(f"{target}: output folder holds the input {checkpoint.label}; choose another output folder")
     if target.exists() and not overwrite:
         raise BadInput(f"{target}: output exists (use --overwrite to replace it)")
     if target.exists() and not target.is_dir():
@@ -91,7 +97,10 @@ def merge_tensor(layout: Layout, plan: Plan, job: TensorJob, device: torch.devic
     if not job.mergeable:
         return layout.reference.read(job.name)
     if job.copy_base or not job.contributors:
-        return layout.reference.read(job.name).to(job.out.dtype)
+        kept = layout.reference.read(job.name)
+        if not all_finite(kept):
+            raise BadInput(f"{layout.reference.label}: tensor {job.name} contains NaN or Inf")
+        return kept.to(job.out.dtype)
     base = read_float32(layout.reference, job.name, device)
     task_vectors = []
     for j in job.contributors:
@@ -182,6 +191,7 @@ def _merge_into(layout: Layout, staging: StagingFolder, done: set[str], device: 
     shards = plan_shards([job.out for job in layout.jobs], layout.recipe.output.shard_size)
     metadata = _metadata(layout.recipe, digest)
     jobs = {job.name: job for job in layout.jobs}
+    done = {s.file_name for s in shards if s.file_name in done and shard_is_intact(staging.path / s.file_name, s, metadata)}
     todo = [s for s in shards if s.file_name not in done]
     progress.start("merging", sum(len(s.tensors) for s in todo), sum(s.nbytes for s in todo))
     for shard in todo:
@@ -190,6 +200,7 @@ def _merge_into(layout: Layout, staging: StagingFolder, done: set[str], device: 
             writer.write(tensor.name, merge_tensor(layout, plan, jobs[tensor.name], device))
             progress.advance(tensor.nbytes)
         writer.close()
+        verify_written_shard(staging.path / shard.file_name, shard)
         staging.mark_complete(shard.file_name)
     progress.finish()
 

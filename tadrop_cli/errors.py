@@ -12,9 +12,16 @@ EXIT_INTERRUPTED = 130
 
 
 class TadropError(Exception):
-    """Base class of tadrop's own errors."""
+    """Base class of tadrop's own errors.
+
+    Messages quote user-controlled text (keys, paths, tensor names), so line breaks in
+    them are escaped here: the message is always one line.
+    """
 
     exit_code = EXIT_INTERNAL
+
+    def __init__(self, message: str):
+        super().__init__(message.replace("\r", "\\r").replace("\n", "\\n"))
 
 
 class BadInput(TadropError):

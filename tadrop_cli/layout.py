@@ -12,9 +12,9 @@ from typing import Any, Optional
 
 import torch
 
-from .checkpoint import MERGEABLE_DTYPES, Checkpoint, layer_positions, open_checkpoint, tensor_order
+from .checkpoint import MERGEABLE_DTYPES, Checkpoint, config_files, layer_positions, open_checkpoint, tensor_order
 from .errors import BadInput
-from .recipe import DTYPES, ModelEntry, Recipe, TadropSettings, value_for_tensor
+from .recipe import DTYPES, ModelEntry, Recipe, TadropSettings, source_identity, value_for_tensor
 from .writer import OutputTensor
 
 
@@ -101,13 +101,6 @@ def model_tadrop(recipe: Recipe, entry: ModelEntry) -> Optional[TadropSettings]:
     return settings if settings.enabled else None
 
 
-def _same_source(a: str, b: str) -> bool:
-    pa, pb = Path(a).expanduser(), Path(b).expanduser()
-    if pa.exists() and pb.exists():
-        return pa.resolve() == pb.resolve()
-    return a == b
-
-
 def _output_dtype(recipe: Recipe, stored: torch.dtype) -> torch.dtype:
     name = recipe.output_dtype
     if name is None or stored not in MERGEABLE_DTYPES:
@@ -125,7 +118,7 @@ def build_layout(recipe: Recipe) -> Layout:
         models: list[ModelInput] = []
         notes: list[str] = []
         for i, entry in enumerate(recipe.models):
-            if recipe.base_model and recipe.method.name != "linear" and _same_source(entry.model, recipe.base_model):
+            if recipe.base_model and recipe.method.name != "linear" and source_identity(entry.model) == source_identity(recipe.base_model):
                 notes.append(f"models[{i}] is the base model: it has no task vector and is skipped (as in mergekit)")
                 continue
             checkpoint = open_checkpoint(entry.model)
@@ -135,6 +128,7 @@ def build_layout(recipe: Recipe) -> Layout:
             reference = models[0].checkpoint
         if not models:
             raise BadInput("models: no model other than the base to merge")
+        config_files(reference.folder)  # refuses links out of the folder now, not after the merge
         names = tensor_order(list(reference.tensors))
         jobs = [_tensor_job(recipe, reference, models, name, notes) for name in names]
         for model in models:

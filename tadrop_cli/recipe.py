@@ -258,6 +258,8 @@ def check_method_parameters(recipe: Recipe) -> None:
             if spec is None or (per_model_only and not spec.per_model):
                 allowed = [p.name for p in method.params if p.per_model or not per_model_only]
                 raise BadInput(f"{where}.{key}: not a parameter of {method.name}; {_suggest(key, allowed)}allowed: {', '.join(allowed)}")
+            if isinstance(value, list) and not value:
+                raise BadInput(f"{where}.{key}: an empty list is neither a value nor a gradient; give a number or a non-empty list")
             values = value if isinstance(value, list) else [value]
             for v in values:
                 _check_value(f"{where}.{key}", spec, v.value if isinstance(v, ConditionalValue) else v)
@@ -284,6 +286,13 @@ def _check_value(where: str, spec: ParamSpec, value: Any) -> None:
         raise BadInput(f"{where}: must be between {spec.low} and {spec.high} (got {value!r})")
 
 
+def source_identity(reference: str) -> str:
+    """What a model reference points at: the resolved path of a local file or folder (so that
+    `m/`, `./m` and a link to m are one model), else the reference itself (a Hub id)."""
+    path = Path(reference).expanduser()
+    return str(path.resolve()) if path.exists() else reference
+
+
 def check_consistency(recipe: Recipe) -> None:
     """Rules that span several keys."""
     method = recipe.method
@@ -291,9 +300,10 @@ def check_consistency(recipe: Recipe) -> None:
         raise BadInput(f"base_model: required for {method.name} (only linear merges without a base)")
     seen: dict[str, int] = {}
     for i, entry in enumerate(recipe.models):
-        if entry.model in seen:
-            raise BadInput(f"models[{i}].model: {entry.model!r} is listed twice (also models[{seen[entry.model]}])")
-        seen[entry.model] = i
+        key = source_identity(entry.model)
+        if key in seen:
+            raise BadInput(f"models[{i}].model: {entry.model!r} is listed twice (also models[{seen[key]}])")
+        seen[key] = i
     if recipe.output.dtype and recipe.out_dtype and DTYPES[recipe.output.dtype] != DTYPES[recipe.out_dtype]:
         raise BadInput(f"output.dtype: {recipe.output.dtype} contradicts out_dtype: {recipe.out_dtype}; give one")
     if recipe.tadrop is not None and recipe.tadrop.enabled and method.sparsifier is None:

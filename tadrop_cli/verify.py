@@ -1,28 +1,56 @@
-"""`tadrop verify`: read every tensor of a checkpoint back and check it is finite."""
+"""Reading a checkpoint back: `tadrop verify`, and the engine's check of each shard it writes."""
 
 from __future__ import annotations
 
-import torch
+from pathlib import Path
 
-from .checkpoint import MERGEABLE_DTYPES, open_checkpoint
-from .errors import BadInput
+from .checkpoint import MERGEABLE_DTYPES, Checkpoint, all_finite, open_checkpoint
+from .errors import BadInput, WriteError
+from .writer import Shard
 
 
-def verify_checkpoint(reference: str) -> dict:
-    """Open a checkpoint (index, shards, headers), read every tensor, refuse NaN/Inf.
+def verify_tensors(checkpoint: Checkpoint) -> int:
+    """Read every tensor back and refuse damage, NaN and Inf; returns the bytes read.
 
     Raises BadInput naming the first file or tensor at fault.
     """
+    total = 0
+    for name, info in checkpoint.tensors.items():
+        tensor = checkpoint.read(name)
+        if tuple(tensor.shape) != info.shape or tensor.dtype != info.dtype:
+            raise BadInput(f"{info.file}: tensor {name} reads back as {tensor.dtype} {tuple(tensor.shape)}, header says {info.dtype} {info.shape}")
+        if info.dtype in MERGEABLE_DTYPES and not all_finite(tensor):
+            raise BadInput(f"{info.file}: tensor {name} contains NaN or Inf")
+        total += info.nbytes
+    return total
+
+
+def verify_checkpoint(reference: str) -> dict:
+    """Open a checkpoint (index, shards, headers), read every tensor, refuse NaN/Inf."""
     checkpoint = open_checkpoint(reference)
     try:
-        total = 0
-        for name, info in checkpoint.tensors.items():
-            tensor = checkpoint.read(name)
-            if tuple(tensor.shape) != info.shape or tensor.dtype != info.dtype:
-                raise BadInput(f"{info.file}: tensor {name} reads back as {tensor.dtype} {tuple(tensor.shape)}, header says {info.dtype} {info.shape}")
-            if info.dtype in MERGEABLE_DTYPES and not bool(torch.isfinite(tensor).all()):
-                raise BadInput(f"{info.file}: tensor {name} contains NaN or Inf")
-            total += info.nbytes
+        total = verify_tensors(checkpoint)
         return {"checkpoint": reference, "tensors": len(checkpoint.tensors), "bytes": total, "ok": True}
+    finally:
+        checkpoint.close()
+
+
+def verify_written_shard(path: Path, shard: Shard) -> None:
+    """The engine's check of a shard it has just written: the planned tensors, readable and finite.
+
+    A failure here is a write fault (the bytes on disk are not what was computed): WriteError.
+    """
+    try:
+        checkpoint = open_checkpoint(str(path))
+    except BadInput as error:
+        raise WriteError(f"{path}: the written shard does not read back ({error})") from None
+    try:
+        planned = {t.name: (t.dtype, t.shape) for t in shard.tensors}
+        found = {name: (info.dtype, info.shape) for name, info in checkpoint.tensors.items()}
+        if found != planned:
+            raise WriteError(f"{path}: the written shard's header differs from the plan")
+        verify_tensors(checkpoint)
+    except BadInput as error:
+        raise WriteError(f"the written output failed verification: {error}") from None
     finally:
         checkpoint.close()

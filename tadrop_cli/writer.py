@@ -9,6 +9,7 @@ interrupted merge never looks finished and can be resumed. No maths here.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import json
@@ -103,14 +104,34 @@ def _describe_os_error(error: OSError, path: Path) -> str:
     return f"{path}: write failed ({error.strerror or error})"
 
 
+def shard_file_size(shard: Shard, metadata: dict[str, str]) -> int:
+    return len(safetensors_header(shard.tensors, metadata)) + shard.nbytes
+
+
+def shard_is_intact(path: Path, shard: Shard, metadata: dict[str, str]) -> bool:
+    """A finished shard from an earlier run still has its full size and the header planned now."""
+    header = safetensors_header(shard.tensors, metadata)
+    try:
+        if path.stat().st_size != len(header) + shard.nbytes:
+            return False
+        with open(path, "rb") as handle:
+            return handle.read(len(header)) == header
+    except OSError:
+        return False
+
+
 class ShardWriter:
     """Writes one safetensors file: header first, then each tensor in the planned order."""
 
     def __init__(self, path: Path, shard: Shard, metadata: dict[str, str]):
         self.path = path
         self._expected = list(shard.tensors)
+        self._size = shard_file_size(shard, metadata)
         self._next = 0
-        self._file = open(path, "wb")
+        try:
+            self._file = open(path, "wb")
+        except OSError as error:
+            raise WriteError(_describe_os_error(error, path)) from None
         self._write(safetensors_header(shard.tensors, metadata))
 
     def _write(self, data: bytes | memoryview) -> None:
@@ -134,9 +155,12 @@ class ShardWriter:
         try:
             self._file.flush()
             os.fsync(self._file.fileno())
+            written = self._file.tell()
             self._file.close()
         except OSError as error:
             raise WriteError(_describe_os_error(error, self.path)) from None
+        if written != self._size:
+            raise WriteError(f"{self.path}: wrote {written} bytes, expected {self._size}")
 
 
 class StagingFolder:
@@ -169,10 +193,14 @@ class StagingFolder:
             return done
         if resume and journal:
             raise BadInput(f"{self.target}: cannot resume: the partial merge in {self.path} was made from a different recipe")
-        for stale in self.path.iterdir():
-            if stale.name != ".lock":
-                stale.unlink() if stale.is_file() else shutil.rmtree(stale)
-        self._write_journal([])
+        try:
+            for stale in self.path.iterdir():
+                if stale.name != ".lock":
+                    stale.unlink() if stale.is_file() else shutil.rmtree(stale)
+            self._write_journal([])
+        except BaseException:  # nothing of ours worth keeping yet
+            self.discard()
+            raise
         return set()
 
     def _read_journal(self) -> dict:
@@ -210,7 +238,12 @@ class StagingFolder:
             raise WriteError(_describe_os_error(error, self.path / source.name)) from None
 
     def publish(self, overwrite: bool) -> None:
-        """Move the finished output into place (atomic rename); the old one goes only then."""
+        """Move the finished output into place; an old output goes only once the new one is there.
+
+        Replacing an output swaps the two folders in one atomic step (renameat2's
+        RENAME_EXCHANGE) where the system offers it, so that even a kill at any instant
+        leaves either the old or the new output at the target, never neither.
+        """
         for bookkeeping in (JOURNAL, "plan.json", ".lock"):
             (self.path / bookkeeping).unlink(missing_ok=True)
         old = None
@@ -220,8 +253,18 @@ class StagingFolder:
             old = self.target.parent / f".{self.target.name}.tadrop-old"
             if old.exists():
                 shutil.rmtree(old)
-            os.rename(self.target, old)
-        os.rename(self.path, self.target)
+            if exchange_paths(self.path, self.target):
+                os.rename(self.path, old)  # the old output, out from under the staging name
+            else:  # no atomic exchange here: two renames, undone if interrupted in between
+                try:
+                    os.rename(self.target, old)
+                    os.rename(self.path, self.target)
+                except BaseException:
+                    if old.exists() and not self.target.exists():
+                        os.rename(old, self.target)
+                    raise
+        else:
+            os.rename(self.path, self.target)
         self._release()
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
@@ -237,6 +280,25 @@ class StagingFolder:
         if self._lock_handle is not None:
             self._lock_handle.close()
             self._lock_handle = None
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def exchange_paths(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2). False where the system cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
 
 
 def index_json(shards: list[Shard], metadata: dict[str, str]) -> dict:

@@ -103,8 +103,9 @@ def install_hooks(point: str, action: Callable[[], None], setattr_: Callable = s
     NAME: score (pass 1, before a tensor's TADrop score), write / wrote (before / after
     appending a tensor to a shard), marked (after a shard is journaled complete), index
     (before writing the index), copy (before copying a config file), publish (before the
-    move into place), renamed-old (after the old output is moved aside), renamed (after the
-    new output is moved into place). `slow` sleeps before each tensor write.
+    move into place), exchanged (after the new output is swapped with the old one),
+    renamed-old (after the old output is moved aside), renamed (after the new output is
+    moved into place). `slow` sleeps before each tensor write.
     """
     from tadrop_cli import plan, writer
 
@@ -143,6 +144,7 @@ def install_hooks(point: str, action: Callable[[], None], setattr_: Callable = s
     wrap(writer.StagingFolder, "write_json", before="index", when=lambda self, name, data: name.endswith("index.json"))
     wrap(writer.StagingFolder, "copy_in", before="copy")
     wrap(writer.StagingFolder, "publish", before="publish")
+    wrap(writer, "exchange_paths", after="exchanged")
     wrap(os, "rename", after=lambda src, dst: "renamed-old" if str(dst).endswith(".tadrop-old") else "renamed")
 
 
@@ -221,10 +223,24 @@ def test_interrupt_at_every_point_then_resume(setup, monkeypatch, point):
     resume_and_compare(recipe, target, reference)
 
 
-@pytest.mark.parametrize("point", ["write:1", "wrote:4", "marked:3", "index:1", "publish:1", "renamed-old:1", "renamed:1"])
+@pytest.mark.parametrize("point", ["write:1", "wrote:4", "marked:3", "index:1", "publish:1", "exchanged:1", "renamed-old:1"])
 def test_interrupted_overwrite_keeps_the_previous_output(setup, previous, monkeypatch, point):
     recipe, target, reference = setup
     with monkeypatch.context() as patch:
+        install_hooks(point, interrupt, patch.setattr)
+        result = invoke("merge", recipe, "--overwrite", "--quiet")
+    assert result.exit_code == 130, f"{point} never reached? {result.stderr}"
+    check_target_after_kill(target, previous, reference)
+    resume_and_compare(recipe, target, reference, "--overwrite")
+
+
+@pytest.mark.parametrize("point", ["renamed-old:1", "renamed:1"])
+def test_interrupted_overwrite_without_an_atomic_exchange(setup, previous, monkeypatch, point):
+    """Where the system cannot swap two folders atomically, an interruption between the two
+    renames puts the previous output back."""
+    recipe, target, reference = setup
+    with monkeypatch.context() as patch:
+        patch.setattr(writer_module, "exchange_paths", lambda a, b: False)
         install_hooks(point, interrupt, patch.setattr)
         result = invoke("merge", recipe, "--overwrite", "--quiet")
     assert result.exit_code == 130, f"{point} never reached? {result.stderr}"
