@@ -64,8 +64,13 @@ def fetch_debs(log=print) -> Path:
         have = list(debs.glob(f"{name}_*.deb"))
         if not have:
             log(f"apt-get download {name}")
-            subprocess.run(["apt-get", "download", name], cwd=debs, check=True,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            got = subprocess.run(["apt-get", "download", name], cwd=debs,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            if got.returncode != 0:  # a fresh machine may have no package lists yet
+                subprocess.run(["apt-get", "update"], check=True, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+                subprocess.run(["apt-get", "download", name], cwd=debs, check=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             have = list(debs.glob(f"{name}_*.deb"))
         target.mkdir(parents=True, exist_ok=True)
         subprocess.run(["dpkg-deb", "-x", str(have[0]), str(target)], check=True)

@@ -40,7 +40,7 @@ SWEEPS = {
     ("images", True): dict(methods=ALL_METHODS, densities=[0.1], seeds=1, ablation_hosts=None),
 }
 ABLATION = dict(stats=["kurtosis", "hoyer", "cv", "gini", "topmass"], norms=["rank", "minmax"],
-                strengths=[-0.2, 0.1, 0.2, 0.35, 0.5])
+                strengths=[0.1, 0.2, 0.35, 0.5])
 
 
 def _cpu_seconds():
@@ -48,6 +48,29 @@ def _cpu_seconds():
 
     a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
+
+
+def check_summary(s: dict, tolerance: float = 0.03) -> list[str]:
+    """Loose assertions for the CI smoke run; each could fail on a broken merge.
+
+    - every merge (each method and arm) beats the base on average test accuracy;
+    - TIES is not below dense task arithmetic by more than `tolerance`;
+    - every cell's test score comes from a real `tadrop merge` (the CLI's summary was read).
+    """
+    problems = []
+    base = s["refs"]["base"]["avg"]
+    ta = s["refs"]["ta_dense"]["avg"]
+    if not s["cells"]:
+        problems.append("no merge cells were scored")
+    for c in s["cells"]:
+        label = f"{c['method']} d={c['density']} {c['arm']}"
+        if not c["avg"] > base:
+            problems.append(f"{label}: average test accuracy {c['avg']:.4f} is not above the base's {base:.4f}")
+        if c["method"] == "ties" and c["avg"] < ta - tolerance:
+            problems.append(f"{label}: {c['avg']:.4f} is more than {tolerance} below task arithmetic's {ta:.4f}")
+    if s["refs"]["average"]["avg"] <= base:
+        problems.append("plain averaging does not beat the base: the fine-tunes learned nothing")
+    return problems
 
 
 def make_bench(kind, quick, log):
@@ -111,6 +134,8 @@ def main(argv=None):
     ap.add_argument("--tadrop-json", default=None, help="override the TADrop block (JSON)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--report", default=None, help="markdown path (default: docs/ or cache)")
+    ap.add_argument("--check", action="store_true",
+                    help="exit 1 unless the loose sanity checks hold (the CI smoke test)")
     args = ap.parse_args(argv)
     set_threads(args.threads)
     try:
@@ -145,6 +170,13 @@ def main(argv=None):
         header += "\n**PIPELINE TEST ONLY: merges by the in-process reference stand-in, not tadrop.**\n"
     report.write_report(summaries, md, md.with_name("quality"), header=header)
     log(f"report: {md}")
+    if args.check:
+        problems = [f"{kind}: {p}" for kind, s in summaries.items() if kind in kinds for p in check_summary(s)]
+        for p in problems:
+            log("CHECK FAILED", p)
+        if problems:
+            raise SystemExit(1)
+        log(f"checks passed: {sum(len(s['cells']) for k, s in summaries.items() if k in kinds)} merges all beat the base; TIES within 3 points of task arithmetic")
     return summaries
 
 
