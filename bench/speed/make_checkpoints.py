@@ -300,7 +300,8 @@ def main(argv=None) -> int:
     if not 1 <= a.n_models <= 16:
         ap.error("--n-models must be in 1..16")
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    base, fts = ensure(a.preset, a.n_models, a.seed, a.cache, a.shard_mb)
+    # progress to stderr: stdout carries only the folders, for bench/speed/run.py to read
+    base, fts = ensure(a.preset, a.n_models, a.seed, a.cache, a.shard_mb, log=lambda m: print(m, file=sys.stderr))
     print(base)
     for d in fts:
         print(d)
