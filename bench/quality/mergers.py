@@ -1,7 +1,8 @@
 """How the sweep produces merged checkpoints.
 
 `CliMerger` runs `tadrop merge RECIPE --output DIR --overwrite --quiet --json` in a subprocess,
-exactly as a user would; every reported number comes from it. `ReferenceMerger` is a small
+exactly as a user would; every reported number comes from it (`TADROP_CMD`, if set, replaces the
+`tadrop` command). `ReferenceMerger` is a small
 in-process stand-in, used only to test this pipeline while the CLI did not exist
 (`run.py --merger reference`); its numbers are never reported.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -23,6 +25,8 @@ class MergeError(RuntimeError):
 
 
 def _tadrop_exe() -> list[str]:
+    if os.environ.get("TADROP_CMD"):  # e.g. a frozen copy of the package, for long runs
+        return shlex.split(os.environ["TADROP_CMD"])
     exe = shutil.which("tadrop")
     if exe is None:
         cand = Path(sys.executable).with_name("tadrop")
