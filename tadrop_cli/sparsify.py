@@ -19,34 +19,45 @@ def kept_count(numel: int, density: float) -> int:
     return max(0, min(numel, int(density * numel)))
 
 
-_SAMPLE = 1 << 16  # sample size for bracketing the k-th largest value
+_SMALL = 1 << 16  # below this many entries, plain kthvalue is fastest
+
+
+def _order_keys(values: torch.Tensor) -> torch.Tensor:
+    """int32 keys that order like the float32 values: a non-negative float's bit pattern already
+    does; for negative ones the lower 31 bits are flipped."""
+    bits = values.view(torch.int32)
+    if not bool((bits < 0).any()):
+        return bits
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+def _kth_largest_counted(values: torch.Tensor, k: int) -> tuple[torch.Tensor, int, int]:
+    """(k-th largest entry of a 1-D float tensor, how many entries are larger, how many equal it).
+
+    Radix selection, exact, no sort: a histogram of the top 16 bits of each entry's order key
+    finds the bucket that holds the answer, and only that bucket (a small share of the entries)
+    goes to kthvalue. The counts come from the histogram and the bucket, so callers need no
+    further pass over the tensor to count.
+    """
+    n = values.numel()
+    if n <= _SMALL or values.dtype != torch.float32:
+        threshold = torch.kthvalue(values.float(), n - k + 1).values.to(values.dtype)
+        return threshold, int((values > threshold).count_nonzero()), int((values == threshold).count_nonzero())
+    high = (_order_keys(values) >> 16) + 32768  # in [0, 65536)
+    from_top = torch.bincount(high, minlength=65536).flip(0).cumsum(0)
+    index = int(torch.searchsorted(from_top, k))  # first bucket (from the top) that reaches k
+    larger_buckets = int(from_top[index - 1]) if index > 0 else 0
+    bucket = values[high == (65535 - index)]
+    threshold = torch.kthvalue(bucket, bucket.numel() - (k - larger_buckets) + 1).values
+    if threshold == 0:  # -0.0 and +0.0 are equal but fall in different buckets: count them all
+        return threshold, int((values > 0).count_nonzero()), int((values == 0).count_nonzero())
+    larger = larger_buckets + int((bucket > threshold).count_nonzero())
+    return threshold, larger, int((bucket == threshold).count_nonzero())
 
 
 def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th largest entry of a 1-D tensor (1 <= k <= n), exactly.
-
-    Large tensors: a fixed random sample brackets the value, a few cheap
-    comparisons count what lies above the bracket, and kthvalue runs only on the
-    (small) bracket. Falls back to kthvalue on everything if the bracket misses.
-    """
-    n = values.numel()
-    if n <= 4 * _SAMPLE:
-        return torch.kthvalue(values, n - k + 1).values
-    generator = torch.Generator(device="cpu").manual_seed(n)
-    picks = torch.randint(n, (_SAMPLE,), generator=generator).to(values.device)
-    sample = values[picks].sort().values
-    position = (n - k) / n * (_SAMPLE - 1)  # where the answer sits in the sample
-    margin = 4 * int(_SAMPLE**0.5) + 8
-    low_index, high_index = int(position) - margin, int(position) + margin + 1
-    above = int((values > sample[high_index]).sum()) if high_index < _SAMPLE else 0
-    in_band = values >= sample[low_index] if low_index >= 0 else torch.ones_like(values, dtype=torch.bool)
-    if high_index < _SAMPLE:
-        in_band &= values <= sample[high_index]
-    band = values[in_band]
-    need = k - above  # the answer is the need-th largest of the band
-    if need < 1 or need > band.numel():
-        return torch.kthvalue(values, n - k + 1).values
-    return torch.kthvalue(band, band.numel() - need + 1).values
+    """The k-th largest entry of a 1-D tensor (1 <= k <= n), exactly."""
+    return _kth_largest_counted(values, k)[0]
 
 
 def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -62,9 +73,9 @@ def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
         return torch.ones_like(scores, dtype=torch.bool)
     if k <= 0:
         return torch.zeros_like(scores, dtype=torch.bool)
-    threshold = kth_largest(flat, k)
+    threshold, larger, equal = _kth_largest_counted(flat, k)
     mask = flat >= threshold
-    surplus = int(mask.sum()) - k
+    surplus = larger + equal - k
     if surplus > 0:  # entries equal to the threshold beyond k: drop the last ones
         tied = torch.nonzero(flat == threshold).reshape(-1)
         mask[tied[tied.numel() - surplus:]] = False
