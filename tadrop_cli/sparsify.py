@@ -136,12 +136,106 @@ def random_keep_mask(shape: torch.Size, density: float, seed: int, device: torch
     return (uniform < density).to(device)
 
 
+def seeded_uniform(shape: torch.Size, seed: int, device: torch.device) -> torch.Tensor:
+    """The random stream of one (model, tensor): float32 uniforms in [0, 1) from a CPU generator
+    seeded with `seed`, moved to `device`. The same on CPU and GPU and in any order."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.rand(shape, generator=generator, dtype=torch.float32).to(device)
+
+
 def random(delta: torch.Tensor, density: float, seed: int, rescale: Rescale = True, in_place: bool = False) -> torch.Tensor:
     """DARE: drop each entry with probability 1 - density, rescale the survivors."""
     if density >= 1:
         return delta
     mask = random_keep_mask(delta.shape, density, seed, delta.device)
     return _apply_mask(delta, mask, density, rescale, in_place)
+
+
+_DELLA_BLOCK = 1 << 22  # entries ranked at a time: bounds the int64 argsort temporaries
+
+
+def _della_rows(delta: torch.Tensor) -> torch.Tensor:
+    """The rows DELLA ranks within: dim 0 indexes them; a 1-D tensor is one row; a tensor with
+    more dimensions is flattened to shape[0] rows."""
+    return delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
+
+
+def _della_block_probabilities(rows: torch.Tensor, density: float, eps: float) -> torch.Tensor:
+    """Keep probabilities of a block of whole rows (see della_keep_probabilities)."""
+    n = rows.shape[1]
+    if n < 2 or eps == 0.0:
+        return torch.full(rows.shape, float(density), dtype=torch.float32, device=rows.device)
+    order = torch.argsort(rows.abs(), dim=1, stable=True)
+    ranks = torch.empty(rows.shape, dtype=torch.int32, device=rows.device)
+    ranks.scatter_(1, order, torch.arange(n, dtype=torch.int32, device=rows.device).expand(rows.shape[0], n))
+    del order
+    # float32 r * (2 eps / (n - 1)) + (density - eps), one rounding per step and no division
+    # by a scalar (CUDA turns that into a multiplication by the reciprocal): the same bits
+    # on every device.
+    return ranks.to(torch.float32).mul_(2 * eps / (n - 1)).add_(density - eps)
+
+
+def _della_epsilon(density: float, epsilon: float) -> float:
+    return max(0.0, min(epsilon, density, 1.0 - density))
+
+
+def della_keep_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """DELLA's MAGPRUNE keep probabilities, in the shape of `delta`.
+
+    Within each row (dim 0 is the row index; a 1-D tensor is one row; a tensor with more
+    dimensions is flattened to shape[0] rows), entries are ranked by |delta| ascending
+    (ties: lower position first, a stable sort), r = 0 .. n-1, and kept with probability
+
+        density - epsilon + 2 * epsilon * r / (n - 1)
+
+    as mergekit does: the largest entry gets density + epsilon, the smallest density -
+    epsilon, and the mean over a row is exactly `density`. (The paper's drop probabilities,
+    p_min + (epsilon'/n) r with larger magnitudes dropped less, are the same line with
+    epsilon' = 2 epsilon.) Computed as float32 r * (2 epsilon / (n - 1)) + (density - epsilon).
+    epsilon is shrunk to min(epsilon, density, 1 - density) so that the probabilities stay
+    within [0, 1] at any density TADrop chooses. A row of one entry gets `density`.
+    """
+    rows = _della_rows(delta)
+    eps = _della_epsilon(density, epsilon)
+    return _della_block_probabilities(rows, density, eps).reshape(delta.shape)
+
+
+def della(delta: torch.Tensor, density: float, epsilon: float, seed: int, rescale: Rescale = True, in_place: bool = False) -> torch.Tensor:
+    """DELLA's MAGPRUNE: drop entries at random, larger magnitudes (within a row) less often.
+
+    Entry i is kept where u_i < q_i, with u the (seed, model, tensor) stream of
+    `seeded_uniform` (DARE's) and q_i from `della_keep_probabilities` (mean `density`).
+    rescale true/paper divides each survivor by its own keep probability q_i (the paper's
+    1 / (1 - p_i)); l1/l2/linf match that norm of the original (mergekit); false keeps them.
+    Rows are ranked a block at a time, so the temporaries stay small whatever the tensor.
+    With in_place, `delta` itself is overwritten.
+    """
+    if density >= 1:
+        return delta
+    if density <= 0:
+        return delta.zero_() if in_place else torch.zeros_like(delta)
+    eps = _della_epsilon(density, epsilon)
+    rows = _della_rows(delta)
+    uniform = _della_rows(seeded_uniform(delta.shape, seed, delta.device))
+    paper = rescale in (True, "paper")
+    out = rows if in_place and paper else torch.empty_like(rows) if paper else None
+    mask = None if paper else torch.empty(rows.shape, dtype=torch.bool, device=delta.device)
+    step = max(1, _DELLA_BLOCK // max(1, rows.shape[1]))
+    for start in range(0, rows.shape[0], step):
+        block = slice(start, start + step)
+        q = _della_block_probabilities(rows[block], density, eps)
+        keep = uniform[block] < q
+        if paper:
+            out[block] = torch.where(keep, rows[block] / q, torch.zeros((), dtype=rows.dtype, device=rows.device))
+        else:
+            mask[block] = keep
+    del uniform
+    if paper:
+        return out.reshape(delta.shape)
+    mask = mask.reshape(delta.shape)
+    if rescale in (False, None, "none"):
+        return delta.mul_(mask) if in_place else delta * mask
+    return rescale_kept(delta, delta * mask, density, rescale)
 
 
 def breadcrumbs(delta: torch.Tensor, density: float, gamma: float = 0.01, rescale: Rescale = False, in_place: bool = False) -> torch.Tensor:
