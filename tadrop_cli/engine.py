@@ -106,12 +106,15 @@ def merge_tensor(layout: Layout, plan: Plan, job: TensorJob, device: torch.devic
     for j in job.contributors:
         model = layout.models[j]
         delta = read_float32(model.checkpoint, job.name, device).sub_(base)
+        recipe_density = layout.recipe.method.density_value(layout.model_parameter(model, "density", job.name, missing=1.0), len(job.contributors))
         task_vectors.append(TaskVector(
             delta=delta,
             weight=float(layout.model_parameter(model, "weight", job.name)),
-            density=plan.density(model.label, job.name, float(layout.model_parameter(model, "density", job.name, missing=1.0))),
+            density=plan.density(model.label, job.name, recipe_density),
             seed=tensor_seed(layout.recipe.seed, model.label, job.name),
             gamma=float(layout.model_parameter(model, "gamma", job.name, missing=0.0)),
+            epsilon=float(layout.model_parameter(model, "epsilon", job.name, missing=0.0)),
+            tall_mask_lambda=float(layout.model_parameter(model, "tall_mask_lambda", job.name, missing=0.0)),
         ))
     merged = layout.recipe.method.merge(base, task_vectors, **layout.method_parameters(job.name))
     result = merged.to(job.out.dtype)

@@ -17,9 +17,15 @@ from typing import Any, Callable, Literal, Optional
 
 import torch
 
-from . import sparsify
+from . import sparsify, subspace
 
-Sparsifier = Optional[Literal["magnitude", "random", "breadcrumbs"]]
+# Where TADrop's per-tensor ratio enters a method (None: nowhere, the method does not sparsify):
+#   magnitude   the kept fraction of a magnitude trim
+#   random      DARE's keep probability
+#   breadcrumbs the kept fraction between the outliers and the small entries
+#   della       the mean keep probability of DELLA's magnitude-ranked drop
+#   rank        a task's share of a rank budget (SVD-based methods; 2-D tensors only)
+Sparsifier = Optional[Literal["magnitude", "random", "breadcrumbs", "della", "rank"]]
 
 
 @dataclass
@@ -31,6 +37,8 @@ class TaskVector:
     density: float = 1.0  # fraction kept; TADrop sets it per tensor
     seed: int = 0  # seeds random sparsifiers; derived from (recipe seed, model, tensor)
     gamma: float = 0.01  # breadcrumbs: fraction of largest entries dropped as outliers
+    epsilon: float = 0.15  # della: half-width of the keep probabilities around density
+    tall_mask_lambda: float = 0.4  # consensus: lambda_t of this task's TALL mask
 
 
 @dataclass(frozen=True)
@@ -58,6 +66,11 @@ class MergeMethod:
     def param(self, name: str) -> ParamSpec | None:
         return next((p for p in self.params if p.name == name), None)
 
+    def density_value(self, value: Any, task_count: int) -> float:
+        """A `density` parameter's value for one tensor merged from `task_count` models
+        (the rank methods' default is 1/T: see resolved_density)."""
+        return resolved_density(value, task_count)
+
 
 # ---------------------------------------------------------------- the maths
 
@@ -72,7 +85,18 @@ def sparsify_task_vector(tv: TaskVector, sparsifier: Sparsifier, rescale: sparsi
         return sparsify.random(tv.delta, tv.density, tv.seed, rescale, in_place)
     if sparsifier == "breadcrumbs":
         return sparsify.breadcrumbs(tv.delta, tv.density, tv.gamma, rescale, in_place)
+    if sparsifier == "della":
+        return sparsify.della(tv.delta, tv.density, tv.epsilon, tv.seed, rescale, in_place)
     raise ValueError(f"unknown sparsifier {sparsifier!r}")
+
+
+EQUAL_SPLIT = "1/T"  # the rank methods' default density: the papers' equal split of the rank
+
+
+def resolved_density(value: Any, task_count: int) -> float:
+    """A `density` parameter's value for one tensor. The rank methods' default, EQUAL_SPLIT
+    (or None), is 1/T, T the number of models merged into that tensor."""
+    return 1.0 / max(1, task_count) if value is None or value == EQUAL_SPLIT else float(value)
 
 
 def disjoint_mean(weighted: list[torch.Tensor], weights: list[float], consensus: str, with_divisor: bool = True, in_place: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -153,6 +177,107 @@ def _gta(sparsifier: Sparsifier, consensus: str | None) -> Callable[..., torch.T
     return merge
 
 
+def _weighted(tv: TaskVector) -> torch.Tensor:
+    """w * tau (the delta is scratch space: weighted in place)."""
+    return tv.delta if tv.weight == 1 else tv.delta.mul_(tv.weight)
+
+
+def _subspace(merge_matrix: Callable[..., torch.Tensor], uses_density: bool) -> Callable[..., torch.Tensor]:
+    """An SVD-based method: `merge_matrix` on 2-D tensors; the mean of the weighted task vectors
+    on every other tensor (biases, norms: what the papers' code does); then base + lambda * delta."""
+
+    def merge(base: torch.Tensor, task_vectors: list[TaskVector], **params: Any) -> torch.Tensor:
+        if not task_vectors:
+            return base.clone()
+        deltas = [_weighted(tv) for tv in task_vectors]
+        extra = {k: v for k, v in params.items() if k != "lambda"}  # the method's own (e.g. common_space_fraction)
+        if base.dim() != 2:
+            merged = subspace.mean_of(deltas)
+        elif uses_density:
+            merged = merge_matrix(deltas, [tv.density for tv in task_vectors], **extra)
+        else:
+            merged = merge_matrix(deltas, **extra)
+        lambda_ = params.get("lambda", 1.0)
+        if lambda_ != 1:
+            merged *= lambda_
+        return merged.add_(base)
+
+    return merge
+
+
+def consensus(
+    base: torch.Tensor,
+    task_vectors: list[TaskVector],
+    *,
+    ties: bool,
+    normalize: bool,
+    k: float = 2,
+    lambda_: float = 1.0,
+) -> torch.Tensor:
+    """Consensus merging (TALL masks): base + lambda * (consensus mask * tau_MTL).
+
+    tau_MTL is the multi-task vector: task arithmetic of the weighted task vectors, each first
+    trimmed to its `density` largest entries (a no-op at density 1), or TIES (trim at
+    `density`, sign election, disjoint sum; a disjoint mean with normalize). With tau_t the
+    weighted, untrimmed task vector (as the authors' code, which compares the fine-tuned
+    weights), task t's TALL mask is |tau_t| >= lambda_t * |tau_MTL - tau_t| (lambda_t =
+    TaskVector.tall_mask_lambda), and the consensus mask keeps the entries that at least
+    `k` masks select.
+
+    Only one trim mask per model (bool) is held besides the task vectors.
+    """
+    if not task_vectors:
+        return base.clone()
+    weights = [tv.weight for tv in task_vectors]
+    keeps = [None if tv.density >= 1 else sparsify.top_k_mask(tv.delta.abs(), sparsify.kept_count(tv.delta.numel(), tv.density)) for tv in task_vectors]
+    weighted = [_weighted(tv) for tv in task_vectors]
+
+    def trimmed(i: int) -> torch.Tensor:
+        return weighted[i] if keeps[i] is None else weighted[i] * keeps[i]
+
+    if ties:
+        total = torch.zeros_like(base)
+        for i in range(len(weighted)):
+            total += trimmed(i)
+        majority = torch.where(total >= 0, 1.0, -1.0).to(base.dtype)
+        del total
+        mixed = torch.zeros_like(base)
+        divisor = torch.zeros_like(base) if normalize else None
+        for i, weight in enumerate(weights):
+            delta = trimmed(i)
+            agrees = delta.sign() == majority
+            mixed += delta * agrees
+            if divisor is not None:
+                divisor.add_(agrees, alpha=weight)
+        del majority
+        if divisor is not None:
+            divisor[divisor == 0] = 1
+            mixed /= divisor
+            del divisor
+    else:
+        mixed = torch.zeros_like(base)
+        for i in range(len(weighted)):
+            mixed += trimmed(i)
+        if normalize:
+            divisor = sum(weights)
+            mixed /= divisor if abs(divisor) >= 1e-8 else 1.0
+    del keeps
+    votes = torch.zeros(base.shape, dtype=torch.int32, device=base.device)
+    for tv, delta in zip(task_vectors, weighted):
+        votes += delta.abs() >= (mixed - delta).abs_().mul_(tv.tall_mask_lambda)
+    mixed *= votes >= k
+    if lambda_ != 1:
+        mixed *= lambda_
+    return mixed.add_(base)
+
+
+def _consensus(ties: bool) -> Callable[..., torch.Tensor]:
+    def merge(base: torch.Tensor, task_vectors: list[TaskVector], *, normalize: bool = False, k: float = 2, **params: Any) -> torch.Tensor:
+        return consensus(base, task_vectors, ties=ties, normalize=normalize, k=k, lambda_=params.get("lambda", 1.0))
+
+    return merge
+
+
 # ---------------------------------------------------------------- the registry
 
 WEIGHT = ParamSpec("weight", 1.0, "scale of this model's task vector (or tensor, for linear)", per_model=True)
@@ -160,6 +285,17 @@ DENSITY = ParamSpec("density", 1.0, "fraction of task-vector entries kept (1 - d
 GAMMA = ParamSpec("gamma", 0.01, "fraction of the largest entries removed as outliers", per_model=True, low=0.0, high=1.0)
 LAMBDA = ParamSpec("lambda", 1.0, "scale of the merged task vector", low=-10.0, high=10.0)
 INT8_MASK = ParamSpec("int8_mask", False, "accepted for mergekit compatibility; no effect (masks are boolean)", kind="bool")
+EPSILON = ParamSpec("epsilon", 0.15, "DELLA: keep probabilities run from density - epsilon (smallest |delta| of a row) to density + epsilon (largest), as in mergekit", per_model=True, low=0.0, high=0.5)
+ALPHA = ParamSpec("lambda", 1.0, "scale of the merged task vector (the papers' alpha)", low=-10.0, high=10.0)
+RANK_SHARE = ParamSpec(
+    "density", EQUAL_SPLIT,
+    "fraction of the rank budget this task keeps in each 2-D tensor (TSV-M: of min(m, n); Iso-CTS: of the task-specific budget); "
+    "default 1/T (T = models merged into the tensor), the papers' equal split; scaled down if the tasks' total exceeds the budget",
+    per_model=True, low=0.0, high=1.0,
+)
+COMMON_SPACE = ParamSpec("common_space_fraction", 0.8, "Iso-CTS: share of the rank given to the common subspace of the summed task matrices (paper: 0.8)", low=0.0, high=1.0)
+TALL_LAMBDA = ParamSpec("tall_mask_lambda", 0.4, "lambda_t of this task's TALL mask |tau_t| >= lambda_t |tau_MTL - tau_t| (paper tunes it in 0.2-0.6 on validation data; 0.4 is the middle)", per_model=True, low=0.0, high=10.0)
+CONSENSUS_K = ParamSpec("k", 2, "consensus: keep entries selected by the TALL masks of at least k tasks (paper: 2; 0 = no consensus, tau_MTL unchanged)", low=0.0, high=1000.0)
 
 
 def _normalize(default: bool) -> ParamSpec:
@@ -198,5 +334,24 @@ METHODS: dict[str, MergeMethod] = {
                     sparsifier="breadcrumbs", params=_gta_params(False, False, GAMMA)),
         MergeMethod("breadcrumbs_ties", _gta("breadcrumbs", "sum"), "Model Breadcrumbs with TIES sign election", "https://arxiv.org/abs/2312.06795",
                     sparsifier="breadcrumbs", params=_gta_params(False, False, GAMMA)),
+        MergeMethod("della", _gta("della", "sum"), "magnitude-ranked random drop and rescale (DELLA MAGPRUNE), TIES sign election, disjoint mean", "https://arxiv.org/abs/2406.11617",
+                    sparsifier="della", params=_gta_params(True, True, EPSILON)),
+        MergeMethod("della_linear", _gta("della", None), "magnitude-ranked random drop and rescale (DELLA MAGPRUNE), then task arithmetic", "https://arxiv.org/abs/2406.11617",
+                    sparsifier="della", params=_gta_params(False, True, EPSILON)),
+        MergeMethod("tsv_m", _subspace(subspace.tsv_merge, True), "Task Singular Vectors: each task's top singular triplets, decorrelated (Procrustes), summed", "https://arxiv.org/abs/2412.00081",
+                    sparsifier="rank", params=(WEIGHT, RANK_SHARE, ALPHA)),
+        MergeMethod("iso_c", _subspace(subspace.iso_c_merge, False), "Iso-C: sum of task vectors with a flat (isotropic) singular spectrum", "https://arxiv.org/abs/2502.04959",
+                    params=(WEIGHT, ALPHA)),
+        MergeMethod("iso_cts", _subspace(subspace.iso_cts_merge, True), "Iso-CTS: common subspace of the sum plus task-specific directions, flat spectrum", "https://arxiv.org/abs/2502.04959",
+                    sparsifier="rank", params=(WEIGHT, RANK_SHARE, COMMON_SPACE, ALPHA)),
+        MergeMethod("consensus_ta", _consensus(False), "Consensus merging: task arithmetic kept where the TALL masks of at least k tasks agree", "https://arxiv.org/abs/2405.07813",
+                    sparsifier="magnitude",
+                    params=(WEIGHT, ParamSpec("density", 1.0, "fraction of each task vector kept by a magnitude trim before the sum (1 = no trim, the paper)", per_model=True, low=0.0, high=1.0),
+                            TALL_LAMBDA, CONSENSUS_K, _normalize(False), LAMBDA)),
+        MergeMethod("consensus_ties", _consensus(True), "Consensus merging: TIES kept where the TALL masks of at least k tasks agree", "https://arxiv.org/abs/2405.07813",
+                    sparsifier="magnitude",
+                    params=(WEIGHT, ParamSpec("density", 0.2, "fraction of each task vector kept by the TIES trim (authors' code: top 20%)", per_model=True, low=0.0, high=1.0),
+                            TALL_LAMBDA, CONSENSUS_K,
+                            ParamSpec("normalize", False, "TIES disjoint mean instead of the authors' disjoint sum", kind="bool"), LAMBDA)),
     ]
 }

@@ -100,15 +100,17 @@ def _fixed_ratio(settings: Optional[TadropSettings], base_ratio: float) -> float
 
 def build_plan(layout: Layout, device: torch.device, on_tensor: Callable[[TensorJob], None] = lambda job: None) -> Plan:
     """Score every task-vector tensor that TADrop adapts, and fix every drop ratio."""
-    sparsifies = layout.recipe.method.sparsifier is not None
+    method = layout.recipe.method
     rows: dict[tuple[int, str], RatioRow] = {}
     pending: dict[int, list[tuple[RatioRow, _TensorSettings]]] = {j: [] for j in range(len(layout.models))}
 
     for job in layout.jobs:
+        sparsifies = _sparsifies(method.sparsifier, job)
         to_score: list[tuple[int, ModelInput, RatioRow, _TensorSettings]] = []
         for j in job.contributors:
             model = layout.models[j]
-            base_ratio = 1.0 - float(layout.model_parameter(model, "density", job.name)) if sparsifies else 0.0
+            # the rank methods' default density is "1/T": the papers' equal split
+            base_ratio = 1.0 - method.density_value(layout.model_parameter(model, "density", job.name), len(job.contributors)) if sparsifies else 0.0
             row = RatioRow(model.label, job.name, _numel(job), base_ratio, base_ratio, "uniform")
             rows[(j, job.name)] = row
             if not sparsifies:
@@ -154,6 +156,14 @@ def build_plan(layout: Layout, device: torch.device, on_tensor: Callable[[Tensor
 
     ordered = [rows[key] for key in sorted(rows, key=lambda k: k[0])]
     return Plan(ordered, [_summarize(layout, j, ordered, shifts.get(j, (0.0, True))) for j in range(len(layout.models))])
+
+
+def _sparsifies(sparsifier: Optional[str], job: TensorJob) -> bool:
+    """Whether the method's drop (its `sparsifier`) applies to this tensor: a rank budget
+    only to 2-D tensors (the SVD-based methods average every other tensor)."""
+    if sparsifier == "rank":
+        return len(job.out.shape) == 2
+    return sparsifier is not None
 
 
 def _numel(job: TensorJob) -> int:
