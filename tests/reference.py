@@ -93,6 +93,37 @@ def breadcrumbs(delta: np.ndarray, density: float, gamma: float, how=False) -> n
     return rescale(delta, delta * mask.reshape(delta.shape), density, how)
 
 
+def della_keep_probabilities(delta: np.ndarray, density: float, epsilon: float) -> np.ndarray:
+    """DELLA (mergekit's form): per row (dim 0; 1-D = one row; N-D flattened to shape[0] rows),
+    rank |delta| ascending (stable: ties by position), keep with probability
+    density - eps + 2 eps r/(n-1), eps = min(epsilon, density, 1 - density).
+    Evaluated in float32 as r * (2 eps/(n-1)) + (density - eps): the specified arithmetic."""
+    delta = np.asarray(delta, dtype=np.float64)
+    eps = max(0.0, min(epsilon, density, 1.0 - density))
+    rows = delta.reshape(1, -1) if delta.ndim < 2 else delta.reshape(delta.shape[0], -1)
+    n = rows.shape[1]
+    if n < 2 or eps == 0.0:
+        return np.full(delta.shape, np.float32(density), dtype=np.float32)
+    ranks = np.empty(rows.shape, dtype=np.int64)
+    for i, row in enumerate(np.abs(rows)):
+        ranks[i, np.argsort(row, kind="stable")] = np.arange(n)
+    q = ranks.astype(np.float32) * np.float32(2 * eps / (n - 1)) + np.float32(density - eps)
+    return q.astype(np.float32).reshape(delta.shape)
+
+
+def della(delta: np.ndarray, density: float, epsilon: float, seed: int, how=True) -> np.ndarray:
+    delta = np.asarray(delta, dtype=np.float64)
+    if density >= 1:
+        return delta.copy()
+    if density <= 0:
+        return np.zeros_like(delta)
+    q = della_keep_probabilities(delta, density, epsilon)
+    keep = dare_uniform(delta.shape, seed) < q
+    if how in (True, "paper"):
+        return np.divide(delta, q.astype(np.float64), out=np.zeros_like(delta), where=keep)
+    return rescale(delta, delta * keep, density, how)
+
+
 # ---------------------------------------------------------------- merge methods
 
 
@@ -103,6 +134,8 @@ class TV:
     density: float = 1.0
     seed: int = 0
     gamma: float = 0.01
+    epsilon: float = 0.15
+    tall_mask_lambda: float = 0.4
 
 
 def sparsify(tv: TV, sparsifier: Optional[str], how) -> np.ndarray:
@@ -115,6 +148,8 @@ def sparsify(tv: TV, sparsifier: Optional[str], how) -> np.ndarray:
         return random_drop(d, tv.density, tv.seed, how)
     if sparsifier == "breadcrumbs":
         return breadcrumbs(d, tv.density, tv.gamma, how)
+    if sparsifier == "della":
+        return della(d, tv.density, tv.epsilon, tv.seed, how)
     raise ValueError(sparsifier)
 
 
@@ -158,6 +193,8 @@ GTA_METHODS = {
     "dare_ties": ("random", True, False, True),
     "breadcrumbs": ("breadcrumbs", False, False, False),
     "breadcrumbs_ties": ("breadcrumbs", True, False, False),
+    "della": ("della", True, True, True),
+    "della_linear": ("della", False, False, True),
 }
 
 
@@ -176,10 +213,170 @@ def _linear_ref(base, tvs, normalize=None, lam=1.0, how=None):
     return linear(base, tvs, True if normalize is None else normalize)
 
 
-REFERENCES = {"linear": _linear_ref, **{name: _gta_ref(name) for name in GTA_METHODS}}
-DEFAULT_NORMALIZE = {"linear": True, **{k: v[2] for k, v in GTA_METHODS.items()}}
+# ---------------------------------------------------------------- SVD-based methods (TSV-M, Iso-C, Iso-CTS)
+#
+# Re-derived from the papers, in float64. The Procrustes / polar factor is computed another
+# way than in tadrop (through the eigendecomposition of the Gram matrix, M (M^T M)^(-1/2),
+# not an SVD of M), so a wrong factor would not agree by construction.
+
+
+def rank_count(budget: int, density: float) -> int:
+    """floor(density * budget) with a 1e-9 tolerance (so 1/T * budget counts budget/T), clipped."""
+    return max(0, min(budget, math.floor(density * budget + 1e-9)))
+
+
+def split_budget(budget: int, densities) -> list[int]:
+    ranks = [rank_count(budget, d) for d in densities]
+    total = sum(ranks)
+    return [k * budget // total for k in ranks] if total > budget else ranks
+
+
+def polar(matrix: np.ndarray) -> np.ndarray:
+    """The orthogonal (Procrustes) factor of a full-rank matrix: M (M^T M)^(-1/2) for a tall M,
+    its transpose's for a wide one."""
+    m = np.asarray(matrix, dtype=np.float64)
+    if m.shape[0] < m.shape[1]:
+        return polar(m.T).T
+    values, vectors = np.linalg.eigh(m.T @ m)
+    return m @ (vectors / np.sqrt(values)) @ vectors.T
+
+
+EPS32 = float(np.finfo(np.float32).eps)
+
+
+def null_tolerance(matrix) -> float:
+    """Singular values <= eps32 * max(m, n) * |M|_F are numerically zero: not kept as directions."""
+    m = np.asarray(matrix, dtype=np.float64)
+    return float(np.sqrt((m * m).sum())) * max(m.shape) * EPS32
+
+
+def top_triplets(matrix: np.ndarray, k: int, tolerance: float = 0.0):
+    u, s, vt = np.linalg.svd(np.asarray(matrix, dtype=np.float64), full_matrices=False)
+    k = min(k, int((s > tolerance).sum()))
+    return u[:, :k], s[:k], vt[:k, :]
+
+
+def tsv_m_matrix(deltas, densities) -> np.ndarray:
+    """TSV-M: per task the top k_t triplets; U_perp = polar([U_1..U_T]), V_perp likewise;
+    merged = U_perp diag([S_1..S_T]) V_perp^T."""
+    r = min(deltas[0].shape)
+    parts = [top_triplets(d, k, null_tolerance(d)) for d, k in zip(deltas, split_budget(r, densities)) if k > 0]
+    if sum(p[1].size for p in parts) == 0:
+        return np.zeros_like(deltas[0])
+    u = np.concatenate([p[0] for p in parts], axis=1)
+    s = np.concatenate([p[1] for p in parts])
+    v = np.concatenate([p[2].T for p in parts], axis=1)
+    return polar(u) @ np.diag(s) @ polar(v).T
+
+
+def iso_c_matrix(deltas) -> np.ndarray:
+    """Iso-C: mean singular value of the sum times its orthogonal factor: (sum_i sigma_i / r) polar(sum).
+    A rank-deficient sum: its numerically null directions are left out (U_k V_k^T)."""
+    total = np.sum(deltas, axis=0)
+    sigma = np.linalg.svd(total, compute_uv=False)
+    rank = int((sigma > null_tolerance(total)).sum())
+    if rank < min(total.shape):
+        u, _, vt = top_triplets(total, rank)
+        return sigma.mean() * u @ vt
+    return sigma.mean() * polar(total)
+
+
+def iso_cts_matrix(deltas, densities, fraction: float = 0.8) -> np.ndarray:
+    """Iso-CTS as the authors' code sizes it: common = int(r f), task-specific budget
+    B = round((r - common)/T) T, common = r - B; tasks' directions from (I - U_c U_c^T) tau_t."""
+    total = np.sum(deltas, axis=0)
+    r, tasks = min(total.shape), len(deltas)
+    common = int(r * fraction)
+    budget = max(0, min(r, round((r - common) / tasks) * tasks))
+    common = r - budget
+    uc, sc, vtc = top_triplets(total, common, null_tolerance(total))
+    us, ss, vs = [uc], [sc], [vtc.T]
+    asked = common  # the flat level: kept singular values over the directions asked for
+    for d, k in zip(deltas, split_budget(budget, densities)):
+        if k > 0:
+            u, s, vt = top_triplets(d - uc @ (uc.T @ d), k, null_tolerance(d))
+            us.append(u), ss.append(s), vs.append(vt.T)
+            asked += k
+    s = np.concatenate(ss)
+    if s.size == 0:  # no direction kept (a rank-1 matrix whose one direction no task was given)
+        return np.zeros_like(total)
+    return s.sum() / asked * polar(np.concatenate(us, axis=1)) @ polar(np.concatenate(vs, axis=1)).T
+
+
+SUBSPACE_MATRIX = {"tsv_m": tsv_m_matrix, "iso_c": iso_c_matrix, "iso_cts": iso_cts_matrix}
+
+
+def subspace_method(name: str, base, tvs: Sequence[TV], lam: float = 1.0, common_space_fraction: float = 0.8) -> np.ndarray:
+    """base + lam * merged; the task matrices are the weighted task vectors; non-2-D tensors: their mean."""
+    base = np.asarray(base, dtype=np.float64)
+    deltas = [np.asarray(tv.delta, dtype=np.float64) * tv.weight for tv in tvs]
+    if base.ndim != 2:
+        merged = np.mean(deltas, axis=0)
+    elif name == "iso_c":
+        merged = iso_c_matrix(deltas)
+    elif name == "iso_cts":
+        merged = iso_cts_matrix(deltas, [tv.density for tv in tvs], common_space_fraction)
+    else:
+        merged = tsv_m_matrix(deltas, [tv.density for tv in tvs])
+    return base + lam * merged
+
+
+# ---------------------------------------------------------------- consensus merging (TALL masks)
+
+
+def consensus(base, tvs: Sequence[TV], ties: bool, normalize: bool, k: float = 2, lam: float = 1.0) -> np.ndarray:
+    """tau_MTL = task arithmetic of the magnitude-trimmed weighted task vectors (or TIES with
+    disjoint sum / mean); mask_t = |w_t tau_t| >= lambda_t |tau_MTL - w_t tau_t| with the
+    untrimmed tau_t; keep tau_MTL where sum_t mask_t >= k; base + lam * kept."""
+    base = np.asarray(base, dtype=np.float64)
+    full = [np.asarray(tv.delta, dtype=np.float64) * tv.weight for tv in tvs]
+    trimmed = [magnitude(tv.delta, tv.density) * tv.weight for tv in tvs]
+    if ties:
+        mtl = generalized_task_arithmetic(np.zeros_like(base), [TV(t, 1.0) for t in trimmed], None, True, False, 1.0, False)
+        if normalize:  # disjoint mean: divide by the agreeing models' weights
+            majority = np.where(np.sum(trimmed, axis=0) >= 0, 1.0, -1.0)
+            divisor = sum(tv.weight * ((np.sign(t) == majority) & (t != 0)) for tv, t in zip(tvs, trimmed))
+            mtl = mtl / np.where(divisor == 0, 1.0, divisor)
+    else:
+        mtl = np.sum(trimmed, axis=0)
+        if normalize:
+            total = sum(tv.weight for tv in tvs)
+            mtl = mtl / (total if abs(total) >= 1e-8 else 1.0)
+    votes = sum((np.abs(f) >= tv.tall_mask_lambda * np.abs(mtl - f)).astype(np.int64) for tv, f in zip(tvs, full))
+    return base + lam * mtl * (votes >= k)
+
+
+def _subspace_ref(name):
+    def ref(base, tvs, normalize=None, lam=1.0, how=None, common_space_fraction=0.8):
+        return subspace_method(name, base, tvs, lam, common_space_fraction)
+
+    return ref
+
+
+def _consensus_ref(ties):
+    def ref(base, tvs, normalize=None, lam=1.0, how=None, k=2):
+        return consensus(base, tvs, ties, False if normalize is None else normalize, k, lam)
+
+    return ref
+
+
+REFERENCES = {
+    "linear": _linear_ref,
+    **{name: _gta_ref(name) for name in GTA_METHODS},
+    **{name: _subspace_ref(name) for name in SUBSPACE_MATRIX},
+    "consensus_ta": _consensus_ref(False),
+    "consensus_ties": _consensus_ref(True),
+}
+DEFAULT_NORMALIZE = {
+    "linear": True, **{k: v[2] for k, v in GTA_METHODS.items()},
+    "tsv_m": None, "iso_c": None, "iso_cts": None,  # no such parameter
+    "consensus_ta": False, "consensus_ties": False,  # the authors' task arithmetic sum and TIES disjoint sum
+}
 DEFAULT_RESCALE = {k: v[3] for k, v in GTA_METHODS.items()}
-SPARSIFIER = {"linear": None, **{k: v[0] for k, v in GTA_METHODS.items()}}
+SPARSIFIER = {
+    "linear": None, **{k: v[0] for k, v in GTA_METHODS.items()},
+    "tsv_m": "rank", "iso_c": None, "iso_cts": "rank", "consensus_ta": "magnitude", "consensus_ties": "magnitude",
+}
 
 
 # ---------------------------------------------------------------- TADrop statistics
