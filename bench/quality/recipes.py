@@ -18,10 +18,20 @@ METHODS = {
     "breadcrumbs": ("breadcrumbs", False, False),
     "magnitude_prune": ("magnitude_prune", False, False),
     "breadcrumbs_ties": ("breadcrumbs_ties", False, False),
+    # the stronger data-free hosts (issue 6); the rank hosts' "density" is each task's share of
+    # the rank (1/T by default), Iso-C has no budget and is a reference row
+    "della": ("della", True, True),
+    "consensus_ta": ("consensus_ta", False, False),
+    "consensus_ties": ("consensus_ties", False, False),
+    "tsv_m": ("tsv_m", False, True),
+    "iso_cts": ("iso_cts", False, True),
 }
+RANK_HOSTS = ("tsv_m", "iso_cts")
 LABELS = {
     "magnitude_prune": "TA + magnitude drop (magnitude_prune)", "ties": "TIES", "dare": "DARE", "dare_ties": "DARE-TIES",
     "breadcrumbs": "Breadcrumbs", "breadcrumbs_ties": "Breadcrumbs-TIES",
+    "della": "DELLA", "consensus_ta": "Consensus TA (TALL)", "consensus_ties": "Consensus TIES (TALL)",
+    "tsv_m": "TSV-M (rank share)", "iso_cts": "Iso-CTS (rank share)",
 }
 BREADCRUMBS_GAMMA = 0.01  # fraction of the largest entries breadcrumbs also removes
 

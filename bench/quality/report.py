@@ -55,13 +55,15 @@ def summarize(sw, sweep_cfg: dict, ablation=None, tadrop_cfg=None, extra=None) -
             "average": row([sw.test_result(refs["average"]["test_key"])]),
             "ta_dense": dict(row([sw.test_result(refs["ta_dense"]["test_key"])]),
                              lam=refs["ta_dense"]["lam"]),
+            **({"iso_c": dict(row([sw.test_result(refs["iso_c"]["test_key"])]), lam=refs["iso_c"]["lam"])}
+               if "iso_c" in refs else {}),
         },
         "cells": [], "comparisons": [],
     }
     cells = sw.records.get("cells", {})
     want_td = tadrop_cfg
     for method in sweep_cfg["methods"]:
-        for d in sweep_cfg["densities"]:
+        for d in sorted({c["density"] for c in cells.values() if c["method"] == method}):
             pair = {}
             for arm in ("uniform", "tadrop"):
                 cand = [c for c in cells.values() if c["method"] == method and c["density"] == d
@@ -127,7 +129,10 @@ def markdown(s: dict) -> str:
     L.append("| each task's own fine-tune | " + " | ".join(_f(r["finetuned"]["test"][t]) for t in tasks)
              + f" | {_f(r['finetuned']['avg'])} | 100.0 |")
     for k, name in (("base", "base + frozen heads"), ("average", "plain average of weights"),
-                    ("ta_dense", f"task arithmetic, no drop (λ={r['ta_dense']['lam']:g})")):
+                    ("ta_dense", f"task arithmetic, no drop (λ={r['ta_dense']['lam']:g})"),
+                    ("iso_c", f"Iso-C, no budget (λ={r['iso_c']['lam']:g})" if "iso_c" in r else "")):
+        if k not in r:
+            continue
         x = r[k]
         L.append(f"| {name} | " + " | ".join(_f(x["test"][t]) for t in tasks)
                  + f" | {_f(x['avg'])} ± {_f(1.96 * x['se'])} | {_f(x['norm_avg'])} |")

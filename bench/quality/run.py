@@ -24,7 +24,8 @@ from common import CACHE, DOCS, Log, set_threads  # noqa: E402
 
 # "task arithmetic with a drop" is magnitude_prune (see recipes.py); plain task arithmetic is a
 # reference row (it has no drop ratio, so TADrop cannot enter it).
-ALL_METHODS = ["magnitude_prune", "ties", "dare", "dare_ties", "breadcrumbs", "breadcrumbs_ties"]
+ALL_METHODS = ["magnitude_prune", "ties", "dare", "dare_ties", "breadcrumbs", "breadcrumbs_ties",
+               "della", "consensus_ta", "consensus_ties", "tsv_m", "iso_cts"]
 
 # TADrop settings used when no ablation is run (quick mode, --no-ablation); set from the full
 # run's validation ablation (docs/quality.md explains the choice).
@@ -110,7 +111,11 @@ def run_one(kind, args, log):
         import json
 
         td = json.loads(args.tadrop_json)
-    sw.main(cfg["methods"], cfg["densities"], {"uniform": None, "tadrop": td}, cfg["seeds"])
+    # the rank hosts run at their own default budget: each task keeps 1/T of the rank
+    from recipes import RANK_HOSTS
+
+    by_method = {m: [round(1 / len(bench.tasks), 6)] for m in RANK_HOSTS}
+    sw.main(cfg["methods"], cfg["densities"], {"uniform": None, "tadrop": td}, cfg["seeds"], by_method)
     extra = {"wall_s": time.time() - t0, "cpu_s": _cpu_seconds() - c0}
     s = report.summarize(sw, cfg, ablation=ablation, tadrop_cfg=td, extra=extra)
     spath = bench.root / f"summary_{merger.name}.json"

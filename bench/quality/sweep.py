@@ -205,6 +205,12 @@ class Sweep:
         _, _, _, key = self.test_at(fn, lam, None, lazy1)
         lazy1.drop()
         out["ta_dense"] = {"lam": lam, "val_grid": vals, "val": dict(vals)[lam], "test_key": key}
+        # Iso-C: no drop ratio or rank budget, so no TADrop arm; a reference like dense TA
+        fn = lambda lam: make_recipe("iso_c", b.base_dir, self.models, density=None, lam=lam)  # noqa: E731
+        lam, vals, lazy1 = self.tune(fn, 2.0)
+        _, _, _, key = self.test_at(fn, lam, None, lazy1)
+        lazy1.drop()
+        out["iso_c"] = {"lam": lam, "val_grid": vals, "val": dict(vals)[lam], "test_key": key}
         self.log(f"references: average val {out['average']['val']:.3f}, TA dense val "
                  f"{out['ta_dense']['val']:.3f} at lambda {lam}")
         self.save()
@@ -253,9 +259,9 @@ class Sweep:
                  + f"  ({time.time() - t0:.0f}s)")
         return rec
 
-    def main(self, methods, densities, arms: dict, n_seeds: int):
+    def main(self, methods, densities, arms: dict, n_seeds: int, densities_by_method=None):
         for method in methods:
-            for d in densities:
+            for d in (densities_by_method or {}).get(method, densities):
                 for arm, td in arms.items():
                     seeds = list(range(n_seeds)) if is_random(method) else [0]
                     self.run_cell(method, d, arm, td, seeds)
