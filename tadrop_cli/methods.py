@@ -110,10 +110,12 @@ def disjoint_mean(weighted: list[torch.Tensor], weights: list[float], consensus:
     mixed = torch.zeros_like(weighted[0])
     divisor = torch.zeros_like(weighted[0]) if with_divisor else None
     for weight, delta in zip(weights, weighted):
-        agrees = delta.sign() == majority
-        mixed += delta.mul_(agrees) if in_place else delta * agrees
+        # delta * majority is > 0 exactly where the signs agree; relu keeps those entries'
+        # magnitudes, and multiplying back by the (+-1) majority restores them exactly
+        aligned = (delta.mul_(majority) if in_place else delta * majority).relu_()
+        mixed.addcmul_(aligned, majority)
         if divisor is not None:
-            divisor.add_(agrees, alpha=weight)
+            divisor.add_(aligned > 0, alpha=weight)
     if divisor is not None:
         divisor[divisor == 0] = 1
     return mixed, divisor
@@ -139,7 +141,10 @@ def generalized_task_arithmetic(
     if not task_vectors:
         return base
     weights = [tv.weight for tv in task_vectors]
-    weighted = [sparsify_task_vector(tv, sparsifier, rescale, in_place=True).mul_(tv.weight) for tv in task_vectors]
+    weighted = []
+    for tv in task_vectors:
+        kept = sparsify_task_vector(tv, sparsifier, rescale, in_place=True)
+        weighted.append(kept if tv.weight == 1 else kept.mul_(tv.weight))
     if consensus is not None:
         mixed, divisor = disjoint_mean(weighted, weights, consensus, with_divisor=normalize, in_place=True)
     else:
