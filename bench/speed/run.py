@@ -46,9 +46,11 @@ REPO = HERE.parents[1]
 CACHE = REPO / "bench" / ".cache"
 MK_VENV = REPO / "bench" / ".venv-mergekit"
 TORCH_PIN = "torch==2.13.0"
-ALL_METHODS = ("task_arithmetic", "ties", "dare_ties")
+ALL_METHODS = ("task_arithmetic", "ties", "dare_ties", "della", "consensus_ties", "tsv_m", "iso_c", "iso_cts")
+DEFAULT_METHODS = ("task_arithmetic", "ties", "dare_ties")
+MERGEKIT_METHODS = {"task_arithmetic", "ties", "dare_ties", "della"}  # the rest are tadrop's own
 TOPK_METHODS = {"ties": 0.5}  # magnitude top-k methods of the recipes, and their density
-NO_TADROP = {"task_arithmetic", "linear"}  # nothing is sparsified: TADrop-on is refused (exit 2)
+NO_TADROP = {"task_arithmetic", "linear", "iso_c"}  # nothing is sparsified: TADrop-on is refused (exit 2)
 RANDOM_METHODS = {"dare_ties", "dare_linear", "della", "della_linear"}
 SIZES = ("40m", "168m", "500m", "1b")  # must match make_checkpoints.PRESETS
 CHILD_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -234,11 +236,13 @@ def recipe_text(method: str, base: Path, fts: list[Path], *, dtype: str, out_dty
     for ft in fts:
         if method == "task_arithmetic":
             params = {"weight": round(1.0 / n, 6)}
-        else:  # ties, dare_ties
+        elif method in ("tsv_m", "iso_c", "iso_cts"):  # rank hosts: their default budget (1/T)
+            params = {"weight": 1.0}
+        else:  # ties, dare_ties, della, consensus_ties
             params = {"density": 0.5, "weight": 0.5}
         ps = ", ".join(f"{k}: {v}" for k, v in params.items())
         lines += [f"  - model: {ft}", f"    parameters: {{{ps}}}"]
-    if method == "task_arithmetic":
+    if method in ("task_arithmetic", "tsv_m", "iso_c", "iso_cts"):
         lines += ["parameters:", "  lambda: 1.0"]
     else:
         lines += ["parameters:", "  normalize: true"]
@@ -393,7 +397,8 @@ def run_case(size: str, n: int, method: str, args, tad, py: str, results: dict) 
 
     work = CACHE / "speed" / case_id
     work.mkdir(parents=True, exist_ok=True)
-    variants = [v for v in variants_for(args) if not (v.flag == "on" and method in NO_TADROP)]
+    variants = [v for v in variants_for(args) if not (v.flag == "on" and method in NO_TADROP)
+                and (v.tool != "mergekit" or method in MERGEKIT_METHODS)]
     recipes = {}
     for v in variants:
         if v.tool == "mergekit":
@@ -435,7 +440,7 @@ def run_case(size: str, n: int, method: str, args, tad, py: str, results: dict) 
             runs.append(m)
 
     # correctness cross-check (non-random methods only)
-    if args.check and method not in RANDOM_METHODS:
+    if args.check and method not in RANDOM_METHODS and method in MERGEKIT_METHODS:
         checks = results["checks"]
         mk_out = outs.get("mergekit")
         off_out = outs.get("tadrop-off")
@@ -696,7 +701,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", type=csv, default=["168m"], help=f"comma list of {', '.join(SIZES)}")
     ap.add_argument("--n-models", type=lambda s: [int(x) for x in csv(s)], default=[4],
                     help="comma list of fine-tune counts, 2..8 (default 4)")
-    ap.add_argument("--methods", type=csv, default=list(ALL_METHODS))
+    ap.add_argument("--methods", type=csv, default=list(DEFAULT_METHODS),
+                    help=f"comma list of {', '.join(ALL_METHODS)} (mergekit runs only {', '.join(sorted(MERGEKIT_METHODS))})")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tools", type=csv, default=["tadrop", "mergekit"], help="tadrop, mergekit or both")
     ap.add_argument("--tadrop", type=csv, default=["off", "on"], help="TADrop settings to run: off,on")
