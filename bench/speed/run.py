@@ -573,7 +573,10 @@ def write_report(path: Path, results: dict, args) -> None:
              "mergekit computes in `dtype`; tadrop computes in float32 and writes bfloat16. "
              "tadrop's copy adds `seed: 0`, and for the TADrop-on rows `tadrop: {enabled: true}`. "
              "task_arithmetic sparsifies nothing, so it has no TADrop-on row (tadrop refuses that "
-             "recipe with exit 2).")
+             "recipe with exit 2). The newer hosts: della and consensus_ties like ties (density 0.5, "
+             "weight 0.5, normalize true); tsv_m, iso_c and iso_cts with weight 1 and lambda 1 at their "
+             "default rank budget (1/N of the rank per model); only della also runs in mergekit, and "
+             "iso_c has no budget, so no TADrop-on row.")
     L.append("")
     L.append("Commands (one child process each, timed as a whole, from process start to exit):")
     L.append("")
