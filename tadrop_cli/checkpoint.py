@@ -70,33 +70,40 @@ class Checkpoint:
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
 
-    def read(self, name: str) -> torch.Tensor:
-        """The stored tensor as a fresh CPU tensor in its stored dtype. BadInput if the file is damaged.
+    def read(self, name: str, start: Optional[int] = None, stop: Optional[int] = None) -> torch.Tensor:
+        """The stored tensor as a fresh CPU tensor in its stored dtype; with `start`/`stop`, only
+        entries [start, stop) of its flattened form, as a 1-D tensor. BadInput if the file is damaged.
 
         safetensors data is read with pread into a new buffer rather than through a
         memory map: mapped pages would stay in the process's resident memory until the
         file is closed, so peak memory would grow with the model's size.
         """
         info = self.tensors[name]
+        whole = start is None and stop is None
+        start, stop = start or 0, info.numel if stop is None else stop
         try:
             if info.offset < 0:
-                return self._torch_file(info.file)[name]
-            return self._pread(info)
+                stored = self._torch_file(info.file)[name]
+                return stored if whole else stored.reshape(-1)[start:stop]
+            flat = self._pread(info, start, stop)
+            return flat.reshape(info.shape) if whole else flat
         except (RuntimeError, OSError) as error:
             raise BadInput(f"{info.file}: cannot read tensor {name}: {error}") from None
 
-    def _pread(self, info: TensorInfo) -> torch.Tensor:
+    def _pread(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
         if info.file not in self._fds:
             self._fds[info.file] = os.open(info.file, os.O_RDONLY)
-        buffer = torch.empty(info.nbytes, dtype=torch.uint8)
-        view = memoryview(buffer.numpy()) if info.nbytes else memoryview(b"")
+        itemsize = info.dtype.itemsize
+        size, offset = (stop - start) * itemsize, info.offset + start * itemsize
+        buffer = torch.empty(size, dtype=torch.uint8)
+        view = memoryview(buffer.numpy()) if size else memoryview(b"")
         done = 0
-        while done < info.nbytes:  # pread may return less than asked for (large reads)
-            count = os.preadv(self._fds[info.file], [view[done:]], info.offset + done)
+        while done < size:  # pread may return less than asked for (large reads)
+            count = os.preadv(self._fds[info.file], [view[done:]], offset + done)
             if count == 0:
-                raise OSError(f"file ends {info.nbytes - done} bytes early")
+                raise OSError(f"file ends {size - done} bytes early")
             done += count
-        return buffer.view(info.dtype).reshape(info.shape)
+        return buffer.view(info.dtype)
 
     def _torch_file(self, file: Path) -> dict:
         if file not in self._torch_state:
@@ -334,9 +341,10 @@ def all_finite(tensor: torch.Tensor) -> bool:
     return math.isfinite(float(tensor.sum())) or bool(torch.isfinite(tensor).all())
 
 
-def read_float32(checkpoint: Checkpoint, name: str, device: torch.device) -> torch.Tensor:
-    """A tensor as a fresh float32 copy on `device`; refuses NaN and Inf with a message naming it."""
-    stored = checkpoint.read(name)
+def read_float32(checkpoint: Checkpoint, name: str, device: torch.device, start: Optional[int] = None, stop: Optional[int] = None) -> torch.Tensor:
+    """A tensor (or entries [start, stop) of it, flattened) as a fresh float32 copy on `device`;
+    refuses NaN and Inf with a message naming it."""
+    stored = checkpoint.read(name, start, stop)
     # a float32 read is already a fresh buffer of ours; anything else is converted (a copy)
     fresh = stored.dtype == torch.float32 and checkpoint.tensors[name].offset >= 0
     tensor = stored.to(device=device, dtype=torch.float32, copy=not fresh)

@@ -12,7 +12,7 @@ import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Protocol
+from typing import Iterator, Optional, Protocol
 
 import torch
 
@@ -92,8 +92,14 @@ def check_output_location(layout: Layout, target: Path, overwrite: bool) -> None
         raise BadInput(f"{target}: exists and is not a folder")
 
 
-def merge_tensor(layout: Layout, plan: Plan, job: TensorJob, device: torch.device) -> torch.Tensor:
-    """The output tensor for one job, in its output dtype, on the CPU."""
+# Elementwise methods merge large tensors in slices of this many entries: memory then grows
+# with the slice, not the tensor, and each slice's intermediate results stay in the CPU's cache.
+CHUNK_ELEMENTS = 1 << 20
+
+
+def merge_tensor(layout: Layout, plan: Plan, job: TensorJob, device: torch.device) -> torch.Tensor | Iterator[torch.Tensor]:
+    """The output tensor for one job, in its output dtype, on the CPU; for an elementwise method
+    and a large tensor, its flattened slices one after another (an iterator)."""
     if not job.mergeable:
         return layout.reference.read(job.name)
     if job.copy_base or not job.contributors:
@@ -101,11 +107,21 @@ def merge_tensor(layout: Layout, plan: Plan, job: TensorJob, device: torch.devic
         if not all_finite(kept):
             raise BadInput(f"{layout.reference.label}: tensor {job.name} contains NaN or Inf")
         return kept.to(job.out.dtype)
-    base = read_float32(layout.reference, job.name, device)
+    numel = job.out.numel
+    if layout.recipe.method.elementwise and numel > CHUNK_ELEMENTS:
+        return (_merge_entries(layout, plan, job, device, start, min(start + CHUNK_ELEMENTS, numel))
+                for start in range(0, numel, CHUNK_ELEMENTS))
+    return _merge_entries(layout, plan, job, device)
+
+
+def _merge_entries(layout: Layout, plan: Plan, job: TensorJob, device: torch.device,
+                   start: Optional[int] = None, stop: Optional[int] = None) -> torch.Tensor:
+    """The merge of one tensor, or of entries [start, stop) of it (flattened), cast to the output dtype."""
+    base = read_float32(layout.reference, job.name, device, start, stop)
     task_vectors = []
     for j in job.contributors:
         model = layout.models[j]
-        delta = read_float32(model.checkpoint, job.name, device).sub_(base)
+        delta = read_float32(model.checkpoint, job.name, device, start, stop).sub_(base)
         recipe_density = layout.recipe.method.density_value(layout.model_parameter(model, "density", job.name, missing=1.0), len(job.contributors))
         task_vectors.append(TaskVector(
             delta=delta,

@@ -62,6 +62,9 @@ class MergeMethod:
     reference: str
     sparsifier: Sparsifier = None  # where TADrop's per-tensor ratio enters; None: no sparsification
     params: tuple[ParamSpec, ...] = field(default_factory=tuple)
+    # merge() of any slice of the flattened tensors equals that slice of the whole merge (no
+    # per-tensor statistic, selection, random stream or matrix view): the engine may slice
+    elementwise: bool = False
 
     def param(self, name: str) -> ParamSpec | None:
         return next((p for p in self.params if p.name == name), None)
@@ -323,10 +326,10 @@ METHODS: dict[str, MergeMethod] = {
     m.name: m
     for m in [
         MergeMethod("linear", linear, "weighted average of the models (model soup)", "https://arxiv.org/abs/2203.05482",
-                    params=(WEIGHT, _normalize(True))),
+                    params=(WEIGHT, _normalize(True)), elementwise=True),
         MergeMethod("task_arithmetic", _gta(None, None), "base + lambda * sum of weighted task vectors", "https://arxiv.org/abs/2212.04089",
                     params=(WEIGHT, ParamSpec("density", 1.0, "ignored, as in mergekit (use magnitude_prune to trim)", per_model=True, low=0.0, high=1.0),
-                            _normalize(False), LAMBDA, INT8_MASK)),
+                            _normalize(False), LAMBDA, INT8_MASK), elementwise=True),
         MergeMethod("magnitude_prune", _gta("magnitude", None), "trim each task vector to its largest entries, then task arithmetic", "https://arxiv.org/abs/2306.01708",
                     sparsifier="magnitude", params=_gta_params(False, False)),
         MergeMethod("ties", _gta("magnitude", "sum"), "trim, elect sign, disjoint mean (TIES-Merging)", "https://arxiv.org/abs/2306.01708",

@@ -38,11 +38,15 @@ class OutputTensor:
     shape: tuple[int, ...]
 
     @property
-    def nbytes(self) -> int:
+    def numel(self) -> int:
         n = 1
         for d in self.shape:
             n *= d
-        return n * torch.empty((), dtype=self.dtype).element_size()
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
 
 
 @dataclass(frozen=True)
@@ -140,11 +144,20 @@ class ShardWriter:
         except OSError as error:
             raise WriteError(_describe_os_error(error, self.path)) from None
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: torch.Tensor | Iterable[torch.Tensor]) -> None:
+        """Append the next tensor: whole, or as its flattened slices in order (any iterable)."""
         expected = self._expected[self._next]
-        if name != expected.name or tensor.dtype != expected.dtype or tuple(tensor.shape) != expected.shape:
-            raise RuntimeError(f"writer expected {expected} next, got {name} {tensor.dtype} {tuple(tensor.shape)}")
-        self._write(tensor_bytes(tensor))
+        whole = isinstance(tensor, torch.Tensor)
+        if name != expected.name or (whole and tuple(tensor.shape) != expected.shape):
+            raise RuntimeError(f"writer expected {expected} next, got {name}")
+        written = 0
+        for part in [tensor] if whole else tensor:
+            if part.dtype != expected.dtype:
+                raise RuntimeError(f"writer expected {expected} next, got {name} in {part.dtype}")
+            self._write(tensor_bytes(part))
+            written += part.numel()
+        if written != expected.numel:
+            raise RuntimeError(f"writer expected {expected.numel} entries of {name}, got {written}")
         self._next += 1
 
     @property

@@ -290,3 +290,40 @@ def test_transformers_loads_the_merged_model(tmp_path):
         assert torch.equal(loaded[name].to(torch.bfloat16), tensor), name
     logits = merged(torch.tensor([[1, 2, 3]])).logits
     assert logits.shape == (1, 3, 96) and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "linear"])
+@pytest.mark.parametrize("fmt,dtype", [("safetensors", torch.float32), ("safetensors", torch.bfloat16), ("bin", torch.float32)])
+def test_elementwise_methods_merge_in_slices_exactly_as_whole(tmp_path, monkeypatch, method, fmt, dtype):
+    """Slicing a large tensor (engine.CHUNK_ELEMENTS) gives the bytes of the whole-tensor merge,
+    including a last slice shorter than the others."""
+    from tadrop_cli import engine
+
+    base = tiny_state()
+    models = {"base": write_checkpoint(tmp_path / "base", base, fmt=fmt, dtype=dtype)}
+    models.update({f"ft{i}": write_checkpoint(tmp_path / f"ft{i}", fine_tune(base, i), fmt=fmt, dtype=dtype) for i in range(3)})
+    raw = basic_recipe(models, tmp_path / "whole", method=method, parameters={"lambda": 0.7} if method != "linear" else {})
+    for entry in raw["models"]:
+        entry["parameters"].pop("density")
+    recipe = parse_recipe(raw)
+    whole = run_merge(recipe, MergeOptions())
+    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 1000)  # 96 x 64 = 6144 entries: 7 slices, the last of 144
+    sliced = run_merge(recipe, MergeOptions(output=tmp_path / "sliced"))
+    assert whole["tensors"] == sliced["tensors"] == 9
+    assert (tmp_path / "whole" / "model.safetensors").read_bytes() == (tmp_path / "sliced" / "model.safetensors").read_bytes()
+
+
+def test_a_nan_in_a_later_slice_is_refused(tmp_path, monkeypatch):
+    from tadrop_cli import engine
+    from tadrop_cli.errors import BadInput
+
+    base = tiny_state()
+    models = {"base": write_checkpoint(tmp_path / "base", base)}
+    bad = fine_tune(base, 1)
+    bad["model.layers.0.mlp.weight"].view(-1)[5000] = float("nan")
+    models.update({"ft0": write_checkpoint(tmp_path / "ft0", fine_tune(base, 0)), "ft1": write_checkpoint(tmp_path / "ft1", bad)})
+    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 1000)
+    recipe = parse_recipe(basic_recipe(models, tmp_path / "out", method="task_arithmetic"))
+    with pytest.raises(BadInput, match="model.layers.0.mlp.weight"):
+        run_merge(recipe, MergeOptions())
+    assert not (tmp_path / "out").exists()
