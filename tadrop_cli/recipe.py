@@ -71,7 +71,7 @@ class TadropSettings(_Strict):
     """Every setting of TADrop (see the README's TADrop section); defaults as documented there."""
 
     enabled: bool = True
-    statistic: Literal[STATISTICS] = "kurtosis"  # type: ignore[valid-type]
+    statistic: Literal[STATISTICS] = "hoyer"  # type: ignore[valid-type]
     normalize: Literal["rank", "minmax"] = "rank"
     strength: float = Field(0.2, ge=0.0, le=1.0)
     min_ratio: float = Field(0.0, ge=0.0, le=1.0)

@@ -30,7 +30,7 @@ QUICK_METHODS = ["magnitude_prune", "ties", "dare", "della", "consensus_ties", "
 
 # TADrop settings used when no ablation is run (quick mode, --no-ablation); set from the full
 # run's validation ablation (docs/quality.md explains the choice).
-DEFAULT_TADROP = {"statistic": "kurtosis", "normalize": "rank", "strength": 0.2,
+DEFAULT_TADROP = {"statistic": "hoyer", "normalize": "rank", "strength": 0.2,
                   "preserve_budget": True}
 
 SWEEPS = {
