@@ -111,7 +111,7 @@ def build_plan(layout: Layout, device: torch.device, on_tensor: Callable[[Tensor
             model = layout.models[j]
             # the rank methods' default density is "1/T": the papers' equal split
             base_ratio = 1.0 - method.density_value(layout.model_parameter(model, "density", job.name), len(job.contributors)) if sparsifies else 0.0
-            row = RatioRow(model.label, job.name, _numel(job), base_ratio, base_ratio, "uniform")
+            row = RatioRow(model.label, job.name, job.out.numel, base_ratio, base_ratio, "uniform")
             rows[(j, job.name)] = row
             if not sparsifies:
                 row.reason = "no sparsification"
@@ -164,13 +164,6 @@ def _sparsifies(sparsifier: Optional[str], job: TensorJob) -> bool:
     if sparsifier == "rank":
         return len(job.out.shape) == 2
     return sparsifier is not None
-
-
-def _numel(job: TensorJob) -> int:
-    n = 1
-    for d in job.out.shape:
-        n *= d
-    return n
 
 
 def _summarize(layout: Layout, j: int, rows: list[RatioRow], shift: tuple[float, bool]) -> ModelSummary:
