@@ -17,7 +17,7 @@ from typing import Iterator, Optional, Protocol
 import torch
 
 from . import __version__
-from .checkpoint import Checkpoint, all_finite, config_files, read_float32
+from .checkpoint import all_finite, read_float32
 from .errors import BadInput
 from .layout import Layout, TensorJob, build_layout, tensor_seed
 from .methods import TaskVector
@@ -226,7 +226,7 @@ def _merge_into(layout: Layout, staging: StagingFolder, done: set[str], device: 
     if len(shards) > 1:
         staging.write_json("model.safetensors.index.json", index_json(shards, {"tadrop_version": __version__, "recipe_sha256": digest}))
     copied = []
-    for file in config_files(layout.reference.folder):  # the base, or the first model of a linear merge
+    for file in layout.config_files:  # from the base, or the first model of a linear merge
         staging.copy_in(file)
         copied.append(file.name)
 

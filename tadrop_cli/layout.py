@@ -52,6 +52,7 @@ class Layout:
     jobs: list[TensorJob]
     positions: dict[str, Optional[float]]
     notes: list[str] = field(default_factory=list)
+    config_files: list[Path] = field(default_factory=list)  # copied from the reference into the output
 
     def model_parameter(self, model: ModelInput, name: str, tensor: str, missing: Any = None) -> Any:
         """A per-model parameter for one tensor: the model's value, else the recipe's, else the
@@ -128,14 +129,14 @@ def build_layout(recipe: Recipe) -> Layout:
             reference = models[0].checkpoint
         if not models:
             raise BadInput("models: no model other than the base to merge")
-        config_files(reference.folder)  # refuses links out of the folder now, not after the merge
+        configs = config_files(reference.folder)  # listed (and links refused) now, not after the merge
         names = tensor_order(list(reference.tensors))
         jobs = [_tensor_job(recipe, reference, models, name, notes) for name in names]
         for model in models:
             extra = sorted(set(model.checkpoint.tensors) - set(reference.tensors))
             if extra:
                 notes.append(f"{model.label}: {len(extra)} tensor(s) not in the base are ignored (e.g. {extra[0]})")
-        return Layout(recipe, reference, models, jobs, layer_positions(names), notes)
+        return Layout(recipe, reference, models, jobs, layer_positions(names), notes, configs)
     except BaseException:
         for checkpoint in opened:
             checkpoint.close()
