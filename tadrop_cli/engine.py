@@ -7,12 +7,15 @@ the output dtype and appended to its shard.
 
 from __future__ import annotations
 
+import ctypes
+import math
 import re
 import resource
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Protocol
+from typing import Iterable, Iterator, Optional, Protocol
 
 import torch
 
@@ -23,6 +26,7 @@ from .layout import Layout, TensorJob, build_layout, tensor_seed
 from .methods import TaskVector
 from .plan import Plan, build_plan
 from .recipe import Recipe, recipe_digest
+from .sparsify import TopKCut, boundary_bucket, bucket_members, cut_from_members, kept_count, magnitude_histogram
 from .verify import verify_written_shard
 from .writer import OutputTensor, ShardWriter, StagingFolder, index_json, plan_shards, shard_is_intact
 
@@ -92,14 +96,15 @@ def check_output_location(layout: Layout, target: Path, overwrite: bool) -> None
         raise BadInput(f"{target}: exists and is not a folder")
 
 
-# Elementwise methods merge large tensors in slices of this many entries: memory then grows
-# with the slice, not the tensor, and each slice's intermediate results stay in the CPU's cache.
+# Large tensors are merged in slices of this many entries (flattened) where the method allows
+# (MergeMethod.sliceable): memory then grows with the slice, not the tensor, and each slice's
+# intermediate results stay in the CPU's cache.
 CHUNK_ELEMENTS = 1 << 20
 
 
 def merge_tensor(layout: Layout, plan: Plan, job: TensorJob, device: torch.device) -> torch.Tensor | Iterator[torch.Tensor]:
-    """The output tensor for one job, in its output dtype, on the CPU; for an elementwise method
-    and a large tensor, its flattened slices one after another (an iterator)."""
+    """The output tensor for one job, in its output dtype, on the CPU; for a large tensor that
+    the method can merge in slices, its flattened slices one after another (an iterator)."""
     if not job.mergeable:
         return layout.reference.read(job.name)
     if job.copy_base or not job.contributors:
@@ -108,31 +113,96 @@ def merge_tensor(layout: Layout, plan: Plan, job: TensorJob, device: torch.devic
             raise BadInput(f"{layout.reference.label}: tensor {job.name} contains NaN or Inf")
         return kept.to(job.out.dtype)
     numel = job.out.numel
-    if layout.recipe.method.elementwise and numel > CHUNK_ELEMENTS:
-        return (_merge_entries(layout, plan, job, device, start, min(start + CHUNK_ELEMENTS, numel))
-                for start in range(0, numel, CHUNK_ELEMENTS))
-    return _merge_entries(layout, plan, job, device)
+    if numel > CHUNK_ELEMENTS and layout.recipe.method.sliceable(layout.method_parameters(job.name)):
+        slices = [(start, min(start + CHUNK_ELEMENTS, numel)) for start in range(0, numel, CHUNK_ELEMENTS)]
+        cuts = _magnitude_cuts(layout, plan, job, device, slices) if layout.recipe.method.sparsifier == "magnitude" else {}
+        return (_merge_entries(layout, plan, job, inputs, cuts) for inputs in _read_slices(layout, job, device, slices, job.contributors))
+    return _merge_entries(layout, plan, job, _read_inputs(layout, job, device, None, None, job.contributors))
 
 
-def _merge_entries(layout: Layout, plan: Plan, job: TensorJob, device: torch.device,
-                   start: Optional[int] = None, stop: Optional[int] = None) -> torch.Tensor:
-    """The merge of one tensor, or of entries [start, stop) of it (flattened), cast to the output dtype."""
+@dataclass
+class _Inputs:
+    """The base's and some models' entries [start, stop) of one tensor (all of it when start is
+    None), in float32; `tuned` is model j's fine-tuned tensor until `task_vectors` subtracts."""
+
+    start: Optional[int]
+    base: torch.Tensor
+    tuned: dict[int, torch.Tensor]
+
+    def task_vectors(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """(j, model j's task vector), computed in place of the fine-tuned entries."""
+        for j, tensor in self.tuned.items():
+            yield j, tensor.sub_(self.base)
+
+
+def _read_inputs(layout: Layout, job: TensorJob, device: torch.device, start: Optional[int], stop: Optional[int], models: Iterable[int]) -> _Inputs:
     base = read_float32(layout.reference, job.name, device, start, stop)
+    return _Inputs(start, base, {j: read_float32(layout.models[j].checkpoint, job.name, device, start, stop) for j in models})
+
+
+def _read_slices(layout: Layout, job: TensorJob, device: torch.device, slices: list[tuple[int, int]], models: Iterable[int]) -> Iterator[_Inputs]:
+    """Each slice's inputs in turn, the next one read by a helper thread while the caller works
+    on the current one (reads release the GIL), so reading hides under the arithmetic."""
+    models = list(models)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tadrop-read") as reader:
+        pending = reader.submit(_read_inputs, layout, job, device, *slices[0], models)
+        for following in slices[1:]:
+            current = pending.result()
+            pending = reader.submit(_read_inputs, layout, job, device, *following, models)
+            yield current
+        yield pending.result()
+
+
+def _density(layout: Layout, plan: Plan, job: TensorJob, j: int) -> float:
+    """Model j's kept fraction for this tensor: the recipe's, or TADrop's."""
+    model = layout.models[j]
+    recipe_density = layout.recipe.method.density_value(layout.model_parameter(model, "density", job.name, missing=1.0), len(job.contributors))
+    return plan.density(model.label, job.name, recipe_density)
+
+
+def _magnitude_cuts(layout: Layout, plan: Plan, job: TensorJob, device: torch.device, slices: list[tuple[int, int]]) -> dict[int, TopKCut]:
+    """Each trimmed model's top-k cut of this tensor, from two sweeps over its slices: a
+    histogram of |delta|, then the boundary bucket's members (see sparsify.top_k_cut)."""
+    numel = job.out.numel
+    kept = {j: kept_count(numel, d) for j in job.contributors if (d := _density(layout, plan, job, j)) < 1}
+    cuts = {j: TopKCut(math.inf, torch.zeros(0, dtype=torch.int64, device=device)) for j, k in kept.items() if k <= 0}
+    todo = {j: k for j, k in kept.items() if k > 0}
+    if not todo:
+        return cuts
+    histograms: dict[int, torch.Tensor] = {}
+    for inputs in _read_slices(layout, job, device, slices, todo):
+        for j, delta in inputs.task_vectors():
+            counts = magnitude_histogram(delta)
+            histograms[j] = counts if j not in histograms else histograms[j].add_(counts)
+    buckets = {j: boundary_bucket(histograms[j], k) for j, k in todo.items()}
+    members: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {j: [] for j in todo}
+    for inputs in _read_slices(layout, job, device, slices, todo):
+        for j, delta in inputs.task_vectors():
+            members[j].append(bucket_members(delta, buckets[j][0], inputs.start))
+    for j, k in todo.items():
+        bucket, larger = buckets[j]
+        cuts[j] = cut_from_members(torch.cat([m for m, _ in members[j]]), torch.cat([p for _, p in members[j]]), k - larger, bucket)
+    return cuts
+
+
+def _merge_entries(layout: Layout, plan: Plan, job: TensorJob, inputs: _Inputs, cuts: Optional[dict[int, TopKCut]] = None) -> torch.Tensor:
+    """The merge of one tensor, or of one slice of it (`cuts`: the trimmed models' whole-tensor
+    cuts), cast to the output dtype, on the CPU."""
     task_vectors = []
-    for j in job.contributors:
+    for j, delta in inputs.task_vectors():
         model = layout.models[j]
-        delta = read_float32(model.checkpoint, job.name, device, start, stop).sub_(base)
-        recipe_density = layout.recipe.method.density_value(layout.model_parameter(model, "density", job.name, missing=1.0), len(job.contributors))
         task_vectors.append(TaskVector(
             delta=delta,
             weight=float(layout.model_parameter(model, "weight", job.name)),
-            density=plan.density(model.label, job.name, recipe_density),
+            density=_density(layout, plan, job, j),
             seed=tensor_seed(layout.recipe.seed, model.label, job.name),
             gamma=float(layout.model_parameter(model, "gamma", job.name, missing=0.0)),
             epsilon=float(layout.model_parameter(model, "epsilon", job.name, missing=0.0)),
             tall_mask_lambda=float(layout.model_parameter(model, "tall_mask_lambda", job.name, missing=0.0)),
+            offset=inputs.start or 0,
+            cut=(cuts or {}).get(j),
         ))
-    merged = layout.recipe.method.merge(base, task_vectors, **layout.method_parameters(job.name))
+    merged = layout.recipe.method.merge(inputs.base, task_vectors, **layout.method_parameters(job.name))
     result = merged.to(job.out.dtype)
     if not all_finite(result):
         raise BadInput(f"tensor {job.name}: the merge produced NaN or Inf (in {job.out.dtype}); check the weights and lambda")
@@ -176,9 +246,26 @@ def _metadata(recipe: Recipe, digest: str) -> dict[str, str]:
     return {"format": "pt", "tadrop_version": __version__, "merge_method": recipe.merge_method, "recipe_sha256": digest}
 
 
+def reuse_freed_memory() -> None:
+    """Ask glibc to keep freed buffers of up to 64 MB for reuse instead of unmapping them.
+
+    By default each buffer over 128 kB is mapped afresh and unmapped when freed, so every
+    slice's temporaries page-fault in again: on virtual machines that costs several times
+    the arithmetic done on them. Peak memory barely moves: the same few buffers are reused.
+    A no-op where the C library has no mallopt (macOS) or ignores it (musl).
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-3, 64 << 20)  # M_MMAP_THRESHOLD: larger buffers are still mapped
+        libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD: keep this much free memory in the heap
+    except (OSError, AttributeError):
+        pass
+
+
 def run_merge(recipe: Recipe, options: MergeOptions, progress: Progress = NoProgress()) -> dict:
     """Merge as the recipe says; returns the summary. The output appears only when complete."""
     started = time.perf_counter()
+    reuse_freed_memory()
     device = choose_device(options.device or recipe.device)
     target = output_path(recipe, options)
     layout = build_layout(recipe)
@@ -245,6 +332,7 @@ def _merge_into(layout: Layout, staging: StagingFolder, done: set[str], device: 
 
 def plan_only(recipe: Recipe, device_name: Optional[str] = None, progress: Progress = NoProgress()) -> tuple[Layout, Plan]:
     """Pass 1 alone, for `tadrop plan`."""
+    reuse_freed_memory()
     device = choose_device(device_name or recipe.device)
     layout = build_layout(recipe)
     try:

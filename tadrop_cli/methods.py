@@ -39,6 +39,10 @@ class TaskVector:
     gamma: float = 0.01  # breadcrumbs: fraction of largest entries dropped as outliers
     epsilon: float = 0.15  # della: half-width of the keep probabilities around density
     tall_mask_lambda: float = 0.4  # consensus: lambda_t of this task's TALL mask
+    # When delta is a slice of the tensor (flattened entries from `offset` on): the whole
+    # tensor's magnitude trim, found beforehand (see sparsify.top_k_cut)
+    offset: int = 0
+    cut: Optional[sparsify.TopKCut] = None
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,15 @@ class MergeMethod:
     # merge() of any slice of the flattened tensors equals that slice of the whole merge (no
     # per-tensor statistic, selection, random stream or matrix view): the engine may slice
     elementwise: bool = False
+    # the same, given each task vector's `offset` and (for a magnitude trim) its whole-tensor
+    # `cut`, when the rescale needs no norm of the whole tensor (see sliceable())
+    sliced_trims: bool = False
+
+    def sliceable(self, method_parameters: dict[str, Any]) -> bool:
+        """Whether the engine may merge a tensor in slices with these parameters."""
+        if self.elementwise:
+            return True
+        return self.sliced_trims and method_parameters.get("rescale", False) in (False, None, "none", True, "paper")
 
     def param(self, name: str) -> ParamSpec | None:
         return next((p for p in self.params if p.name == name), None)
@@ -83,9 +96,9 @@ def sparsify_task_vector(tv: TaskVector, sparsifier: Sparsifier, rescale: sparsi
     if sparsifier is None or tv.density >= 1:
         return tv.delta
     if sparsifier == "magnitude":
-        return sparsify.magnitude(tv.delta, tv.density, rescale, in_place)
+        return sparsify.magnitude(tv.delta, tv.density, rescale, in_place, tv.cut, tv.offset)
     if sparsifier == "random":
-        return sparsify.random(tv.delta, tv.density, tv.seed, rescale, in_place)
+        return sparsify.random(tv.delta, tv.density, tv.seed, rescale, in_place, tv.offset)
     if sparsifier == "breadcrumbs":
         return sparsify.breadcrumbs(tv.delta, tv.density, tv.gamma, rescale, in_place)
     if sparsifier == "della":
@@ -331,13 +344,13 @@ METHODS: dict[str, MergeMethod] = {
                     params=(WEIGHT, ParamSpec("density", 1.0, "ignored, as in mergekit (use magnitude_prune to trim)", per_model=True, low=0.0, high=1.0),
                             _normalize(False), LAMBDA, INT8_MASK), elementwise=True),
         MergeMethod("magnitude_prune", _gta("magnitude", None), "trim each task vector to its largest entries, then task arithmetic", "https://arxiv.org/abs/2306.01708",
-                    sparsifier="magnitude", params=_gta_params(False, False)),
+                    sparsifier="magnitude", params=_gta_params(False, False), sliced_trims=True),
         MergeMethod("ties", _gta("magnitude", "sum"), "trim, elect sign, disjoint mean (TIES-Merging)", "https://arxiv.org/abs/2306.01708",
-                    sparsifier="magnitude", params=_gta_params(True, False)),
+                    sparsifier="magnitude", params=_gta_params(True, False), sliced_trims=True),
         MergeMethod("dare_linear", _gta("random", None), "random drop and rescale (DARE), then task arithmetic", "https://arxiv.org/abs/2311.03099",
-                    sparsifier="random", params=_gta_params(False, True)),
+                    sparsifier="random", params=_gta_params(False, True), sliced_trims=True),
         MergeMethod("dare_ties", _gta("random", "sum"), "random drop and rescale (DARE), then TIES sign election", "https://arxiv.org/abs/2311.03099",
-                    sparsifier="random", params=_gta_params(False, True)),
+                    sparsifier="random", params=_gta_params(False, True), sliced_trims=True),
         MergeMethod("breadcrumbs", _gta("breadcrumbs", None), "drop outliers and small entries (Model Breadcrumbs), then task arithmetic", "https://arxiv.org/abs/2312.06795",
                     sparsifier="breadcrumbs", params=_gta_params(False, False, GAMMA)),
         MergeMethod("breadcrumbs_ties", _gta("breadcrumbs", "sum"), "Model Breadcrumbs with TIES sign election", "https://arxiv.org/abs/2312.06795",

@@ -1,9 +1,9 @@
 """Independent float64 numpy references for the golden tests.
 
 Everything here is re-derived from the papers / mergekit semantics (see the
-golden test modules' docstrings); nothing imports tadrop_cli. The only torch
-use is drawing DARE's uniform numbers, which *is* the specification of the
-random stream: ``torch.rand(shape, generator=torch.Generator('cpu').manual_seed(seed))``.
+golden test modules' docstrings); nothing imports tadrop_cli. The random stream
+is specified as SplitMix64 (numpy uint64 arithmetic here): output j of seed s is
+mix(s + (j + 1) * 0x9E3779B97F4A7C15), and 32-bit word 2j / 2j+1 is its low / high half.
 """
 
 from __future__ import annotations
@@ -60,18 +60,33 @@ def magnitude(delta: np.ndarray, density: float, how=False) -> np.ndarray:
     return rescale(delta, delta * keep, density, how)
 
 
+def splitmix64_words(seed: int, n: int) -> np.ndarray:
+    """The first n 32-bit words (uint32) of the random stream of `seed`."""
+    j = np.arange(1, (n + 1) // 2 + 1, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        z = np.uint64(seed % 2**64) + j * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return z.astype("<u8").view("<u4")[:n]
+
+
 def dare_uniform(shape, seed: int) -> np.ndarray:
-    """The specified random stream (float32 uniforms from a seeded CPU generator)."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    return torch.rand(tuple(shape), generator=g, dtype=torch.float32).numpy()
+    """The specified uniforms: the top 24 bits of each word times 2^-24 (float32)."""
+    n = int(np.prod(shape))
+    return ((splitmix64_words(seed, n) >> np.uint32(8)).astype(np.float32) * np.float32(2.0**-24)).reshape(shape)
+
+
+def dare_keep(shape, density: float, seed: int) -> np.ndarray:
+    """DARE's keep mask: uniform < density, compared in float32."""
+    return dare_uniform(shape, seed) < np.float32(density)
 
 
 def random_drop(delta: np.ndarray, density: float, seed: int, how=True) -> np.ndarray:
     delta = np.asarray(delta, dtype=np.float64)
     if density >= 1:
         return delta.copy()
-    # `torch.rand(...) < density` compares in float32 (the scalar is cast to the tensor dtype).
-    keep = dare_uniform(delta.shape, seed) < np.float32(density)
+    keep = dare_keep(delta.shape, density, seed)
     return rescale(delta, delta * keep, density, how)
 
 

@@ -15,6 +15,7 @@ from tadrop_cli.layout import tensor_seed
 from tadrop_cli.recipe import parse_recipe
 
 from conftest import basic_recipe, fine_tune, run_cli, tiny_state, write_checkpoint, write_recipe
+from reference import dare_keep
 
 
 def load_output(folder: Path) -> dict[str, torch.Tensor]:
@@ -188,7 +189,7 @@ def test_dare_is_seeded_per_tensor_and_independent_of_model_order(tiny_models, t
     for i in range(3):
         label = str(tiny_models[f"ft{i}"])
         delta = load_file(str(tiny_models[f"ft{i}"] / "model.safetensors"))[name] - base
-        keep = torch.rand(delta.shape, generator=torch.Generator().manual_seed(tensor_seed(7, label, name))) < 0.4
+        keep = torch.from_numpy(dare_keep(tuple(delta.shape), 0.4, tensor_seed(7, label, name)))
         expected += 0.6 * delta * keep / 0.4
     torch.testing.assert_close(a[name], expected, atol=1e-5, rtol=0)
 

@@ -3,7 +3,7 @@
 The references (tests/reference.py) re-derive mergekit's semantics:
 - magnitude: keep int(density*n) largest |delta| (ties: lowest flat index first);
 - breadcrumbs: sort |delta| ascending, keep ranks [n_bottom, n - n_top);
-- DARE: keep where torch.rand(shape, Generator('cpu').manual_seed(seed)) < density,
+- DARE: keep where the (seed) SplitMix64 word XOR 2^31 < round(density * 2^32),
   survivors / density when rescale is True/"paper";
 - rescale l1/l2/linf: kept * norm(orig)/norm(kept) (skipped when a norm < 1e-7);
 - generalized task arithmetic: sparsify * weight, optional TIES sign election
