@@ -8,11 +8,9 @@ the output dtype and appended to its shard.
 from __future__ import annotations
 
 import ctypes
-import math
 import re
 import resource
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Protocol
@@ -26,7 +24,7 @@ from .layout import Layout, TensorJob, build_layout, tensor_seed
 from .methods import TaskVector
 from .plan import Plan, build_plan
 from .recipe import Recipe, recipe_digest
-from .sparsify import TopKCut, boundary_bucket, bucket_members, cut_from_members, kept_count, magnitude_histogram
+from .sparsify import KEEP_NOTHING, MAGNITUDE_BUCKETS, TopKCut, boundary_bucket, bucket_histogram, cut_from_bucket_counts, kept_count, magnitude_histogram
 from .verify import verify_written_shard
 from .writer import OutputTensor, ShardWriter, StagingFolder, index_json, plan_shards, shard_is_intact
 
@@ -141,16 +139,11 @@ def _read_inputs(layout: Layout, job: TensorJob, device: torch.device, start: Op
 
 
 def _read_slices(layout: Layout, job: TensorJob, device: torch.device, slices: list[tuple[int, int]], models: Iterable[int]) -> Iterator[_Inputs]:
-    """Each slice's inputs in turn, the next one read by a helper thread while the caller works
-    on the current one (reads release the GIL), so reading hides under the arithmetic."""
+    """Each slice's inputs in turn. (Reading the next slice in a helper thread was tried: on
+    two cores it competes with torch's own two threads and was ~15% slower.)"""
     models = list(models)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tadrop-read") as reader:
-        pending = reader.submit(_read_inputs, layout, job, device, *slices[0], models)
-        for following in slices[1:]:
-            current = pending.result()
-            pending = reader.submit(_read_inputs, layout, job, device, *following, models)
-            yield current
-        yield pending.result()
+    for start, stop in slices:
+        yield _read_inputs(layout, job, device, start, stop, models)
 
 
 def _density(layout: Layout, plan: Plan, job: TensorJob, j: int) -> float:
@@ -162,26 +155,28 @@ def _density(layout: Layout, plan: Plan, job: TensorJob, j: int) -> float:
 
 def _magnitude_cuts(layout: Layout, plan: Plan, job: TensorJob, device: torch.device, slices: list[tuple[int, int]]) -> dict[int, TopKCut]:
     """Each trimmed model's top-k cut of this tensor, from two sweeps over its slices: a
-    histogram of |delta|, then the boundary bucket's members (see sparsify.top_k_cut)."""
+    histogram of |delta|'s top 16 bits, then of the boundary bucket's low 16 bits (see
+    sparsify.top_k_cut, which does the same on slices in memory)."""
     numel = job.out.numel
     kept = {j: kept_count(numel, d) for j in job.contributors if (d := _density(layout, plan, job, j)) < 1}
-    cuts = {j: TopKCut(math.inf, torch.zeros(0, dtype=torch.int64, device=device)) for j, k in kept.items() if k <= 0}
+    cuts = {j: KEEP_NOTHING for j, k in kept.items() if k <= 0}
     todo = {j: k for j, k in kept.items() if k > 0}
     if not todo:
         return cuts
-    histograms: dict[int, torch.Tensor] = {}
+    # the counts are allocated before the sweeps: small buffers kept from inside a sweep would
+    # sit between the slices' freed temporaries and fragment the heap (it grew by ~600 MB)
+    histograms = {j: torch.zeros(MAGNITUDE_BUCKETS, dtype=torch.int64, device=device) for j in todo}
     for inputs in _read_slices(layout, job, device, slices, todo):
         for j, delta in inputs.task_vectors():
-            counts = magnitude_histogram(delta)
-            histograms[j] = counts if j not in histograms else histograms[j].add_(counts)
+            histograms[j] += magnitude_histogram(delta)
     buckets = {j: boundary_bucket(histograms[j], k) for j, k in todo.items()}
-    members: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {j: [] for j in todo}
-    for inputs in _read_slices(layout, job, device, slices, todo):
+    bucket_counts = {j: torch.zeros((len(slices), 1 << 16), dtype=torch.int32, device=device) for j in todo}
+    for s, inputs in enumerate(_read_slices(layout, job, device, slices, todo)):
         for j, delta in inputs.task_vectors():
-            members[j].append(bucket_members(delta, buckets[j][0], inputs.start))
+            bucket_counts[j][s] = bucket_histogram(delta, buckets[j][0])
     for j, k in todo.items():
         bucket, larger = buckets[j]
-        cuts[j] = cut_from_members(torch.cat([m for m, _ in members[j]]), torch.cat([p for _, p in members[j]]), k - larger, bucket)
+        cuts[j] = cut_from_bucket_counts(bucket, [start for start, _ in slices], bucket_counts[j], k - larger)
     return cuts
 
 
@@ -247,7 +242,7 @@ def _metadata(recipe: Recipe, digest: str) -> dict[str, str]:
 
 
 def reuse_freed_memory() -> None:
-    """Ask glibc to keep freed buffers of up to 64 MB for reuse instead of unmapping them.
+    """Ask glibc to keep freed buffers of up to 16 MB (slices) for reuse instead of unmapping them.
 
     By default each buffer over 128 kB is mapped afresh and unmapped when freed, so every
     slice's temporaries page-fault in again: on virtual machines that costs several times
@@ -256,8 +251,8 @@ def reuse_freed_memory() -> None:
     """
     try:
         libc = ctypes.CDLL(None)
-        libc.mallopt(-3, 64 << 20)  # M_MMAP_THRESHOLD: larger buffers are still mapped
-        libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD: keep this much free memory in the heap
+        libc.mallopt(-3, 16 << 20)  # M_MMAP_THRESHOLD: larger buffers (whole large tensors) are still mapped
+        libc.mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD: keep this much free memory in the heap
     except (OSError, AttributeError):
         pass
 

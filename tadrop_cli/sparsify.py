@@ -87,25 +87,28 @@ def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
 # ---------------------------------------------------------------- top-k of a tensor read in slices
 #
 # A magnitude trim of a tensor too large to hold whole (as float32, once per model) is found
-# in two sweeps over its slices, then applied slice by slice:
-#   1. `magnitude_histogram` of every slice, summed: a count per 16-bit bucket of |delta|;
-#      `boundary_bucket` then names the bucket holding the k-th largest |delta|;
-#   2. `bucket_members` of every slice: that bucket's entries (a small share) and positions;
-#      `cut_from_members` finds the exact threshold and which tied entries to drop;
+# in two sweeps over its slices, then applied slice by slice. A non-negative float32 orders
+# like its bit pattern, so the k-th largest |delta| is found on the bits, 16 at a time:
+#   1. `magnitude_histogram` of each slice, summed: entries per value of the top 16 bits;
+#      `boundary_bucket` names the bucket (top 16 bits) holding the k-th largest;
+#   2. `bucket_histogram` of each slice: entries per value of the low 16 bits within that
+#      bucket, i.e. per exact value; `cut_from_bucket_counts` finds the exact threshold, and
+#      which slice holds the last tied entry that is kept;
 #   3. `cut_mask` gives each slice's keep mask.
-# The kept set is exactly top_k_mask's: the k largest |delta|, ties by lowest position.
+# The kept set is exactly top_k_mask's: the k largest |delta|, ties by lowest position. Only
+# histograms are held, never entries, so bf16 task vectors (millions of equal values) are fine.
 
-MAGNITUDE_BUCKETS = 1 << 15  # the top 16 bits of a non-negative float32, sign bit excluded
+MAGNITUDE_BUCKETS = 1 << 15  # values of the top 16 bits of a non-negative float32 (sign bit 0)
 
 
-def _magnitude_keys(delta: torch.Tensor) -> torch.Tensor:
-    """The top 16 bits of |delta| (float32), in [0, 2^15): they order like |delta|."""
-    return (delta.view(torch.int32) & 0x7FFFFFFF) >> 16
+def _magnitude_bits(delta: torch.Tensor) -> torch.Tensor:
+    """The bit pattern of |delta| (float32) as int32: it orders like |delta|."""
+    return delta.reshape(-1).view(torch.int32) & 0x7FFFFFFF
 
 
 def magnitude_histogram(delta: torch.Tensor) -> torch.Tensor:
     """How many entries of a float32 tensor fall in each |delta| bucket (int64, MAGNITUDE_BUCKETS)."""
-    return torch.bincount(_magnitude_keys(delta.reshape(-1)), minlength=MAGNITUDE_BUCKETS)
+    return torch.bincount(_magnitude_bits(delta) >> 16, minlength=MAGNITUDE_BUCKETS)
 
 
 def boundary_bucket(histogram: torch.Tensor, k: int) -> tuple[int, int]:
@@ -116,48 +119,59 @@ def boundary_bucket(histogram: torch.Tensor, k: int) -> tuple[int, int]:
     return MAGNITUDE_BUCKETS - 1 - index, int(from_top[index - 1]) if index > 0 else 0
 
 
-def bucket_members(delta: torch.Tensor, bucket: int, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The non-zero entries of a float32 slice whose |delta| falls in `bucket`: (their |delta|,
-    their flat positions in the whole tensor, ascending). Zeros are left out: keeping or
-    dropping a zero changes nothing, and a sparse task vector can hold millions of them."""
-    flat = delta.reshape(-1)
-    inside = _magnitude_keys(flat) == bucket
-    if bucket == 0:
-        inside &= flat != 0
-    positions = torch.nonzero(inside).reshape(-1)
-    return flat[positions].abs(), positions + offset
+def bucket_histogram(delta: torch.Tensor, bucket: int) -> torch.Tensor:
+    """The entries of a float32 slice whose |delta| falls in `bucket`, counted per exact value:
+    entry v counts those whose low 16 bits are v (int64, 2^16)."""
+    low = (_magnitude_bits(delta) - (bucket << 16)).clamp_(-1, 1 << 16)  # -1 below, 2^16 above
+    return torch.bincount(low.add_(1), minlength=(1 << 16) + 2)[1:(1 << 16) + 1]
 
 
 @dataclass(frozen=True)
 class TopKCut:
-    """The k largest |delta| of a whole tensor: every entry with |delta| > threshold, and
-    those equal to it except at the `dropped` flat positions (ascending)."""
+    """The k largest |delta| of a whole tensor: every entry with |delta| > threshold, and of the
+    entries equal to it, those before flat position `tie_start` plus the first `tie_quota` from
+    there (all of which lie in the slice that starts at `tie_start`)."""
 
     threshold: float
-    dropped: torch.Tensor  # int64
+    tie_start: float  # a flat position; math.inf when every tied entry is kept
+    tie_quota: int = 0
 
 
-def cut_from_members(magnitudes: torch.Tensor, positions: torch.Tensor, needed: int, bucket: int) -> TopKCut:
-    """The cut that keeps `needed` of a boundary bucket's members (all members of every slice,
-    in flat order) besides everything in higher buckets."""
-    count = magnitudes.numel()
-    none = torch.zeros(0, dtype=torch.int64, device=positions.device)
-    if needed >= count:  # the whole bucket (its zeros, if any, make no difference)
-        floor = torch.tensor([bucket << 16], dtype=torch.int32).view(torch.float32)
-        return TopKCut(float(magnitudes.min()) if count else float(floor), none)
-    threshold = torch.kthvalue(magnitudes, count - needed + 1).values
-    tied = positions[magnitudes == threshold]
-    keep_tied = needed - int((magnitudes > threshold).count_nonzero())
-    return TopKCut(float(threshold), tied[keep_tied:])
+KEEP_NOTHING = TopKCut(math.inf, 0, 0)
+
+
+def _float32_of_bits(bits: int) -> float:
+    return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32))
+
+
+def cut_from_bucket_counts(bucket: int, starts: list[int], counts: torch.Tensor, needed: int) -> TopKCut:
+    """The cut that keeps `needed` entries of the boundary bucket besides every larger one.
+
+    `counts[s]` is bucket_histogram of slice s, which starts at flat position `starts[s]`
+    (slices in flat order); 1 <= needed <= the bucket's total.
+    """
+    from_top = counts.sum(0, dtype=torch.int64).flip(0).cumsum(0)
+    index = int(torch.searchsorted(from_top, needed))
+    value = (1 << 16) - 1 - index
+    ties_kept = needed - (int(from_top[index - 1]) if index > 0 else 0)
+    threshold = _float32_of_bits((bucket << 16) | value)
+    ties_through = counts[:, value].to(torch.int64).cumsum(0)  # tied entries up to each slice's end
+    if ties_kept == int(ties_through[-1]):  # every tied entry is kept
+        return TopKCut(threshold, math.inf)
+    split = int(torch.searchsorted(ties_through, ties_kept))  # the slice holding the last kept tie
+    return TopKCut(threshold, starts[split], ties_kept - (int(ties_through[split - 1]) if split > 0 else 0))
 
 
 def cut_mask(delta: torch.Tensor, cut: TopKCut, offset: int = 0) -> torch.Tensor:
     """The keep mask of entries [offset, offset + n) of the whole tensor, for a float32 slice."""
-    mask = delta.abs() >= cut.threshold
-    if cut.dropped.numel():
-        flat = mask.view(-1)
-        lo, hi = torch.searchsorted(cut.dropped, torch.tensor([offset, offset + flat.numel()], device=cut.dropped.device)).tolist()
-        flat[cut.dropped[lo:hi] - offset] = False
+    magnitudes = delta.abs()
+    if offset + magnitudes.numel() <= cut.tie_start:
+        return magnitudes >= cut.threshold
+    if offset > cut.tie_start or cut.tie_quota == 0:
+        return magnitudes > cut.threshold
+    mask = magnitudes >= cut.threshold
+    tied = torch.nonzero(magnitudes.reshape(-1) == cut.threshold).reshape(-1)
+    mask.view(-1)[tied[cut.tie_quota:]] = False
     return mask
 
 
@@ -168,14 +182,10 @@ def top_k_cut(deltas: list[torch.Tensor], k: int) -> TopKCut | None:
     if k >= n:
         return None
     if k <= 0:
-        return TopKCut(math.inf, torch.zeros(0, dtype=torch.int64, device=deltas[0].device))
-    histogram = sum(magnitude_histogram(d) for d in deltas)
-    bucket, larger = boundary_bucket(histogram, k)
-    members, offset = [], 0
-    for d in deltas:
-        members.append(bucket_members(d, bucket, offset))
-        offset += d.numel()
-    return cut_from_members(torch.cat([m for m, _ in members]), torch.cat([p for _, p in members]), k - larger, bucket)
+        return KEEP_NOTHING
+    bucket, larger = boundary_bucket(sum(magnitude_histogram(d) for d in deltas), k)
+    starts = [sum(d.numel() for d in deltas[:i]) for i in range(len(deltas))]
+    return cut_from_bucket_counts(bucket, starts, torch.stack([bucket_histogram(d, bucket) for d in deltas]), k - larger)
 
 
 def rescale_kept(original: torch.Tensor, kept: torch.Tensor, density: float, how: Rescale) -> torch.Tensor:
