@@ -114,8 +114,9 @@ def merge_tensor(layout: Layout, plan: Plan, job: TensorJob, device: torch.devic
     if numel > CHUNK_ELEMENTS and layout.recipe.method.sliceable(layout.method_parameters(job.name)):
         slices = [(start, min(start + CHUNK_ELEMENTS, numel)) for start in range(0, numel, CHUNK_ELEMENTS)]
         cuts = _magnitude_cuts(layout, plan, job, device, slices) if layout.recipe.method.sparsifier == "magnitude" else {}
-        return (_merge_entries(layout, plan, job, inputs, cuts) for inputs in _read_slices(layout, job, device, slices, job.contributors))
-    return _merge_entries(layout, plan, job, _read_inputs(layout, job, device, None, None, job.contributors))
+        settings = _task_settings(layout, plan, job)
+        return (_merge_entries(layout, job, inputs, settings, cuts) for inputs in _read_slices(layout, job, device, slices, job.contributors))
+    return _merge_entries(layout, job, _read_inputs(layout, job, device, None, None, job.contributors), _task_settings(layout, plan, job))
 
 
 @dataclass
@@ -180,23 +181,27 @@ def _magnitude_cuts(layout: Layout, plan: Plan, job: TensorJob, device: torch.de
     return cuts
 
 
-def _merge_entries(layout: Layout, plan: Plan, job: TensorJob, inputs: _Inputs, cuts: Optional[dict[int, TopKCut]] = None) -> torch.Tensor:
-    """The merge of one tensor, or of one slice of it (`cuts`: the trimmed models' whole-tensor
-    cuts), cast to the output dtype, on the CPU."""
-    task_vectors = []
-    for j, delta in inputs.task_vectors():
+def _task_settings(layout: Layout, plan: Plan, job: TensorJob) -> dict[int, dict]:
+    """Each contributing model's TaskVector parameters for this tensor (looked up once per tensor,
+    not once per slice)."""
+    settings = {}
+    for j in job.contributors:
         model = layout.models[j]
-        task_vectors.append(TaskVector(
-            delta=delta,
+        settings[j] = dict(
             weight=float(layout.model_parameter(model, "weight", job.name)),
             density=_density(layout, plan, job, j),
             seed=tensor_seed(layout.recipe.seed, model.label, job.name),
             gamma=float(layout.model_parameter(model, "gamma", job.name, missing=0.0)),
             epsilon=float(layout.model_parameter(model, "epsilon", job.name, missing=0.0)),
             tall_mask_lambda=float(layout.model_parameter(model, "tall_mask_lambda", job.name, missing=0.0)),
-            offset=inputs.start or 0,
-            cut=(cuts or {}).get(j),
-        ))
+        )
+    return settings
+
+
+def _merge_entries(layout: Layout, job: TensorJob, inputs: _Inputs, settings: dict[int, dict], cuts: Optional[dict[int, TopKCut]] = None) -> torch.Tensor:
+    """The merge of one tensor, or of one slice of it (`cuts`: the trimmed models' whole-tensor
+    cuts), cast to the output dtype, on the CPU."""
+    task_vectors = [TaskVector(delta=delta, offset=inputs.start or 0, cut=(cuts or {}).get(j), **settings[j]) for j, delta in inputs.task_vectors()]
     merged = layout.recipe.method.merge(inputs.base, task_vectors, **layout.method_parameters(job.name))
     result = merged.to(job.out.dtype)
     if not all_finite(result):

@@ -16,7 +16,7 @@ import torch
 from .checkpoint import read_float32
 from .layout import Layout, ModelInput, TensorJob
 from .recipe import TadropSettings
-from .tadrop import adaptive_ratios, normalize_scores, tensor_score
+from .tadrop import HoyerSums, adaptive_ratios, normalize_scores, tensor_score
 
 
 @dataclass
@@ -123,16 +123,13 @@ def build_plan(layout: Layout, device: torch.device, on_tensor: Callable[[Tensor
                 else:
                     row.ratio = _fixed_ratio(model.tadrop, base_ratio)
         if to_score:
-            base = read_float32(layout.reference, job.name, device)
+            scores = _scores(layout, job, device, [(j, model) for j, model, _, _ in to_score])
             for j, model, row, tensor_settings in to_score:
-                tau = read_float32(model.checkpoint, job.name, device).sub_(base)
-                row.score = tensor_score(tau, model.tadrop.statistic, model.tadrop.topmass_fraction)
-                del tau
+                row.score = scores[j]
                 if row.score is None:
                     row.reason = "zero delta"
                 else:
                     pending[j].append((row, tensor_settings))
-            del base
         on_tensor(job)
 
     shifts: dict[int, tuple[float, bool]] = {}
@@ -156,6 +153,29 @@ def build_plan(layout: Layout, device: torch.device, on_tensor: Callable[[Tensor
 
     ordered = [rows[key] for key in sorted(rows, key=lambda k: k[0])]
     return Plan(ordered, [_summarize(layout, j, ordered, shifts.get(j, (0.0, True))) for j in range(len(layout.models))])
+
+
+# Hoyer scores (the default statistic) are summed over slices of this many entries, so that
+# scoring needs a few slices' memory, not the tensor's; the other statistics see whole tensors.
+SCORE_SLICE_ELEMENTS = 1 << 20
+
+
+def _scores(layout: Layout, job: TensorJob, device: torch.device, models: list[tuple[int, ModelInput]]) -> dict[int, Optional[float]]:
+    """Each model's score of this tensor's task vector (None: all zeros)."""
+    scores: dict[int, Optional[float]] = {}
+    sliced = {j: HoyerSums() for j, model in models if model.tadrop.statistic == "hoyer"}
+    for start in range(0, job.out.numel if sliced else 0, SCORE_SLICE_ELEMENTS):
+        stop = min(start + SCORE_SLICE_ELEMENTS, job.out.numel)
+        base = read_float32(layout.reference, job.name, device, start, stop)
+        for j, sums in sliced.items():
+            sums.add(read_float32(layout.models[j].checkpoint, job.name, device, start, stop).sub_(base))
+    scores.update({j: sums.score() for j, sums in sliced.items()})
+    whole = [(j, model) for j, model in models if j not in sliced]
+    if whole:
+        base = read_float32(layout.reference, job.name, device)
+        for j, model in whole:
+            scores[j] = tensor_score(read_float32(model.checkpoint, job.name, device).sub_(base), model.tadrop.statistic, model.tadrop.topmass_fraction)
+    return scores
 
 
 def _sparsifies(sparsifier: Optional[str], job: TensorJob) -> bool:

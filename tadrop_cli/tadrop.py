@@ -67,6 +67,33 @@ def hoyer(tau: torch.Tensor) -> float:
     return (root_n - l1 / l2) / (root_n - 1)
 
 
+class HoyerSums:
+    """hoyer() of a tensor seen in slices: entries, L1 and squared L2 add up in float64. Each
+    slice is scaled by its own peak first (as hoyer() scales by the tensor's) so that squares
+    of tiny deltas do not underflow in float32."""
+
+    def __init__(self) -> None:
+        self.numel, self.l1, self.l2_squared = 0, 0.0, 0.0
+
+    def add(self, tau: torch.Tensor) -> None:
+        magnitudes = tau.reshape(-1).abs()
+        self.numel += magnitudes.numel()
+        peak = float(magnitudes.max()) if magnitudes.numel() else 0.0
+        if peak == 0:
+            return
+        self.l1 += _sum(magnitudes)
+        self.l2_squared += _sum(magnitudes.div_(peak).square_()) * peak * peak
+
+    def score(self) -> float | None:
+        """The Hoyer sparsity, or None if every entry was zero (as tensor_score)."""
+        if self.l1 == 0:
+            return None
+        if self.numel < 2:
+            return _FLAT_SCORE["hoyer"]
+        root_n = math.sqrt(self.numel)
+        return (root_n - self.l1 / math.sqrt(self.l2_squared)) / (root_n - 1)
+
+
 def coefficient_of_variation(tau: torch.Tensor) -> float:
     """std(|tau|) / mean(|tau|) (population std)."""
     x = _scaled(tau)
