@@ -100,7 +100,7 @@ def previous(tiny_models, tmp_path, setup):
 def install_hooks(point: str, action: Callable[[], None], setattr_: Callable = setattr, slow: float = 0.0) -> None:
     """Call `action` at `point` ("NAME:N": the Nth time the merge reaches NAME).
 
-    NAME: score (pass 1, before a tensor's TADrop score), write / wrote (before / after
+    NAME: score (pass 1, before scoring a tensor for TADrop), write / wrote (before / after
     appending a tensor to a shard), marked (after a shard is journaled complete), index
     (before writing the index), copy (before copying a config file), publish (before the
     move into place), exchanged (after the new output is swapped with the old one),
@@ -139,7 +139,7 @@ def install_hooks(point: str, action: Callable[[], None], setattr_: Callable = s
         fire("wrote")
 
     setattr_(writer.ShardWriter, "write", write)
-    wrap(plan, "tensor_score", before="score")
+    wrap(plan, "_scores", before="score")
     wrap(writer.StagingFolder, "mark_complete", after="marked")
     wrap(writer.StagingFolder, "write_json", before="index", when=lambda self, name, data: name.endswith("index.json"))
     wrap(writer.StagingFolder, "copy_in", before="copy")
@@ -205,7 +205,7 @@ def interrupt() -> None:
 
 # ---------------------------------------------------------------- kills, in this process, at every point
 
-POINTS = ["score:1", "score:10", *(f"write:{i}" for i in range(1, 10)), "wrote:2", "wrote:4", "wrote:9",
+POINTS = ["score:1", "score:3", *(f"write:{i}" for i in range(1, 10)), "wrote:2", "wrote:4", "wrote:9",
           *(f"marked:{i}" for i in range(1, 6)), "index:1", "copy:1", "publish:1"]
 
 
