@@ -130,8 +130,8 @@ def disjoint_mean(weighted: list[torch.Tensor], weights: list[float], consensus:
         # magnitudes, and multiplying back by the (+-1) majority restores them exactly
         aligned = (delta.mul_(majority) if in_place else delta * majority).relu_()
         mixed.addcmul_(aligned, majority)
-        if divisor is not None:
-            divisor.add_(aligned > 0, alpha=weight)
+        if divisor is not None:  # sign(aligned) is 1 where this model agrees, 0 elsewhere
+            divisor.add_(aligned.sign(), alpha=weight)
     if divisor is not None:
         divisor[divisor == 0] = 1
     return mixed, divisor

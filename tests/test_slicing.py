@@ -27,7 +27,9 @@ def _masks_from_cut(values: torch.Tensor, k: int, slice_size: int) -> torch.Tens
     if cut is None:
         return torch.ones(values.numel(), dtype=torch.bool)
     starts = np.cumsum([0] + [p.numel() for p in parts])
-    return torch.cat([sparsify.cut_mask(p, cut, int(s)) for p, s in zip(parts, starts)])
+    masks = [sparsify.cut_mask(p, cut, int(s)) for p, s in zip(parts, starts)]
+    assert all(m.dtype == torch.float32 and bool(((m == 0) | (m == 1)).all()) for m in masks)  # 1.0 kept, 0.0 dropped
+    return torch.cat(masks).bool()
 
 
 @pytest.mark.parametrize("name", list(CASES))
