@@ -233,10 +233,11 @@ def magnitude(delta: torch.Tensor, density: float, rescale: Rescale = False, in_
     """
     if density >= 1:
         return delta
-    if cut is not None:
-        mask = cut_mask(delta, cut, offset)
-    else:
+    if cut is None and delta.dtype != torch.float32:
         mask = top_k_mask(delta.abs(), kept_count(delta.numel(), density))
+    else:  # the whole tensor is one slice of itself
+        cut = cut or top_k_cut([delta], kept_count(delta.numel(), density))
+        mask = cut_mask(delta, cut, offset) if cut is not None else torch.ones_like(delta)
     return _apply_mask(delta, mask, density, rescale, in_place)
 
 
