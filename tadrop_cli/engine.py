@@ -350,11 +350,22 @@ def dry_run(recipe: Recipe, options: MergeOptions) -> dict:
         check_output_location(layout, target, options.overwrite)
         outputs: list[OutputTensor] = [job.out for job in layout.jobs]
         shards = plan_shards(outputs, recipe.output.shard_size)
-        inputs = [layout.reference, *(m.checkpoint for m in layout.models)]
-        bytes_per_pass = sum(info.nbytes for c in inputs for info in c.tensors.values())
+        method = layout.recipe.method
         passes = 2 if _needs_scores(layout) else 1
-        largest = max((job.out.nbytes // job.out.dtype.itemsize * 4 for job in layout.jobs if job.mergeable), default=0)
-        width = max((len(job.contributors) for job in layout.jobs), default=0)
+        bytes_to_read, peak_entries, work = 0, 0, 0
+        for job in layout.jobs:
+            if not job.mergeable:  # copied from the reference as stored
+                bytes_to_read += layout.reference.tensors[job.name].nbytes
+                continue
+            models = [layout.reference, *(layout.models[i].checkpoint for i in job.contributors)]
+            nbytes = sum(c.tensors[job.name].nbytes for c in models if job.name in c)
+            sliced = job.out.numel > CHUNK_ELEMENTS and method.sliceable(layout.method_parameters(job.name))
+            sweeps = passes + (2 if sliced and method.sparsifier == "magnitude" else 0)  # the trim's two sweeps
+            bytes_to_read += nbytes * sweeps
+            # the base, one float32 task vector per model and a few working buffers, of the
+            # tensor or of one slice of it
+            peak_entries = max(peak_entries, (len(models) + 4) * (CHUNK_ELEMENTS if sliced else job.out.numel))
+            work += 4 * job.out.numel * len(models) * sweeps
         return {
             "output": str(target),
             "method": recipe.merge_method,
@@ -363,11 +374,10 @@ def dry_run(recipe: Recipe, options: MergeOptions) -> dict:
             "tensors": len(outputs),
             "shards": [s.file_name for s in shards],
             "bytes_to_write": sum(s.nbytes for s in shards),
-            "bytes_to_read": bytes_per_pass * passes,
-            # the base, one float32 task vector per model and a few working buffers of the largest tensor
-            "estimated_peak_memory_bytes": (width + 4) * largest + 300 * 2**20,
-            # a rough figure: reading from cache at ~1 GB/s and ~4 float32 passes per model at ~1 GB/s
-            "estimated_seconds": round(bytes_per_pass * passes / 1e9 + 4 * width * sum(j.out.nbytes for j in layout.jobs) / 1e9, 1),
+            "bytes_to_read": bytes_to_read,
+            "estimated_peak_memory_bytes": 4 * peak_entries + 300 * 2**20,  # ~300 MB: Python and torch themselves
+            # a rough figure: reading from cache at ~2 GB/s and the float32 arithmetic at ~2 GB/s per pass
+            "estimated_seconds": round(bytes_to_read / 2e9 + work / 2e9, 1),
             "notes": layout.notes,
         }
     finally:
