@@ -138,3 +138,21 @@ def test_trimming_hosts_merge_in_slices_exactly_as_whole(tmp_path, monkeypatch, 
     sliced = run_merge(recipe, MergeOptions(output=tmp_path / "sliced"))
     assert whole["ratios"] == sliced["ratios"]
     assert (tmp_path / "whole" / "model.safetensors").read_bytes() == (tmp_path / "sliced" / "model.safetensors").read_bytes()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("method", SLICED_METHODS)
+def test_trimming_hosts_on_cuda_match_the_cpu(tmp_path, method):
+    """The same keep decisions on a GPU (the cut and the random stream are exact integer work);
+    only the float arithmetic may round differently."""
+    from safetensors.torch import load_file
+
+    base = tiny_state()
+    models = {"base": write_checkpoint(tmp_path / "base", base)}
+    models.update({f"ft{i}": write_checkpoint(tmp_path / f"ft{i}", fine_tune(base, i)) for i in range(3)})
+    recipe = parse_recipe(basic_recipe(models, tmp_path / "cpu", method=method, seed=3, tadrop={"enabled": True, "min_numel": 1000}))
+    run_merge(recipe, MergeOptions(device="cpu"))
+    run_merge(recipe, MergeOptions(output=tmp_path / "cuda", device="cuda"))
+    on_cpu, on_gpu = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("cpu", "cuda"))
+    for name, tensor in on_cpu.items():
+        torch.testing.assert_close(on_gpu[name], tensor, rtol=1e-6, atol=1e-6)
