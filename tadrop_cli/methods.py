@@ -245,12 +245,13 @@ def consensus(
     TaskVector.tall_mask_lambda), and the consensus mask keeps the entries that at least
     `k` masks select.
 
-    Only one trim mask per model (bool) is held besides the task vectors.
+    Only one trim mask per model (float 0/1) is held besides the task vectors. Everything after
+    the trims is elementwise, so the engine may merge these in slices given the trims' cuts.
     """
     if not task_vectors:
         return base.clone()
     weights = [tv.weight for tv in task_vectors]
-    keeps = [None if tv.density >= 1 else sparsify.top_k_mask(tv.delta.abs(), sparsify.kept_count(tv.delta.numel(), tv.density)) for tv in task_vectors]
+    keeps = [None if tv.density >= 1 else sparsify.magnitude_mask(tv.delta, tv.density, tv.cut, tv.offset) for tv in task_vectors]
     weighted = [_weighted(tv) for tv in task_vectors]
 
     def trimmed(i: int) -> torch.Tensor:
@@ -368,11 +369,11 @@ METHODS: dict[str, MergeMethod] = {
         MergeMethod("consensus_ta", _consensus(False), "Consensus merging: task arithmetic kept where the TALL masks of at least k tasks agree", "https://arxiv.org/abs/2405.07813",
                     sparsifier="magnitude",
                     params=(WEIGHT, ParamSpec("density", 1.0, "fraction of each task vector kept by a magnitude trim before the sum (1 = no trim, the paper)", per_model=True, low=0.0, high=1.0),
-                            TALL_LAMBDA, CONSENSUS_K, _normalize(False), LAMBDA)),
+                            TALL_LAMBDA, CONSENSUS_K, _normalize(False), LAMBDA), sliced_trims=True),
         MergeMethod("consensus_ties", _consensus(True), "Consensus merging: TIES kept where the TALL masks of at least k tasks agree", "https://arxiv.org/abs/2405.07813",
                     sparsifier="magnitude",
                     params=(WEIGHT, ParamSpec("density", 0.2, "fraction of each task vector kept by the TIES trim (authors' code: top 20%)", per_model=True, low=0.0, high=1.0),
                             TALL_LAMBDA, CONSENSUS_K,
-                            ParamSpec("normalize", False, "TIES disjoint mean instead of the authors' disjoint sum", kind="bool"), LAMBDA)),
+                            ParamSpec("normalize", False, "TIES disjoint mean instead of the authors' disjoint sum", kind="bool"), LAMBDA), sliced_trims=True),
     ]
 }

@@ -224,6 +224,16 @@ def _apply_mask(delta: torch.Tensor, mask: torch.Tensor, density: float, rescale
     return rescale_kept(delta, delta * mask, density, rescale)
 
 
+def magnitude_mask(delta: torch.Tensor, density: float, cut: TopKCut | None = None, offset: int = 0) -> torch.Tensor:
+    """The keep mask of a magnitude trim of `delta` to its `density` largest |entries|: float
+    1.0 / 0.0 for float32 deltas (bool otherwise). When delta is a slice (entries from
+    `offset` on) of a larger tensor, `cut` is that tensor's top-k cut."""
+    if cut is None and delta.dtype != torch.float32:
+        return top_k_mask(delta.abs(), kept_count(delta.numel(), density))
+    cut = cut or top_k_cut([delta], kept_count(delta.numel(), density))  # the whole tensor: one slice of itself
+    return cut_mask(delta, cut, offset) if cut is not None else torch.ones_like(delta)
+
+
 def magnitude(delta: torch.Tensor, density: float, rescale: Rescale = False, in_place: bool = False,
               cut: TopKCut | None = None, offset: int = 0) -> torch.Tensor:
     """Keep the `density` fraction of entries with the largest |delta| (TIES trim).
@@ -233,11 +243,7 @@ def magnitude(delta: torch.Tensor, density: float, rescale: Rescale = False, in_
     """
     if density >= 1:
         return delta
-    if cut is None and delta.dtype != torch.float32:
-        mask = top_k_mask(delta.abs(), kept_count(delta.numel(), density))
-    else:  # the whole tensor is one slice of itself
-        cut = cut or top_k_cut([delta], kept_count(delta.numel(), density))
-        mask = cut_mask(delta, cut, offset) if cut is not None else torch.ones_like(delta)
+    mask = magnitude_mask(delta, density, cut, offset)
     return _apply_mask(delta, mask, density, rescale, in_place)
 
 

@@ -111,7 +111,7 @@ def test_hoyer_sums_of_zeros_is_none():
 # ---------------------------------------------------------------- the engine
 
 
-SLICED_METHODS = ["ties", "magnitude_prune", "dare_ties", "dare_linear"]
+SLICED_METHODS = ["ties", "magnitude_prune", "dare_ties", "dare_linear", "consensus_ta", "consensus_ties"]
 
 
 def test_the_trimming_hosts_are_the_ones_sliced():
