@@ -110,13 +110,21 @@ def merge_tensor(layout: Layout, plan: Plan, job: TensorJob, device: torch.devic
         if not all_finite(kept):
             raise BadInput(f"{layout.reference.label}: tensor {job.name} contains NaN or Inf")
         return kept.to(job.out.dtype)
-    numel = job.out.numel
-    if numel > CHUNK_ELEMENTS and layout.recipe.method.sliceable(layout.method_parameters(job.name)):
-        slices = [(start, min(start + CHUNK_ELEMENTS, numel)) for start in range(0, numel, CHUNK_ELEMENTS)]
-        cuts = _magnitude_cuts(layout, plan, job, device, slices) if layout.recipe.method.sparsifier == "magnitude" else {}
+    numel, method = job.out.numel, layout.recipe.method
+    if numel > CHUNK_ELEMENTS and method.sliceable(layout.method_parameters(job.name)):
+        row = _row_length(job) if method.whole_rows else 1
+        step = max(1, CHUNK_ELEMENTS // row) * row  # whole rows per slice, for a method that ranks within rows (DELLA)
+        slices = [(start, min(start + step, numel)) for start in range(0, numel, step)]
+        cuts = _magnitude_cuts(layout, plan, job, device, slices) if method.sparsifier == "magnitude" else {}
         settings = _task_settings(layout, plan, job)
-        return (_merge_entries(layout, job, inputs, settings, cuts) for inputs in _read_slices(layout, job, device, slices, job.contributors))
+        return (_merge_entries(layout, job, inputs.in_rows(row), settings, cuts).reshape(-1)
+                for inputs in _read_slices(layout, job, device, slices, job.contributors))
     return _merge_entries(layout, job, _read_inputs(layout, job, device, None, None, job.contributors), _task_settings(layout, plan, job))
+
+
+def _row_length(job: TensorJob) -> int:
+    """Entries per row (dim 0) of the tensor; a 1-D tensor is one row."""
+    return job.out.numel // job.out.shape[0] if len(job.out.shape) > 1 else job.out.numel
 
 
 @dataclass
@@ -127,6 +135,12 @@ class _Inputs:
     start: Optional[int]
     base: torch.Tensor
     tuned: dict[int, torch.Tensor]
+
+    def in_rows(self, length: int) -> "_Inputs":
+        """The same entries as rows of `length` (a slice of whole rows, for row-wise methods)."""
+        if length <= 1:
+            return self
+        return _Inputs(self.start, self.base.view(-1, length), {j: t.view(-1, length) for j, t in self.tuned.items()})
 
     def task_vectors(self) -> Iterator[tuple[int, torch.Tensor]]:
         """(j, model j's task vector), computed in place of the fine-tuned entries."""

@@ -72,6 +72,8 @@ class MergeMethod:
     # the same, given each task vector's `offset` and (for a magnitude trim) its whole-tensor
     # `cut`, when the rescale needs no norm of the whole tensor (see sliceable())
     sliced_trims: bool = False
+    # ... provided each slice holds whole rows (dim 0), handed over as a 2-D block of them
+    whole_rows: bool = False
 
     def sliceable(self, method_parameters: dict[str, Any]) -> bool:
         """Whether the engine may merge a tensor in slices with these parameters."""
@@ -102,7 +104,7 @@ def sparsify_task_vector(tv: TaskVector, sparsifier: Sparsifier, rescale: sparsi
     if sparsifier == "breadcrumbs":
         return sparsify.breadcrumbs(tv.delta, tv.density, tv.gamma, rescale, in_place)
     if sparsifier == "della":
-        return sparsify.della(tv.delta, tv.density, tv.epsilon, tv.seed, rescale, in_place)
+        return sparsify.della(tv.delta, tv.density, tv.epsilon, tv.seed, rescale, in_place, tv.offset)
     raise ValueError(f"unknown sparsifier {sparsifier!r}")
 
 
@@ -357,9 +359,9 @@ METHODS: dict[str, MergeMethod] = {
         MergeMethod("breadcrumbs_ties", _gta("breadcrumbs", "sum"), "Model Breadcrumbs with TIES sign election", "https://arxiv.org/abs/2312.06795",
                     sparsifier="breadcrumbs", params=_gta_params(False, False, GAMMA)),
         MergeMethod("della", _gta("della", "sum"), "magnitude-ranked random drop and rescale (DELLA MAGPRUNE), TIES sign election, disjoint mean", "https://arxiv.org/abs/2406.11617",
-                    sparsifier="della", params=_gta_params(True, True, EPSILON)),
+                    sparsifier="della", params=_gta_params(True, True, EPSILON), sliced_trims=True, whole_rows=True),
         MergeMethod("della_linear", _gta("della", None), "magnitude-ranked random drop and rescale (DELLA MAGPRUNE), then task arithmetic", "https://arxiv.org/abs/2406.11617",
-                    sparsifier="della", params=_gta_params(False, True, EPSILON)),
+                    sparsifier="della", params=_gta_params(False, True, EPSILON), sliced_trims=True, whole_rows=True),
         MergeMethod("tsv_m", _subspace(subspace.tsv_merge, True), "Task Singular Vectors: each task's top singular triplets, decorrelated (Procrustes), summed", "https://arxiv.org/abs/2412.00081",
                     sparsifier="rank", params=(WEIGHT, RANK_SHARE, ALPHA)),
         MergeMethod("iso_c", _subspace(subspace.iso_c_merge, False), "Iso-C: sum of task vectors with a flat (isotropic) singular spectrum", "https://arxiv.org/abs/2502.04959",

@@ -379,7 +379,8 @@ def della_keep_probabilities(delta: torch.Tensor, density: float, epsilon: float
     return _della_block_probabilities(rows, density, eps).reshape(delta.shape)
 
 
-def della(delta: torch.Tensor, density: float, epsilon: float, seed: int, rescale: Rescale = True, in_place: bool = False) -> torch.Tensor:
+def della(delta: torch.Tensor, density: float, epsilon: float, seed: int, rescale: Rescale = True, in_place: bool = False,
+          offset: int = 0) -> torch.Tensor:
     """DELLA's MAGPRUNE: drop entries at random, larger magnitudes (within a row) less often.
 
     Entry i is kept where u_i < q_i, with u the (seed, model, tensor) stream of
@@ -387,7 +388,8 @@ def della(delta: torch.Tensor, density: float, epsilon: float, seed: int, rescal
     rescale true/paper divides each survivor by its own keep probability q_i (the paper's
     1 / (1 - p_i)); l1/l2/linf match that norm of the original (mergekit); false keeps them.
     Rows are ranked a block at a time, so the temporaries stay small whatever the tensor.
-    With in_place, `delta` itself is overwritten.
+    With in_place, `delta` itself is overwritten. When delta is a block of whole rows of a
+    larger tensor, `offset` is the flat position of its first entry there.
     """
     if density >= 1:
         return delta
@@ -395,7 +397,7 @@ def della(delta: torch.Tensor, density: float, epsilon: float, seed: int, rescal
         return delta.zero_() if in_place else torch.zeros_like(delta)
     eps = _della_epsilon(density, epsilon)
     rows = _della_rows(delta)
-    uniform = _della_rows(seeded_uniform(delta.numel(), seed, delta.device).view(delta.shape))
+    uniform = _della_rows(seeded_uniform(delta.numel(), seed, delta.device, offset).view(delta.shape))
     paper = rescale in (True, "paper")
     out = rows if in_place and paper else torch.empty_like(rows) if paper else None
     mask = None if paper else torch.empty(rows.shape, dtype=torch.bool, device=delta.device)

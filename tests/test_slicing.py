@@ -111,13 +111,14 @@ def test_hoyer_sums_of_zeros_is_none():
 # ---------------------------------------------------------------- the engine
 
 
-SLICED_METHODS = ["ties", "magnitude_prune", "dare_ties", "dare_linear", "consensus_ta", "consensus_ties"]
+SLICED_METHODS = ["ties", "magnitude_prune", "dare_ties", "dare_linear", "consensus_ta", "consensus_ties", "della", "della_linear"]
 
 
 def test_the_trimming_hosts_are_the_ones_sliced():
     assert {name for name, m in METHODS.items() if m.sliced_trims} == set(SLICED_METHODS)
     assert METHODS["ties"].sliceable({"rescale": False}) and not METHODS["ties"].sliceable({"rescale": "l1"})
-    assert not METHODS["della"].sliceable({}) and not METHODS["tsv_m"].sliceable({})
+    assert METHODS["della"].whole_rows and not METHODS["della"].sliceable({"rescale": "l2"})
+    assert not METHODS["breadcrumbs"].sliceable({}) and not METHODS["tsv_m"].sliceable({})
 
 
 @pytest.mark.parametrize("method", SLICED_METHODS)
@@ -134,7 +135,7 @@ def test_trimming_hosts_merge_in_slices_exactly_as_whole(tmp_path, monkeypatch, 
     extra = {"tadrop": {"enabled": True, "min_numel": 1000}} if tadrop else {}
     recipe = parse_recipe(basic_recipe(models, tmp_path / "whole", method=method, seed=3, **extra))
     whole = run_merge(recipe, MergeOptions())
-    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 1000)  # 96 x 64 = 6144 entries: 7 slices, the last of 144
+    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 1000)  # 96 x 64 = 6144 entries: 7 slices, the last of 144 (DELLA: 15 rows of 64)
     sliced = run_merge(recipe, MergeOptions(output=tmp_path / "sliced"))
     assert whole["ratios"] == sliced["ratios"]
     assert (tmp_path / "whole" / "model.safetensors").read_bytes() == (tmp_path / "sliced" / "model.safetensors").read_bytes()
