@@ -254,7 +254,7 @@ def magnitude(delta: torch.Tensor, density: float, rescale: Rescale = False, in_
 # mix(seed + (j + 1) * GOLDEN), and word 2j / 2j+1 is its low / high half. The generator is
 # counter-based: any slice of the stream is computed straight from its positions, in a few
 # vectorised integer operations, the same bits on every device. So a tensor merged in slices,
-# on a GPU or in a resumed run draws the same numbers, and it is ~4x faster than torch's
+# on a GPU or in a resumed run draws the same numbers, and it is ~3x faster than torch's
 # sequential mt19937.
 
 _GOLDEN, _MIX1, _MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
