@@ -17,7 +17,7 @@ from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progres
 from rich.table import Table
 
 from . import __version__
-from .engine import MergeOptions, dry_run, plan_only, run_merge
+from .engine import MergeOptions, dry_run, plan_only, reuse_freed_memory, run_merge
 from .errors import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, TadropError
 from .methods import METHODS
 from .recipe import load_recipe
@@ -237,4 +237,5 @@ def main_options(version: bool = typer.Option(False, "--version", callback=_vers
 
 
 def main() -> None:
+    reuse_freed_memory()  # this process is ours: tune its allocator for the engine's slices
     app()

@@ -266,7 +266,8 @@ def reuse_freed_memory() -> None:
     By default each buffer over 128 kB is mapped afresh and unmapped when freed, so every
     slice's temporaries page-fault in again: on virtual machines that costs several times
     the arithmetic done on them. Peak memory barely moves: the same few buffers are reused.
-    A no-op where the C library has no mallopt (macOS) or ignores it (musl).
+    A no-op where the C library has no mallopt (macOS) or ignores it (musl). A setting of the
+    whole process: the CLI makes it; a program that calls run_merge may.
     """
     try:
         libc = ctypes.CDLL(None)
@@ -279,7 +280,6 @@ def reuse_freed_memory() -> None:
 def run_merge(recipe: Recipe, options: MergeOptions, progress: Progress = NoProgress()) -> dict:
     """Merge as the recipe says; returns the summary. The output appears only when complete."""
     started = time.perf_counter()
-    reuse_freed_memory()
     device = choose_device(options.device or recipe.device)
     target = output_path(recipe, options)
     layout = build_layout(recipe)
@@ -346,7 +346,6 @@ def _merge_into(layout: Layout, staging: StagingFolder, done: set[str], device: 
 
 def plan_only(recipe: Recipe, device_name: Optional[str] = None, progress: Progress = NoProgress()) -> tuple[Layout, Plan]:
     """Pass 1 alone, for `tadrop plan`."""
-    reuse_freed_memory()
     device = choose_device(device_name or recipe.device)
     layout = build_layout(recipe)
     try:
