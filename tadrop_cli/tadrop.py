@@ -56,21 +56,17 @@ def excess_kurtosis(tau: torch.Tensor) -> float:
 
 
 def hoyer(tau: torch.Tensor) -> float:
-    """Hoyer sparsity (sqrt(n) - L1/L2) / (sqrt(n) - 1), in [0, 1]."""
-    n = tau.numel()
-    x = _scaled(tau)
-    if n < 2 or x is None:
-        return _FLAT_SCORE["hoyer"]
-    l1 = _sum(x.abs())
-    l2 = math.sqrt(_sum(x.square()))
-    root_n = math.sqrt(n)
-    return (root_n - l1 / l2) / (root_n - 1)
+    """Hoyer sparsity (sqrt(n) - L1/L2) / (sqrt(n) - 1), in [0, 1]: HoyerSums of the whole tensor."""
+    sums = HoyerSums()
+    sums.add(tau)
+    score = sums.score()
+    return _FLAT_SCORE["hoyer"] if score is None else score
 
 
 class HoyerSums:
-    """hoyer() of a tensor seen in slices: entries, L1 and squared L2 add up in float64. Each
-    slice is scaled by its own peak first (as hoyer() scales by the tensor's) so that squares
-    of tiny deltas do not underflow in float32."""
+    """The Hoyer sparsity of a tensor seen in slices: entries, L1 and squared L2 add up in
+    float64. Each slice is scaled by its own peak before squaring, so that squares of tiny
+    deltas do not underflow in float32."""
 
     def __init__(self) -> None:
         self.numel, self.l1, self.l2_squared = 0, 0.0, 0.0
