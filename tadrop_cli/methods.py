@@ -247,45 +247,29 @@ def consensus(
     TaskVector.tall_mask_lambda), and the consensus mask keeps the entries that at least
     `k` masks select.
 
-    Only one trim mask per model (float 0/1) is held besides the task vectors. Everything after
-    the trims is elementwise, so the engine may merge these in slices given the trims' cuts.
+    Everything after the trims is elementwise, so the engine may merge these in slices given
+    the trims' cuts.
     """
     if not task_vectors:
         return base.clone()
     weights = [tv.weight for tv in task_vectors]
     keeps = [None if tv.density >= 1 else sparsify.magnitude_mask(tv.delta, tv.density, tv.cut, tv.offset) for tv in task_vectors]
     weighted = [_weighted(tv) for tv in task_vectors]
-
-    def trimmed(i: int) -> torch.Tensor:
-        return weighted[i] if keeps[i] is None else weighted[i] * keeps[i]
-
+    # new tensors: the TIES steps below overwrite them, and the TALL masks need `weighted` intact
+    trimmed = [delta.clone() if keep is None else delta * keep for delta, keep in zip(weighted, keeps)]
+    del keeps
     if ties:
-        total = torch.zeros_like(base)
-        for i in range(len(weighted)):
-            total += trimmed(i)
-        majority = torch.where(total >= 0, 1.0, -1.0).to(base.dtype)
-        del total
-        mixed = torch.zeros_like(base)
-        divisor = torch.zeros_like(base) if normalize else None
-        for i, weight in enumerate(weights):
-            delta = trimmed(i)
-            agrees = delta.sign() == majority
-            mixed += delta * agrees
-            if divisor is not None:
-                divisor.add_(agrees, alpha=weight)
-        del majority
+        mixed, divisor = disjoint_mean(trimmed, weights, "sum", with_divisor=normalize, in_place=True)
         if divisor is not None:
-            divisor[divisor == 0] = 1
             mixed /= divisor
-            del divisor
     else:
-        mixed = torch.zeros_like(base)
-        for i in range(len(weighted)):
-            mixed += trimmed(i)
+        mixed = trimmed[0]
+        for delta in trimmed[1:]:
+            mixed += delta
         if normalize:
             divisor = sum(weights)
             mixed /= divisor if abs(divisor) >= 1e-8 else 1.0
-    del keeps
+    del trimmed
     votes = torch.zeros(base.shape, dtype=torch.int32, device=base.device)
     for tv, delta in zip(task_vectors, weighted):
         votes += delta.abs() >= (mixed - delta).abs_().mul_(tv.tall_mask_lambda)
