@@ -304,21 +304,25 @@ def random_words(seed: int, start: int, stop: int, device: torch.device | str = 
     return outputs.view(torch.int32)[start - 2 * first: stop - 2 * first]
 
 
+def _top_24_bits(numel: int, seed: int, device: torch.device | str, offset: int) -> torch.Tensor:
+    """m for entries [offset, offset + numel): the top 24 bits of each word (int32); the
+    entry's uniform is m * 2^-24."""
+    return _shifted_right(random_words(seed, offset, offset + numel, device), 8)
+
+
 def random_keep_mask(numel: int, density: float, seed: int, device: torch.device | str = "cpu", offset: int = 0) -> torch.Tensor:
     """Bernoulli(density) keep mask of entries [offset, offset + numel) of a flattened tensor,
     as float32 1.0 (kept) / 0.0: entry i is kept where its uniform (see seeded_uniform) is
     below float32(density). Compared as integers: u = m * 2^-24 < d exactly when
     m < ceil(d * 2^24), i.e. when m - ceil(d * 2^24) is negative (its sign bit)."""
     limit = math.ceil(float(torch.tensor(density, dtype=torch.float32)) * 2**24)
-    top24 = _shifted_right(random_words(seed, offset, offset + numel, device), 8)
-    return top24.sub_(limit).bitwise_right_shift_(31).neg_().to(torch.float32)
+    return _top_24_bits(numel, seed, device, offset).sub_(limit).bitwise_right_shift_(31).neg_().to(torch.float32)
 
 
 def seeded_uniform(numel: int, seed: int, device: torch.device | str = "cpu", offset: int = 0) -> torch.Tensor:
     """Float32 uniforms in [0, 1) for entries [offset, offset + numel): the top 24 bits of
     each word times 2^-24 (exact in float32, the resolution torch.rand has)."""
-    words = random_words(seed, offset, offset + numel, device)
-    return _shifted_right(words, 8).to(torch.float32).mul_(2.0**-24)
+    return _top_24_bits(numel, seed, device, offset).to(torch.float32).mul_(2.0**-24)
 
 
 def random(delta: torch.Tensor, density: float, seed: int, rescale: Rescale = True, in_place: bool = False, offset: int = 0) -> torch.Tensor:
