@@ -70,9 +70,11 @@ class Checkpoint:
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
 
-    def read(self, name: str, start: Optional[int] = None, stop: Optional[int] = None) -> torch.Tensor:
+    def read(self, name: str, start: Optional[int] = None, stop: Optional[int] = None, pinned: bool = False) -> torch.Tensor:
         """The stored tensor as a fresh CPU tensor in its stored dtype; with `start`/`stop`, only
         entries [start, stop) of its flattened form, as a 1-D tensor. BadInput if the file is damaged.
+        `pinned`: read safetensors data into page-locked memory, which a GPU copies from
+        asynchronously (torch caches such buffers for reuse).
 
         safetensors data is read with pread into a new buffer rather than through a
         memory map: mapped pages would stay in the process's resident memory until the
@@ -85,17 +87,17 @@ class Checkpoint:
             if info.offset < 0:
                 stored = self._torch_file(info.file)[name]
                 return stored if whole else stored.reshape(-1)[start:stop]
-            flat = self._pread(info, start, stop)
+            flat = self._pread(info, start, stop, pinned)
             return flat.reshape(info.shape) if whole else flat
         except (RuntimeError, OSError) as error:
             raise BadInput(f"{info.file}: cannot read tensor {name}: {error}") from None
 
-    def _pread(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
+    def _pread(self, info: TensorInfo, start: int, stop: int, pinned: bool = False) -> torch.Tensor:
         if info.file not in self._fds:
             self._fds[info.file] = os.open(info.file, os.O_RDONLY)
         itemsize = info.dtype.itemsize
         size, offset = (stop - start) * itemsize, info.offset + start * itemsize
-        buffer = torch.empty(size, dtype=torch.uint8)
+        buffer = torch.empty(size, dtype=torch.uint8, pin_memory=pinned)
         view = memoryview(buffer.numpy()) if size else memoryview(b"")
         done = 0
         while done < size:  # pread may return less than asked for (large reads)
@@ -336,18 +338,39 @@ def environment_token_present() -> bool:
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
-    """True if no entry is NaN or Inf. A finite sum proves it in one read; only a
-    non-finite sum (NaN/Inf present, or an overflow) needs the exact check."""
-    return math.isfinite(float(tensor.sum())) or bool(torch.isfinite(tensor).all())
+    """True if no entry is NaN or Inf."""
+    return first_non_finite([tensor]) is None
 
 
-def read_float32(checkpoint: Checkpoint, name: str, device: torch.device, start: Optional[int] = None, stop: Optional[int] = None) -> torch.Tensor:
+def first_non_finite(tensors: list[torch.Tensor]) -> Optional[int]:
+    """The index of the first tensor holding NaN or Inf, or None. A finite sum proves a tensor
+    clean in one read; only a non-finite sum (NaN/Inf present, or an overflow) needs the exact
+    check. The sums are looked at together: one wait for a GPU, not one per tensor."""
+    if not tensors:
+        return None
+    sums = torch.stack([tensor.sum(dtype=torch.float32) for tensor in tensors])
+    for i, finite in enumerate(torch.isfinite(sums).tolist()):
+        if not finite and not bool(torch.isfinite(tensors[i]).all()):
+            return i
+    return None
+
+
+def read_float32(checkpoint: Checkpoint, name: str, device: torch.device, start: Optional[int] = None, stop: Optional[int] = None, check: bool = True) -> torch.Tensor:
     """A tensor (or entries [start, stop) of it, flattened) as a fresh float32 copy on `device`;
-    refuses NaN and Inf with a message naming it."""
-    stored = checkpoint.read(name, start, stop)
-    # a float32 read is already a fresh buffer of ours; anything else is converted (a copy)
-    fresh = stored.dtype == torch.float32 and checkpoint.tensors[name].offset >= 0
-    tensor = stored.to(device=device, dtype=torch.float32, copy=not fresh)
-    if not all_finite(tensor):
+    refuses NaN and Inf with a message naming it (`check=False`: the caller checks, see
+    first_non_finite).
+
+    For a GPU the stored bytes cross as they are, from page-locked memory and without waiting,
+    and are converted there: half the bytes of a float32 copy for bf16, and the next read
+    proceeds while they travel."""
+    if device.type == "cpu":
+        stored = checkpoint.read(name, start, stop)
+        # a float32 read is already a fresh buffer of ours; anything else is converted (a copy)
+        fresh = stored.dtype == torch.float32 and checkpoint.tensors[name].offset >= 0
+        tensor = stored.to(dtype=torch.float32, copy=not fresh)
+    else:
+        stored = checkpoint.read(name, start, stop, pinned=checkpoint.tensors[name].offset >= 0)
+        tensor = stored.to(device, non_blocking=stored.is_pinned()).to(torch.float32)
+    if check and not all_finite(tensor):
         raise BadInput(f"{checkpoint.label}: tensor {name} contains NaN or Inf")
     return tensor

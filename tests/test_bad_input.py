@@ -505,7 +505,8 @@ def test_nan_or_inf_in_an_input(tmp_path, recipe, tiny_models, which, tensor, va
     if method == "linear":
         for entry in recipe["models"]:
             entry["parameters"] = {"weight": 1.0}
-    merge_bad(tmp_path, recipe, tensor)
+    message = merge_bad(tmp_path, recipe, tensor)
+    assert str(tiny_models[which]) in message, message  # the model at fault, not only the tensor
 
 
 @pytest.mark.parametrize("policy", ["copy_base", "skip_model"])

@@ -4,6 +4,8 @@ writes the same bytes either way."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -143,10 +145,15 @@ def test_trimming_hosts_merge_in_slices_exactly_as_whole(tmp_path, monkeypatch, 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("method", SLICED_METHODS)
-def test_trimming_hosts_on_cuda_match_the_cpu(tmp_path, method):
-    """The same keep decisions on a GPU (the cut and the random stream are exact integer work);
-    only the float arithmetic may round differently."""
+def test_trimming_hosts_on_cuda_match_the_cpu(tmp_path, monkeypatch, method):
+    """The same keep decisions on a GPU (the cut and the random stream are exact integer work),
+    merging in slices on both; only the float arithmetic may round differently."""
     from safetensors.torch import load_file
+
+    from tadrop_cli import engine
+
+    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 1000)
+    monkeypatch.setattr(engine, "GPU_CHUNK_ELEMENTS", 1000)
 
     base = tiny_state()
     models = {"base": write_checkpoint(tmp_path / "base", base)}
@@ -157,3 +164,17 @@ def test_trimming_hosts_on_cuda_match_the_cpu(tmp_path, method):
     on_cpu, on_gpu = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("cpu", "cuda"))
     for name, tensor in on_cpu.items():
         torch.testing.assert_close(on_gpu[name], tensor, rtol=1e-6, atol=1e-6)
+
+
+def test_first_non_finite_names_the_first_bad_tensor_and_forgives_overflowing_sums():
+    """One check for many tensors (one wait on a GPU): the first with NaN/Inf, and none for
+    finite tensors whose float32 sum overflows."""
+    from tadrop_cli.checkpoint import first_non_finite
+
+    clean, huge = torch.ones(10), torch.full((4,), 3e38)  # huge sums to inf, every entry finite
+    with_nan, with_inf = torch.ones(10), torch.ones(10, dtype=torch.bfloat16)
+    with_nan[3], with_inf[9] = math.nan, -math.inf
+    assert first_non_finite([clean, huge, clean.bfloat16()]) is None
+    assert first_non_finite([clean, huge, with_inf, with_nan]) == 2
+    assert first_non_finite([with_nan, with_inf]) == 0
+    assert first_non_finite([]) is None

@@ -9,6 +9,7 @@ peak RSS, all from os.wait4() on that child. Tools alternate within a case
 
     python bench/speed/run.py --quick --tools mergekit     # tiny smoke run
     python bench/speed/run.py --sizes 168m --n-models 4    # the main case
+    python bench/speed/run.py --device cuda ...            # both tools on the GPU (bench/speed/gpu.sh)
 
 What it does, per case (size, N, method):
   * makes or reuses synthetic checkpoints (make_checkpoints.py, bench/.cache/);
@@ -163,6 +164,11 @@ def mk_bin(name: str) -> Path:
     return MK_VENV / "bin" / name
 
 
+def mergekit_cmd(args) -> list[str]:
+    """How to call mergekit-yaml: --mergekit-cmd, or the one in bench/.venv-mergekit."""
+    return shlex.split(args.mergekit_cmd) if args.mergekit_cmd else [str(mk_bin("mergekit-yaml"))]
+
+
 def mergekit_ok() -> bool:
     exe = mk_bin("mergekit-yaml")
     if not exe.exists():
@@ -283,14 +289,21 @@ def variants_for(args) -> list[Variant]:
     return vs
 
 
+def device_flags(args) -> tuple[list[str], list[str]]:
+    """The device arguments of mergekit-yaml and of tadrop merge."""
+    if args.device == "cuda":
+        return ["--cuda"], ["--device", "cuda"]
+    return ["--no-cuda"], []
+
+
 def build_cmd(v: Variant, recipe: Path, out: Path, args, tad: list[str] | None) -> list[str]:
+    mk_device, tadrop_device = device_flags(args)
     if v.tool == "mergekit":
-        cmd = [str(mk_bin("mergekit-yaml")), str(recipe), str(out),
-               "--no-cuda", "--lazy-unpickle", "--no-copy-tokenizer", "--quiet",
-               "--random-seed", str(args.seed)]
+        cmd = mergekit_cmd(args) + [str(recipe), str(out), *mk_device, "--lazy-unpickle", "--no-copy-tokenizer",
+                                    "--quiet", "--random-seed", str(args.seed)]
         return cmd + shlex.split(args.mergekit_args)
     assert tad is not None
-    return tad + ["merge", str(recipe), "--output", str(out), "--overwrite", "--quiet", "--json"] + \
+    return tad + ["merge", str(recipe), "--output", str(out), "--overwrite", "--quiet", "--json", *tadrop_device] + \
         shlex.split(args.tadrop_args)
 
 
@@ -336,7 +349,7 @@ def launcher_rss() -> float:
 # ---------------------------------------------------------------- machine
 
 
-def machine_info(py: str) -> dict:
+def machine_info(py: str, device: str = "cpu") -> dict:
     cpu = "unknown"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -353,6 +366,10 @@ def machine_info(py: str) -> dict:
     except OSError:
         pass
     torch_v = sh([py, "-c", "import torch; print(torch.__version__, torch.get_num_threads())"]).stdout.split()
+    gpu = None
+    if device == "cuda":
+        gpu = sh([py, "-c", "import torch; p = torch.cuda.get_device_properties(0); "
+                            "print(f'{p.name}, {p.total_memory / 2**30:.0f} GiB, CUDA {torch.version.cuda}')"]).stdout.strip()
     commit = sh(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"]).stdout.strip()
     dirty = bool(sh(["git", "-C", str(REPO), "status", "--porcelain", "tadrop_cli"]).stdout.strip())
     return {
@@ -365,6 +382,7 @@ def machine_info(py: str) -> dict:
         "torch": torch_v[0] if torch_v else "unknown",
         "torch_threads": torch_v[1] if len(torch_v) > 1 else "?",
         "commit": commit + ("+dirty tadrop_cli" if dirty else ""),
+        "gpu": gpu,
     }
 
 
@@ -514,6 +532,7 @@ def summarize(results: dict) -> list[dict]:
             "runs": len(ms), "ok": len(ok),
             "wall": med([m["wall_s"] for m in ok]), "cpu": med([m["cpu_s"] for m in ok]),
             "rss": med([m["maxrss_mb"] for m in ok]),
+            "gpu_mb": med([(m.get("summary") or {}).get("peak_gpu_bytes", 0) / 2**20 or None for m in ok]),
             "others": med([m.get("others_cores") for m in ok]),
             "wall_min": min((m["wall_s"] for m in ok), default=None),
             "wall_max": max((m["wall_s"] for m in ok), default=None),
@@ -551,13 +570,15 @@ def write_report(path: Path, results: dict, args) -> None:
     L.append("## Setup")
     L.append("")
     L.append(f"- Date: {mi['date']}")
+    gpu_text = (f"GPU {mi['gpu']} (both tools run on it: `--device cuda` / `--cuda`)" if mi.get("gpu")
+                else "no GPU")
     L.append(f"- Machine: {mi['nproc']} CPUs ({mi['cpu']}), {mi['ram_gib']} GiB RAM, Linux {mi['kernel']}, "
-             "no GPU; the CPUs are shared with other work, so expect some noise "
+             f"{gpu_text}; the machine may be shared with other work, so expect some noise "
              f"(1-minute load average {results['load'][0]} at start, {results.get('load_end', ['?'])[0]} at end).")
     L.append(f"- tadrop: {results.get('tadrop_version', 'not run')} (repo commit {mi['commit']}), "
              f"Python {mi['python']}, torch {mi['torch']} ({mi['torch_threads']} threads)")
-    L.append(f"- mergekit: {results.get('mergekit_version', 'not run')} "
-             "(mergekit, torch, transformers) from PyPI in `bench/.venv-mergekit`")
+    L.append(f"- mergekit: {results.get('mergekit_version', 'not run')} (mergekit, torch, transformers), run as "
+             f"`{' '.join(mergekit_cmd(args))}`")
     L.append(f"- Command: `{results['command']}`")
     L.append(f"- Repeats: {args.repeats} per variant, tools alternating within each repeat; "
              "the table shows medians.")
@@ -581,9 +602,10 @@ def write_report(path: Path, results: dict, args) -> None:
     L.append("Commands (one child process each, timed as a whole, from process start to exit):")
     L.append("")
     L.append("```")
-    L.append("mergekit-yaml RECIPE OUT --no-cuda --lazy-unpickle --no-copy-tokenizer --quiet --random-seed 0"
+    mk_device, tadrop_device = device_flags(args)
+    L.append(f"mergekit-yaml RECIPE OUT {' '.join(mk_device)} --lazy-unpickle --no-copy-tokenizer --quiet --random-seed 0"
              + (f" {args.mergekit_args}" if args.mergekit_args else ""))
-    L.append("tadrop merge RECIPE --output OUT --overwrite --quiet --json"
+    L.append(" ".join(["tadrop merge RECIPE --output OUT --overwrite --quiet --json", *tadrop_device])
              + (f" {args.tadrop_args}" if args.tadrop_args else ""))
     L.append("```")
     L.append("")
@@ -606,9 +628,11 @@ def write_report(path: Path, results: dict, args) -> None:
              "TADrop-off wall. The floor is the time to read every input byte once from the page cache "
              "in a child process (best of 3): no merge can beat it.")
     L.append("")
-    L.append("| size | N | method | tool | tadrop | wall s (median) | CPU s | peak RSS MB | x vs mergekit "
+    gpu_col = bool(mi.get("gpu"))  # tadrop's peak GPU memory (torch.cuda.max_memory_allocated), from its --json
+    L.append("| size | N | method | tool | tadrop | wall s (median) | CPU s | peak RSS MB | "
+             + ("peak GPU MB | " if gpu_col else "") + "x vs mergekit "
              "| CPU x vs mergekit | mem vs mergekit | on/off | read floor s | read GB | written GB | others' load | runs |")
-    L.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    L.append("|---" * (17 + gpu_col) + "|")
     for r in rows:
         fl = results["floors"].get(f"{r['size']}-n{r['n']}", {})
         tool = "mergekit" if r["tool"] == "mergekit" else "tadrop"
@@ -616,13 +640,14 @@ def write_report(path: Path, results: dict, args) -> None:
             tool += f" ({r['dtype']})" + ("" if r["timed"] else " †")
         if r["ok"] == 0:
             L.append(f"| {r['size']} | {r['n']} | {r['method']} | {tool} | {r['flag']} | "
-                     f"FAILED (exit {', '.join(map(str, r['rcs']))}) | | | | | | | {fmt(fl.get('read_s'))} | "
+                     f"FAILED (exit {', '.join(map(str, r['rcs']))}) | | | " + ("| " if gpu_col else "") + f"| | | | {fmt(fl.get('read_s'))} | "
                      f"{fmt(fl.get('read_bytes', 0) / 1e9, '.2f')} | | | 0/{r['runs']} |")
             continue
         spread = f" ({r['wall_min']:.1f}–{r['wall_max']:.1f})" if r["ok"] > 1 else ""
         L.append(
             f"| {r['size']} | {r['n']} | {r['method']} | {tool} | {r['flag']} | {fmt(r['wall'])}{spread} | "
             f"{fmt(r['cpu'], '.1f')} | {fmt(r['rss'], '.0f')} | "
+            + (f"{fmt(r['gpu_mb'], '.0f')} | " if gpu_col else "") +
             f"{fmt(r['speedup'], '.2f') if r['variant'] != 'mergekit' else '1'} | "
             f"{fmt(r['speedup_cpu'], '.2f') if r['variant'] != 'mergekit' else '1'} | "
             f"{fmt(r['mem_ratio'], '.2f') if r['variant'] != 'mergekit' else '1'} | "
@@ -721,6 +746,10 @@ def main(argv=None) -> int:
     ap.add_argument("--tadrop-cmd", default=None, help="how to call tadrop (default: the venv's `tadrop`)")
     ap.add_argument("--tadrop-args", default="", help="extra arguments for `tadrop merge`")
     ap.add_argument("--mergekit-args", default="", help="extra arguments for mergekit-yaml")
+    ap.add_argument("--mergekit-cmd", default=None,
+                    help="how to call mergekit-yaml (default: bench/.venv-mergekit's, created on first use)")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="where both tools compute: mergekit --no-cuda / --cuda, tadrop --device cuda")
     ap.add_argument("--wait-idle", type=float, default=120.0,
                     help="before each timed run, wait up to this many seconds for the machine to be quiet "
                          "(0: don't wait)")
@@ -750,7 +779,11 @@ def main(argv=None) -> int:
     results: dict = {"runs": [], "floors": {}, "checks": [], "load": os.getloadavg(),
                      "command": "python bench/speed/run.py " + " ".join(shlex.quote(a) for a in
                                                                         (argv if argv is not None else sys.argv[1:]))}
-    if "mergekit" in args.tools or args.setup_only:
+    if args.mergekit_cmd and "mergekit" in args.tools:
+        mk_python = shlex.split(args.mergekit_cmd)[0]
+        results["mergekit_version"] = sh([mk_python, "-c", "import importlib.metadata as m; print(m.version('mergekit'),"
+                                          " m.version('torch'), m.version('transformers'))"]).stdout.strip()
+    elif "mergekit" in args.tools or args.setup_only:
         results["mergekit_version"] = ensure_mergekit(py)
         log(f"mergekit ready: {results['mergekit_version']}")
         if args.setup_only:
@@ -762,7 +795,7 @@ def main(argv=None) -> int:
             raise SystemExit("no `tadrop` command found: `pip install -e .` in this venv, or pass --tadrop-cmd "
                              "(or run with --tools mergekit)")
         results["tadrop_version"] = tadrop_version(tad)
-    results["machine"] = machine_info(py)
+    results["machine"] = machine_info(py, args.device)
     results["launcher_rss_mb"] = launcher_rss()
 
     for size in args.sizes:

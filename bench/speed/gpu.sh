@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The speed benchmark on a GPU machine: tadrop --device cuda against mergekit --cuda, one script
+# for a short lease. Such a machine has python3 with a CUDA torch but may have no network: the
+# packages it lacks (pydantic for tadrop; mergekit, immutables and pydantic for mergekit) come as
+# wheels in .whl/ (see bench/speed/README.md). Writes its report and logs under $OUT.
+#
+#   OUT=/tmp/gpu-out bash bench/speed/gpu.sh            # sizes, methods: SIZES=168m METHODS=...
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-/tmp/gpu-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, tadrop_cli; print('torch', torch.__version__, torch.cuda.get_device_name(0))" || exit 1
+
+# 1. the tests that need a GPU (skipped elsewhere), and the slicing tests on this torch
+timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_slicing.py tests/test_golden_hosts.py -k "cuda or slices or stream" \
+    >"$OUT/tests.log" 2>&1
+echo "tests: exit $? ($(tail -1 "$OUT/tests.log"))"
+
+# 2. the benchmark: both tools on the GPU, tools alternating, medians
+timeout "${BENCH_TIMEOUT:-420}" python3 bench/speed/run.py --device cuda --sizes "${SIZES:-168m}" --n-models "${NMODELS:-4}" \
+    --methods "${METHODS:-task_arithmetic,ties,dare_ties}" --repeats "${REPEATS:-3}" --wait-idle 0 \
+    --tadrop-cmd "python3 -m tadrop_cli" --mergekit-cmd "python3 -m mergekit.scripts.run_yaml" \
+    --out "$OUT/speed-gpu.md" 2>"$OUT/bench.log"
+echo "bench: exit $?"
+cp bench/.cache/results/speed-*.json "$OUT/" 2>/dev/null
+sed -n '/^## Results/,/^## Cross/p' "$OUT/speed-gpu.md" | grep -E "^\| (40m|168m|500m|1b) " | cut -d'|' -f2-13
