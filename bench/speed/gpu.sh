@@ -5,6 +5,10 @@
 # wheels in .whl/ (see bench/speed/README.md). Writes its report and logs under $OUT.
 #
 #   OUT=/tmp/gpu-out bash bench/speed/gpu.sh            # sizes, methods: SIZES=168m METHODS=...
+#
+# On the lent H100 the default run (168m, 3 methods, 3 repeats, with the cross-checks) takes
+# ~8 minutes, most of it importing torch (~5 s per process there). The report is rewritten after
+# every case, so a run cut short keeps what it measured.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/gpu-out}
@@ -24,7 +28,7 @@ timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_slicing.py tests
 echo "tests: exit $? ($(tail -1 "$OUT/tests.log"))"
 
 # 2. the benchmark: both tools on the GPU, tools alternating, medians
-timeout "${BENCH_TIMEOUT:-420}" python3 bench/speed/run.py --device cuda --sizes "${SIZES:-168m}" --n-models "${NMODELS:-4}" \
+timeout "${BENCH_TIMEOUT:-540}" python3 bench/speed/run.py --device cuda --sizes "${SIZES:-168m}" --n-models "${NMODELS:-4}" \
     --methods "${METHODS:-task_arithmetic,ties,dare_ties}" --repeats "${REPEATS:-3}" --wait-idle 0 \
     --tadrop-cmd "python3 -m tadrop_cli" --mergekit-cmd "python3 -m mergekit.scripts.run_yaml" \
     --out "$OUT/speed-gpu.md" 2>"$OUT/bench.log"

@@ -798,19 +798,20 @@ def main(argv=None) -> int:
     results["machine"] = machine_info(py, args.device)
     results["launcher_rss_mb"] = launcher_rss()
 
+    rdir = CACHE / "results"
+    rdir.mkdir(parents=True, exist_ok=True)
+    raw = rdir / f"speed-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    load_start = results["load"]
     for size in args.sizes:
         for n in args.n_models:
             for method in args.methods:
                 run_case(size, n, method, args, tad, py, results)
-    results["load_end"] = tuple(round(x, 2) for x in os.getloadavg())
-    results["load"] = tuple(round(x, 2) for x in results["load"])
-
-    rdir = CACHE / "results"
-    rdir.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    (rdir / f"speed-{stamp}.json").write_text(json.dumps(results, indent=1, default=str))
-    write_report(args.out, results, args)
-    log(f"wrote {args.out} and {rdir / f'speed-{stamp}.json'}")
+                # the report so far, after every case: a run cut short (a time limit) keeps its numbers
+                results["load_end"] = tuple(round(x, 2) for x in os.getloadavg())
+                results["load"] = tuple(round(x, 2) for x in load_start)
+                raw.write_text(json.dumps(results, indent=1, default=str))
+                write_report(args.out, results, args)
+    log(f"wrote {args.out} and {raw}")
     bad = [m for m in results["runs"] if m["rc"] != 0]
     return 1 if bad else 0
 
