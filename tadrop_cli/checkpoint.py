@@ -209,14 +209,11 @@ def _index_shards(index: Path) -> list[Path]:
             raise TypeError
     except (OSError, ValueError, KeyError, TypeError):
         raise BadInput(f"{index}: not a valid index file (expected JSON with a 'weight_map' mapping)") from None
-    shards = []
-    for relative in weight_map.values():
-        if not isinstance(relative, str):
-            raise BadInput(f"{index}: shard names must be strings")
-        path = _inside(index.parent, relative, index)
-        if path not in shards:
-            shards.append(path)
-    return shards
+    if not all(isinstance(relative, str) for relative in weight_map.values()):
+        raise BadInput(f"{index}: shard names must be strings")
+    # each shard once, in order of first mention: the map names one per tensor, and each name
+    # is checked once (resolving links costs a few system calls)
+    return list(dict.fromkeys(_inside(index.parent, relative, index) for relative in dict.fromkeys(weight_map.values())))
 
 
 def weight_files(folder: Path) -> list[Path]:
