@@ -747,7 +747,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tadrop-args", default="", help="extra arguments for `tadrop merge`")
     ap.add_argument("--mergekit-args", default="", help="extra arguments for mergekit-yaml")
     ap.add_argument("--mergekit-cmd", default=None,
-                    help="how to call mergekit-yaml (default: bench/.venv-mergekit's, created on first use)")
+                    help="how to call mergekit-yaml, e.g. 'python3 -m mergekit.scripts.run_yaml' (default: "
+                         "bench/.venv-mergekit's, created on first use)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                     help="where both tools compute: mergekit --no-cuda / --cuda, tadrop --device cuda")
     ap.add_argument("--wait-idle", type=float, default=120.0,
@@ -782,7 +783,7 @@ def main(argv=None) -> int:
     if args.mergekit_cmd and "mergekit" in args.tools:
         mk_python = shlex.split(args.mergekit_cmd)[0]
         results["mergekit_version"] = sh([mk_python, "-c", "import importlib.metadata as m; print(m.version('mergekit'),"
-                                          " m.version('torch'), m.version('transformers'))"]).stdout.strip()
+                                          " m.version('torch'), m.version('transformers'))"]).stdout.strip() or "unknown"
     elif "mergekit" in args.tools or args.setup_only:
         results["mergekit_version"] = ensure_mergekit(py)
         log(f"mergekit ready: {results['mergekit_version']}")
