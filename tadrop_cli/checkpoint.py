@@ -352,6 +352,12 @@ def first_non_finite(tensors: list[torch.Tensor]) -> Optional[int]:
     return None
 
 
+# torch keeps page-locked buffers for reuse once freed, and page-locked memory cannot be paged
+# out: only reads up to this many entries (a GPU slice) are pinned, so that cache stays small
+# whatever the model; larger whole-tensor reads cross from ordinary memory.
+PINNED_READ_ELEMENTS = 1 << 24
+
+
 def read_float32(checkpoint: Checkpoint, name: str, device: torch.device, start: Optional[int] = None, stop: Optional[int] = None, check: bool = True) -> torch.Tensor:
     """A tensor (or entries [start, stop) of it, flattened) as a fresh float32 copy on `device`;
     refuses NaN and Inf with a message naming it (`check=False`: the caller checks, see
@@ -366,7 +372,9 @@ def read_float32(checkpoint: Checkpoint, name: str, device: torch.device, start:
         fresh = stored.dtype == torch.float32 and checkpoint.tensors[name].offset >= 0
         tensor = stored.to(dtype=torch.float32, copy=not fresh)
     else:
-        stored = checkpoint.read(name, start, stop, pinned=checkpoint.tensors[name].offset >= 0)
+        info = checkpoint.tensors[name]
+        count = (info.numel if stop is None else stop) - (start or 0)
+        stored = checkpoint.read(name, start, stop, pinned=info.offset >= 0 and count <= PINNED_READ_ELEMENTS)
         tensor = stored.to(device, non_blocking=stored.is_pinned()).to(torch.float32)
     if check and not all_finite(tensor):
         raise BadInput(f"{checkpoint.label}: tensor {name} contains NaN or Inf")

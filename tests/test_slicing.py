@@ -145,15 +145,18 @@ def test_trimming_hosts_merge_in_slices_exactly_as_whole(tmp_path, monkeypatch, 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("method", SLICED_METHODS)
-def test_trimming_hosts_on_cuda_match_the_cpu(tmp_path, monkeypatch, method):
+@pytest.mark.parametrize("pinned_reads", [1 << 24, 100])
+def test_trimming_hosts_on_cuda_match_the_cpu(tmp_path, monkeypatch, method, pinned_reads):
     """The same keep decisions on a GPU (the cut and the random stream are exact integer work),
-    merging in slices on both; only the float arithmetic may round differently."""
+    merging in slices on both, with reads crossing from page-locked memory or (100: all but the
+    smallest) from ordinary memory; only the float arithmetic may round differently."""
     from safetensors.torch import load_file
 
-    from tadrop_cli import engine
+    from tadrop_cli import checkpoint, engine
 
     monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 1000)
     monkeypatch.setattr(engine, "GPU_CHUNK_ELEMENTS", 1000)
+    monkeypatch.setattr(checkpoint, "PINNED_READ_ELEMENTS", pinned_reads)
 
     base = tiny_state()
     models = {"base": write_checkpoint(tmp_path / "base", base)}
