@@ -379,3 +379,14 @@ def read_float32(checkpoint: Checkpoint, name: str, device: torch.device, start:
     if check and not all_finite(tensor):
         raise BadInput(f"{checkpoint.label}: tensor {name} contains NaN or Inf")
     return tensor
+
+
+def read_all_float32(checkpoints: list[Checkpoint], name: str, device: torch.device, start: Optional[int] = None, stop: Optional[int] = None) -> list[torch.Tensor]:
+    """read_float32 of one tensor (or slice) from each checkpoint, all read before any is
+    checked for NaN/Inf: a GPU then waits once, and the reads overlap the copies already on
+    their way. The message names the first checkpoint at fault."""
+    tensors = [read_float32(checkpoint, name, device, start, stop, check=False) for checkpoint in checkpoints]
+    bad = first_non_finite(tensors)
+    if bad is not None:
+        raise BadInput(f"{checkpoints[bad].label}: tensor {name} contains NaN or Inf")
+    return tensors

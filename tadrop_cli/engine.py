@@ -18,7 +18,7 @@ from typing import Iterable, Iterator, Optional, Protocol
 import torch
 
 from . import __version__
-from .checkpoint import all_finite, first_non_finite, read_float32
+from .checkpoint import all_finite, read_all_float32
 from .errors import BadInput
 from .layout import Layout, TensorJob, build_layout, tensor_seed
 from .methods import TaskVector
@@ -157,15 +157,9 @@ class _Inputs:
 
 
 def _read_inputs(layout: Layout, job: TensorJob, device: torch.device, start: Optional[int], stop: Optional[int], models: Iterable[int]) -> _Inputs:
-    """All inputs are read before any is checked for NaN/Inf: a GPU then waits once, and the
-    reads overlap the copies already on their way."""
     models = list(models)
-    checkpoints = [layout.reference, *(layout.models[j].checkpoint for j in models)]
-    tensors = [read_float32(checkpoint, job.name, device, start, stop, check=False) for checkpoint in checkpoints]
-    bad = first_non_finite(tensors)
-    if bad is not None:
-        raise BadInput(f"{checkpoints[bad].label}: tensor {job.name} contains NaN or Inf")
-    return _Inputs(start, tensors[0], dict(zip(models, tensors[1:])))
+    base, *tuned = read_all_float32([layout.reference, *(layout.models[j].checkpoint for j in models)], job.name, device, start, stop)
+    return _Inputs(start, base, dict(zip(models, tuned)))
 
 
 def _read_slices(layout: Layout, job: TensorJob, device: torch.device, slices: list[tuple[int, int]], models: Iterable[int]) -> Iterator[_Inputs]:

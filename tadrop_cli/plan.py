@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .checkpoint import read_float32
+from .checkpoint import read_all_float32, read_float32
 from .layout import Layout, ModelInput, TensorJob
 from .recipe import TadropSettings
 from .tadrop import HoyerSums, adaptive_ratios, normalize_scores, tensor_score
@@ -168,9 +168,9 @@ def _scores(layout: Layout, job: TensorJob, device: torch.device, models: list[t
     step = SCORE_SLICE_ELEMENTS if device.type == "cpu" else GPU_SCORE_SLICE_ELEMENTS
     for start in range(0, job.out.numel if sliced else 0, step):
         stop = min(start + step, job.out.numel)
-        base = read_float32(layout.reference, job.name, device, start, stop)
-        for j, sums in sliced.items():
-            sums.add(read_float32(layout.models[j].checkpoint, job.name, device, start, stop).sub_(base))
+        base, *tuned = read_all_float32([layout.reference, *(layout.models[j].checkpoint for j in sliced)], job.name, device, start, stop)
+        for sums, tensor in zip(sliced.values(), tuned):
+            sums.add(tensor.sub_(base))
     scores.update({j: sums.score() for j, sums in sliced.items()})
     whole = [(j, model) for j, model in models if j not in sliced]
     if whole:
