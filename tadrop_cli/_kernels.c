@@ -1,0 +1,286 @@
+/* tadrop's CPU kernels: a merge slice's per-entry work in one pass over its inputs.
+ *
+ * On a CPU, eager PyTorch runs one operation at a time over the whole slice (convert,
+ * subtract, compare, multiply, ...), each reading and writing every entry again. These
+ * loops do all of an entry's work while it is in a register. Each function mirrors torch
+ * code in tadrop_cli, named in its comment, and gives the same bits: every float operation
+ * below is one IEEE single-precision operation in the same order as there, and the file is
+ * compiled with -ffp-contract=off so that no multiply-add is fused. tests/test_kernels.py
+ * compares the two on every path.
+ *
+ * The inputs are the stored entries of one tensor slice, all of one dtype (float32, float16
+ * or bfloat16), converted to float32 as they are read. tadrop_cli/kernels.py loads this
+ * library with ctypes and owns every buffer; the functions here never allocate what they
+ * return. The parallel loops use OpenMP; torch's libgomp (same soname) is already loaded,
+ * so both share one pool of threads.
+ */
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+enum dtype { F32 = 0, F16 = 1, BF16 = 2 };
+
+/* Entry i of a stored array, as float32. `dtype` is a constant wherever this is inlined, so
+ * the switch disappears from the loops. */
+static inline __attribute__((always_inline)) float load(const void *data, int dtype, int64_t i) {
+    if (dtype == BF16) {
+        uint32_t bits = (uint32_t)((const uint16_t *)data)[i] << 16; /* bfloat16 is float32's top half */
+        float value;
+        memcpy(&value, &bits, 4);
+        return value;
+    }
+    if (dtype == F16) return (float)((const _Float16 *)data)[i];
+    return ((const float *)data)[i];
+}
+
+static inline uint32_t bits_of(float value) {
+    uint32_t bits;
+    memcpy(&bits, &value, 4);
+    return bits;
+}
+
+#define MAGNITUDE_BUCKETS 32768 /* values of the top 16 bits of |x| (sign bit 0): sparsify.MAGNITUDE_BUCKETS */
+#define BUCKET_VALUES 65536     /* values of the low 16 bits */
+
+/* ------------------------------------------------------------------ the top-k cut's sweeps */
+
+/* sparsify.magnitude_histogram of the task vector tuned - base: adds to hist[b] the entries
+ * whose |delta| has top 16 bits b. NaN and Inf land in buckets >= 0x7F80. */
+static inline __attribute__((always_inline)) void magnitude_histogram_of(int dtype, const void *base, const void *tuned, int64_t n, int64_t *hist) {
+#pragma omp parallel
+    {
+        int64_t *local = calloc(MAGNITUDE_BUCKETS, sizeof(int64_t));
+        /* on a failed allocation this thread counts straight into hist, one atomic at a time */
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < n; i++) {
+            float delta = load(tuned, dtype, i) - load(base, dtype, i);
+            uint32_t bucket = (bits_of(delta) & 0x7FFFFFFFu) >> 16;
+            if (local) {
+                local[bucket]++;
+            } else {
+#pragma omp atomic
+                hist[bucket]++;
+            }
+        }
+        if (local) {
+#pragma omp critical
+            for (int b = 0; b < MAGNITUDE_BUCKETS; b++) hist[b] += local[b];
+            free(local);
+        }
+    }
+}
+
+void tadrop_magnitude_histogram(int dtype, const void *base, const void *tuned, int64_t n, int64_t *hist) {
+    switch (dtype) {
+        case BF16: magnitude_histogram_of(BF16, base, tuned, n, hist); break;
+        case F16: magnitude_histogram_of(F16, base, tuned, n, hist); break;
+        default: magnitude_histogram_of(F32, base, tuned, n, hist); break;
+    }
+}
+
+/* sparsify.bucket_histogram: adds to hist[v] the entries of `bucket` whose |delta| has low
+ * 16 bits v. Few entries fall in one bucket, so one thread's counts are cheap to merge. */
+static inline __attribute__((always_inline)) void bucket_histogram_of(int dtype, const void *base, const void *tuned, int64_t n, uint32_t bucket, int64_t *hist) {
+#pragma omp parallel
+    {
+        int64_t *local = calloc(BUCKET_VALUES, sizeof(int64_t));
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < n; i++) {
+            uint32_t magnitude = bits_of(load(tuned, dtype, i) - load(base, dtype, i)) & 0x7FFFFFFFu;
+            if ((magnitude >> 16) != bucket) continue;
+            if (local) {
+                local[magnitude & 0xFFFFu]++;
+            } else {
+#pragma omp atomic
+                hist[magnitude & 0xFFFFu]++;
+            }
+        }
+        if (local) {
+#pragma omp critical
+            for (int v = 0; v < BUCKET_VALUES; v++) hist[v] += local[v];
+            free(local);
+        }
+    }
+}
+
+void tadrop_bucket_histogram(int dtype, const void *base, const void *tuned, int64_t n, uint32_t bucket, int64_t *hist) {
+    switch (dtype) {
+        case BF16: bucket_histogram_of(BF16, base, tuned, n, bucket, hist); break;
+        case F16: bucket_histogram_of(F16, base, tuned, n, bucket, hist); break;
+        default: bucket_histogram_of(F32, base, tuned, n, bucket, hist); break;
+    }
+}
+
+/* The index of the `count`-th entry (1-based) whose |tuned - base| equals `threshold`, or n if
+ * there are fewer: where a top-k cut's kept ties end inside one slice (sparsify.cut_mask). */
+int64_t tadrop_nth_tie(int dtype, const void *base, const void *tuned, int64_t n, float threshold, int64_t count) {
+    for (int64_t i = 0; i < n; i++) {
+        float value;
+        switch (dtype) {
+            case BF16: value = load(tuned, BF16, i) - load(base, BF16, i); break;
+            case F16: value = load(tuned, F16, i) - load(base, F16, i); break;
+            default: value = load(tuned, F32, i) - load(base, F32, i); break;
+        }
+        if (fabsf(value) == threshold && --count == 0) return i;
+    }
+    return n;
+}
+
+/* ------------------------------------------------------------------ the merge of a slice */
+
+enum drop { KEEP_ALL = 0, MAGNITUDE_CUT = 1, RANDOM_DROP = 2 };
+
+/* One model's settings for this slice (see kernels.ModelSlice). */
+struct model_slice {
+    const void *tuned;   /* its stored entries of the slice */
+    float weight;
+    int32_t drop;        /* enum drop */
+    float threshold;     /* MAGNITUDE_CUT: keep |delta| > threshold, ... */
+    int64_t ties_before; /* ... and |delta| == threshold at slice positions before this */
+    uint64_t seed;       /* RANDOM_DROP: the (model, tensor) stream's seed, ... */
+    uint32_t limit;      /* ... keep where the word's top 24 bits are below this */
+    int32_t rescale;     /* divide the kept entries by `density` (DARE's rescale) */
+    float density;
+};
+
+#define GOLDEN 0x9E3779B97F4A7C15ull
+
+/* SplitMix64 output `index` of `seed` (sparsify._splitmix64). Word 2j of a random stream is
+ * output j's low half, word 2j + 1 its high half (sparsify.random_words). */
+static inline uint64_t splitmix64(uint64_t seed, int64_t index) {
+    uint64_t z = seed + ((uint64_t)index + 1) * GOLDEN;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+#define BLOCK 256 /* entries merged at a time: each model's block of task vector stays in L1 */
+
+/* Model m's block of task vector, dropped and weighted, into `out` (sparsify.magnitude with
+ * its cut_mask, or sparsify.random with its random_keep_mask; then the weight, as
+ * generalized_task_arithmetic). `start`: the block's first entry in the slice, `offset`: the
+ * slice's first entry in the tensor. Returns nonzero if an entry of the task vector is NaN or
+ * Inf. `outputs`: room for BLOCK / 2 + 1 random outputs. */
+static inline __attribute__((always_inline)) uint32_t task_vector_block(int dtype, const struct model_slice *m, const float *base, int64_t start, int count,
+                                                                        int64_t offset, float *out, uint64_t *outputs) {
+    uint32_t non_finite = 0;
+    for (int i = 0; i < count; i++) {
+        float delta = load(m->tuned, dtype, start + i) - base[i];
+        non_finite |= (bits_of(delta) & 0x7F800000u) == 0x7F800000u;
+        out[i] = delta;
+    }
+    if (m->drop == MAGNITUDE_CUT) {
+        /* ties are kept at block positions below this */
+        int ties = m->ties_before <= start ? 0 : m->ties_before - start >= count ? count : (int)(m->ties_before - start);
+        float threshold = m->threshold;
+        for (int i = 0; i < count; i++) {
+            float magnitude = fabsf(out[i]);
+            out[i] = out[i] * (float)((magnitude > threshold) | ((magnitude == threshold) & (i < ties)));
+        }
+    } else if (m->drop == RANDOM_DROP) {
+        /* each SplitMix64 output makes two words: outputs first .. first + pairs - 1 cover the block */
+        uint64_t seed = m->seed;
+        uint32_t limit = m->limit;
+        int64_t position = offset + start, first = position >> 1;
+        int pairs = (int)(((position + count - 1) >> 1) - first + 1);
+        for (int p = 0; p < pairs; p++) outputs[p] = splitmix64(seed, first + p);
+        const uint32_t *words = (const uint32_t *)outputs + (position & 1); /* little-endian: low half first */
+        for (int i = 0; i < count; i++) out[i] = out[i] * (float)((words[i] >> 8) < limit);
+    }
+    if (m->drop != KEEP_ALL && m->rescale) {
+        for (int i = 0; i < count; i++) out[i] = out[i] / m->density;
+    }
+    if (m->weight != 1.0f) {
+        for (int i = 0; i < count; i++) out[i] = out[i] * m->weight;
+    }
+    return non_finite;
+}
+
+/* methods.generalized_task_arithmetic of a slice: base + lambda * mix(drop(tau_j) * w_j),
+ * where mix is the sum (consensus 0) or TIES's disjoint sum with the elected sign (consensus
+ * 1), divided by the sum of the weights (normalize). `out` gets the float32 result; returns
+ * 1 if any task-vector entry is NaN or Inf (the caller then redoes the slice in PyTorch,
+ * which names the input at fault), else 0. */
+static inline __attribute__((always_inline)) int merge_slice_of(int dtype, const void *base, const struct model_slice *models, int n_models, int64_t n,
+                                                                int64_t offset, int consensus, int normalize, float sum_of_weights, float lambda, float *out) {
+    uint32_t non_finite = 0;
+#pragma omp parallel reduction(| : non_finite)
+    {
+        /* base, total (the elected sign), mixed, divisor, one block per model, then random outputs */
+        float *work = malloc(sizeof(float) * BLOCK * (4 + n_models) + sizeof(uint64_t) * (BLOCK / 2 + 1));
+        int64_t blocks = (n + BLOCK - 1) / BLOCK;
+#pragma omp for schedule(static)
+        for (int64_t block = 0; block < blocks; block++) {
+            if (!work) {
+                non_finite = 1; /* out of memory: the caller's PyTorch path takes over */
+                continue;
+            }
+            int64_t start = block * BLOCK;
+            int count = n - start < BLOCK ? (int)(n - start) : BLOCK;
+            float *b = work, *total = work + BLOCK, *mixed = work + 2 * BLOCK, *divisor = work + 3 * BLOCK, *weighted = work + 4 * BLOCK;
+            for (int i = 0; i < count; i++) b[i] = load(base, dtype, start + i);
+            for (int j = 0; j < n_models; j++) {
+                float *w = weighted + j * BLOCK;
+                non_finite |= task_vector_block(dtype, &models[j], b, start, count, offset, w, (uint64_t *)(weighted + n_models * BLOCK));
+                if (j == 0) {
+                    for (int i = 0; i < count; i++) total[i] = w[i];
+                } else {
+                    for (int i = 0; i < count; i++) total[i] = total[i] + w[i];
+                }
+            }
+            if (consensus) {
+                /* sparsify.sign_consensus and methods.disjoint_mean: the elected sign is +1 where
+                 * the total is >= 0, else -1; each model adds the entries that agree with it */
+                for (int i = 0; i < count; i++) {
+                    total[i] = 2.0f * (float)(total[i] >= 0.0f) - 1.0f;
+                    mixed[i] = 0.0f;
+                    divisor[i] = 0.0f;
+                }
+                for (int j = 0; j < n_models; j++) {
+                    const float *restrict w = weighted + j * BLOCK;
+                    float *restrict sign = total, *restrict sum = mixed, *restrict agreeing = divisor;
+                    float weight = models[j].weight;
+                    for (int i = 0; i < count; i++) {
+                        /* where this model disagrees (or is 0), relu in torch gives +0 and this
+                         * gives -0 or +0: either adds nothing to a sum that starts at +0 */
+                        float aligned = w[i] * sign[i];
+                        float agrees = (float)(aligned > 0.0f);
+                        sum[i] = sum[i] + aligned * agrees * sign[i];
+                        agreeing[i] = agreeing[i] + agrees * weight;
+                    }
+                }
+                if (normalize) {
+                    for (int i = 0; i < count; i++) mixed[i] = mixed[i] / (divisor[i] + (float)(divisor[i] == 0.0f)); /* 0 -> 1 */
+                }
+            } else {
+                for (int i = 0; i < count; i++) mixed[i] = normalize ? total[i] / sum_of_weights : total[i];
+            }
+            if (lambda != 1.0f) {
+                for (int i = 0; i < count; i++) mixed[i] = mixed[i] * lambda;
+            }
+            for (int i = 0; i < count; i++) out[start + i] = mixed[i] + b[i];
+        }
+        free(work);
+    }
+    return non_finite != 0;
+}
+
+int tadrop_merge_slice(int dtype, const void *base, const struct model_slice *models, int n_models, int64_t n, int64_t offset,
+                       int consensus, int normalize, float sum_of_weights, float lambda, float *out) {
+    if (n_models < 1) return -1;
+    switch (dtype) {
+        case BF16: return merge_slice_of(BF16, base, models, n_models, n, offset, consensus, normalize, sum_of_weights, lambda, out);
+        case F16: return merge_slice_of(F16, base, models, n_models, n, offset, consensus, normalize, sum_of_weights, lambda, out);
+        default: return merge_slice_of(F32, base, models, n_models, n, offset, consensus, normalize, sum_of_weights, lambda, out);
+    }
+}
+
+/* An importable (empty) module, so that the package finds this library like any extension. */
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", "tadrop's CPU kernels, called through ctypes (see kernels.py)", -1, NULL};
+
+PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }

@@ -1,0 +1,176 @@
+"""tadrop's CPU kernels (`_kernels.c`, compiled when tadrop is installed), called with ctypes.
+
+On a CPU the generalized-task-arithmetic hosts (task arithmetic, magnitude_prune, TIES,
+dare_linear, DARE-TIES) spend most of their time walking every entry again for each eager
+PyTorch operation. These kernels do one pass per slice instead: they read the stored entries
+(bf16, fp16 or fp32), form the task vectors in float32, and give the top-k cut's histograms or
+the merged float32 slice. They give exactly the bits of the PyTorch code they stand in for
+(named in each docstring); tests/test_kernels.py compares the two.
+
+Tensors in, tensors out, no I/O. Where the library was not built (no C compiler at install
+time), or with TADROP_KERNELS=torch in the environment, `available()` is False and the engine
+runs the PyTorch code.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Optional
+
+import torch
+
+from .sparsify import MAGNITUDE_BUCKETS, TopKCut
+
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+NON_FINITE_BUCKET = 0x7F80  # magnitude buckets from here on hold NaN and Inf (all exponent bits set)
+MAX_MODELS = 1024
+ALL = (1 << 63) - 1  # a position past every slice
+
+DROP_NOTHING, DROP_BY_MAGNITUDE, DROP_AT_RANDOM = 0, 1, 2
+
+
+class _ModelSlice(ctypes.Structure):
+    _fields_ = [
+        ("tuned", ctypes.c_void_p),
+        ("weight", ctypes.c_float),
+        ("drop", ctypes.c_int32),
+        ("threshold", ctypes.c_float),
+        ("ties_before", ctypes.c_int64),
+        ("seed", ctypes.c_uint64),
+        ("limit", ctypes.c_uint32),
+        ("rescale", ctypes.c_int32),
+        ("density", ctypes.c_float),
+    ]
+
+
+@lru_cache(maxsize=1)
+def _library() -> Optional[ctypes.CDLL]:
+    if os.environ.get("TADROP_KERNELS", "").lower() == "torch":
+        return None
+    try:
+        from . import _kernels
+    except ImportError:
+        return None
+    library = ctypes.CDLL(_kernels.__file__)
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    library.tadrop_magnitude_histogram.argtypes = [ctypes.c_int, ptr, ptr, i64, ptr]
+    library.tadrop_magnitude_histogram.restype = None
+    library.tadrop_bucket_histogram.argtypes = [ctypes.c_int, ptr, ptr, i64, ctypes.c_uint32, ptr]
+    library.tadrop_bucket_histogram.restype = None
+    library.tadrop_nth_tie.argtypes = [ctypes.c_int, ptr, ptr, i64, ctypes.c_float, i64]
+    library.tadrop_nth_tie.restype = i64
+    library.tadrop_merge_slice.argtypes = [ctypes.c_int, ptr, ctypes.POINTER(_ModelSlice), ctypes.c_int, i64, i64,
+                                           ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_float, ptr]
+    library.tadrop_merge_slice.restype = ctypes.c_int
+    return library
+
+
+def available() -> bool:
+    """Whether the compiled kernels are there (and not turned off with TADROP_KERNELS=torch)."""
+    return _library() is not None
+
+
+def supports(dtypes: list[torch.dtype], models: int) -> bool:
+    """Whether the kernels take inputs of these stored dtypes: one dtype for all, fp32/fp16/bf16."""
+    return available() and len(set(dtypes)) == 1 and dtypes[0] in DTYPE_CODES and 1 <= models <= MAX_MODELS
+
+
+def _flat(tensor: torch.Tensor) -> torch.Tensor:
+    if tensor.device.type != "cpu":
+        raise ValueError("the kernels run on the CPU")
+    return tensor.reshape(-1).contiguous()
+
+
+def _pair(base: torch.Tensor, tuned: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
+    base, tuned = _flat(base), _flat(tuned)
+    if base.dtype != tuned.dtype or base.numel() != tuned.numel():
+        raise ValueError("base and tuned differ in dtype or size")
+    return DTYPE_CODES[base.dtype], base, tuned
+
+
+def magnitude_histogram(base: torch.Tensor, tuned: torch.Tensor) -> torch.Tensor:
+    """sparsify.magnitude_histogram(tuned.float() - base.float()): entries per |delta| bucket (int64)."""
+    code, base, tuned = _pair(base, tuned)
+    counts = torch.zeros(MAGNITUDE_BUCKETS, dtype=torch.int64)
+    _library().tadrop_magnitude_histogram(code, base.data_ptr(), tuned.data_ptr(), base.numel(), counts.data_ptr())
+    return counts
+
+
+def has_non_finite(counts: torch.Tensor) -> bool:
+    """Whether a magnitude histogram counted NaN or Inf."""
+    return bool(counts[NON_FINITE_BUCKET:].any())
+
+
+def bucket_histogram(base: torch.Tensor, tuned: torch.Tensor, bucket: int) -> torch.Tensor:
+    """sparsify.bucket_histogram(tuned.float() - base.float(), bucket) (int64, 2^16)."""
+    code, base, tuned = _pair(base, tuned)
+    counts = torch.zeros(1 << 16, dtype=torch.int64)
+    _library().tadrop_bucket_histogram(code, base.data_ptr(), tuned.data_ptr(), base.numel(), bucket, counts.data_ptr())
+    return counts
+
+
+def ties_kept_before(cut: TopKCut, offset: int, base: torch.Tensor, tuned: torch.Tensor) -> int:
+    """Entries of the slice [offset, offset + n) equal to the cut's threshold are kept at slice
+    positions below the number returned (as sparsify.cut_mask keeps them)."""
+    n = base.numel()
+    if offset + n <= cut.tie_start:
+        return ALL
+    if offset > cut.tie_start or cut.tie_quota == 0:
+        return 0
+    code, base, tuned = _pair(base, tuned)
+    return int(_library().tadrop_nth_tie(code, base.data_ptr(), tuned.data_ptr(), n, cut.threshold, cut.tie_quota)) + 1
+
+
+def random_keep_limit(density: float) -> int:
+    """sparsify.random_keep_mask keeps an entry where its word's top 24 bits are below this."""
+    return math.ceil(float(torch.tensor(density, dtype=torch.float32)) * 2**24)
+
+
+@dataclass
+class ModelSlice:
+    """One model's part in kernels.merge_slice: its stored entries of the slice, its weight, and
+    its drop (sparsify.magnitude's cut, sparsify.random's stream, or none)."""
+
+    tuned: torch.Tensor
+    weight: float = 1.0
+    drop: int = DROP_NOTHING
+    threshold: float = math.inf  # DROP_BY_MAGNITUDE: kept where |delta| > threshold, ...
+    ties_before: int = 0  # ... or equal to it at a slice position below this (ties_kept_before)
+    seed: int = 0  # DROP_AT_RANDOM: the stream's seed ...
+    limit: int = 0  # ... and random_keep_limit(density)
+    rescale_by: Optional[float] = None  # divide the kept entries by this (DARE's 1 / density rescale)
+
+
+def merge_slice(base: torch.Tensor, models: list[ModelSlice], offset: int, consensus: bool, normalize: bool,
+                sum_of_weights: float, lambda_: float) -> tuple[torch.Tensor, bool]:
+    """methods.generalized_task_arithmetic of one slice, entries [offset, offset + n) of the
+    flattened tensor: (the float32 merge, whether any task-vector entry was NaN or Inf).
+
+    consensus: TIES's sign election and disjoint sum (else the plain sum); normalize: divided
+    by the agreeing weights (TIES) or by `sum_of_weights`.
+    """
+    base = _flat(base)
+    tuned = [_flat(m.tuned) for m in models]
+    if any(t.dtype != base.dtype or t.numel() != base.numel() for t in tuned):
+        raise ValueError("inputs differ in dtype or size")
+    settings = (_ModelSlice * len(models))()
+    for setting, model, entries in zip(settings, models, tuned):
+        setting.tuned = entries.data_ptr()
+        setting.weight = model.weight
+        setting.drop = model.drop
+        setting.threshold = model.threshold
+        setting.ties_before = model.ties_before
+        setting.seed = model.seed % (1 << 64)
+        setting.limit = model.limit
+        setting.rescale = model.rescale_by is not None
+        setting.density = model.rescale_by if model.rescale_by is not None else 1.0
+    out = torch.empty(base.numel(), dtype=torch.float32)
+    flag = _library().tadrop_merge_slice(DTYPE_CODES[base.dtype], base.data_ptr(), settings, len(models), base.numel(), offset,
+                                        int(consensus), int(normalize), sum_of_weights, lambda_, out.data_ptr())
+    if flag < 0:
+        raise ValueError(f"the kernel takes 1 to {MAX_MODELS} models")
+    return out, bool(flag)
