@@ -25,6 +25,14 @@
 
 enum dtype { F32 = 0, F16 = 1, BF16 = 2 };
 
+/* The exported functions are compiled twice on x86-64: for AVX2 (8 floats per instruction) and
+ * for the baseline (SSE2, 4); the loader picks the one this CPU runs. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define EXPORT __attribute__((target_clones("avx2", "default")))
+#else
+#define EXPORT
+#endif
+
 /* Entry i of a stored array, as float32. `dtype` is a constant wherever this is inlined, so
  * the switch disappears from the loops. */
 static inline __attribute__((always_inline)) float load(const void *data, int dtype, int64_t i) {
@@ -50,32 +58,40 @@ static inline uint32_t bits_of(float value) {
 /* ------------------------------------------------------------------ the top-k cut's sweeps */
 
 /* sparsify.magnitude_histogram of the task vector tuned - base: adds to hist[b] the entries
- * whose |delta| has top 16 bits b. NaN and Inf land in buckets >= 0x7F80. */
+ * whose |delta| has top 16 bits b. NaN and Inf land in buckets >= 0x7F80. Each thread counts
+ * into its own table (in two halves, as bucket_histogram_of does). */
 static inline __attribute__((always_inline)) void magnitude_histogram_of(int dtype, const void *base, const void *tuned, int64_t n, int64_t *hist) {
 #pragma omp parallel
     {
-        int64_t *local = calloc(MAGNITUDE_BUCKETS, sizeof(int64_t));
-        /* on a failed allocation this thread counts straight into hist, one atomic at a time */
+        uint32_t *local = calloc(2 * MAGNITUDE_BUCKETS, sizeof(uint32_t));
+        uint32_t buckets[1024];
+        int64_t blocks = (n + 1023) / 1024;
 #pragma omp for schedule(static)
-        for (int64_t i = 0; i < n; i++) {
-            float delta = load(tuned, dtype, i) - load(base, dtype, i);
-            uint32_t bucket = (bits_of(delta) & 0x7FFFFFFFu) >> 16;
+        for (int64_t block = 0; block < blocks; block++) {
+            int64_t start = block * 1024;
+            int length = n - start < 1024 ? (int)(n - start) : 1024;
+            for (int i = 0; i < length; i++) buckets[i] = (bits_of(load(tuned, dtype, start + i) - load(base, dtype, start + i)) & 0x7FFFFFFFu) >> 16;
             if (local) {
-                local[bucket]++;
+                for (int i = 0; i < length; i += 2) {
+                    local[buckets[i]]++;
+                    if (i + 1 < length) local[MAGNITUDE_BUCKETS + buckets[i + 1]]++;
+                }
             } else {
+                for (int i = 0; i < length; i++) {
 #pragma omp atomic
-                hist[bucket]++;
+                    hist[buckets[i]]++;
+                }
             }
         }
         if (local) {
 #pragma omp critical
-            for (int b = 0; b < MAGNITUDE_BUCKETS; b++) hist[b] += local[b];
+            for (int b = 0; b < MAGNITUDE_BUCKETS; b++) hist[b] += (int64_t)local[b] + local[MAGNITUDE_BUCKETS + b];
             free(local);
         }
     }
 }
 
-void tadrop_magnitude_histogram(int dtype, const void *base, const void *tuned, int64_t n, int64_t *hist) {
+EXPORT void tadrop_magnitude_histogram(int dtype, const void *base, const void *tuned, int64_t n, int64_t *hist) {
     switch (dtype) {
         case BF16: magnitude_histogram_of(BF16, base, tuned, n, hist); break;
         case F16: magnitude_histogram_of(F16, base, tuned, n, hist); break;
@@ -84,31 +100,39 @@ void tadrop_magnitude_histogram(int dtype, const void *base, const void *tuned, 
 }
 
 /* sparsify.bucket_histogram: adds to hist[v] the entries of `bucket` whose |delta| has low
- * 16 bits v. Few entries fall in one bucket, so one thread's counts are cheap to merge. */
+ * 16 bits v. Each thread counts into its own table, in two halves that take alternate entries:
+ * a bucket often holds long runs of one value, and two tables halve the wait of each count on
+ * the one before it. */
 static inline __attribute__((always_inline)) void bucket_histogram_of(int dtype, const void *base, const void *tuned, int64_t n, uint32_t bucket, int64_t *hist) {
 #pragma omp parallel
     {
-        int64_t *local = calloc(BUCKET_VALUES, sizeof(int64_t));
+        uint32_t *local = calloc(2 * BUCKET_VALUES, sizeof(uint32_t));
+        uint32_t magnitudes[1024];
+        int64_t blocks = (n + 1023) / 1024;
 #pragma omp for schedule(static)
-        for (int64_t i = 0; i < n; i++) {
-            uint32_t magnitude = bits_of(load(tuned, dtype, i) - load(base, dtype, i)) & 0x7FFFFFFFu;
-            if ((magnitude >> 16) != bucket) continue;
-            if (local) {
-                local[magnitude & 0xFFFFu]++;
-            } else {
+        for (int64_t block = 0; block < blocks; block++) {
+            int64_t start = block * 1024;
+            int length = n - start < 1024 ? (int)(n - start) : 1024;
+            for (int i = 0; i < length; i++) magnitudes[i] = bits_of(load(tuned, dtype, start + i) - load(base, dtype, start + i)) & 0x7FFFFFFFu;
+            for (int i = 0; i < length; i++) {
+                if ((magnitudes[i] >> 16) != bucket) continue;
+                if (local) {
+                    local[(i & 1) * BUCKET_VALUES + (magnitudes[i] & 0xFFFFu)]++;
+                } else {
 #pragma omp atomic
-                hist[magnitude & 0xFFFFu]++;
+                    hist[magnitudes[i] & 0xFFFFu]++;
+                }
             }
         }
         if (local) {
 #pragma omp critical
-            for (int v = 0; v < BUCKET_VALUES; v++) hist[v] += local[v];
+            for (int v = 0; v < BUCKET_VALUES; v++) hist[v] += (int64_t)local[v] + local[BUCKET_VALUES + v];
             free(local);
         }
     }
 }
 
-void tadrop_bucket_histogram(int dtype, const void *base, const void *tuned, int64_t n, uint32_t bucket, int64_t *hist) {
+EXPORT void tadrop_bucket_histogram(int dtype, const void *base, const void *tuned, int64_t n, uint32_t bucket, int64_t *hist) {
     switch (dtype) {
         case BF16: bucket_histogram_of(BF16, base, tuned, n, bucket, hist); break;
         case F16: bucket_histogram_of(F16, base, tuned, n, bucket, hist); break;
@@ -117,18 +141,31 @@ void tadrop_bucket_histogram(int dtype, const void *base, const void *tuned, int
 }
 
 /* The index of the `count`-th entry (1-based) whose |tuned - base| equals `threshold`, or n if
- * there are fewer: where a top-k cut's kept ties end inside one slice (sparsify.cut_mask). */
-int64_t tadrop_nth_tie(int dtype, const void *base, const void *tuned, int64_t n, float threshold, int64_t count) {
-    for (int64_t i = 0; i < n; i++) {
-        float value;
-        switch (dtype) {
-            case BF16: value = load(tuned, BF16, i) - load(base, BF16, i); break;
-            case F16: value = load(tuned, F16, i) - load(base, F16, i); break;
-            default: value = load(tuned, F32, i) - load(base, F32, i); break;
+ * there are fewer: where a top-k cut's kept ties end inside one slice (sparsify.cut_mask).
+ * Ties are counted a block at a time (a loop the compiler vectorizes); only the block that
+ * holds the answer is walked entry by entry. */
+static inline __attribute__((always_inline)) int64_t nth_tie_of(int dtype, const void *base, const void *tuned, int64_t n, float threshold, int64_t count) {
+    for (int64_t start = 0; start < n; start += 1024) {
+        int length = n - start < 1024 ? (int)(n - start) : 1024;
+        int ties = 0;
+        for (int i = 0; i < length; i++) ties += fabsf(load(tuned, dtype, start + i) - load(base, dtype, start + i)) == threshold;
+        if (ties < count) {
+            count -= ties;
+            continue;
         }
-        if (fabsf(value) == threshold && --count == 0) return i;
+        for (int i = 0; i < length; i++) {
+            if (fabsf(load(tuned, dtype, start + i) - load(base, dtype, start + i)) == threshold && --count == 0) return start + i;
+        }
     }
     return n;
+}
+
+EXPORT int64_t tadrop_nth_tie(int dtype, const void *base, const void *tuned, int64_t n, float threshold, int64_t count) {
+    switch (dtype) {
+        case BF16: return nth_tie_of(BF16, base, tuned, n, threshold, count);
+        case F16: return nth_tie_of(F16, base, tuned, n, threshold, count);
+        default: return nth_tie_of(F32, base, tuned, n, threshold, count);
+    }
 }
 
 /* ------------------------------------------------------------------ the merge of a slice */
@@ -270,7 +307,7 @@ static inline __attribute__((always_inline)) int merge_slice_of(int dtype, const
     return non_finite != 0;
 }
 
-int tadrop_merge_slice(int dtype, const void *base, const struct model_slice *models, int n_models, int64_t n, int64_t offset,
+EXPORT int tadrop_merge_slice(int dtype, const void *base, const struct model_slice *models, int n_models, int64_t n, int64_t offset,
                        int consensus, int normalize, float sum_of_weights, float lambda, float *out) {
     if (n_models < 1) return -1;
     switch (dtype) {

@@ -17,7 +17,7 @@ from typing import Iterable, Iterator, Optional, Protocol
 
 import torch
 
-from . import __version__
+from . import __version__, kernels
 from .checkpoint import all_finite, read_all_float32
 from .errors import BadInput
 from .layout import Layout, TensorJob, build_layout, tensor_seed
@@ -119,6 +119,9 @@ def merge_tensor(layout: Layout, plan: Plan, job: TensorJob, device: torch.devic
             raise BadInput(f"{layout.reference.label}: tensor {job.name} contains NaN or Inf")
         return kept.to(job.out.dtype)
     numel, method, chunk = job.out.numel, layout.recipe.method, chunk_elements(device)
+    if _kernels_merge(layout, job, device):
+        slices = [(start, min(start + chunk, numel)) for start in range(0, numel, chunk)]
+        return _merge_with_kernels(layout, plan, job, slices)
     if numel > chunk and method.sliceable(layout.method_parameters(job.name)):
         row = _row_length(job) if method.whole_rows else 1
         step = max(1, chunk // row) * row  # whole rows per slice, for a method that ranks within rows (DELLA)
@@ -170,6 +173,84 @@ def _read_slices(layout: Layout, job: TensorJob, device: torch.device, slices: l
         yield _read_inputs(layout, job, device, start, stop, models)
 
 
+def _kernels_merge(layout: Layout, job: TensorJob, device: torch.device) -> bool:
+    """Whether the compiled CPU kernels merge this tensor: a generalized-task-arithmetic host
+    whose drop, mix and rescale they know, on the CPU, with inputs of one dtype."""
+    steps = layout.recipe.method.gta
+    if device.type != "cpu" or steps is None or steps.sparsifier not in (None, "magnitude", "random") or steps.consensus not in (None, "sum"):
+        return False
+    if layout.method_parameters(job.name).get("rescale", False) not in (False, None, "none", True, "paper"):
+        return False  # l1/l2/linf need a norm of the whole tensor
+    checkpoints = [layout.reference, *(layout.models[j].checkpoint for j in job.contributors)]
+    return kernels.supports([c.tensors[job.name].dtype for c in checkpoints], len(job.contributors))
+
+
+# A trim passes over a tensor's inputs three times (two sweeps for the cut, then the merge). The
+# kernels' passes keep the stored entries they read when all inputs of the tensor together take
+# at most this many bytes, and read larger tensors again on each pass: peak memory grows by at
+# most this much, while most tensors of a model up to ~1B parameters are read once.
+KEPT_INPUT_BYTES = 128 << 20
+
+
+class _StoredSlices:
+    """The stored entries of one tensor's slices, per input, read on first use; kept for the
+    next pass when the tensor is small enough (KEPT_INPUT_BYTES)."""
+
+    def __init__(self, layout: Layout, job: TensorJob, slices: list[tuple[int, int]]):
+        self.layout, self.job, self.slices = layout, job, slices
+        inputs = [layout.reference, *(layout.models[j].checkpoint for j in job.contributors)]
+        self.keep = sum(c.tensors[job.name].nbytes for c in inputs) <= KEPT_INPUT_BYTES
+        self.kept: dict[tuple[int, int], torch.Tensor] = {}
+
+    def _read(self, s: int, j: Optional[int]) -> torch.Tensor:
+        if (s, j) in self.kept:
+            return self.kept[(s, j)]
+        checkpoint = self.layout.reference if j is None else self.layout.models[j].checkpoint
+        entries = checkpoint.read(self.job.name, *self.slices[s])
+        if self.keep:
+            self.kept[(s, j)] = entries
+        return entries
+
+    def read(self, s: int, models: Iterable[int]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Slice s of the base's and some models' tensor, flattened, as stored."""
+        return self._read(s, None), {j: self._read(s, j) for j in models}
+
+
+def _merge_with_kernels(layout: Layout, plan: Plan, job: TensorJob, slices: list[tuple[int, int]]) -> Iterator[torch.Tensor]:
+    """The merge of one tensor by the CPU kernels, slice by slice (flattened, output dtype): the
+    same bits as methods.generalized_task_arithmetic over the slices."""
+    steps, params = layout.recipe.method.gta, layout.method_parameters(job.name)
+    settings = _task_settings(layout, plan, job)
+    stored = _StoredSlices(layout, job, slices)
+    cuts = _magnitude_cuts(layout, plan, job, torch.device("cpu"), slices, stored) if steps.sparsifier == "magnitude" else {}
+    rescale = params.get("rescale", False) in (True, "paper")
+    sum_of_weights = sum(settings[j]["weight"] for j in job.contributors)
+    sum_of_weights = sum_of_weights if abs(sum_of_weights) >= 1e-8 else 1.0  # as generalized_task_arithmetic
+    for s, (start, stop) in enumerate(slices):
+        base, tuned = stored.read(s, job.contributors)
+        models = []
+        for j, entries in tuned.items():
+            model, density = kernels.ModelSlice(entries, settings[j]["weight"]), settings[j]["density"]
+            if steps.sparsifier == "magnitude" and density < 1:
+                cut = cuts[j]
+                model.drop, model.threshold, model.ties_before = kernels.DROP_BY_MAGNITUDE, cut.threshold, kernels.ties_kept_before(cut, start, base, entries)
+            elif steps.sparsifier == "random" and density < 1:
+                model.drop, model.seed, model.limit = kernels.DROP_AT_RANDOM, settings[j]["seed"], kernels.random_keep_limit(density)
+            if model.drop != kernels.DROP_NOTHING and rescale and density > 0:
+                model.rescale_by = density
+            models.append(model)
+        merged, non_finite = kernels.merge_slice(base, models, start, steps.consensus is not None, bool(params["normalize"]),
+                                                 sum_of_weights, float(params.get("lambda", 1.0)))
+        if non_finite:  # an input holds NaN/Inf, or a difference overflowed: PyTorch redoes the slice and names the input
+            inputs = _read_inputs(layout, job, torch.device("cpu"), start, stop, job.contributors)
+            yield _merge_entries(layout, job, inputs, settings, cuts).reshape(-1)
+            continue
+        result = merged.to(job.out.dtype)
+        if not all_finite(result):
+            raise BadInput(f"tensor {job.name}: the merge produced NaN or Inf (in {job.out.dtype}); check the weights and lambda")
+        yield result
+
+
 def _density(layout: Layout, plan: Plan, job: TensorJob, j: int) -> float:
     """Model j's kept fraction for this tensor: the recipe's, or TADrop's."""
     model = layout.models[j]
@@ -177,10 +258,34 @@ def _density(layout: Layout, plan: Plan, job: TensorJob, j: int) -> float:
     return plan.density(model.label, job.name, recipe_density)
 
 
-def _magnitude_cuts(layout: Layout, plan: Plan, job: TensorJob, device: torch.device, slices: list[tuple[int, int]]) -> dict[int, TopKCut]:
+def _histograms(layout: Layout, job: TensorJob, device: torch.device, slices: list[tuple[int, int]], models: Iterable[int],
+                buckets: Optional[dict[int, int]], stored: Optional[_StoredSlices]) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """(slice, model, histogram of its task vector there) for every slice and model: the
+    magnitude histogram, or with `buckets` the bucket histogram of each model's bucket. Given
+    the `stored` entries, the CPU kernels count from them (one pass, no float32 copies)."""
+    models = list(models)
+    if stored is None:
+        for s, inputs in enumerate(_read_slices(layout, job, device, slices, models)):
+            for j, delta in inputs.task_vectors():
+                yield s, j, magnitude_histogram(delta) if buckets is None else bucket_histogram(delta, buckets[j])
+        return
+    for s, (start, stop) in enumerate(slices):
+        base, tuned = stored.read(s, models)
+        for j, entries in tuned.items():
+            if buckets is not None:
+                yield s, j, kernels.bucket_histogram(base, entries, buckets[j])
+                continue
+            counts = kernels.magnitude_histogram(base, entries)
+            if kernels.has_non_finite(counts):  # NaN/Inf in an input (this names it), or an overflowed difference
+                read_all_float32([layout.reference, layout.models[j].checkpoint], job.name, torch.device("cpu"), start, stop)
+            yield s, j, counts
+
+
+def _magnitude_cuts(layout: Layout, plan: Plan, job: TensorJob, device: torch.device, slices: list[tuple[int, int]],
+                    stored: Optional[_StoredSlices] = None) -> dict[int, TopKCut]:
     """Each trimmed model's top-k cut of this tensor, from two sweeps over its slices: a
     histogram of |delta|'s top 16 bits, then of the boundary bucket's low 16 bits (see
-    sparsify.top_k_cut, which does the same on slices in memory)."""
+    sparsify.top_k_cut, which does the same on slices in memory). `stored`: see _histograms."""
     numel = job.out.numel
     kept = {j: kept_count(numel, d) for j in job.contributors if (d := _density(layout, plan, job, j)) < 1}
     cuts = {j: KEEP_NOTHING for j, k in kept.items() if k <= 0}
@@ -190,14 +295,12 @@ def _magnitude_cuts(layout: Layout, plan: Plan, job: TensorJob, device: torch.de
     # the counts are allocated before the sweeps: small buffers kept from inside a sweep would
     # sit between the slices' freed temporaries and fragment the heap (it grew by ~600 MB)
     histograms = {j: torch.zeros(MAGNITUDE_BUCKETS, dtype=torch.int64, device=device) for j in todo}
-    for inputs in _read_slices(layout, job, device, slices, todo):
-        for j, delta in inputs.task_vectors():
-            histograms[j] += magnitude_histogram(delta)
+    for _, j, counts in _histograms(layout, job, device, slices, todo, None, stored):
+        histograms[j] += counts
     buckets = {j: boundary_bucket(histograms[j], k) for j, k in todo.items()}
     bucket_counts = {j: torch.zeros((len(slices), 1 << 16), dtype=torch.int32, device=device) for j in todo}
-    for s, inputs in enumerate(_read_slices(layout, job, device, slices, todo)):
-        for j, delta in inputs.task_vectors():
-            bucket_counts[j][s] = bucket_histogram(delta, buckets[j][0])
+    for s, j, counts in _histograms(layout, job, device, slices, todo, {j: bucket for j, (bucket, _) in buckets.items()}, stored):
+        bucket_counts[j][s] = counts
     for j, k in todo.items():
         bucket, larger = buckets[j]
         cuts[j] = cut_from_bucket_counts(bucket, [start for start, _ in slices], bucket_counts[j], k - larger)

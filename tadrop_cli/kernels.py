@@ -92,11 +92,21 @@ def _pair(base: torch.Tensor, tuned: torch.Tensor) -> tuple[int, torch.Tensor, t
     return DTYPE_CODES[base.dtype], base, tuned
 
 
+# The histogram kernels count in 32-bit tables per thread: they are called on at most this many entries at a time.
+_COUNT_LIMIT = 1 << 31
+
+
+def _pieces(n: int) -> range:
+    return range(0, n, _COUNT_LIMIT)
+
+
 def magnitude_histogram(base: torch.Tensor, tuned: torch.Tensor) -> torch.Tensor:
     """sparsify.magnitude_histogram(tuned.float() - base.float()): entries per |delta| bucket (int64)."""
     code, base, tuned = _pair(base, tuned)
     counts = torch.zeros(MAGNITUDE_BUCKETS, dtype=torch.int64)
-    _library().tadrop_magnitude_histogram(code, base.data_ptr(), tuned.data_ptr(), base.numel(), counts.data_ptr())
+    for start in _pieces(base.numel()):
+        b, t = base[start:start + _COUNT_LIMIT], tuned[start:start + _COUNT_LIMIT]
+        _library().tadrop_magnitude_histogram(code, b.data_ptr(), t.data_ptr(), b.numel(), counts.data_ptr())
     return counts
 
 
@@ -109,7 +119,9 @@ def bucket_histogram(base: torch.Tensor, tuned: torch.Tensor, bucket: int) -> to
     """sparsify.bucket_histogram(tuned.float() - base.float(), bucket) (int64, 2^16)."""
     code, base, tuned = _pair(base, tuned)
     counts = torch.zeros(1 << 16, dtype=torch.int64)
-    _library().tadrop_bucket_histogram(code, base.data_ptr(), tuned.data_ptr(), base.numel(), bucket, counts.data_ptr())
+    for start in _pieces(base.numel()):
+        b, t = base[start:start + _COUNT_LIMIT], tuned[start:start + _COUNT_LIMIT]
+        _library().tadrop_bucket_histogram(code, b.data_ptr(), t.data_ptr(), b.numel(), bucket, counts.data_ptr())
     return counts
 
 

@@ -59,6 +59,15 @@ class ParamSpec:
 
 
 @dataclass(frozen=True)
+class GtaSteps:
+    """The steps of generalized_task_arithmetic a method takes: its drop (None: none) and its mix
+    (consensus "sum": TIES's sign election and disjoint sum; None: the plain sum)."""
+
+    sparsifier: Sparsifier
+    consensus: Optional[Literal["sum", "count"]]
+
+
+@dataclass(frozen=True)
 class MergeMethod:
     name: str
     merge: Callable[..., torch.Tensor]
@@ -74,6 +83,9 @@ class MergeMethod:
     sliced_trims: bool = False
     # ... provided each slice holds whole rows (dim 0), handed over as a 2-D block of them
     whole_rows: bool = False
+    # merge() is generalized_task_arithmetic with these steps: on a CPU the engine may run it
+    # with the compiled kernels (kernels.merge_slice), which give the same bits
+    gta: Optional[GtaSteps] = None
 
     def sliceable(self, method_parameters: dict[str, Any]) -> bool:
         """Whether the engine may merge a tensor in slices with these parameters."""
@@ -190,14 +202,19 @@ def linear(base: torch.Tensor, task_vectors: list[TaskVector], *, normalize: boo
     return merged
 
 
-def _gta(sparsifier: Sparsifier, consensus: str | None) -> Callable[..., torch.Tensor]:
+def _gta(steps: GtaSteps) -> Callable[..., torch.Tensor]:
     def merge(base: torch.Tensor, task_vectors: list[TaskVector], *, normalize: bool, rescale: sparsify.Rescale = False, **params: Any) -> torch.Tensor:
         return generalized_task_arithmetic(
-            base, task_vectors, sparsifier=sparsifier, consensus=consensus,
+            base, task_vectors, sparsifier=steps.sparsifier, consensus=steps.consensus,
             normalize=normalize, lambda_=params.get("lambda", 1.0), rescale=rescale,
         )
 
     return merge
+
+
+def _gta_method(name: str, steps: GtaSteps, description: str, reference: str, params: tuple[ParamSpec, ...], **flags: Any) -> MergeMethod:
+    """A generalized-task-arithmetic host: its merge function and the steps it takes."""
+    return MergeMethod(name, _gta(steps), description, reference, sparsifier=steps.sparsifier, params=params, gta=steps, **flags)
 
 
 def _weighted(tv: TaskVector) -> torch.Tensor:
@@ -327,25 +344,25 @@ METHODS: dict[str, MergeMethod] = {
     for m in [
         MergeMethod("linear", linear, "weighted average of the models (model soup)", "https://arxiv.org/abs/2203.05482",
                     params=(WEIGHT, _normalize(True)), elementwise=True),
-        MergeMethod("task_arithmetic", _gta(None, None), "base + lambda * sum of weighted task vectors", "https://arxiv.org/abs/2212.04089",
+        _gta_method("task_arithmetic", GtaSteps(None, None), "base + lambda * sum of weighted task vectors", "https://arxiv.org/abs/2212.04089",
                     params=(WEIGHT, ParamSpec("density", 1.0, "ignored, as in mergekit (use magnitude_prune to trim)", per_model=True, low=0.0, high=1.0),
                             _normalize(False), LAMBDA, INT8_MASK), elementwise=True),
-        MergeMethod("magnitude_prune", _gta("magnitude", None), "trim each task vector to its largest entries, then task arithmetic", "https://arxiv.org/abs/2306.01708",
-                    sparsifier="magnitude", params=_gta_params(False, False), sliced_trims=True),
-        MergeMethod("ties", _gta("magnitude", "sum"), "trim, elect sign, disjoint mean (TIES-Merging)", "https://arxiv.org/abs/2306.01708",
-                    sparsifier="magnitude", params=_gta_params(True, False), sliced_trims=True),
-        MergeMethod("dare_linear", _gta("random", None), "random drop and rescale (DARE), then task arithmetic", "https://arxiv.org/abs/2311.03099",
-                    sparsifier="random", params=_gta_params(False, True), sliced_trims=True),
-        MergeMethod("dare_ties", _gta("random", "sum"), "random drop and rescale (DARE), then TIES sign election", "https://arxiv.org/abs/2311.03099",
-                    sparsifier="random", params=_gta_params(False, True), sliced_trims=True),
-        MergeMethod("breadcrumbs", _gta("breadcrumbs", None), "drop outliers and small entries (Model Breadcrumbs), then task arithmetic", "https://arxiv.org/abs/2312.06795",
-                    sparsifier="breadcrumbs", params=_gta_params(False, False, GAMMA)),
-        MergeMethod("breadcrumbs_ties", _gta("breadcrumbs", "sum"), "Model Breadcrumbs with TIES sign election", "https://arxiv.org/abs/2312.06795",
-                    sparsifier="breadcrumbs", params=_gta_params(False, False, GAMMA)),
-        MergeMethod("della", _gta("della", "sum"), "magnitude-ranked random drop and rescale (DELLA MAGPRUNE), TIES sign election, disjoint mean", "https://arxiv.org/abs/2406.11617",
-                    sparsifier="della", params=_gta_params(True, True, EPSILON), sliced_trims=True, whole_rows=True),
-        MergeMethod("della_linear", _gta("della", None), "magnitude-ranked random drop and rescale (DELLA MAGPRUNE), then task arithmetic", "https://arxiv.org/abs/2406.11617",
-                    sparsifier="della", params=_gta_params(False, True, EPSILON), sliced_trims=True, whole_rows=True),
+        _gta_method("magnitude_prune", GtaSteps("magnitude", None), "trim each task vector to its largest entries, then task arithmetic", "https://arxiv.org/abs/2306.01708",
+                    params=_gta_params(False, False), sliced_trims=True),
+        _gta_method("ties", GtaSteps("magnitude", "sum"), "trim, elect sign, disjoint mean (TIES-Merging)", "https://arxiv.org/abs/2306.01708",
+                    params=_gta_params(True, False), sliced_trims=True),
+        _gta_method("dare_linear", GtaSteps("random", None), "random drop and rescale (DARE), then task arithmetic", "https://arxiv.org/abs/2311.03099",
+                    params=_gta_params(False, True), sliced_trims=True),
+        _gta_method("dare_ties", GtaSteps("random", "sum"), "random drop and rescale (DARE), then TIES sign election", "https://arxiv.org/abs/2311.03099",
+                    params=_gta_params(False, True), sliced_trims=True),
+        _gta_method("breadcrumbs", GtaSteps("breadcrumbs", None), "drop outliers and small entries (Model Breadcrumbs), then task arithmetic", "https://arxiv.org/abs/2312.06795",
+                    params=_gta_params(False, False, GAMMA)),
+        _gta_method("breadcrumbs_ties", GtaSteps("breadcrumbs", "sum"), "Model Breadcrumbs with TIES sign election", "https://arxiv.org/abs/2312.06795",
+                    params=_gta_params(False, False, GAMMA)),
+        _gta_method("della", GtaSteps("della", "sum"), "magnitude-ranked random drop and rescale (DELLA MAGPRUNE), TIES sign election, disjoint mean", "https://arxiv.org/abs/2406.11617",
+                    params=_gta_params(True, True, EPSILON), sliced_trims=True, whole_rows=True),
+        _gta_method("della_linear", GtaSteps("della", None), "magnitude-ranked random drop and rescale (DELLA MAGPRUNE), then task arithmetic", "https://arxiv.org/abs/2406.11617",
+                    params=_gta_params(False, True, EPSILON), sliced_trims=True, whole_rows=True),
         MergeMethod("tsv_m", _subspace(subspace.tsv_merge, True), "Task Singular Vectors: each task's top singular triplets, decorrelated (Procrustes), summed", "https://arxiv.org/abs/2412.00081",
                     sparsifier="rank", params=(WEIGHT, RANK_SHARE, ALPHA)),
         MergeMethod("iso_c", _subspace(subspace.iso_c_merge, False), "Iso-C: sum of task vectors with a flat (isotropic) singular spectrum", "https://arxiv.org/abs/2502.04959",
