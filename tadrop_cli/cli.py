@@ -227,7 +227,9 @@ def verify(
 
 def _version(value: bool) -> None:
     if value:
-        print(f"tadrop {__version__}")
+        from . import kernels
+
+        print(f"tadrop {__version__} (CPU kernels: {'built' if kernels.available() else 'not built, PyTorch runs every merge'})")
         raise typer.Exit()
 
 

@@ -411,7 +411,8 @@ def run_merge(recipe: Recipe, options: MergeOptions, progress: Progress = NoProg
             raise
     finally:
         layout.close()
-    summary.update(output=str(target), seconds=round(time.perf_counter() - started, 3), device=str(device), **_peak_memory())
+    summary.update(output=str(target), seconds=round(time.perf_counter() - started, 3), device=str(device),
+                   cpu_kernels=device.type == "cpu" and kernels.available(), **_peak_memory())
     return summary
 
 

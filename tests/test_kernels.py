@@ -1,0 +1,265 @@
+"""The compiled CPU kernels (tadrop_cli/_kernels.c) give exactly the bits of the PyTorch code
+they stand in for: the top-k cut's histograms, where a slice's kept ties end, and the merge of a
+slice for every generalized-task-arithmetic host; and the engine writes the same bytes with
+them as without them."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from tadrop_cli import engine, kernels, methods, sparsify
+from tadrop_cli.engine import MergeOptions, run_merge
+from tadrop_cli.errors import BadInput
+from tadrop_cli.recipe import parse_recipe
+
+from conftest import basic_recipe, fine_tune, tiny_state, write_checkpoint
+
+needs_kernels = pytest.mark.skipif(not kernels.available(), reason="the C kernels were not built (no C compiler at install)")
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+KERNEL_METHODS = ["task_arithmetic", "magnitude_prune", "ties", "dare_linear", "dare_ties"]
+
+
+def test_ci_builds_the_kernels():
+    """CI sets TADROP_REQUIRE_KERNELS=1, so that these tests cannot all skip there unnoticed."""
+    if os.environ.get("TADROP_REQUIRE_KERNELS") != "1":
+        pytest.skip("TADROP_REQUIRE_KERNELS is not set")
+    assert kernels.available()
+
+
+def test_the_kernel_hosts_are_the_generalized_task_arithmetic_ones():
+    assert {n for n, m in methods.METHODS.items() if m.gta is not None and m.gta.sparsifier in (None, "magnitude", "random")} == set(KERNEL_METHODS)
+
+
+def _pair(dtype: torch.dtype, n: int, seed: int, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A base and a fine-tune of n entries, stored in dtype: dense small changes, changes on a
+    few entries (most task-vector entries exactly 0), or few distinct changes (many ties)."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, generator=g)
+    if kind == "dense":
+        tuned = base + 0.01 * torch.randn(n, generator=g)
+    elif kind == "sparse":
+        tuned = base.clone()
+        picked = torch.randperm(n, generator=g)[: n // 50]
+        tuned[picked] += torch.randn(picked.numel(), generator=g)
+    else:  # ties: changes of a few sizes only
+        tuned = base + torch.randint(-3, 4, (n,), generator=g).float() * 0.125
+    base[:3] = torch.tensor([0.0, -0.0, 1e-40])  # zeros of both signs and a subnormal
+    return base.to(dtype), tuned.to(dtype)
+
+
+def _delta(base: torch.Tensor, tuned: torch.Tensor) -> torch.Tensor:
+    return tuned.float() - base.float()
+
+
+# ---------------------------------------------------------------- the cut's pieces
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["dense", "sparse", "ties"])
+def test_histograms_equal_pytorchs(dtype, kind):
+    base, tuned = _pair(dtype, 100_003, 1, kind)
+    delta = _delta(base, tuned)
+    counts = kernels.magnitude_histogram(base, tuned)
+    assert torch.equal(counts, sparsify.magnitude_histogram(delta))
+    assert int(counts.sum()) == delta.numel() and not kernels.has_non_finite(counts)
+    for k in (1, 777, 50_000, 100_002):  # the boundary buckets of several cuts
+        bucket, _ = sparsify.boundary_bucket(counts, k)
+        assert torch.equal(kernels.bucket_histogram(base, tuned, bucket), sparsify.bucket_histogram(delta, bucket))
+
+
+@needs_kernels
+def test_a_magnitude_histogram_counts_nan_and_inf():
+    base, tuned = _pair(torch.bfloat16, 1000, 2, "dense")
+    assert not kernels.has_non_finite(kernels.magnitude_histogram(base, tuned))
+    for bad in (math.nan, math.inf, -math.inf):
+        spoiled = tuned.clone()
+        spoiled[500] = bad
+        assert kernels.has_non_finite(kernels.magnitude_histogram(base, spoiled))
+
+
+@needs_kernels
+@pytest.mark.parametrize("slice_size", [1000, 4096, 100_000])
+def test_ties_kept_before_agrees_with_cut_mask(slice_size):
+    """The kernels keep a tie where its slice position is below ties_kept_before; sparsify.cut_mask
+    decides the same ties, whichever slice holds the last kept one."""
+    base, tuned = _pair(torch.bfloat16, 20_000, 3, "ties")
+    delta = _delta(base, tuned)
+    for k in (1, 5000, 9999, 15_000):
+        parts = list(delta.split(slice_size))
+        cut = sparsify.top_k_cut(parts, k)
+        for s, part in enumerate(parts):
+            offset = s * slice_size
+            before = kernels.ties_kept_before(cut, offset, base[offset:offset + part.numel()], tuned[offset:offset + part.numel()])
+            tied = (part.abs() == cut.threshold).nonzero().reshape(-1)
+            kept = sparsify.cut_mask(part.clone(), cut, offset)[tied] == 1
+            assert torch.equal(kept, tied < before)
+
+
+# ---------------------------------------------------------------- the merge of a slice
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    """float32 entries as their bit patterns: equal bits, zeros' signs and NaN payloads included."""
+    return tensor.contiguous().view(torch.int32)
+
+
+def _kernel_merge(base, tuned, steps, weights, densities, seeds, cuts, offset, normalize, lambda_, rescale):
+    models = []
+    for t, w, d, seed, cut in zip(tuned, weights, densities, seeds, cuts):
+        model = kernels.ModelSlice(t, w)
+        if steps.sparsifier == "magnitude" and d < 1:
+            model.drop, model.threshold, model.ties_before = kernels.DROP_BY_MAGNITUDE, cut.threshold, kernels.ties_kept_before(cut, offset, base, t)
+        elif steps.sparsifier == "random" and d < 1:
+            model.drop, model.seed, model.limit = kernels.DROP_AT_RANDOM, seed, kernels.random_keep_limit(d)
+        if model.drop != kernels.DROP_NOTHING and rescale and d > 0:
+            model.rescale_by = d
+        models.append(model)
+    total = sum(weights)
+    merged, non_finite = kernels.merge_slice(base, models, offset, steps.consensus is not None, normalize, total if abs(total) >= 1e-8 else 1.0, lambda_)
+    assert not non_finite
+    return merged
+
+
+MERGE_CASES = {
+    "plain": dict(weights=[0.6, 0.6, 0.6], densities=[0.4, 0.4, 0.4], normalize=True, lambda_=1.0, rescale=False),
+    "mixed weights": dict(weights=[1.0, -0.3, 2.5], densities=[0.1, 0.5, 0.9], normalize=True, lambda_=0.7, rescale=True),
+    "weights summing to 0": dict(weights=[0.5, -0.5], densities=[0.3, 0.6], normalize=True, lambda_=1.0, rescale=False),
+    "keep all, keep none": dict(weights=[1.0, 1.0, 0.2], densities=[1.0, 0.0, 0.5], normalize=False, lambda_=1.3, rescale=True),
+    "one model": dict(weights=[0.8], densities=[0.25], normalize=False, lambda_=2.0, rescale=True),
+}
+
+
+@needs_kernels
+@pytest.mark.parametrize("method", KERNEL_METHODS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", list(MERGE_CASES))
+def test_merge_slice_gives_the_bits_of_generalized_task_arithmetic(method, dtype, case):
+    """Merged in slices of a 50_000-entry tensor (the last one shorter), with each model's cut
+    or random stream of the whole tensor, the kernel's float32 slices are exactly PyTorch's."""
+    steps, setting = methods.METHODS[method].gta, MERGE_CASES[case]
+    n, size = 50_000, 16_384
+    base, first = _pair(dtype, n, 10, "dense")
+    tuned = [first] + [_pair(dtype, n, 11 + i, kind)[1] for i, kind in enumerate(["sparse", "ties", "dense"])]
+    tuned = tuned[: len(setting["weights"])]
+    seeds = [2**63 - 1 - i for i in range(len(tuned))]
+    whole_deltas = [_delta(base, t) for t in tuned]
+    cuts = [sparsify.top_k_cut(list(d.split(size)), sparsify.kept_count(n, density)) if density < 1 else None
+            for d, density in zip(whole_deltas, setting["densities"])]
+    for offset in range(0, n, size):
+        part = slice(offset, offset + size)
+        task_vectors = [methods.TaskVector(delta=d[part].clone(), weight=w, density=density, seed=seed, offset=offset, cut=cut)
+                        for d, w, density, seed, cut in zip(whole_deltas, setting["weights"], setting["densities"], seeds, cuts)]
+        expected = methods.generalized_task_arithmetic(base[part].float(), task_vectors, sparsifier=steps.sparsifier, consensus=steps.consensus,
+                                                       normalize=setting["normalize"], lambda_=setting["lambda_"], rescale=setting["rescale"])
+        merged = _kernel_merge(base[part], [t[part] for t in tuned], steps, setting["weights"], setting["densities"], seeds, cuts, offset,
+                               setting["normalize"], setting["lambda_"], setting["rescale"])
+        assert torch.equal(_bits(merged), _bits(expected)), f"slice at {offset}"
+
+
+@needs_kernels
+def test_merge_slice_flags_non_finite_task_vectors():
+    base, tuned = _pair(torch.float32, 5000, 4, "dense")
+    clean, flagged = kernels.merge_slice(base, [kernels.ModelSlice(tuned)], 0, True, True, 1.0, 1.0)
+    assert not flagged and bool(torch.isfinite(clean).all())
+    for a, b in ((math.nan, 0.0), (math.inf, 0.0), (3e38, -3e38)):  # the last: finite inputs whose difference overflows
+        spoiled_base, spoiled = base.clone(), tuned.clone()
+        spoiled[7], spoiled_base[7] = a, b
+        model = kernels.ModelSlice(spoiled, drop=kernels.DROP_BY_MAGNITUDE, threshold=1e30)  # the bad entry is dropped, and still flagged
+        assert kernels.merge_slice(spoiled_base, [model], 0, False, False, 1.0, 1.0)[1]
+
+
+# ---------------------------------------------------------------- the engine
+
+
+@pytest.fixture
+def count_kernel_merges(monkeypatch):
+    """How many slices the kernels merged (so that a test knows they ran)."""
+    calls = []
+    original = kernels.merge_slice
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "merge_slice", counting)
+    return calls
+
+
+def _models(tmp_path, dtype, base_dtype=None):
+    base = tiny_state()
+    paths = {"base": write_checkpoint(tmp_path / "base", base, dtype=base_dtype or dtype)}
+    paths.update({f"ft{i}": write_checkpoint(tmp_path / f"ft{i}", fine_tune(base, i), dtype=dtype) for i in range(3)})
+    return paths
+
+
+def _merge_without_kernels(monkeypatch, recipe, output):
+    with monkeypatch.context() as patch:
+        patch.setattr(kernels, "_library", lambda: None)
+        assert not kernels.available()
+        return run_merge(recipe, MergeOptions(output=output))
+
+
+@needs_kernels
+@pytest.mark.parametrize("method", KERNEL_METHODS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("chunk", [1000, 1 << 20])
+def test_the_engine_writes_the_same_bytes_with_and_without_kernels(tmp_path, monkeypatch, count_kernel_merges, method, dtype, chunk):
+    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", chunk)  # 1000: every weight in several slices, the last shorter
+    models = _models(tmp_path, dtype)
+    extra = {"tadrop": {"enabled": True, "min_numel": 1000}} if method != "task_arithmetic" else {}
+    recipe = parse_recipe(basic_recipe(models, tmp_path / "kernels", method=method, seed=5, parameters={"lambda": 0.9}, **extra))
+    with_kernels = run_merge(recipe, MergeOptions())
+    assert len(count_kernel_merges) >= len(tiny_state())  # every tensor went through the kernels
+    without = _merge_without_kernels(monkeypatch, recipe, tmp_path / "torch")
+    assert with_kernels["ratios"] == without["ratios"]
+    assert (tmp_path / "kernels" / "model.safetensors").read_bytes() == (tmp_path / "torch" / "model.safetensors").read_bytes()
+
+
+@needs_kernels
+def test_inputs_of_different_dtypes_merge_without_the_kernels(tmp_path, monkeypatch, count_kernel_merges):
+    models = _models(tmp_path, torch.bfloat16, base_dtype=torch.float32)
+    recipe = parse_recipe(basic_recipe(models, tmp_path / "mixed", method="ties"))
+    run_merge(recipe, MergeOptions())
+    assert count_kernel_merges == []
+    _merge_without_kernels(monkeypatch, recipe, tmp_path / "torch")
+    assert (tmp_path / "mixed" / "model.safetensors").read_bytes() == (tmp_path / "torch" / "model.safetensors").read_bytes()
+
+
+@needs_kernels
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties"])
+def test_nan_in_an_input_is_named_on_the_kernel_path(tmp_path, monkeypatch, method):
+    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 1000)
+    base = tiny_state()
+    spoiled = fine_tune(base, 1)
+    spoiled["model.layers.1.mlp.weight"][50, 3] = math.nan  # in the 5th slice of that tensor
+    models = {"base": write_checkpoint(tmp_path / "base", base, dtype=torch.bfloat16),
+              "ft0": write_checkpoint(tmp_path / "ft0", fine_tune(base, 0), dtype=torch.bfloat16),
+              "ft1": write_checkpoint(tmp_path / "ft1", spoiled, dtype=torch.bfloat16)}
+    recipe = parse_recipe(basic_recipe(models, tmp_path / "out", method=method))
+    with pytest.raises(BadInput, match=r"ft1: tensor model\.layers\.1\.mlp\.weight contains NaN or Inf"):
+        run_merge(recipe, MergeOptions())
+    assert not (tmp_path / "out").exists()
+
+
+@needs_kernels
+def test_an_overflowing_difference_fails_as_without_kernels(tmp_path, monkeypatch):
+    """Finite inputs whose task vector overflows float32: the same error either way."""
+    base = tiny_state()
+    tuned = fine_tune(base, 0)
+    base["model.embed.weight"][0, 0], tuned["model.embed.weight"][0, 0] = -3e38, 3e38
+    models = {"base": write_checkpoint(tmp_path / "base", base), "ft0": write_checkpoint(tmp_path / "ft0", tuned)}
+    recipe = parse_recipe(basic_recipe(models, tmp_path / "out", method="task_arithmetic"))
+    messages = []
+    for use_kernels in (True, False):
+        with monkeypatch.context() as patch:
+            if not use_kernels:
+                patch.setattr(kernels, "_library", lambda: None)
+            with pytest.raises(BadInput) as error:
+                run_merge(recipe, MergeOptions())
+            messages.append(str(error.value))
+    assert messages[0] == messages[1] and "model.embed.weight: the merge produced NaN or Inf" in messages[0]
