@@ -57,56 +57,27 @@ static inline uint32_t bits_of(float value) {
 
 /* ------------------------------------------------------------------ the top-k cut's sweeps */
 
-/* sparsify.magnitude_histogram of the task vector tuned - base: adds to hist[b] the entries
- * whose |delta| has top 16 bits b. NaN and Inf land in buckets >= 0x7F80. Each thread counts
- * into its own table (in two halves, as bucket_histogram_of does). */
-static inline __attribute__((always_inline)) void magnitude_histogram_of(int dtype, const void *base, const void *tuned, int64_t n, int64_t *hist) {
+#ifndef _OPENMP
+static inline int omp_get_thread_num(void) { return 0; }
+static inline int omp_get_num_threads(void) { return 1; }
+static inline int omp_get_max_threads(void) { return 1; }
+#endif
+
+/* A histogram of the task vector tuned - base, added to `hist`: with bucket < 0, of the top 16
+ * bits of |delta| (sparsify.magnitude_histogram; NaN and Inf land in buckets >= 0x7F80); else
+ * of the low 16 bits of the entries whose top 16 bits are `bucket` (sparsify.bucket_histogram).
+ *
+ * Each thread counts into its own table, in two halves that take alternate entries (a slice
+ * often holds long runs of one value, and two tables halve the wait of each count on the one
+ * before it); then the threads sum the tables into `hist`, each a share of the values.
+ * Returns -1 when out of memory, else 0. */
+static inline __attribute__((always_inline)) int histogram_of(int dtype, const void *base, const void *tuned, int64_t n, int64_t bucket, int64_t *hist) {
+    const int size = bucket < 0 ? MAGNITUDE_BUCKETS : BUCKET_VALUES;
+    uint32_t **tables = calloc(omp_get_max_threads(), sizeof(uint32_t *));
+    if (!tables) return -1;
 #pragma omp parallel
     {
-        uint32_t *local = calloc(2 * MAGNITUDE_BUCKETS, sizeof(uint32_t));
-        uint32_t buckets[1024];
-        int64_t blocks = (n + 1023) / 1024;
-#pragma omp for schedule(static)
-        for (int64_t block = 0; block < blocks; block++) {
-            int64_t start = block * 1024;
-            int length = n - start < 1024 ? (int)(n - start) : 1024;
-            for (int i = 0; i < length; i++) buckets[i] = (bits_of(load(tuned, dtype, start + i) - load(base, dtype, start + i)) & 0x7FFFFFFFu) >> 16;
-            if (local) {
-                for (int i = 0; i < length; i += 2) {
-                    local[buckets[i]]++;
-                    if (i + 1 < length) local[MAGNITUDE_BUCKETS + buckets[i + 1]]++;
-                }
-            } else {
-                for (int i = 0; i < length; i++) {
-#pragma omp atomic
-                    hist[buckets[i]]++;
-                }
-            }
-        }
-        if (local) {
-#pragma omp critical
-            for (int b = 0; b < MAGNITUDE_BUCKETS; b++) hist[b] += (int64_t)local[b] + local[MAGNITUDE_BUCKETS + b];
-            free(local);
-        }
-    }
-}
-
-EXPORT void tadrop_magnitude_histogram(int dtype, const void *base, const void *tuned, int64_t n, int64_t *hist) {
-    switch (dtype) {
-        case BF16: magnitude_histogram_of(BF16, base, tuned, n, hist); break;
-        case F16: magnitude_histogram_of(F16, base, tuned, n, hist); break;
-        default: magnitude_histogram_of(F32, base, tuned, n, hist); break;
-    }
-}
-
-/* sparsify.bucket_histogram: adds to hist[v] the entries of `bucket` whose |delta| has low
- * 16 bits v. Each thread counts into its own table, in two halves that take alternate entries:
- * a bucket often holds long runs of one value, and two tables halve the wait of each count on
- * the one before it. */
-static inline __attribute__((always_inline)) void bucket_histogram_of(int dtype, const void *base, const void *tuned, int64_t n, uint32_t bucket, int64_t *hist) {
-#pragma omp parallel
-    {
-        uint32_t *local = calloc(2 * BUCKET_VALUES, sizeof(uint32_t));
+        uint32_t *table = tables[omp_get_thread_num()] = calloc(2 * size, sizeof(uint32_t));
         uint32_t magnitudes[1024];
         int64_t blocks = (n + 1023) / 1024;
 #pragma omp for schedule(static)
@@ -114,29 +85,48 @@ static inline __attribute__((always_inline)) void bucket_histogram_of(int dtype,
             int64_t start = block * 1024;
             int length = n - start < 1024 ? (int)(n - start) : 1024;
             for (int i = 0; i < length; i++) magnitudes[i] = bits_of(load(tuned, dtype, start + i) - load(base, dtype, start + i)) & 0x7FFFFFFFu;
-            for (int i = 0; i < length; i++) {
-                if ((magnitudes[i] >> 16) != bucket) continue;
-                if (local) {
-                    local[(i & 1) * BUCKET_VALUES + (magnitudes[i] & 0xFFFFu)]++;
-                } else {
+            if (table && bucket < 0) {
+                for (int i = 0; i < length; i++) table[(i & 1) * size + (magnitudes[i] >> 16)]++;
+            } else if (table) {
+                /* every entry adds 1 if it is in the bucket, else 0: no branch to mispredict */
+                for (int i = 0; i < length; i++) table[(i & 1) * size + (magnitudes[i] & 0xFFFFu)] += (magnitudes[i] >> 16) == (uint32_t)bucket;
+            } else { /* no memory for a table: count straight into hist */
+                for (int i = 0; i < length; i++) {
+                    if (bucket >= 0 && (magnitudes[i] >> 16) != (uint32_t)bucket) continue;
 #pragma omp atomic
-                    hist[magnitudes[i] & 0xFFFFu]++;
+                    hist[bucket < 0 ? magnitudes[i] >> 16 : magnitudes[i] & 0xFFFFu]++;
                 }
             }
         }
-        if (local) {
-#pragma omp critical
-            for (int v = 0; v < BUCKET_VALUES; v++) hist[v] += (int64_t)local[v] + local[BUCKET_VALUES + v];
-            free(local);
+        /* the loop's end waits for every thread: all tables are complete */
+        int threads = omp_get_num_threads();
+#pragma omp for schedule(static)
+        for (int v = 0; v < size; v++) {
+            int64_t total = 0;
+            for (int t = 0; t < threads; t++) {
+                if (tables[t]) total += (int64_t)tables[t][v] + tables[t][size + v];
+            }
+            hist[v] += total;
         }
+        free(table);
+    }
+    free(tables);
+    return 0;
+}
+
+EXPORT int tadrop_magnitude_histogram(int dtype, const void *base, const void *tuned, int64_t n, int64_t *hist) {
+    switch (dtype) {
+        case BF16: return histogram_of(BF16, base, tuned, n, -1, hist);
+        case F16: return histogram_of(F16, base, tuned, n, -1, hist);
+        default: return histogram_of(F32, base, tuned, n, -1, hist);
     }
 }
 
-EXPORT void tadrop_bucket_histogram(int dtype, const void *base, const void *tuned, int64_t n, uint32_t bucket, int64_t *hist) {
+EXPORT int tadrop_bucket_histogram(int dtype, const void *base, const void *tuned, int64_t n, uint32_t bucket, int64_t *hist) {
     switch (dtype) {
-        case BF16: bucket_histogram_of(BF16, base, tuned, n, bucket, hist); break;
-        case F16: bucket_histogram_of(F16, base, tuned, n, bucket, hist); break;
-        default: bucket_histogram_of(F32, base, tuned, n, bucket, hist); break;
+        case BF16: return histogram_of(BF16, base, tuned, n, bucket, hist);
+        case F16: return histogram_of(F16, base, tuned, n, bucket, hist);
+        default: return histogram_of(F32, base, tuned, n, bucket, hist);
     }
 }
 

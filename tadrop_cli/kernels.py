@@ -58,9 +58,9 @@ def _library() -> Optional[ctypes.CDLL]:
     library = ctypes.CDLL(_kernels.__file__)
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     library.tadrop_magnitude_histogram.argtypes = [ctypes.c_int, ptr, ptr, i64, ptr]
-    library.tadrop_magnitude_histogram.restype = None
+    library.tadrop_magnitude_histogram.restype = ctypes.c_int
     library.tadrop_bucket_histogram.argtypes = [ctypes.c_int, ptr, ptr, i64, ctypes.c_uint32, ptr]
-    library.tadrop_bucket_histogram.restype = None
+    library.tadrop_bucket_histogram.restype = ctypes.c_int
     library.tadrop_nth_tie.argtypes = [ctypes.c_int, ptr, ptr, i64, ctypes.c_float, i64]
     library.tadrop_nth_tie.restype = i64
     library.tadrop_merge_slice.argtypes = [ctypes.c_int, ptr, ctypes.POINTER(_ModelSlice), ctypes.c_int, i64, i64,
@@ -100,13 +100,18 @@ def _pieces(n: int) -> range:
     return range(0, n, _COUNT_LIMIT)
 
 
+def _check(status: int) -> None:
+    if status != 0:
+        raise MemoryError("out of memory in tadrop's CPU kernels")
+
+
 def magnitude_histogram(base: torch.Tensor, tuned: torch.Tensor) -> torch.Tensor:
     """sparsify.magnitude_histogram(tuned.float() - base.float()): entries per |delta| bucket (int64)."""
     code, base, tuned = _pair(base, tuned)
     counts = torch.zeros(MAGNITUDE_BUCKETS, dtype=torch.int64)
     for start in _pieces(base.numel()):
         b, t = base[start:start + _COUNT_LIMIT], tuned[start:start + _COUNT_LIMIT]
-        _library().tadrop_magnitude_histogram(code, b.data_ptr(), t.data_ptr(), b.numel(), counts.data_ptr())
+        _check(_library().tadrop_magnitude_histogram(code, b.data_ptr(), t.data_ptr(), b.numel(), counts.data_ptr()))
     return counts
 
 
@@ -121,7 +126,7 @@ def bucket_histogram(base: torch.Tensor, tuned: torch.Tensor, bucket: int) -> to
     counts = torch.zeros(1 << 16, dtype=torch.int64)
     for start in _pieces(base.numel()):
         b, t = base[start:start + _COUNT_LIMIT], tuned[start:start + _COUNT_LIMIT]
-        _library().tadrop_bucket_histogram(code, b.data_ptr(), t.data_ptr(), b.numel(), bucket, counts.data_ptr())
+        _check(_library().tadrop_bucket_histogram(code, b.data_ptr(), t.data_ptr(), b.numel(), bucket, counts.data_ptr()))
     return counts
 
 
