@@ -63,6 +63,8 @@ def _library() -> Optional[ctypes.CDLL]:
     library.tadrop_bucket_histogram.restype = ctypes.c_int
     library.tadrop_nth_tie.argtypes = [ctypes.c_int, ptr, ptr, i64, ctypes.c_float, i64]
     library.tadrop_nth_tie.restype = i64
+    library.tadrop_hoyer_sums.argtypes = [ctypes.c_int, ptr, ptr, i64, ptr]
+    library.tadrop_hoyer_sums.restype = ctypes.c_int
     library.tadrop_merge_slice.argtypes = [ctypes.c_int, ptr, ctypes.POINTER(_ModelSlice), ctypes.c_int, i64, i64,
                                            ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_float, ptr]
     library.tadrop_merge_slice.restype = ctypes.c_int
@@ -140,6 +142,17 @@ def ties_kept_before(cut: TopKCut, offset: int, base: torch.Tensor, tuned: torch
         return 0
     code, base, tuned = _pair(base, tuned)
     return int(_library().tadrop_nth_tie(code, base.data_ptr(), tuned.data_ptr(), n, cut.threshold, cut.tie_quota)) + 1
+
+
+def hoyer_sums(base: torch.Tensor, tuned: torch.Tensor) -> tuple[float, float, bool]:
+    """(sum |delta|, sum delta^2, whether an entry is NaN or Inf) of the task vector
+    tuned.float() - base.float(): what tadrop.HoyerSums adds up. Both sum in float32 blocks,
+    in different orders, so they agree to ~1e-7 relative, as a GPU's sums do."""
+    code, base, tuned = _pair(base, tuned)
+    sums = torch.zeros(2, dtype=torch.float64)
+    status = _library().tadrop_hoyer_sums(code, base.data_ptr(), tuned.data_ptr(), base.numel(), sums.data_ptr())
+    _check(min(status, 0))
+    return float(sums[0]), float(sums[1]), status == 1
 
 
 def random_keep_limit(density: float) -> int:

@@ -13,6 +13,7 @@ from typing import Callable, Optional
 
 import torch
 
+from . import kernels
 from .checkpoint import read_all_float32, read_float32
 from .layout import Layout, ModelInput, TensorJob
 from .recipe import TadropSettings
@@ -166,9 +167,13 @@ def _scores(layout: Layout, job: TensorJob, device: torch.device, models: list[t
     scores: dict[int, Optional[float]] = {}
     sliced = {j: HoyerSums() for j, model in models if model.tadrop.statistic == "hoyer"}
     step = SCORE_SLICE_ELEMENTS if device.type == "cpu" else GPU_SCORE_SLICE_ELEMENTS
+    checkpoints = [layout.reference, *(layout.models[j].checkpoint for j in sliced)]
+    with_kernels = device.type == "cpu" and kernels.supports([c.tensors[job.name].dtype for c in checkpoints], len(sliced))
     for start in range(0, job.out.numel if sliced else 0, step):
         stop = min(start + step, job.out.numel)
-        base, *tuned = read_all_float32([layout.reference, *(layout.models[j].checkpoint for j in sliced)], job.name, device, start, stop)
+        if with_kernels and _add_sums_with_kernels(checkpoints, job.name, start, stop, list(sliced.values())):
+            continue
+        base, *tuned = read_all_float32(checkpoints, job.name, device, start, stop)
         for sums, tensor in zip(sliced.values(), tuned):
             sums.add(tensor.sub_(base))
     scores.update({j: sums.score() for j, sums in sliced.items()})
@@ -178,6 +183,19 @@ def _scores(layout: Layout, job: TensorJob, device: torch.device, models: list[t
         for j, model in whole:
             scores[j] = tensor_score(read_float32(model.checkpoint, job.name, device).sub_(base), model.tadrop.statistic, model.tadrop.topmass_fraction)
     return scores
+
+
+def _add_sums_with_kernels(checkpoints: list, name: str, start: int, stop: int, sums: list[HoyerSums]) -> bool:
+    """Add one slice's Hoyer sums of each model's task vector (checkpoints[0] is the base), from
+    the stored entries; False (nothing added) when an entry is NaN or Inf: the caller's PyTorch
+    path then names the input at fault, or sums an overflowed difference as it does."""
+    base, *tuned = [checkpoint.read(name, start, stop) for checkpoint in checkpoints]
+    results = [kernels.hoyer_sums(base, entries) for entries in tuned]
+    if any(non_finite for _, _, non_finite in results):
+        return False
+    for model_sums, (l1, l2_squared, _) in zip(sums, results):
+        model_sums.add_sums(stop - start, l1, l2_squared)
+    return True
 
 
 def _sparsifies(sparsifier: Optional[str], job: TensorJob) -> bool:

@@ -80,6 +80,12 @@ class HoyerSums:
         self.l1 += _sum(magnitudes)
         self.l2_squared += _sum(magnitudes.div_(peak).square_()) * peak * peak
 
+    def add_sums(self, numel: int, l1: float, l2_squared: float) -> None:
+        """A slice's sums computed elsewhere (kernels.hoyer_sums)."""
+        self.numel += numel
+        self.l1 += l1
+        self.l2_squared += l2_squared
+
     def score(self) -> float | None:
         """The Hoyer sparsity, or None if every entry was zero (as tensor_score)."""
         if self.l1 == 0:

@@ -100,6 +100,48 @@ def test_ties_kept_before_agrees_with_cut_mask(slice_size):
             assert torch.equal(kept, tied < before)
 
 
+# ---------------------------------------------------------------- TADrop's Hoyer sums
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scale", [1.0, 1e-3, 1e-30, 1e-41, 1e30])
+def test_hoyer_sums_equal_float64_sums(dtype, scale):
+    """Within 1e-6 of sums taken in float64, from subnormal deltas (squares that would underflow
+    in float32) to huge ones; a slice of several blocks, the last one short."""
+    if dtype == torch.float16 and scale > 1:
+        pytest.skip("beyond float16's range")
+    g = torch.Generator().manual_seed(6)
+    base = (torch.randn(100_003, generator=g) * scale).to(dtype)
+    heavy_tailed = torch.distributions.StudentT(2.0).sample((100_003,)).clamp(-1e4, 1e4)  # (a draw can be inf)
+    tuned = (base.float() + heavy_tailed * scale).to(dtype)
+    delta = _delta(base, tuned).double()
+    l1, l2_squared, non_finite = kernels.hoyer_sums(base, tuned)
+    assert not non_finite
+    expected_l1, expected_l2 = float(delta.abs().sum()), float(delta.square().sum())
+    if expected_l1 == 0:  # the dtype cannot hold deltas this small: all zero
+        assert l1 == 0 and l2_squared == 0
+        return
+    assert l1 == pytest.approx(expected_l1, rel=1e-6) and l2_squared == pytest.approx(expected_l2, rel=1e-6)
+
+
+@needs_kernels
+def test_hoyer_sums_flag_nan_and_inf_and_scores_match_pytorch():
+    from tadrop_cli.tadrop import HoyerSums
+
+    base, tuned = _pair(torch.bfloat16, 300_000, 7, "sparse")
+    with_kernels, with_torch = HoyerSums(), HoyerSums()
+    for part in range(0, 300_000, 65_536):
+        b, t = base[part:part + 65_536], tuned[part:part + 65_536]
+        l1, l2_squared, _ = kernels.hoyer_sums(b, t)
+        with_kernels.add_sums(b.numel(), l1, l2_squared)
+        with_torch.add(_delta(b, t))
+    assert with_kernels.score() == pytest.approx(with_torch.score(), rel=1e-6)
+    spoiled = tuned.clone()
+    spoiled[123] = math.inf
+    assert kernels.hoyer_sums(base, spoiled)[2]
+
+
 # ---------------------------------------------------------------- the merge of a slice
 
 
@@ -218,6 +260,32 @@ def test_the_engine_writes_the_same_bytes_with_and_without_kernels(tmp_path, mon
     without = _merge_without_kernels(monkeypatch, recipe, tmp_path / "torch")
     assert with_kernels["ratios"] == without["ratios"]
     assert (tmp_path / "kernels" / "model.safetensors").read_bytes() == (tmp_path / "torch" / "model.safetensors").read_bytes()
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_tadrop_plans_from_the_kernels_equal_pytorchs(tmp_path, monkeypatch, dtype):
+    """The scoring pass's sums differ from PyTorch's in the last digits only: the same ratios."""
+    from tadrop_cli.layout import build_layout
+    from tadrop_cli.plan import build_plan
+
+    monkeypatch.setattr("tadrop_cli.plan.SCORE_SLICE_ELEMENTS", 1000)
+    recipe = parse_recipe(basic_recipe(_models(tmp_path, dtype), tmp_path / "out", tadrop={"enabled": True, "min_numel": 1000}))
+    layout = build_layout(recipe)
+    try:
+        calls = []
+        monkeypatch.setattr(kernels, "hoyer_sums", lambda *a, original=kernels.hoyer_sums: calls.append(1) or original(*a))
+        plan = build_plan(layout, torch.device("cpu"))
+        assert calls
+        with monkeypatch.context() as patch:
+            patch.setattr(kernels, "_library", lambda: None)
+            reference = build_plan(layout, torch.device("cpu"))
+    finally:
+        layout.close()
+    assert any(row.reason == "adaptive" for row in plan.rows)
+    for row, expected in zip(plan.rows, reference.rows):
+        assert (row.model, row.tensor, row.reason, row.ratio) == (expected.model, expected.tensor, expected.reason, expected.ratio)
+        assert row.score == expected.score if expected.score is None else row.score == pytest.approx(expected.score, rel=1e-6)
 
 
 @needs_kernels
