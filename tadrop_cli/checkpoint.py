@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import re
 import struct
@@ -66,6 +67,7 @@ class Checkpoint:
         self.folder = folder  # where config/tokenizer files live, if any
         self.tensors = tensors
         self._fds: dict[Path, int] = {}  # open safetensors files
+        self._maps: dict[Path, mmap.mmap] = {}  # the same, mapped (see mapped())
         self._torch_state = torch_state  # lazily loaded (mmapped) PyTorch state dicts, per file
 
     def __contains__(self, name: str) -> bool:
@@ -112,6 +114,43 @@ class Checkpoint:
                 second.result()
         return buffer.view(info.dtype)
 
+    def mapped(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Entries [start, stop) of a stored tensor, flattened, in its stored dtype, without a
+        copy: a view of the file's pages in the page cache (a PyTorch file's tensor is read as
+        by read()). Read it, never write it, and call unmap() for the range when done: pages
+        touched through the view count in this process's resident memory until then.
+
+        For the CPU kernels, which read the stored entries once each: a copy first (read())
+        would cost as much as their whole merge. The header was checked against the file's
+        size when the checkpoint was opened; a file cut short while a merge reads it ends the
+        process (SIGBUS) before anything is published.
+        """
+        info = self.tensors[name]
+        if info.offset < 0:
+            return self.read(name, start, stop)
+        try:
+            if info.file not in self._maps:
+                with open(info.file, "rb") as handle:
+                    # copy-on-write: a writable buffer (torch accepts it without a warning),
+                    # whose pages are the page cache's until written, which never happens
+                    self._maps[info.file] = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+            itemsize = info.dtype.itemsize
+            return torch.frombuffer(self._maps[info.file], dtype=info.dtype, count=stop - start, offset=info.offset + start * itemsize)
+        except (OSError, ValueError) as error:
+            raise BadInput(f"{info.file}: cannot read tensor {name}: {error}") from None
+
+    def unmap(self, name: str, start: int, stop: int) -> None:
+        """Let go of the pages of entries [start, stop) that mapped() brought in (they stay in
+        the page cache; a view still in use reads them again)."""
+        info = self.tensors[name]
+        mapping = self._maps.get(info.file)
+        if mapping is None or not hasattr(mapping, "madvise"):
+            return
+        first = (info.offset + start * info.dtype.itemsize) // mmap.PAGESIZE * mmap.PAGESIZE
+        end = min(len(mapping), -(-(info.offset + stop * info.dtype.itemsize) // mmap.PAGESIZE) * mmap.PAGESIZE)
+        if end > first:
+            mapping.madvise(mmap.MADV_DONTNEED, first, end - first)
+
     def _torch_file(self, file: Path) -> dict:
         if file not in self._torch_state:
             self._torch_state[file] = load_torch_state(file)
@@ -121,6 +160,12 @@ class Checkpoint:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+        for mapping in self._maps.values():
+            try:
+                mapping.close()
+            except BufferError:  # a view is still alive: the mapping closes when it goes
+                pass
+        self._maps.clear()
         self._torch_state.clear()
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import re
+from contextlib import contextmanager
 import resource
 import time
 from dataclasses import dataclass
@@ -185,35 +186,17 @@ def _kernels_merge(layout: Layout, job: TensorJob, device: torch.device) -> bool
     return kernels.supports([c.tensors[job.name].dtype for c in checkpoints], len(job.contributors))
 
 
-# A trim passes over a tensor's inputs three times (two sweeps for the cut, then the merge). The
-# kernels' passes keep the stored entries they read when all inputs of the tensor together take
-# at most this many bytes, and read larger tensors again on each pass: peak memory grows by at
-# most this much, while most tensors of a model up to ~1B parameters are read once.
-KEPT_INPUT_BYTES = 128 << 20
-
-
-class _StoredSlices:
-    """The stored entries of one tensor's slices, per input, read on first use; kept for the
-    next pass when the tensor is small enough (KEPT_INPUT_BYTES)."""
-
-    def __init__(self, layout: Layout, job: TensorJob, slices: list[tuple[int, int]]):
-        self.layout, self.job, self.slices = layout, job, slices
-        inputs = [layout.reference, *(layout.models[j].checkpoint for j in job.contributors)]
-        self.keep = sum(c.tensors[job.name].nbytes for c in inputs) <= KEPT_INPUT_BYTES
-        self.kept: dict[tuple[int, int], torch.Tensor] = {}
-
-    def _read(self, s: int, j: Optional[int]) -> torch.Tensor:
-        if (s, j) in self.kept:
-            return self.kept[(s, j)]
-        checkpoint = self.layout.reference if j is None else self.layout.models[j].checkpoint
-        entries = checkpoint.read(self.job.name, *self.slices[s])
-        if self.keep:
-            self.kept[(s, j)] = entries
-        return entries
-
-    def read(self, s: int, models: Iterable[int]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """Slice s of the base's and some models' tensor, flattened, as stored."""
-        return self._read(s, None), {j: self._read(s, j) for j in models}
+@contextmanager
+def _stored_inputs(layout: Layout, job: TensorJob, start: int, stop: int, models: Iterable[int]) -> Iterator[tuple[torch.Tensor, dict[int, torch.Tensor]]]:
+    """Entries [start, stop) of the base's and some models' tensor, flattened, as stored: views
+    of the files' pages (Checkpoint.mapped), let go of on leaving."""
+    checkpoints = [(None, layout.reference), *((j, layout.models[j].checkpoint) for j in models)]
+    try:
+        views = {j: checkpoint.mapped(job.name, start, stop) for j, checkpoint in checkpoints}
+        yield views.pop(None), views
+    finally:
+        for _, checkpoint in checkpoints:
+            checkpoint.unmap(job.name, start, stop)
 
 
 def _merge_with_kernels(layout: Layout, plan: Plan, job: TensorJob, slices: list[tuple[int, int]]) -> Iterator[torch.Tensor]:
@@ -221,26 +204,15 @@ def _merge_with_kernels(layout: Layout, plan: Plan, job: TensorJob, slices: list
     same bits as methods.generalized_task_arithmetic over the slices."""
     steps, params = layout.recipe.method.gta, layout.method_parameters(job.name)
     settings = _task_settings(layout, plan, job)
-    stored = _StoredSlices(layout, job, slices)
-    cuts = _magnitude_cuts(layout, plan, job, torch.device("cpu"), slices, stored) if steps.sparsifier == "magnitude" else {}
+    cuts = _magnitude_cuts(layout, plan, job, torch.device("cpu"), slices, stored=True) if steps.sparsifier == "magnitude" else {}
     rescale = params.get("rescale", False) in (True, "paper")
     sum_of_weights = sum(settings[j]["weight"] for j in job.contributors)
     sum_of_weights = sum_of_weights if abs(sum_of_weights) >= 1e-8 else 1.0  # as generalized_task_arithmetic
-    for s, (start, stop) in enumerate(slices):
-        base, tuned = stored.read(s, job.contributors)
-        models = []
-        for j, entries in tuned.items():
-            model, density = kernels.ModelSlice(entries, settings[j]["weight"]), settings[j]["density"]
-            if steps.sparsifier == "magnitude" and density < 1:
-                cut = cuts[j]
-                model.drop, model.threshold, model.ties_before = kernels.DROP_BY_MAGNITUDE, cut.threshold, kernels.ties_kept_before(cut, start, base, entries)
-            elif steps.sparsifier == "random" and density < 1:
-                model.drop, model.seed, model.limit = kernels.DROP_AT_RANDOM, settings[j]["seed"], kernels.random_keep_limit(density)
-            if model.drop != kernels.DROP_NOTHING and rescale and density > 0:
-                model.rescale_by = density
-            models.append(model)
-        merged, non_finite = kernels.merge_slice(base, models, start, steps.consensus is not None, bool(params["normalize"]),
-                                                 sum_of_weights, float(params.get("lambda", 1.0)))
+    for start, stop in slices:
+        with _stored_inputs(layout, job, start, stop, job.contributors) as (base, tuned):
+            models = [_model_slice(steps.sparsifier, settings[j], cuts.get(j), rescale, start, base, entries) for j, entries in tuned.items()]
+            merged, non_finite = kernels.merge_slice(base, models, start, steps.consensus is not None, bool(params["normalize"]),
+                                                     sum_of_weights, float(params.get("lambda", 1.0)))
         if non_finite:  # an input holds NaN/Inf, or a difference overflowed: PyTorch redoes the slice and names the input
             inputs = _read_inputs(layout, job, torch.device("cpu"), start, stop, job.contributors)
             yield _merge_entries(layout, job, inputs, settings, cuts).reshape(-1)
@@ -251,6 +223,19 @@ def _merge_with_kernels(layout: Layout, plan: Plan, job: TensorJob, slices: list
         yield result
 
 
+def _model_slice(sparsifier: Optional[str], settings: dict, cut: Optional[TopKCut], rescale: bool, start: int,
+                 base: torch.Tensor, entries: torch.Tensor) -> kernels.ModelSlice:
+    """One model's part in a slice's kernel merge: its weight and its drop (as sparsify_task_vector)."""
+    model, density = kernels.ModelSlice(entries, settings["weight"]), settings["density"]
+    if sparsifier == "magnitude" and density < 1:
+        model.drop, model.threshold, model.ties_before = kernels.DROP_BY_MAGNITUDE, cut.threshold, kernels.ties_kept_before(cut, start, base, entries)
+    elif sparsifier == "random" and density < 1:
+        model.drop, model.seed, model.limit = kernels.DROP_AT_RANDOM, settings["seed"], kernels.random_keep_limit(density)
+    if model.drop != kernels.DROP_NOTHING and rescale and density > 0:
+        model.rescale_by = density
+    return model
+
+
 def _density(layout: Layout, plan: Plan, job: TensorJob, j: int) -> float:
     """Model j's kept fraction for this tensor: the recipe's, or TADrop's."""
     model = layout.models[j]
@@ -259,30 +244,30 @@ def _density(layout: Layout, plan: Plan, job: TensorJob, j: int) -> float:
 
 
 def _histograms(layout: Layout, job: TensorJob, device: torch.device, slices: list[tuple[int, int]], models: Iterable[int],
-                buckets: Optional[dict[int, int]], stored: Optional[_StoredSlices]) -> Iterator[tuple[int, int, torch.Tensor]]:
+                buckets: Optional[dict[int, int]], stored: bool) -> Iterator[tuple[int, int, torch.Tensor]]:
     """(slice, model, histogram of its task vector there) for every slice and model: the
-    magnitude histogram, or with `buckets` the bucket histogram of each model's bucket. Given
-    the `stored` entries, the CPU kernels count from them (one pass, no float32 copies)."""
+    magnitude histogram, or with `buckets` the bucket histogram of each model's bucket. With
+    `stored`, the CPU kernels count from the stored entries (one pass, no float32 copies)."""
     models = list(models)
-    if stored is None:
+    if not stored:
         for s, inputs in enumerate(_read_slices(layout, job, device, slices, models)):
             for j, delta in inputs.task_vectors():
                 yield s, j, magnitude_histogram(delta) if buckets is None else bucket_histogram(delta, buckets[j])
         return
     for s, (start, stop) in enumerate(slices):
-        base, tuned = stored.read(s, models)
-        for j, entries in tuned.items():
+        with _stored_inputs(layout, job, start, stop, models) as (base, tuned):
             if buckets is not None:
-                yield s, j, kernels.bucket_histogram(base, entries, buckets[j])
-                continue
-            counts = kernels.magnitude_histogram(base, entries)
-            if kernels.has_non_finite(counts):  # NaN/Inf in an input (this names it), or an overflowed difference
+                counts = {j: kernels.bucket_histogram(base, entries, buckets[j]) for j, entries in tuned.items()}
+            else:
+                counts = {j: kernels.magnitude_histogram(base, entries) for j, entries in tuned.items()}
+        for j, model_counts in counts.items():
+            if buckets is None and kernels.has_non_finite(model_counts):  # NaN/Inf in an input (this names it), or an overflowed difference
                 read_all_float32([layout.reference, layout.models[j].checkpoint], job.name, torch.device("cpu"), start, stop)
-            yield s, j, counts
+            yield s, j, model_counts
 
 
 def _magnitude_cuts(layout: Layout, plan: Plan, job: TensorJob, device: torch.device, slices: list[tuple[int, int]],
-                    stored: Optional[_StoredSlices] = None) -> dict[int, TopKCut]:
+                    stored: bool = False) -> dict[int, TopKCut]:
     """Each trimmed model's top-k cut of this tensor, from two sweeps over its slices: a
     histogram of |delta|'s top 16 bits, then of the boundary bucket's low 16 bits (see
     sparsify.top_k_cut, which does the same on slices in memory). `stored`: see _histograms."""

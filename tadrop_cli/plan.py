@@ -189,8 +189,12 @@ def _add_sums_with_kernels(checkpoints: list, name: str, start: int, stop: int, 
     """Add one slice's Hoyer sums of each model's task vector (checkpoints[0] is the base), from
     the stored entries; False (nothing added) when an entry is NaN or Inf: the caller's PyTorch
     path then names the input at fault, or sums an overflowed difference as it does."""
-    base, *tuned = [checkpoint.read(name, start, stop) for checkpoint in checkpoints]
-    results = [kernels.hoyer_sums(base, entries) for entries in tuned]
+    try:
+        base, *tuned = [checkpoint.mapped(name, start, stop) for checkpoint in checkpoints]
+        results = [kernels.hoyer_sums(base, entries) for entries in tuned]
+    finally:
+        for checkpoint in checkpoints:
+            checkpoint.unmap(name, start, stop)
     if any(non_finite for _, _, non_finite in results):
         return False
     for model_sums, (l1, l2_squared, _) in zip(sums, results):
