@@ -218,6 +218,26 @@ def test_merge_slice_flags_non_finite_task_vectors():
 # ---------------------------------------------------------------- the engine
 
 
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_mapped_views_hold_what_read_returns(tmp_path, fmt):
+    """Checkpoint.mapped (the kernels' zero-copy reads) gives read()'s entries, also after
+    unmap() let go of the pages, and for a PyTorch file (read, not mapped)."""
+    from tadrop_cli.checkpoint import open_checkpoint
+
+    state = tiny_state()
+    checkpoint = open_checkpoint(str(write_checkpoint(tmp_path / "m", state, fmt=fmt, dtype=torch.bfloat16, shards=1)))
+    try:
+        for name, tensor in state.items():
+            flat = tensor.to(torch.bfloat16).reshape(-1)
+            for start, stop in ((0, flat.numel()), (1, flat.numel() - 1), (17, 18)):
+                view = checkpoint.mapped(name, start, stop)
+                assert view.dtype == torch.bfloat16 and torch.equal(view, flat[start:stop])
+                checkpoint.unmap(name, start, stop)
+                assert torch.equal(view, flat[start:stop])
+    finally:
+        checkpoint.close()
+
+
 @pytest.fixture
 def count_kernel_merges(monkeypatch):
     """How many slices the kernels merged (so that a test knows they ran)."""
