@@ -296,13 +296,44 @@ static inline __attribute__((always_inline)) uint32_t task_vector_block(int dtyp
     return non_finite;
 }
 
+/* The merged entries of a block, stored in the output's dtype as torch's .to() would (round to
+ * nearest, ties to even); returns nonzero if one of them is NaN or Inf there (Inf: too large
+ * for a bf16 or fp16 output). */
+static inline uint32_t store_block(int out_dtype, void *out, int64_t start, const float *merged, int count) {
+    uint32_t non_finite = 0;
+    if (out_dtype == BF16) {
+        uint16_t *target = (uint16_t *)out + start;
+        for (int i = 0; i < count; i++) {
+            uint32_t bits = bits_of(merged[i]);
+            uint16_t rounded = (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16); /* c10::BFloat16's rounding */
+            non_finite |= (rounded & 0x7F80u) == 0x7F80u; /* NaN rounds to a NaN or Inf: flagged either way */
+            target[i] = rounded;
+        }
+    } else if (out_dtype == F16) {
+        _Float16 *target = (_Float16 *)out + start;
+        for (int i = 0; i < count; i++) {
+            target[i] = (_Float16)merged[i];
+            uint16_t bits;
+            memcpy(&bits, &target[i], 2);
+            non_finite |= (bits & 0x7C00u) == 0x7C00u;
+        }
+    } else {
+        float *target = (float *)out + start;
+        for (int i = 0; i < count; i++) {
+            target[i] = merged[i];
+            non_finite |= (bits_of(merged[i]) & 0x7F800000u) == 0x7F800000u;
+        }
+    }
+    return non_finite;
+}
+
 /* methods.generalized_task_arithmetic of a slice: base + lambda * mix(drop(tau_j) * w_j),
  * where mix is the sum (consensus 0) or TIES's disjoint sum with the elected sign (consensus
- * 1), divided by the sum of the weights (normalize). `out` gets the float32 result; returns
- * 1 if any task-vector entry is NaN or Inf (the caller then redoes the slice in PyTorch,
- * which names the input at fault), else 0. */
+ * 1), divided by the sum of the weights (normalize), stored in `out` as `out_dtype`. Returns 1
+ * if any task-vector or merged entry is NaN or Inf (the caller then redoes the slice in
+ * PyTorch, which names the input at fault or refuses the result), else 0. */
 static inline __attribute__((always_inline)) int merge_slice_of(int dtype, const void *base, const struct model_slice *models, int n_models, int64_t n,
-                                                                int64_t offset, int consensus, int normalize, float sum_of_weights, float lambda, float *out) {
+                                                                int64_t offset, int consensus, int normalize, float sum_of_weights, float lambda, int out_dtype, void *out) {
     uint32_t non_finite = 0;
 #pragma omp parallel reduction(| : non_finite)
     {
@@ -358,7 +389,8 @@ static inline __attribute__((always_inline)) int merge_slice_of(int dtype, const
             if (lambda != 1.0f) {
                 for (int i = 0; i < count; i++) mixed[i] = mixed[i] * lambda;
             }
-            for (int i = 0; i < count; i++) out[start + i] = mixed[i] + b[i];
+            for (int i = 0; i < count; i++) mixed[i] = mixed[i] + b[i];
+            non_finite |= store_block(out_dtype, out, start, mixed, count);
         }
         free(work);
     }
@@ -366,12 +398,12 @@ static inline __attribute__((always_inline)) int merge_slice_of(int dtype, const
 }
 
 EXPORT int tadrop_merge_slice(int dtype, const void *base, const struct model_slice *models, int n_models, int64_t n, int64_t offset,
-                       int consensus, int normalize, float sum_of_weights, float lambda, float *out) {
+                       int consensus, int normalize, float sum_of_weights, float lambda, int out_dtype, void *out) {
     if (n_models < 1) return -1;
     switch (dtype) {
-        case BF16: return merge_slice_of(BF16, base, models, n_models, n, offset, consensus, normalize, sum_of_weights, lambda, out);
-        case F16: return merge_slice_of(F16, base, models, n_models, n, offset, consensus, normalize, sum_of_weights, lambda, out);
-        default: return merge_slice_of(F32, base, models, n_models, n, offset, consensus, normalize, sum_of_weights, lambda, out);
+        case BF16: return merge_slice_of(BF16, base, models, n_models, n, offset, consensus, normalize, sum_of_weights, lambda, out_dtype, out);
+        case F16: return merge_slice_of(F16, base, models, n_models, n, offset, consensus, normalize, sum_of_weights, lambda, out_dtype, out);
+        default: return merge_slice_of(F32, base, models, n_models, n, offset, consensus, normalize, sum_of_weights, lambda, out_dtype, out);
     }
 }
 

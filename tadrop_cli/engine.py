@@ -208,19 +208,17 @@ def _merge_with_kernels(layout: Layout, plan: Plan, job: TensorJob, slices: list
     rescale = params.get("rescale", False) in (True, "paper")
     sum_of_weights = sum(settings[j]["weight"] for j in job.contributors)
     sum_of_weights = sum_of_weights if abs(sum_of_weights) >= 1e-8 else 1.0  # as generalized_task_arithmetic
+    out_dtype = job.out.dtype if job.out.dtype in kernels.DTYPE_CODES else torch.float32  # float64 outputs: cast below
     for start, stop in slices:
         with _stored_inputs(layout, job, start, stop, job.contributors) as (base, tuned):
             models = [_model_slice(steps.sparsifier, settings[j], cuts.get(j), rescale, start, base, entries) for j, entries in tuned.items()]
             merged, non_finite = kernels.merge_slice(base, models, start, steps.consensus is not None, bool(params["normalize"]),
-                                                     sum_of_weights, float(params.get("lambda", 1.0)))
-        if non_finite:  # an input holds NaN/Inf, or a difference overflowed: PyTorch redoes the slice and names the input
+                                                     sum_of_weights, float(params.get("lambda", 1.0)), out_dtype)
+        if non_finite:  # NaN/Inf in an input or the result: PyTorch redoes the slice, and names the input or refuses the result
             inputs = _read_inputs(layout, job, torch.device("cpu"), start, stop, job.contributors)
             yield _merge_entries(layout, job, inputs, settings, cuts).reshape(-1)
             continue
-        result = merged.to(job.out.dtype)
-        if not all_finite(result):
-            raise BadInput(f"tensor {job.name}: the merge produced NaN or Inf (in {job.out.dtype}); check the weights and lambda")
-        yield result
+        yield merged if merged.dtype == job.out.dtype else merged.to(job.out.dtype)
 
 
 def _model_slice(sparsifier: Optional[str], settings: dict, cut: Optional[TopKCut], rescale: bool, start: int,

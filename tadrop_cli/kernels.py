@@ -66,7 +66,7 @@ def _library() -> Optional[ctypes.CDLL]:
     library.tadrop_hoyer_sums.argtypes = [ctypes.c_int, ptr, ptr, i64, ptr]
     library.tadrop_hoyer_sums.restype = ctypes.c_int
     library.tadrop_merge_slice.argtypes = [ctypes.c_int, ptr, ctypes.POINTER(_ModelSlice), ctypes.c_int, i64, i64,
-                                           ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_float, ptr]
+                                           ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_float, ctypes.c_int, ptr]
     library.tadrop_merge_slice.restype = ctypes.c_int
     return library
 
@@ -176,9 +176,10 @@ class ModelSlice:
 
 
 def merge_slice(base: torch.Tensor, models: list[ModelSlice], offset: int, consensus: bool, normalize: bool,
-                sum_of_weights: float, lambda_: float) -> tuple[torch.Tensor, bool]:
+                sum_of_weights: float, lambda_: float, out_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, bool]:
     """methods.generalized_task_arithmetic of one slice, entries [offset, offset + n) of the
-    flattened tensor: (the float32 merge, whether any task-vector entry was NaN or Inf).
+    flattened tensor, then .to(out_dtype) (float32, float16 or bfloat16): (the merge, whether
+    any task-vector or merged entry was NaN or Inf).
 
     consensus: TIES's sign election and disjoint sum (else the plain sum); normalize: divided
     by the agreeing weights (TIES) or by `sum_of_weights`.
@@ -198,9 +199,9 @@ def merge_slice(base: torch.Tensor, models: list[ModelSlice], offset: int, conse
         setting.limit = model.limit
         setting.rescale = model.rescale_by is not None
         setting.density = model.rescale_by if model.rescale_by is not None else 1.0
-    out = torch.empty(base.numel(), dtype=torch.float32)
+    out = torch.empty(base.numel(), dtype=out_dtype)
     flag = _library().tadrop_merge_slice(DTYPE_CODES[base.dtype], base.data_ptr(), settings, len(models), base.numel(), offset,
-                                        int(consensus), int(normalize), sum_of_weights, lambda_, out.data_ptr())
+                                        int(consensus), int(normalize), sum_of_weights, lambda_, DTYPE_CODES[out_dtype], out.data_ptr())
     if flag < 0:
         raise ValueError(f"the kernel takes 1 to {MAX_MODELS} models")
     return out, bool(flag)

@@ -204,6 +204,25 @@ def test_merge_slice_gives_the_bits_of_generalized_task_arithmetic(method, dtype
 
 
 @needs_kernels
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+def test_merge_slice_rounds_to_the_output_dtype_as_torch_does(out_dtype):
+    """The merged entries stored as bf16/fp16 are float32's .to(out_dtype), halfway cases
+    (ties to even) and subnormals included; entries too large for the output are flagged."""
+    g = torch.Generator().manual_seed(8)
+    base = torch.randn(70_000, generator=g) * 0.5
+    base[:4] = torch.tensor([1.0 + 2**-8, 1.0 + 3 * 2**-8, 1e-40, -3e-6])  # bf16 halfway cases, tiny values
+    tuned = base + torch.randn(70_000, generator=g) * 0.01
+    tuned[:4] = base[:4]
+    models = [kernels.ModelSlice(tuned, 0.7)]
+    as_float, _ = kernels.merge_slice(base, models, 0, False, False, 0.7, 1.0)
+    stored, flagged = kernels.merge_slice(base, models, 0, False, False, 0.7, 1.0, out_dtype)
+    assert stored.dtype == out_dtype and not flagged
+    assert torch.equal(stored.view(torch.int16), as_float.to(out_dtype).view(torch.int16))
+    huge = torch.full((10,), 3.4e38 if out_dtype == torch.bfloat16 else 7e4)
+    assert kernels.merge_slice(huge, [kernels.ModelSlice(huge * 0.999, 1.0)], 0, False, False, 1.0, 1.0, out_dtype)[1]
+
+
+@needs_kernels
 def test_merge_slice_flags_non_finite_task_vectors():
     base, tuned = _pair(torch.float32, 5000, 4, "dense")
     clean, flagged = kernels.merge_slice(base, [kernels.ModelSlice(tuned)], 0, True, True, 1.0, 1.0)

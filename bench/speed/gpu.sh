@@ -22,14 +22,20 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, tadrop_cli; print('torch', torch.__version__, torch.cuda.get_device_name(0))" || exit 1
 
-# 1. the tests that need a GPU (skipped elsewhere), and the slicing tests on this torch
-timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_slicing.py tests/test_golden_hosts.py -k "cuda or slices or stream" \
-    >"$OUT/tests.log" 2>&1
+# 1. the CPU kernels, so that the GPU's results are compared with theirs (tadrop without them
+#    where this machine cannot build them: no compiler, or no setuptools)
+timeout 120 python3 setup.py -q build_ext --inplace >"$OUT/build.log" 2>&1
+python3 -c "from tadrop_cli import kernels; print('CPU kernels:', 'built' if kernels.available() else 'not built')"
+
+# 2. the tests that need a GPU (skipped elsewhere), the slicing tests and the kernels' tests on this torch
+timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_slicing.py tests/test_golden_hosts.py tests/test_kernels.py \
+    -k "cuda or slices or stream or kernel or merge_slice or histogram" >"$OUT/tests.log" 2>&1
 echo "tests: exit $? ($(tail -1 "$OUT/tests.log"))"
 
-# 2. the benchmark: both tools on the GPU, tools alternating, medians
+# 3. the benchmark: both tools on the GPU, tools alternating, medians (CHECKS="--no-check" skips
+#    the cross-checks of the outputs)
 timeout "${BENCH_TIMEOUT:-540}" python3 bench/speed/run.py --device cuda --sizes "${SIZES:-168m}" --n-models "${NMODELS:-4}" \
-    --methods "${METHODS:-task_arithmetic,ties,dare_ties}" --repeats "${REPEATS:-3}" --wait-idle 0 \
+    --methods "${METHODS:-task_arithmetic,ties,dare_ties}" --repeats "${REPEATS:-3}" --wait-idle 0 ${CHECKS:-} \
     --tadrop-cmd "python3 -m tadrop_cli" --mergekit-cmd "python3 -m mergekit.scripts.run_yaml" \
     --out "$OUT/speed-gpu.md" 2>"$OUT/bench.log"
 echo "bench: exit $?"
