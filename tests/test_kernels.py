@@ -282,7 +282,7 @@ def _merge_without_kernels(monkeypatch, recipe, output):
     with monkeypatch.context() as patch:
         patch.setattr(kernels, "_library", lambda: None)
         assert not kernels.available()
-        return run_merge(recipe, MergeOptions(output=output))
+        return run_merge(recipe, MergeOptions(output=output, device="cpu"))
 
 
 @needs_kernels
@@ -294,7 +294,7 @@ def test_the_engine_writes_the_same_bytes_with_and_without_kernels(tmp_path, mon
     models = _models(tmp_path, dtype)
     extra = {"tadrop": {"enabled": True, "min_numel": 1000}} if method != "task_arithmetic" else {}
     recipe = parse_recipe(basic_recipe(models, tmp_path / "kernels", method=method, seed=5, parameters={"lambda": 0.9}, **extra))
-    with_kernels = run_merge(recipe, MergeOptions())
+    with_kernels = run_merge(recipe, MergeOptions(device="cpu"))  # the kernels run on the CPU, even where there is a GPU
     assert len(count_kernel_merges) >= len(tiny_state())  # every tensor went through the kernels
     without = _merge_without_kernels(monkeypatch, recipe, tmp_path / "torch")
     assert with_kernels["ratios"] == without["ratios"]
@@ -331,7 +331,7 @@ def test_tadrop_plans_from_the_kernels_equal_pytorchs(tmp_path, monkeypatch, dty
 def test_inputs_of_different_dtypes_merge_without_the_kernels(tmp_path, monkeypatch, count_kernel_merges):
     models = _models(tmp_path, torch.bfloat16, base_dtype=torch.float32)
     recipe = parse_recipe(basic_recipe(models, tmp_path / "mixed", method="ties"))
-    run_merge(recipe, MergeOptions())
+    run_merge(recipe, MergeOptions(device="cpu"))
     assert count_kernel_merges == []
     _merge_without_kernels(monkeypatch, recipe, tmp_path / "torch")
     assert (tmp_path / "mixed" / "model.safetensors").read_bytes() == (tmp_path / "torch" / "model.safetensors").read_bytes()
@@ -349,7 +349,7 @@ def test_nan_in_an_input_is_named_on_the_kernel_path(tmp_path, monkeypatch, meth
               "ft1": write_checkpoint(tmp_path / "ft1", spoiled, dtype=torch.bfloat16)}
     recipe = parse_recipe(basic_recipe(models, tmp_path / "out", method=method))
     with pytest.raises(BadInput, match=r"ft1: tensor model\.layers\.1\.mlp\.weight contains NaN or Inf"):
-        run_merge(recipe, MergeOptions())
+        run_merge(recipe, MergeOptions(device="cpu"))
     assert not (tmp_path / "out").exists()
 
 
@@ -367,6 +367,6 @@ def test_an_overflowing_difference_fails_as_without_kernels(tmp_path, monkeypatc
             if not use_kernels:
                 patch.setattr(kernels, "_library", lambda: None)
             with pytest.raises(BadInput) as error:
-                run_merge(recipe, MergeOptions())
+                run_merge(recipe, MergeOptions(device="cpu"))
             messages.append(str(error.value))
     assert messages[0] == messages[1] and "model.embed.weight: the merge produced NaN or Inf" in messages[0]
