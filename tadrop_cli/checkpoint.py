@@ -13,7 +13,6 @@ import mmap
 import os
 import re
 import struct
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -102,16 +101,7 @@ class Checkpoint:
         size, offset = (stop - start) * itemsize, info.offset + start * itemsize
         buffer = torch.empty(size, dtype=torch.uint8, pin_memory=pinned)
         view = memoryview(buffer.numpy()) if size else memoryview(b"")
-        fd = self._fds[info.file]
-        if size < SPLIT_READ_BYTES:
-            _read_into(fd, view, offset)
-        else:  # the second half in the helper thread, the first here
-            half = size // 2
-            second = _read_helper().submit(_read_into, fd, view[half:], offset + half)
-            try:
-                _read_into(fd, view[:half], offset)
-            finally:
-                second.result()
+        _read_into(self._fds[info.file], view, offset)
         return buffer.view(info.dtype)
 
     def mapped(self, name: str, start: int, stop: int) -> torch.Tensor:
@@ -167,20 +157,6 @@ class Checkpoint:
                 pass
         self._maps.clear()
         self._torch_state.clear()
-
-
-# Reads of at least this many bytes are split in two halves read at once, by the calling thread
-# and a helper: one thread copies from the page cache at ~5 GB/s here, two at ~10. (The helper
-# only reads: torch operations in a second thread would start a second team of threads.)
-SPLIT_READ_BYTES = 1 << 20
-_helper: Optional[ThreadPoolExecutor] = None
-
-
-def _read_helper() -> ThreadPoolExecutor:
-    global _helper
-    if _helper is None:
-        _helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tadrop-read")
-    return _helper
 
 
 def _read_into(fd: int, view: memoryview, offset: int) -> None:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import ctypes
 import re
-from contextlib import contextmanager
 import resource
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Protocol
