@@ -26,8 +26,9 @@
 enum dtype { F32 = 0, F16 = 1, BF16 = 2 };
 
 /* The exported functions are compiled twice on x86-64: for AVX2 (8 floats per instruction) and
- * for the baseline (SSE2, 4); the loader picks the one this CPU runs. */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+ * for the baseline (SSE2, 4); the loader picks the one this CPU runs. (TADROP_BASELINE_ONLY
+ * builds the baseline alone: tests/test_kernels.py checks that it gives the same bits.) */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(TADROP_BASELINE_ONLY)
 #define EXPORT __attribute__((target_clones("avx2", "default")))
 #else
 #define EXPORT

@@ -55,7 +55,12 @@ def _library() -> Optional[ctypes.CDLL]:
         from . import _kernels
     except ImportError:
         return None
-    library = ctypes.CDLL(_kernels.__file__)
+    return load_library(_kernels.__file__)
+
+
+def load_library(path: str) -> ctypes.CDLL:
+    """The kernels' shared library at `path`, its functions' argument types declared."""
+    library = ctypes.CDLL(path)
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     library.tadrop_magnitude_histogram.argtypes = [ctypes.c_int, ptr, ptr, i64, ptr]
     library.tadrop_magnitude_histogram.restype = ctypes.c_int

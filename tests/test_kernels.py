@@ -234,6 +234,41 @@ def test_merge_slice_flags_non_finite_task_vectors():
         assert kernels.merge_slice(spoiled_base, [model], 0, False, False, 1.0, 1.0)[1]
 
 
+@needs_kernels
+def test_the_baseline_build_gives_the_same_bits(tmp_path, monkeypatch):
+    """The kernels as built for CPUs without AVX2 (the SSE2 baseline; this machine runs the AVX2
+    clone) give the same histograms and merges. Needs a C compiler, as the install did."""
+    import shutil
+    import subprocess
+    import sysconfig
+
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no C compiler")
+    source = os.path.join(os.path.dirname(kernels.__file__), "_kernels.c")
+    library = tmp_path / "baseline.so"
+    subprocess.run([compiler, "-O3", "-std=gnu11", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math",
+                    "-DTADROP_BASELINE_ONLY", "-shared", "-fPIC", f"-I{sysconfig.get_paths()['include']}", source, "-o", str(library)],
+                   check=True, capture_output=True)
+    base, tuned = _pair(torch.bfloat16, 50_000, 12, "ties")
+    _, other = _pair(torch.bfloat16, 50_000, 13, "dense")
+    deltas = [_delta(base, t) for t in (tuned, other)]
+    cuts = [sparsify.top_k_cut([d], sparsify.kept_count(50_000, 0.3)) for d in deltas]
+
+    def results():
+        counts = kernels.magnitude_histogram(base, tuned)
+        merged = [_kernel_merge(base, [tuned, other], methods.METHODS[m].gta, [0.7, 1.3], [0.3, 0.3], [5, 6], cuts, 0, True, 0.9, m == "dare_ties")
+                  for m in ("ties", "dare_ties", "task_arithmetic")]
+        return counts, kernels.bucket_histogram(base, tuned, 0x3E00), kernels.hoyer_sums(base, tuned), merged
+
+    with_clones = results()
+    monkeypatch.setattr(kernels, "_library", lambda: kernels.load_library(str(library)))
+    baseline = results()
+    assert torch.equal(baseline[0], with_clones[0]) and torch.equal(baseline[1], with_clones[1]) and baseline[2] == with_clones[2]
+    for a, b in zip(baseline[3], with_clones[3]):
+        assert torch.equal(_bits(a), _bits(b))
+
+
 # ---------------------------------------------------------------- the engine
 
 
