@@ -13,9 +13,10 @@ import mmap
 import os
 import re
 import struct
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -157,6 +158,17 @@ class Checkpoint:
                 pass
         self._maps.clear()
         self._torch_state.clear()
+
+
+@contextmanager
+def mapped_slices(checkpoints: list[Checkpoint], name: str, start: int, stop: int) -> Iterator[list[torch.Tensor]]:
+    """Checkpoint.mapped of the same entries [start, stop) of one tensor in each checkpoint; their
+    pages are let go of (Checkpoint.unmap) on leaving, whatever happens inside."""
+    try:
+        yield [checkpoint.mapped(name, start, stop) for checkpoint in checkpoints]
+    finally:
+        for checkpoint in checkpoints:
+            checkpoint.unmap(name, start, stop)
 
 
 def _read_into(fd: int, view: memoryview, offset: int) -> None:

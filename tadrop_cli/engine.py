@@ -19,7 +19,7 @@ from typing import Iterable, Iterator, Optional, Protocol
 import torch
 
 from . import __version__, kernels
-from .checkpoint import all_finite, read_all_float32
+from .checkpoint import all_finite, mapped_slices, read_all_float32
 from .errors import BadInput
 from .layout import Layout, TensorJob, build_layout, tensor_seed
 from .methods import TaskVector
@@ -180,8 +180,8 @@ def _kernels_merge(layout: Layout, job: TensorJob, device: torch.device) -> bool
     steps = layout.recipe.method.gta
     if device.type != "cpu" or steps is None or steps.sparsifier not in (None, "magnitude", "random") or steps.consensus not in (None, "sum"):
         return False
-    if layout.method_parameters(job.name).get("rescale", False) not in (False, None, "none", True, "paper"):
-        return False  # l1/l2/linf need a norm of the whole tensor
+    if not layout.recipe.method.sliceable(layout.method_parameters(job.name)):
+        return False  # rescale l1/l2/linf: a norm of the whole tensor
     checkpoints = [layout.reference, *(layout.models[j].checkpoint for j in job.contributors)]
     return kernels.supports([c.tensors[job.name].dtype for c in checkpoints], len(job.contributors))
 
@@ -189,14 +189,10 @@ def _kernels_merge(layout: Layout, job: TensorJob, device: torch.device) -> bool
 @contextmanager
 def _stored_inputs(layout: Layout, job: TensorJob, start: int, stop: int, models: Iterable[int]) -> Iterator[tuple[torch.Tensor, dict[int, torch.Tensor]]]:
     """Entries [start, stop) of the base's and some models' tensor, flattened, as stored: views
-    of the files' pages (Checkpoint.mapped), let go of on leaving."""
-    checkpoints = [(None, layout.reference), *((j, layout.models[j].checkpoint) for j in models)]
-    try:
-        views = {j: checkpoint.mapped(job.name, start, stop) for j, checkpoint in checkpoints}
-        yield views.pop(None), views
-    finally:
-        for _, checkpoint in checkpoints:
-            checkpoint.unmap(job.name, start, stop)
+    of the files' pages (checkpoint.mapped_slices), let go of on leaving."""
+    models = list(models)
+    with mapped_slices([layout.reference, *(layout.models[j].checkpoint for j in models)], job.name, start, stop) as (base, *tuned):
+        yield base, dict(zip(models, tuned))
 
 
 def _merge_with_kernels(layout: Layout, plan: Plan, job: TensorJob, slices: list[tuple[int, int]]) -> Iterator[torch.Tensor]:

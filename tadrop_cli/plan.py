@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import torch
 
 from . import kernels
-from .checkpoint import read_all_float32, read_float32
+from .checkpoint import Checkpoint, mapped_slices, read_all_float32, read_float32
 from .layout import Layout, ModelInput, TensorJob
 from .recipe import TadropSettings
 from .tadrop import HoyerSums, adaptive_ratios, normalize_scores, tensor_score
@@ -185,16 +185,12 @@ def _scores(layout: Layout, job: TensorJob, device: torch.device, models: list[t
     return scores
 
 
-def _add_sums_with_kernels(checkpoints: list, name: str, start: int, stop: int, sums: list[HoyerSums]) -> bool:
+def _add_sums_with_kernels(checkpoints: list[Checkpoint], name: str, start: int, stop: int, sums: list[HoyerSums]) -> bool:
     """Add one slice's Hoyer sums of each model's task vector (checkpoints[0] is the base), from
     the stored entries; False (nothing added) when an entry is NaN or Inf: the caller's PyTorch
     path then names the input at fault, or sums an overflowed difference as it does."""
-    try:
-        base, *tuned = [checkpoint.mapped(name, start, stop) for checkpoint in checkpoints]
+    with mapped_slices(checkpoints, name, start, stop) as (base, *tuned):
         results = [kernels.hoyer_sums(base, entries) for entries in tuned]
-    finally:
-        for checkpoint in checkpoints:
-            checkpoint.unmap(name, start, stop)
     if any(non_finite for _, _, non_finite in results):
         return False
     for model_sums, (l1, l2_squared, _) in zip(sums, results):
