@@ -103,23 +103,25 @@ def _pair(base: torch.Tensor, tuned: torch.Tensor) -> tuple[int, torch.Tensor, t
 _COUNT_LIMIT = 1 << 31
 
 
-def _pieces(n: int) -> range:
-    return range(0, n, _COUNT_LIMIT)
-
-
 def _check(status: int) -> None:
     if status != 0:
         raise MemoryError("out of memory in tadrop's CPU kernels")
 
 
+def _histogram(base: torch.Tensor, tuned: torch.Tensor, size: int, count) -> torch.Tensor:
+    """An int64 histogram of `size` values, counted by `count(dtype code, base, tuned, n, counts)`
+    over pieces small enough for its 32-bit tables."""
+    code, base, tuned = _pair(base, tuned)
+    counts = torch.zeros(size, dtype=torch.int64)
+    for start in range(0, base.numel(), _COUNT_LIMIT):
+        b, t = base[start:start + _COUNT_LIMIT], tuned[start:start + _COUNT_LIMIT]
+        _check(count(code, b.data_ptr(), t.data_ptr(), b.numel(), counts.data_ptr()))
+    return counts
+
+
 def magnitude_histogram(base: torch.Tensor, tuned: torch.Tensor) -> torch.Tensor:
     """sparsify.magnitude_histogram(tuned.float() - base.float()): entries per |delta| bucket (int64)."""
-    code, base, tuned = _pair(base, tuned)
-    counts = torch.zeros(MAGNITUDE_BUCKETS, dtype=torch.int64)
-    for start in _pieces(base.numel()):
-        b, t = base[start:start + _COUNT_LIMIT], tuned[start:start + _COUNT_LIMIT]
-        _check(_library().tadrop_magnitude_histogram(code, b.data_ptr(), t.data_ptr(), b.numel(), counts.data_ptr()))
-    return counts
+    return _histogram(base, tuned, MAGNITUDE_BUCKETS, _library().tadrop_magnitude_histogram)
 
 
 def has_non_finite(counts: torch.Tensor) -> bool:
@@ -129,12 +131,8 @@ def has_non_finite(counts: torch.Tensor) -> bool:
 
 def bucket_histogram(base: torch.Tensor, tuned: torch.Tensor, bucket: int) -> torch.Tensor:
     """sparsify.bucket_histogram(tuned.float() - base.float(), bucket) (int64, 2^16)."""
-    code, base, tuned = _pair(base, tuned)
-    counts = torch.zeros(1 << 16, dtype=torch.int64)
-    for start in _pieces(base.numel()):
-        b, t = base[start:start + _COUNT_LIMIT], tuned[start:start + _COUNT_LIMIT]
-        _check(_library().tadrop_bucket_histogram(code, b.data_ptr(), t.data_ptr(), b.numel(), bucket, counts.data_ptr()))
-    return counts
+    library = _library()
+    return _histogram(base, tuned, 1 << 16, lambda code, b, t, n, counts: library.tadrop_bucket_histogram(code, b, t, n, bucket, counts))
 
 
 def ties_kept_before(cut: TopKCut, offset: int, base: torch.Tensor, tuned: torch.Tensor) -> int:
