@@ -408,6 +408,26 @@ EXPORT int tadrop_merge_slice(int dtype, const void *base, const struct model_sl
     }
 }
 
+/* Whether any of n stored entries is NaN or Inf (all exponent bits set): the read-back check of
+ * a written shard. */
+static inline __attribute__((always_inline)) int non_finite_of(const void *data, int64_t n, uint32_t exponent, int width) {
+    int found = 0;
+#pragma omp parallel for schedule(static) reduction(| : found)
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t bits = width == 2 ? ((const uint16_t *)data)[i] : ((const uint32_t *)data)[i];
+        found |= (bits & exponent) == exponent;
+    }
+    return found;
+}
+
+EXPORT int tadrop_non_finite(int dtype, const void *data, int64_t n) {
+    switch (dtype) {
+        case BF16: return non_finite_of(data, n, 0x7F80u, 2);
+        case F16: return non_finite_of(data, n, 0x7C00u, 2);
+        default: return non_finite_of(data, n, 0x7F800000u, 4);
+    }
+}
+
 /* An importable (empty) module, so that the package finds this library like any extension. */
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", "tadrop's CPU kernels, called through ctypes (see kernels.py)", -1, NULL};
 

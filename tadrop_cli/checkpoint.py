@@ -18,16 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
-import torch
+import numpy as np
 from safetensors import SafetensorError, safe_open
 
+from .devices import on_cpu
+from .dtypes import ITEMSIZE, Stored, dtype_name, numpy_dtype, torch_dtype
 from .errors import BadInput
+from .lazy import torch
 
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-}
-MERGEABLE_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 # Files copied from the base so that the output loads like the base (never code: no *.py).
 CONFIG_FILE_PATTERN = re.compile(
     r"^(config\.json|generation_config\.json|preprocessor_config\.json|processor_config\.json|"
@@ -42,7 +40,7 @@ HUB_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.json", "*.txt", 
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
-    dtype: torch.dtype
+    dtype: str  # safetensors' name for it: "BF16", "F32", ...
     shape: tuple[int, ...]
     file: Path
     offset: int = -1  # where the bytes start in a safetensors file (-1: a PyTorch file)
@@ -56,7 +54,7 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+        return self.numel * ITEMSIZE[self.dtype]
 
 
 class Checkpoint:
@@ -98,16 +96,16 @@ class Checkpoint:
     def _pread(self, info: TensorInfo, start: int, stop: int, pinned: bool = False) -> torch.Tensor:
         if info.file not in self._fds:
             self._fds[info.file] = os.open(info.file, os.O_RDONLY)
-        itemsize = info.dtype.itemsize
+        itemsize = ITEMSIZE[info.dtype]
         size, offset = (stop - start) * itemsize, info.offset + start * itemsize
         buffer = torch.empty(size, dtype=torch.uint8, pin_memory=pinned)
         view = memoryview(buffer.numpy()) if size else memoryview(b"")
         _read_into(self._fds[info.file], view, offset)
-        return buffer.view(info.dtype)
+        return buffer.view(torch_dtype(info.dtype))
 
-    def mapped(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Entries [start, stop) of a stored tensor, flattened, in its stored dtype, without a
-        copy: a view of the file's pages in the page cache (a PyTorch file's tensor is read as
+    def mapped(self, name: str, start: int, stop: int) -> Stored:
+        """Entries [start, stop) of a stored tensor, flattened, as stored, without a copy: a
+        numpy view of the file's pages in the page cache (a PyTorch file's tensor is read as
         by read()). Read it, never write it, and call unmap() for the range when done: pages
         touched through the view count in this process's resident memory until then.
 
@@ -118,15 +116,15 @@ class Checkpoint:
         """
         info = self.tensors[name]
         if info.offset < 0:
-            return self.read(name, start, stop)
+            return Stored.from_torch(self.read(name, start, stop))
         try:
             if info.file not in self._maps:
                 with open(info.file, "rb") as handle:
-                    # copy-on-write: a writable buffer (torch accepts it without a warning),
+                    # copy-on-write: a writable buffer (torch takes it without a warning),
                     # whose pages are the page cache's until written, which never happens
                     self._maps[info.file] = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
-            itemsize = info.dtype.itemsize
-            return torch.frombuffer(self._maps[info.file], dtype=info.dtype, count=stop - start, offset=info.offset + start * itemsize)
+            entries = np.frombuffer(self._maps[info.file], dtype=numpy_dtype(info.dtype), count=stop - start, offset=info.offset + start * ITEMSIZE[info.dtype])
+            return Stored(info.dtype, entries)
         except (OSError, ValueError) as error:
             raise BadInput(f"{info.file}: cannot read tensor {name}: {error}") from None
 
@@ -137,8 +135,9 @@ class Checkpoint:
         mapping = self._maps.get(info.file)
         if mapping is None or not hasattr(mapping, "madvise"):
             return
-        first = (info.offset + start * info.dtype.itemsize) // mmap.PAGESIZE * mmap.PAGESIZE
-        end = min(len(mapping), -(-(info.offset + stop * info.dtype.itemsize) // mmap.PAGESIZE) * mmap.PAGESIZE)
+        itemsize = ITEMSIZE[info.dtype]
+        first = (info.offset + start * itemsize) // mmap.PAGESIZE * mmap.PAGESIZE
+        end = min(len(mapping), -(-(info.offset + stop * itemsize) // mmap.PAGESIZE) * mmap.PAGESIZE)
         if end > first:
             mapping.madvise(mmap.MADV_DONTNEED, first, end - first)
 
@@ -161,7 +160,7 @@ class Checkpoint:
 
 
 @contextmanager
-def mapped_slices(checkpoints: list[Checkpoint], name: str, start: int, stop: int) -> Iterator[list[torch.Tensor]]:
+def mapped_slices(checkpoints: list[Checkpoint], name: str, start: int, stop: int) -> Iterator[list[Stored]]:
     """Checkpoint.mapped of the same entries [start, stop) of one tensor in each checkpoint; their
     pages are let go of (Checkpoint.unmap) on leaving, whatever happens inside."""
     try:
@@ -188,7 +187,7 @@ def _safetensors_file(file: Path) -> dict[str, TensorInfo]:
     """The headers of one safetensors file. The safetensors library validates the file
     (header, dtypes, offsets against the file size); tadrop reads the offsets itself."""
     try:
-        with safe_open(str(file), framework="pt", device="cpu") as handle:
+        with safe_open(str(file), framework="numpy") as handle:  # "pt" would import torch
             names = list(handle.keys())
         with open(file, "rb") as raw:
             header_size = struct.unpack("<Q", raw.read(8))[0]
@@ -200,9 +199,9 @@ def _safetensors_file(file: Path) -> dict[str, TensorInfo]:
     infos = {}
     for name in names:
         entry = header[name]
-        dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
-        if dtype is None:
-            raise BadInput(f"{file}: tensor {name} has dtype {entry['dtype']}, which tadrop does not support (supported: {', '.join(SAFETENSORS_DTYPES)})")
+        dtype = entry["dtype"]
+        if dtype not in ITEMSIZE:
+            raise BadInput(f"{file}: tensor {name} has dtype {dtype}, which tadrop does not support (supported: {', '.join(ITEMSIZE)})")
         infos[name] = TensorInfo(name, dtype, tuple(entry["shape"]), file, 8 + header_size + entry["data_offsets"][0])
     return infos
 
@@ -230,9 +229,11 @@ def _torch_infos(file: Path) -> tuple[dict, dict[str, TensorInfo]]:
     state = load_torch_state(file)
     infos = {}
     for name, tensor in state.items():
-        if tensor.dtype not in SAFETENSORS_DTYPES.values():
-            raise BadInput(f"{file}: tensor {name} has dtype {tensor.dtype}, which tadrop does not support")
-        infos[name] = TensorInfo(name, tensor.dtype, tuple(tensor.shape), file)
+        try:
+            dtype = dtype_name(tensor.dtype)
+        except KeyError:
+            raise BadInput(f"{file}: tensor {name} has dtype {tensor.dtype}, which tadrop does not support") from None
+        infos[name] = TensorInfo(name, dtype, tuple(tensor.shape), file)
     return state, infos
 
 
@@ -420,7 +421,7 @@ def first_non_finite(tensors: list[torch.Tensor]) -> Optional[int]:
 PINNED_READ_ELEMENTS = 1 << 24
 
 
-def read_float32(checkpoint: Checkpoint, name: str, device: torch.device, start: Optional[int] = None, stop: Optional[int] = None, check: bool = True) -> torch.Tensor:
+def read_float32(checkpoint: Checkpoint, name: str, device: str, start: Optional[int] = None, stop: Optional[int] = None, check: bool = True) -> torch.Tensor:
     """A tensor (or entries [start, stop) of it, flattened) as a fresh float32 copy on `device`;
     refuses NaN and Inf with a message naming it (`check=False`: the caller checks, see
     first_non_finite).
@@ -428,7 +429,7 @@ def read_float32(checkpoint: Checkpoint, name: str, device: torch.device, start:
     For a GPU the stored bytes cross as they are, from page-locked memory and without waiting,
     and are converted there: half the bytes of a float32 copy for bf16, and the next read
     proceeds while they travel."""
-    if device.type == "cpu":
+    if on_cpu(device):
         stored = checkpoint.read(name, start, stop)
         # a float32 read is already a fresh buffer of ours; anything else is converted (a copy)
         fresh = stored.dtype == torch.float32 and checkpoint.tensors[name].offset >= 0
@@ -443,7 +444,7 @@ def read_float32(checkpoint: Checkpoint, name: str, device: torch.device, start:
     return tensor
 
 
-def read_all_float32(checkpoints: list[Checkpoint], name: str, device: torch.device, start: Optional[int] = None, stop: Optional[int] = None) -> list[torch.Tensor]:
+def read_all_float32(checkpoints: list[Checkpoint], name: str, device: str, start: Optional[int] = None, stop: Optional[int] = None) -> list[torch.Tensor]:
     """read_float32 of one tensor (or slice) from each checkpoint, all read before any is
     checked for NaN/Inf: a GPU then waits once, and the reads overlap the copies already on
     their way. The message names the first checkpoint at fault."""

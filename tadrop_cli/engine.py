@@ -8,7 +8,6 @@ the output dtype and appended to its shard.
 from __future__ import annotations
 
 import ctypes
-import re
 import resource
 import time
 from contextlib import contextmanager
@@ -16,11 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Protocol
 
-import torch
+import numpy as np
 
 from . import __version__, kernels
 from .checkpoint import all_finite, mapped_slices, read_all_float32
+from .devices import choose_device, on_cpu
+from .dtypes import Stored, torch_dtype
 from .errors import BadInput
+from .lazy import torch, torch_imported
 from .layout import Layout, TensorJob, build_layout, tensor_seed
 from .methods import TaskVector
 from .plan import Plan, build_plan
@@ -57,20 +59,6 @@ class MergeOptions:
     device: Optional[str] = None  # overrides the recipe's device
 
 
-def choose_device(name: str) -> torch.device:
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", name):
-        raise BadInput(f"device: {name!r} is not a device (use auto, cpu, cuda or cuda:N)")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise BadInput(f"device: {name} asked for, but no CUDA GPU is available (use cpu or auto)")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise BadInput(f"device: {name} asked for, but only {torch.cuda.device_count()} GPU(s) are visible")
-    return device
-
-
 def output_path(recipe: Recipe, options: MergeOptions) -> Path:
     path = options.output or (Path(recipe.output.path) if recipe.output.path else None)
     if path is None:
@@ -105,11 +93,11 @@ CHUNK_ELEMENTS = 1 << 20
 GPU_CHUNK_ELEMENTS = 1 << 24
 
 
-def chunk_elements(device: torch.device) -> int:
-    return CHUNK_ELEMENTS if device.type == "cpu" else GPU_CHUNK_ELEMENTS
+def chunk_elements(device: str) -> int:
+    return CHUNK_ELEMENTS if on_cpu(device) else GPU_CHUNK_ELEMENTS
 
 
-def merge_tensor(layout: Layout, plan: Plan, job: TensorJob, device: torch.device) -> torch.Tensor | Iterator[torch.Tensor]:
+def merge_tensor(layout: Layout, plan: Plan, job: TensorJob, device: str) -> torch.Tensor | Stored | Iterator[torch.Tensor | Stored]:
     """The output tensor for one job, in its output dtype, on the CPU; for a large tensor that
     the method can merge in slices, its flattened slices one after another (an iterator)."""
     if not job.mergeable:
@@ -118,7 +106,7 @@ def merge_tensor(layout: Layout, plan: Plan, job: TensorJob, device: torch.devic
         kept = layout.reference.read(job.name)
         if not all_finite(kept):
             raise BadInput(f"{layout.reference.label}: tensor {job.name} contains NaN or Inf")
-        return kept.to(job.out.dtype)
+        return kept.to(torch_dtype(job.out.dtype))
     numel, method, chunk = job.out.numel, layout.recipe.method, chunk_elements(device)
     if _kernels_merge(layout, job, device):
         slices = [(start, min(start + chunk, numel)) for start in range(0, numel, chunk)]
@@ -160,13 +148,13 @@ class _Inputs:
             yield j, tensor.sub_(self.base)
 
 
-def _read_inputs(layout: Layout, job: TensorJob, device: torch.device, start: Optional[int], stop: Optional[int], models: Iterable[int]) -> _Inputs:
+def _read_inputs(layout: Layout, job: TensorJob, device: str, start: Optional[int], stop: Optional[int], models: Iterable[int]) -> _Inputs:
     models = list(models)
     base, *tuned = read_all_float32([layout.reference, *(layout.models[j].checkpoint for j in models)], job.name, device, start, stop)
     return _Inputs(start, base, dict(zip(models, tuned)))
 
 
-def _read_slices(layout: Layout, job: TensorJob, device: torch.device, slices: list[tuple[int, int]], models: Iterable[int]) -> Iterator[_Inputs]:
+def _read_slices(layout: Layout, job: TensorJob, device: str, slices: list[tuple[int, int]], models: Iterable[int]) -> Iterator[_Inputs]:
     """Each slice's inputs in turn. (Reading the next slice in a helper thread was tried: on
     two cores it competes with torch's own two threads and was ~15% slower.)"""
     models = list(models)
@@ -174,11 +162,11 @@ def _read_slices(layout: Layout, job: TensorJob, device: torch.device, slices: l
         yield _read_inputs(layout, job, device, start, stop, models)
 
 
-def _kernels_merge(layout: Layout, job: TensorJob, device: torch.device) -> bool:
+def _kernels_merge(layout: Layout, job: TensorJob, device: str) -> bool:
     """Whether the compiled CPU kernels merge this tensor: a generalized-task-arithmetic host
     whose drop, mix and rescale they know, on the CPU, with inputs of one dtype."""
     steps = layout.recipe.method.gta
-    if device.type != "cpu" or steps is None or steps.sparsifier not in (None, "magnitude", "random") or steps.consensus not in (None, "sum"):
+    if not on_cpu(device) or steps is None or steps.sparsifier not in (None, "magnitude", "random") or steps.consensus not in (None, "sum"):
         return False
     if not layout.recipe.method.sliceable(layout.method_parameters(job.name)):
         return False  # rescale l1/l2/linf: a norm of the whole tensor
@@ -187,7 +175,7 @@ def _kernels_merge(layout: Layout, job: TensorJob, device: torch.device) -> bool
 
 
 @contextmanager
-def _stored_inputs(layout: Layout, job: TensorJob, start: int, stop: int, models: Iterable[int]) -> Iterator[tuple[torch.Tensor, dict[int, torch.Tensor]]]:
+def _stored_inputs(layout: Layout, job: TensorJob, start: int, stop: int, models: Iterable[int]) -> Iterator[tuple[Stored, dict[int, Stored]]]:
     """Entries [start, stop) of the base's and some models' tensor, flattened, as stored: views
     of the files' pages (checkpoint.mapped_slices), let go of on leaving."""
     models = list(models)
@@ -195,30 +183,30 @@ def _stored_inputs(layout: Layout, job: TensorJob, start: int, stop: int, models
         yield base, dict(zip(models, tuned))
 
 
-def _merge_with_kernels(layout: Layout, plan: Plan, job: TensorJob, slices: list[tuple[int, int]]) -> Iterator[torch.Tensor]:
+def _merge_with_kernels(layout: Layout, plan: Plan, job: TensorJob, slices: list[tuple[int, int]]) -> Iterator[torch.Tensor | Stored]:
     """The merge of one tensor by the CPU kernels, slice by slice (flattened, output dtype): the
     same bits as methods.generalized_task_arithmetic over the slices."""
     steps, params = layout.recipe.method.gta, layout.method_parameters(job.name)
     settings = _task_settings(layout, plan, job)
-    cuts = _magnitude_cuts(layout, plan, job, torch.device("cpu"), slices, stored=True) if steps.sparsifier == "magnitude" else {}
+    cuts = _magnitude_cuts(layout, plan, job, "cpu", slices, stored=True) if steps.sparsifier == "magnitude" else {}
     rescale = params.get("rescale", False) in (True, "paper")
     sum_of_weights = sum(settings[j]["weight"] for j in job.contributors)
     sum_of_weights = sum_of_weights if abs(sum_of_weights) >= 1e-8 else 1.0  # as generalized_task_arithmetic
-    out_dtype = job.out.dtype if job.out.dtype in kernels.DTYPE_CODES else torch.float32  # float64 outputs: cast below
+    out_dtype = job.out.dtype if job.out.dtype in kernels.DTYPE_CODES else "F32"  # float64 outputs: cast below
     for start, stop in slices:
         with _stored_inputs(layout, job, start, stop, job.contributors) as (base, tuned):
             models = [_model_slice(steps.sparsifier, settings[j], cuts.get(j), rescale, start, base, entries) for j, entries in tuned.items()]
             merged, non_finite = kernels.merge_slice(base, models, start, steps.consensus is not None, bool(params["normalize"]),
                                                      sum_of_weights, float(params.get("lambda", 1.0)), out_dtype)
         if non_finite:  # NaN/Inf in an input or the result: PyTorch redoes the slice, and names the input or refuses the result
-            inputs = _read_inputs(layout, job, torch.device("cpu"), start, stop, job.contributors)
+            inputs = _read_inputs(layout, job, "cpu", start, stop, job.contributors)
             yield _merge_entries(layout, job, inputs, settings, cuts).reshape(-1)
             continue
-        yield merged if merged.dtype == job.out.dtype else merged.to(job.out.dtype)
+        yield merged if merged.dtype == job.out.dtype else merged.to_torch().to(torch_dtype(job.out.dtype))
 
 
 def _model_slice(sparsifier: Optional[str], settings: dict, cut: Optional[TopKCut], rescale: bool, start: int,
-                 base: torch.Tensor, entries: torch.Tensor) -> kernels.ModelSlice:
+                 base: Stored, entries: Stored) -> kernels.ModelSlice:
     """One model's part in a slice's kernel merge: its weight and its drop (as sparsify_task_vector)."""
     model, density = kernels.ModelSlice(entries, settings["weight"]), settings["density"]
     if sparsifier == "magnitude" and density < 1:
@@ -237,8 +225,8 @@ def _density(layout: Layout, plan: Plan, job: TensorJob, j: int) -> float:
     return plan.density(model.label, job.name, recipe_density)
 
 
-def _histograms(layout: Layout, job: TensorJob, device: torch.device, slices: list[tuple[int, int]], models: Iterable[int],
-                buckets: Optional[dict[int, int]], stored: bool) -> Iterator[tuple[int, int, torch.Tensor]]:
+def _histograms(layout: Layout, job: TensorJob, device: str, slices: list[tuple[int, int]], models: Iterable[int],
+                buckets: Optional[dict[int, int]], stored: bool) -> Iterator[tuple[int, int, np.ndarray]]:
     """(slice, model, histogram of its task vector there) for every slice and model: the
     magnitude histogram, or with `buckets` the bucket histogram of each model's bucket. With
     `stored`, the CPU kernels count from the stored entries (one pass, no float32 copies)."""
@@ -246,7 +234,7 @@ def _histograms(layout: Layout, job: TensorJob, device: torch.device, slices: li
     if not stored:
         for s, inputs in enumerate(_read_slices(layout, job, device, slices, models)):
             for j, delta in inputs.task_vectors():
-                yield s, j, magnitude_histogram(delta) if buckets is None else bucket_histogram(delta, buckets[j])
+                yield s, j, (magnitude_histogram(delta) if buckets is None else bucket_histogram(delta, buckets[j])).cpu().numpy()
         return
     for s, (start, stop) in enumerate(slices):
         with _stored_inputs(layout, job, start, stop, models) as (base, tuned):
@@ -256,11 +244,11 @@ def _histograms(layout: Layout, job: TensorJob, device: torch.device, slices: li
                 counts = {j: kernels.magnitude_histogram(base, entries) for j, entries in tuned.items()}
         for j, model_counts in counts.items():
             if buckets is None and kernels.has_non_finite(model_counts):  # NaN/Inf in an input (this names it), or an overflowed difference
-                read_all_float32([layout.reference, layout.models[j].checkpoint], job.name, torch.device("cpu"), start, stop)
+                read_all_float32([layout.reference, layout.models[j].checkpoint], job.name, "cpu", start, stop)
             yield s, j, model_counts
 
 
-def _magnitude_cuts(layout: Layout, plan: Plan, job: TensorJob, device: torch.device, slices: list[tuple[int, int]],
+def _magnitude_cuts(layout: Layout, plan: Plan, job: TensorJob, device: str, slices: list[tuple[int, int]],
                     stored: bool = False) -> dict[int, TopKCut]:
     """Each trimmed model's top-k cut of this tensor, from two sweeps over its slices: a
     histogram of |delta|'s top 16 bits, then of the boundary bucket's low 16 bits (see
@@ -273,11 +261,11 @@ def _magnitude_cuts(layout: Layout, plan: Plan, job: TensorJob, device: torch.de
         return cuts
     # the counts are allocated before the sweeps: small buffers kept from inside a sweep would
     # sit between the slices' freed temporaries and fragment the heap (it grew by ~600 MB)
-    histograms = {j: torch.zeros(MAGNITUDE_BUCKETS, dtype=torch.int64, device=device) for j in todo}
+    histograms = {j: np.zeros(MAGNITUDE_BUCKETS, dtype=np.int64) for j in todo}
     for _, j, counts in _histograms(layout, job, device, slices, todo, None, stored):
         histograms[j] += counts
     buckets = {j: boundary_bucket(histograms[j], k) for j, k in todo.items()}
-    bucket_counts = {j: torch.zeros((len(slices), 1 << 16), dtype=torch.int32, device=device) for j in todo}
+    bucket_counts = {j: np.zeros((len(slices), 1 << 16), dtype=np.int32) for j in todo}
     for s, j, counts in _histograms(layout, job, device, slices, todo, {j: bucket for j, (bucket, _) in buckets.items()}, stored):
         bucket_counts[j][s] = counts
     for j, k in todo.items():
@@ -308,7 +296,7 @@ def _merge_entries(layout: Layout, job: TensorJob, inputs: _Inputs, settings: di
     cuts), cast to the output dtype, on the CPU."""
     task_vectors = [TaskVector(delta=delta, offset=inputs.start or 0, cut=(cuts or {}).get(j), **settings[j]) for j, delta in inputs.task_vectors()]
     merged = layout.recipe.method.merge(inputs.base, task_vectors, **layout.method_parameters(job.name))
-    result = merged.to(job.out.dtype)
+    result = merged.to(torch_dtype(job.out.dtype))
     if not all_finite(result):
         raise BadInput(f"tensor {job.name}: the merge produced NaN or Inf (in {job.out.dtype}); check the weights and lambda")
     return result.cpu()
@@ -316,14 +304,14 @@ def _merge_entries(layout: Layout, job: TensorJob, inputs: _Inputs, settings: di
 
 def uniform_plan(layout: Layout) -> Plan:
     """The plan without TADrop: no tensor data needs reading."""
-    return build_plan(layout, torch.device("cpu"))
+    return build_plan(layout, "cpu")
 
 
 def _needs_scores(layout: Layout) -> bool:
     return layout.recipe.method.sparsifier is not None and any(m.tadrop is not None for m in layout.models)
 
 
-def make_plan(layout: Layout, device: torch.device, progress: Progress) -> Plan:
+def make_plan(layout: Layout, device: str, progress: Progress) -> Plan:
     if not _needs_scores(layout):
         return uniform_plan(layout)
     progress.start("scoring", len(layout.jobs), sum(j.out.nbytes for j in layout.jobs))
@@ -334,7 +322,7 @@ def make_plan(layout: Layout, device: torch.device, progress: Progress) -> Plan:
 
 def _peak_memory() -> dict[str, int]:
     peak = {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if torch_imported() and torch.cuda.is_available() and torch.cuda.is_initialized():
         peak["peak_gpu_bytes"] = int(torch.cuda.max_memory_allocated())
     return peak
 
@@ -391,11 +379,11 @@ def run_merge(recipe: Recipe, options: MergeOptions, progress: Progress = NoProg
     finally:
         layout.close()
     summary.update(output=str(target), seconds=round(time.perf_counter() - started, 3), device=str(device),
-                   cpu_kernels=device.type == "cpu" and kernels.available(), **_peak_memory())
+                   cpu_kernels=on_cpu(device) and kernels.available(), **_peak_memory())
     return summary
 
 
-def _merge_into(layout: Layout, staging: StagingFolder, done: set[str], device: torch.device, digest: str, progress: Progress, options: MergeOptions) -> dict:
+def _merge_into(layout: Layout, staging: StagingFolder, done: set[str], device: str, digest: str, progress: Progress, options: MergeOptions) -> dict:
     saved = staging.read_json("plan.json") if done else None
     plan = Plan.from_json(saved) if saved else make_plan(layout, device, progress)
     staging.write_json("plan.json", plan.to_json())

@@ -7,9 +7,10 @@ PyTorch operation. These kernels do one pass per slice instead: they read the st
 the merged float32 slice. They give exactly the bits of the PyTorch code they stand in for
 (named in each docstring); tests/test_kernels.py compares the two.
 
-Tensors in, tensors out, no I/O. Where the library was not built (no C compiler at install
-time), or with TADROP_KERNELS=torch in the environment, `available()` is False and the engine
-runs the PyTorch code.
+Entries in, entries out, no I/O: the inputs are `dtypes.Stored` (the stored entries, in numpy
+arrays), and nothing here imports torch, so a merge that the kernels do whole never loads it.
+Where the library was not built (no C compiler at install time), or with TADROP_KERNELS=torch
+in the environment, `available()` is False and the engine runs the PyTorch code.
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Optional
 
-import torch
+import numpy as np
 
+from .dtypes import Stored, numpy_dtype
 from .sparsify import MAGNITUDE_BUCKETS, TopKCut
 
-DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+DTYPE_CODES = {"F32": 0, "F16": 1, "BF16": 2}
 NON_FINITE_BUCKET = 0x7F80  # magnitude buckets from here on hold NaN and Inf (all exponent bits set)
 MAX_MODELS = 1024
 ALL = (1 << 63) - 1  # a position past every slice
@@ -70,6 +72,8 @@ def load_library(path: str) -> ctypes.CDLL:
     library.tadrop_nth_tie.restype = i64
     library.tadrop_hoyer_sums.argtypes = [ctypes.c_int, ptr, ptr, i64, ptr]
     library.tadrop_hoyer_sums.restype = ctypes.c_int
+    library.tadrop_non_finite.argtypes = [ctypes.c_int, ptr, i64]
+    library.tadrop_non_finite.restype = ctypes.c_int
     library.tadrop_merge_slice.argtypes = [ctypes.c_int, ptr, ctypes.POINTER(_ModelSlice), ctypes.c_int, i64, i64,
                                            ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_float, ctypes.c_int, ptr]
     library.tadrop_merge_slice.restype = ctypes.c_int
@@ -81,22 +85,24 @@ def available() -> bool:
     return _library() is not None
 
 
-def supports(dtypes: list[torch.dtype], models: int) -> bool:
-    """Whether the kernels take inputs of these stored dtypes: one dtype for all, fp32/fp16/bf16."""
+def supports(dtypes: list[str], models: int) -> bool:
+    """Whether the kernels take inputs of these stored dtypes (safetensors names): one dtype for
+    all, F32/F16/BF16."""
     return available() and len(set(dtypes)) == 1 and dtypes[0] in DTYPE_CODES and 1 <= models <= MAX_MODELS
 
 
-def _flat(tensor: torch.Tensor) -> torch.Tensor:
-    if tensor.device.type != "cpu":
-        raise ValueError("the kernels run on the CPU")
-    return tensor.reshape(-1).contiguous()
+def _address(entries: Stored) -> int:
+    array = entries.array
+    if entries.dtype not in DTYPE_CODES or array.dtype != numpy_dtype(entries.dtype) or array.ndim != 1 or not array.flags.c_contiguous:
+        raise ValueError("the kernels take 1-D contiguous F32/F16/BF16 entries")
+    return array.ctypes.data
 
 
-def _pair(base: torch.Tensor, tuned: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
-    base, tuned = _flat(base), _flat(tuned)
-    if base.dtype != tuned.dtype or base.numel() != tuned.numel():
+def _pair(base: Stored, tuned: Stored) -> tuple[int, int, int]:
+    """(dtype code, base's address, tuned's address), checked."""
+    if base.dtype != tuned.dtype or base.numel != tuned.numel:
         raise ValueError("base and tuned differ in dtype or size")
-    return DTYPE_CODES[base.dtype], base, tuned
+    return DTYPE_CODES[base.dtype], _address(base), _address(tuned)
 
 
 # The histogram kernels count in 32-bit tables per thread: they are called on at most this many entries at a time.
@@ -108,59 +114,64 @@ def _check(status: int) -> None:
         raise MemoryError("out of memory in tadrop's CPU kernels")
 
 
-def _histogram(base: torch.Tensor, tuned: torch.Tensor, size: int, count) -> torch.Tensor:
+def _histogram(base: Stored, tuned: Stored, size: int, count) -> np.ndarray:
     """An int64 histogram of `size` values, counted by `count(dtype code, base, tuned, n, counts)`
     over pieces small enough for its 32-bit tables."""
-    code, base, tuned = _pair(base, tuned)
-    counts = torch.zeros(size, dtype=torch.int64)
-    for start in range(0, base.numel(), _COUNT_LIMIT):
-        b, t = base[start:start + _COUNT_LIMIT], tuned[start:start + _COUNT_LIMIT]
-        _check(count(code, b.data_ptr(), t.data_ptr(), b.numel(), counts.data_ptr()))
+    code, base_address, tuned_address = _pair(base, tuned)
+    counts = np.zeros(size, dtype=np.int64)
+    for start in range(0, base.numel, _COUNT_LIMIT):
+        offset = start * base.array.itemsize
+        _check(count(code, base_address + offset, tuned_address + offset, min(_COUNT_LIMIT, base.numel - start), counts.ctypes.data))
     return counts
 
 
-def magnitude_histogram(base: torch.Tensor, tuned: torch.Tensor) -> torch.Tensor:
+def magnitude_histogram(base: Stored, tuned: Stored) -> np.ndarray:
     """sparsify.magnitude_histogram(tuned.float() - base.float()): entries per |delta| bucket (int64)."""
     return _histogram(base, tuned, MAGNITUDE_BUCKETS, _library().tadrop_magnitude_histogram)
 
 
-def has_non_finite(counts: torch.Tensor) -> bool:
+def has_non_finite(counts: np.ndarray) -> bool:
     """Whether a magnitude histogram counted NaN or Inf."""
     return bool(counts[NON_FINITE_BUCKET:].any())
 
 
-def bucket_histogram(base: torch.Tensor, tuned: torch.Tensor, bucket: int) -> torch.Tensor:
+def non_finite(entries: Stored) -> bool:
+    """Whether any entry is NaN or Inf (not checkpoint.all_finite(entries.to_torch()))."""
+    return bool(_library().tadrop_non_finite(DTYPE_CODES[entries.dtype], _address(entries), entries.numel))
+
+
+def bucket_histogram(base: Stored, tuned: Stored, bucket: int) -> np.ndarray:
     """sparsify.bucket_histogram(tuned.float() - base.float(), bucket) (int64, 2^16)."""
     library = _library()
     return _histogram(base, tuned, 1 << 16, lambda code, b, t, n, counts: library.tadrop_bucket_histogram(code, b, t, n, bucket, counts))
 
 
-def ties_kept_before(cut: TopKCut, offset: int, base: torch.Tensor, tuned: torch.Tensor) -> int:
+def ties_kept_before(cut: TopKCut, offset: int, base: Stored, tuned: Stored) -> int:
     """Entries of the slice [offset, offset + n) equal to the cut's threshold are kept at slice
     positions below the number returned (as sparsify.cut_mask keeps them)."""
-    n = base.numel()
+    n = base.numel
     if offset + n <= cut.tie_start:
         return ALL
     if offset > cut.tie_start or cut.tie_quota == 0:
         return 0
-    code, base, tuned = _pair(base, tuned)
-    return int(_library().tadrop_nth_tie(code, base.data_ptr(), tuned.data_ptr(), n, cut.threshold, cut.tie_quota)) + 1
+    code, base_address, tuned_address = _pair(base, tuned)
+    return int(_library().tadrop_nth_tie(code, base_address, tuned_address, n, cut.threshold, cut.tie_quota)) + 1
 
 
-def hoyer_sums(base: torch.Tensor, tuned: torch.Tensor) -> tuple[float, float, bool]:
+def hoyer_sums(base: Stored, tuned: Stored) -> tuple[float, float, bool]:
     """(sum |delta|, sum delta^2, whether an entry is NaN or Inf) of the task vector
     tuned.float() - base.float(): what tadrop.HoyerSums adds up. Both sum in float32 blocks,
     in different orders, so they agree to ~1e-7 relative, as a GPU's sums do."""
-    code, base, tuned = _pair(base, tuned)
-    sums = torch.zeros(2, dtype=torch.float64)
-    status = _library().tadrop_hoyer_sums(code, base.data_ptr(), tuned.data_ptr(), base.numel(), sums.data_ptr())
+    code, base_address, tuned_address = _pair(base, tuned)
+    sums = np.zeros(2, dtype=np.float64)
+    status = _library().tadrop_hoyer_sums(code, base_address, tuned_address, base.numel, sums.ctypes.data)
     _check(min(status, 0))
     return float(sums[0]), float(sums[1]), status == 1
 
 
 def random_keep_limit(density: float) -> int:
     """sparsify.random_keep_mask keeps an entry where its word's top 24 bits are below this."""
-    return math.ceil(float(torch.tensor(density, dtype=torch.float32)) * 2**24)
+    return math.ceil(float(np.float32(density)) * 2**24)
 
 
 @dataclass
@@ -168,7 +179,7 @@ class ModelSlice:
     """One model's part in kernels.merge_slice: its stored entries of the slice, its weight, and
     its drop (sparsify.magnitude's cut, sparsify.random's stream, or none)."""
 
-    tuned: torch.Tensor
+    tuned: Stored
     weight: float = 1.0
     drop: int = DROP_NOTHING
     threshold: float = math.inf  # DROP_BY_MAGNITUDE: kept where |delta| > threshold, ...
@@ -178,22 +189,18 @@ class ModelSlice:
     rescale_by: Optional[float] = None  # divide the kept entries by this (DARE's 1 / density rescale)
 
 
-def merge_slice(base: torch.Tensor, models: list[ModelSlice], offset: int, consensus: bool, normalize: bool,
-                sum_of_weights: float, lambda_: float, out_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, bool]:
+def merge_slice(base: Stored, models: list[ModelSlice], offset: int, consensus: bool, normalize: bool,
+                sum_of_weights: float, lambda_: float, out_dtype: str = "F32") -> tuple[Stored, bool]:
     """methods.generalized_task_arithmetic of one slice, entries [offset, offset + n) of the
-    flattened tensor, then .to(out_dtype) (float32, float16 or bfloat16): (the merge, whether
-    any task-vector or merged entry was NaN or Inf).
+    flattened tensor, then .to(out_dtype) (F32, F16 or BF16): (the merge, whether any
+    task-vector or merged entry was NaN or Inf).
 
     consensus: TIES's sign election and disjoint sum (else the plain sum); normalize: divided
     by the agreeing weights (TIES) or by `sum_of_weights`.
     """
-    base = _flat(base)
-    tuned = [_flat(m.tuned) for m in models]
-    if any(t.dtype != base.dtype or t.numel() != base.numel() for t in tuned):
-        raise ValueError("inputs differ in dtype or size")
     settings = (_ModelSlice * len(models))()
-    for setting, model, entries in zip(settings, models, tuned):
-        setting.tuned = entries.data_ptr()
+    for setting, model in zip(settings, models):
+        setting.tuned = _pair(base, model.tuned)[2]
         setting.weight = model.weight
         setting.drop = model.drop
         setting.threshold = model.threshold
@@ -202,9 +209,9 @@ def merge_slice(base: torch.Tensor, models: list[ModelSlice], offset: int, conse
         setting.limit = model.limit
         setting.rescale = model.rescale_by is not None
         setting.density = model.rescale_by if model.rescale_by is not None else 1.0
-    out = torch.empty(base.numel(), dtype=out_dtype)
-    flag = _library().tadrop_merge_slice(DTYPE_CODES[base.dtype], base.data_ptr(), settings, len(models), base.numel(), offset,
-                                        int(consensus), int(normalize), sum_of_weights, lambda_, DTYPE_CODES[out_dtype], out.data_ptr())
+    out = Stored(out_dtype, np.empty(base.numel, dtype=numpy_dtype(out_dtype)))
+    flag = _library().tadrop_merge_slice(DTYPE_CODES[base.dtype], _address(base), settings, len(models), base.numel, offset,
+                                        int(consensus), int(normalize), sum_of_weights, lambda_, DTYPE_CODES[out_dtype], _address(out))
     if flag < 0:
         raise ValueError(f"the kernel takes 1 to {MAX_MODELS} models")
     return out, bool(flag)

@@ -10,11 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
-
-from .checkpoint import MERGEABLE_DTYPES, Checkpoint, config_files, layer_positions, open_checkpoint, tensor_order
+from .checkpoint import Checkpoint, config_files, layer_positions, open_checkpoint, tensor_order
+from .dtypes import FLOATS
 from .errors import BadInput
-from .recipe import DTYPES, ModelEntry, Recipe, TadropSettings, source_identity, value_for_tensor
+from .recipe import ModelEntry, Recipe, TadropSettings, source_identity, value_for_tensor
 from .writer import OutputTensor
 
 
@@ -102,11 +101,10 @@ def model_tadrop(recipe: Recipe, entry: ModelEntry) -> Optional[TadropSettings]:
     return settings if settings.enabled else None
 
 
-def _output_dtype(recipe: Recipe, stored: torch.dtype) -> torch.dtype:
-    name = recipe.output_dtype
-    if name is None or stored not in MERGEABLE_DTYPES:
+def _output_dtype(recipe: Recipe, stored: str) -> str:
+    if recipe.output_dtype is None or stored not in FLOATS:
         return stored
-    return getattr(torch, DTYPES[name])
+    return recipe.output_dtype
 
 
 def build_layout(recipe: Recipe) -> Layout:
@@ -145,7 +143,7 @@ def build_layout(recipe: Recipe) -> Layout:
 
 def _tensor_job(recipe: Recipe, reference: Checkpoint, models: list[ModelInput], name: str, notes: list[str]) -> TensorJob:
     info = reference.tensors[name]
-    mergeable = info.dtype in MERGEABLE_DTYPES
+    mergeable = info.dtype in FLOATS
     job = TensorJob(OutputTensor(name, _output_dtype(recipe, info.dtype), info.shape), mergeable, [])
     if not mergeable:
         return job
@@ -155,7 +153,7 @@ def _tensor_job(recipe: Recipe, reference: Checkpoint, models: list[ModelInput],
             problem, policy, key = "lacks tensor", recipe.policies.missing_tensor, "missing_tensor"
         elif other.shape != info.shape:
             problem, policy, key = f"has shape {list(other.shape)} (base {list(info.shape)}) for tensor", recipe.policies.shape_mismatch, "shape_mismatch"
-        elif other.dtype not in MERGEABLE_DTYPES:
+        elif other.dtype not in FLOATS:
             raise BadInput(f"{other.file}: tensor {name} has dtype {other.dtype}, the base has {info.dtype}")
         else:
             job.contributors.append(j)

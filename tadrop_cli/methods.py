@@ -15,9 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Optional
 
-import torch
-
 from . import sparsify, subspace
+from .lazy import torch
 
 # Where TADrop's per-tensor ratio enters a method (None: nowhere, the method does not sparsify):
 #   magnitude   the kept fraction of a magnitude trim

@@ -11,10 +11,9 @@ import fnmatch
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
-import torch
-
 from . import kernels
 from .checkpoint import Checkpoint, mapped_slices, read_all_float32, read_float32
+from .devices import on_cpu
 from .layout import Layout, ModelInput, TensorJob
 from .recipe import TadropSettings
 from .tadrop import HoyerSums, adaptive_ratios, normalize_scores, tensor_score
@@ -99,7 +98,7 @@ def _fixed_ratio(settings: Optional[TadropSettings], base_ratio: float) -> float
     return 0.0 if settings is not None and settings.excluded_ratio == "none" else base_ratio
 
 
-def build_plan(layout: Layout, device: torch.device, on_tensor: Callable[[TensorJob], None] = lambda job: None) -> Plan:
+def build_plan(layout: Layout, device: str, on_tensor: Callable[[TensorJob], None] = lambda job: None) -> Plan:
     """Score every task-vector tensor that TADrop adapts, and fix every drop ratio."""
     method = layout.recipe.method
     rows: dict[tuple[int, str], RatioRow] = {}
@@ -162,13 +161,13 @@ SCORE_SLICE_ELEMENTS = 1 << 20
 GPU_SCORE_SLICE_ELEMENTS = 1 << 24  # on a GPU, fewer launches and waits (see engine.GPU_CHUNK_ELEMENTS)
 
 
-def _scores(layout: Layout, job: TensorJob, device: torch.device, models: list[tuple[int, ModelInput]]) -> dict[int, Optional[float]]:
+def _scores(layout: Layout, job: TensorJob, device: str, models: list[tuple[int, ModelInput]]) -> dict[int, Optional[float]]:
     """Each model's score of this tensor's task vector (None: all zeros)."""
     scores: dict[int, Optional[float]] = {}
     sliced = {j: HoyerSums() for j, model in models if model.tadrop.statistic == "hoyer"}
-    step = SCORE_SLICE_ELEMENTS if device.type == "cpu" else GPU_SCORE_SLICE_ELEMENTS
+    step = SCORE_SLICE_ELEMENTS if on_cpu(device) else GPU_SCORE_SLICE_ELEMENTS
     checkpoints = [layout.reference, *(layout.models[j].checkpoint for j in sliced)]
-    with_kernels = device.type == "cpu" and kernels.supports([c.tensors[job.name].dtype for c in checkpoints], len(sliced))
+    with_kernels = on_cpu(device) and kernels.supports([c.tensors[job.name].dtype for c in checkpoints], len(sliced))
     for start in range(0, job.out.numel if sliced else 0, step):
         stop = min(start + step, job.out.numel)
         if with_kernels and _add_sums_with_kernels(checkpoints, job.name, start, stop, list(sliced.values())):

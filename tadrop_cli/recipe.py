@@ -21,7 +21,8 @@ from .errors import BadInput
 from .methods import METHODS, MergeMethod, ParamSpec
 from .tadrop import STATISTICS
 
-DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "half": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+# the recipe's names for an output dtype, and safetensors' name for each
+DTYPES = {"float32": "F32", "fp32": "F32", "float16": "F16", "fp16": "F16", "half": "F16", "bfloat16": "BF16", "bf16": "BF16"}
 DTypeName = Literal["float32", "fp32", "float16", "fp16", "half", "bfloat16", "bf16"]
 Policy = Literal["error", "skip_model", "copy_base"]
 Number = Union[StrictInt, StrictFloat]
@@ -159,7 +160,7 @@ class Recipe(_Strict):
 
     @property
     def output_dtype(self) -> Optional[str]:
-        """The dtype to write, or None to keep each tensor's dtype in the base."""
+        """The dtype to write, as safetensors names it ("BF16"), or None to keep each tensor's dtype in the base."""
         name = self.output.dtype or self.out_dtype or self.dtype
         return DTYPES[name] if name else None
 

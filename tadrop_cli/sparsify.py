@@ -8,10 +8,13 @@ Counts follow mergekit (`int(density * n)`) so that recipes give the same masks.
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass
 from typing import Literal, Union
 
-import torch
+import numpy as np
+
+from .lazy import torch
 
 Rescale = Union[bool, Literal["none", "paper", "l1", "l2", "linf"]]
 
@@ -111,11 +114,11 @@ def magnitude_histogram(delta: torch.Tensor) -> torch.Tensor:
     return torch.bincount(_magnitude_bits(delta) >> 16, minlength=MAGNITUDE_BUCKETS)
 
 
-def boundary_bucket(histogram: torch.Tensor, k: int) -> tuple[int, int]:
-    """(the bucket holding the k-th largest |delta|, how many entries lie in higher buckets);
-    1 <= k <= the histogram's total."""
-    from_top = histogram.flip(0).cumsum(0)
-    index = int(torch.searchsorted(from_top, k))  # first bucket (from the top) that reaches k
+def boundary_bucket(histogram: np.ndarray, k: int) -> tuple[int, int]:
+    """(the bucket holding the k-th largest |delta|, how many entries lie in higher buckets)
+    of a magnitude histogram (counted on the CPU, as numpy); 1 <= k <= its total."""
+    from_top = histogram[::-1].cumsum()
+    index = int(np.searchsorted(from_top, k))  # first bucket (from the top) that reaches k
     return MAGNITUDE_BUCKETS - 1 - index, int(from_top[index - 1]) if index > 0 else 0
 
 
@@ -141,24 +144,24 @@ KEEP_NOTHING = TopKCut(math.inf, 0, 0)
 
 
 def _float32_of_bits(bits: int) -> float:
-    return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32))
+    return struct.unpack("<f", struct.pack("<I", bits))[0]
 
 
-def cut_from_bucket_counts(bucket: int, starts: list[int], counts: torch.Tensor, needed: int) -> TopKCut:
+def cut_from_bucket_counts(bucket: int, starts: list[int], counts: np.ndarray, needed: int) -> TopKCut:
     """The cut that keeps `needed` entries of the boundary bucket besides every larger one.
 
-    `counts[s]` is bucket_histogram of slice s, which starts at flat position `starts[s]`
-    (slices in flat order); 1 <= needed <= the bucket's total.
+    `counts[s]` is bucket_histogram of slice s (as numpy), which starts at flat position
+    `starts[s]` (slices in flat order); 1 <= needed <= the bucket's total.
     """
-    from_top = counts.sum(0, dtype=torch.int64).flip(0).cumsum(0)
-    index = int(torch.searchsorted(from_top, needed))
+    from_top = counts.sum(0, dtype=np.int64)[::-1].cumsum()
+    index = int(np.searchsorted(from_top, needed))
     value = (1 << 16) - 1 - index
     ties_kept = needed - (int(from_top[index - 1]) if index > 0 else 0)
     threshold = _float32_of_bits((bucket << 16) | value)
-    ties_through = counts[:, value].to(torch.int64).cumsum(0)  # tied entries up to each slice's end
+    ties_through = counts[:, value].astype(np.int64).cumsum()  # tied entries up to each slice's end
     if ties_kept == int(ties_through[-1]):  # every tied entry is kept
         return TopKCut(threshold, math.inf)
-    split = int(torch.searchsorted(ties_through, ties_kept))  # the slice holding the last kept tie
+    split = int(np.searchsorted(ties_through, ties_kept))  # the slice holding the last kept tie
     return TopKCut(threshold, starts[split], ties_kept - (int(ties_through[split - 1]) if split > 0 else 0))
 
 
@@ -187,9 +190,9 @@ def top_k_cut(deltas: list[torch.Tensor], k: int) -> TopKCut | None:
         return None
     if k <= 0:
         return KEEP_NOTHING
-    bucket, larger = boundary_bucket(sum(magnitude_histogram(d) for d in deltas), k)
+    bucket, larger = boundary_bucket(sum(magnitude_histogram(d) for d in deltas).cpu().numpy(), k)
     starts = [sum(d.numel() for d in deltas[:i]) for i in range(len(deltas))]
-    return cut_from_bucket_counts(bucket, starts, torch.stack([bucket_histogram(d, bucket) for d in deltas]), k - larger)
+    return cut_from_bucket_counts(bucket, starts, torch.stack([bucket_histogram(d, bucket) for d in deltas]).cpu().numpy(), k - larger)
 
 
 def rescale_kept(original: torch.Tensor, kept: torch.Tensor, density: float, how: Rescale) -> torch.Tensor:

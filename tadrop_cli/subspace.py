@@ -20,10 +20,11 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-import torch
+from .lazy import torch
+
 
 _TOLERANCE = 1e-9  # density * n is a float: 1/3 * 3 must count as 1, not 0.999...
-_EPS32 = torch.finfo(torch.float32).eps
+_EPS32 = 2.0**-23  # torch.finfo(torch.float32).eps
 
 
 def null_tolerance(matrix: torch.Tensor) -> float:

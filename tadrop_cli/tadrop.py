@@ -14,7 +14,8 @@ import math
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
-import torch
+from .lazy import torch
+
 
 Statistic = Literal["kurtosis", "hoyer", "cv", "gini", "topmass"]
 Normalization = Literal["rank", "minmax"]

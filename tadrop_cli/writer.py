@@ -20,21 +20,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 
-import torch
-
+from .dtypes import ITEMSIZE, Stored, dtype_name
 from .errors import BadInput, WriteError
+from .lazy import is_torch_tensor, torch
 
-SAFETENSORS_DTYPE_NAMES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
-}
 JOURNAL = "progress.json"
 
 
 @dataclass(frozen=True)
 class OutputTensor:
     name: str
-    dtype: torch.dtype
+    dtype: str  # safetensors' name for it: "BF16", "F32", ...
     shape: tuple[int, ...]
 
     @property
@@ -46,7 +42,7 @@ class OutputTensor:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * self.dtype.itemsize
+        return self.numel * ITEMSIZE[self.dtype]
 
 
 @dataclass(frozen=True)
@@ -80,15 +76,17 @@ def safetensors_header(tensors: Iterable[OutputTensor], metadata: dict[str, str]
     header: dict[str, object] = {"__metadata__": metadata}
     offset = 0
     for tensor in tensors:
-        header[tensor.name] = {"dtype": SAFETENSORS_DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + tensor.nbytes]}
+        header[tensor.name] = {"dtype": tensor.dtype, "shape": list(tensor.shape), "data_offsets": [offset, offset + tensor.nbytes]}
         offset += tensor.nbytes
     body = json.dumps(header, separators=(",", ":")).encode()
     body += b" " * (-len(body) % 8)  # the data starts 8-byte aligned
     return struct.pack("<Q", len(body)) + body
 
 
-def tensor_bytes(tensor: torch.Tensor) -> memoryview:
-    """The raw little-endian bytes of a CPU tensor, without a copy where possible."""
+def tensor_bytes(tensor: torch.Tensor | Stored) -> memoryview:
+    """The raw little-endian bytes of a CPU tensor or of stored entries, without a copy where possible."""
+    if isinstance(tensor, Stored):
+        return memoryview(tensor.array).cast("B") if tensor.numel else memoryview(b"")
     flat = tensor.contiguous().reshape(-1)
     return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
 
@@ -144,18 +142,20 @@ class ShardWriter:
         except OSError as error:
             raise WriteError(_describe_os_error(error, self.path)) from None
 
-    def write(self, name: str, tensor: torch.Tensor | Iterable[torch.Tensor]) -> None:
-        """Append the next tensor: whole, or as its flattened slices in order (any iterable)."""
+    def write(self, name: str, tensor: torch.Tensor | Iterable[torch.Tensor | Stored]) -> None:
+        """Append the next tensor: whole, or as its flattened slices in order (any iterable of
+        tensors or Stored entries)."""
         expected = self._expected[self._next]
-        whole = isinstance(tensor, torch.Tensor)
+        whole = is_torch_tensor(tensor)
         if name != expected.name or (whole and tuple(tensor.shape) != expected.shape):
             raise RuntimeError(f"writer expected {expected} next, got {name}")
         written = 0
         for part in [tensor] if whole else tensor:
-            if part.dtype != expected.dtype:
-                raise RuntimeError(f"writer expected {expected} next, got {name} in {part.dtype}")
+            dtype, count = (part.dtype, part.numel) if isinstance(part, Stored) else (dtype_name(part.dtype), part.numel())
+            if dtype != expected.dtype:
+                raise RuntimeError(f"writer expected {expected} next, got {name} in {dtype}")
             self._write(tensor_bytes(part))
-            written += part.numel()
+            written += count
         if written != expected.numel:
             raise RuntimeError(f"writer expected {expected.numel} entries of {name}, got {written}")
         self._next += 1

@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from conftest import REPO, basic_recipe, fine_tune, tiny_state, write_checkpoint, write_recipe
+from tadrop_cli import kernels
 from tadrop_cli import writer as writer_module
 from tadrop_cli.cli import app
 
@@ -542,7 +543,8 @@ def test_output_is_verified_before_publishing(setup, monkeypatch, damage):
     recipe, target, _ = setup
     real = writer_module.tensor_bytes
 
-    def tensor_bytes(tensor):
+    def tensor_bytes(tensor):  # a tensor, or the CPU kernels' Stored entries
+        tensor = tensor if isinstance(tensor, torch.Tensor) else tensor.to_torch()
         if tensor.numel() == 96 * 64:  # the mlp weights
             if damage == "nan":
                 return real(torch.full_like(tensor, math.nan))
@@ -578,12 +580,19 @@ def _verify_bad(path: Path, *culprits: str) -> None:
 
 
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_verify_names_a_tensor_with_nan_or_inf(tmp_path, value, dtype):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("with_kernels", [True, False])
+def test_verify_names_a_tensor_with_nan_or_inf(tmp_path, monkeypatch, value, dtype, with_kernels):
+    """Found by the CPU kernels (safetensors F32/F16/BF16) and by PyTorch (the rest, or without the kernels)."""
+    if with_kernels and not kernels.available():
+        pytest.skip("the C kernels were not built")
+    if not with_kernels:
+        monkeypatch.setattr(kernels, "_library", lambda: None)
     state = tiny_state()
     state["model.layers.1.attn.weight"][5, 5] = value
     folder = write_checkpoint(tmp_path / "ckpt", state, dtype=dtype, shards=2)
     _verify_bad(folder, "model.layers.1.attn.weight")
+    assert invoke("verify", write_checkpoint(tmp_path / "clean", tiny_state(), dtype=dtype, shards=2)).exit_code == 0
 
 
 @pytest.mark.parametrize("damage", ["truncated", "missing-shard", "garbage-header", "empty-index"])

@@ -8,10 +8,12 @@ from __future__ import annotations
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 
 from tadrop_cli import engine, kernels, methods, sparsify
+from tadrop_cli.dtypes import Stored
 from tadrop_cli.engine import MergeOptions, run_merge
 from tadrop_cli.errors import BadInput
 from tadrop_cli.recipe import parse_recipe
@@ -55,6 +57,11 @@ def _delta(base: torch.Tensor, tuned: torch.Tensor) -> torch.Tensor:
     return tuned.float() - base.float()
 
 
+def _stored(tensor: torch.Tensor) -> Stored:
+    """A tensor's entries as the kernels take them (as a file stores them)."""
+    return Stored.from_torch(tensor)
+
+
 # ---------------------------------------------------------------- the cut's pieces
 
 
@@ -64,22 +71,22 @@ def _delta(base: torch.Tensor, tuned: torch.Tensor) -> torch.Tensor:
 def test_histograms_equal_pytorchs(dtype, kind):
     base, tuned = _pair(dtype, 100_003, 1, kind)
     delta = _delta(base, tuned)
-    counts = kernels.magnitude_histogram(base, tuned)
-    assert torch.equal(counts, sparsify.magnitude_histogram(delta))
+    counts = kernels.magnitude_histogram(_stored(base), _stored(tuned))
+    assert np.array_equal(counts, sparsify.magnitude_histogram(delta).numpy())
     assert int(counts.sum()) == delta.numel() and not kernels.has_non_finite(counts)
     for k in (1, 777, 50_000, 100_002):  # the boundary buckets of several cuts
         bucket, _ = sparsify.boundary_bucket(counts, k)
-        assert torch.equal(kernels.bucket_histogram(base, tuned, bucket), sparsify.bucket_histogram(delta, bucket))
+        assert np.array_equal(kernels.bucket_histogram(_stored(base), _stored(tuned), bucket), sparsify.bucket_histogram(delta, bucket).numpy())
 
 
 @needs_kernels
 def test_a_magnitude_histogram_counts_nan_and_inf():
     base, tuned = _pair(torch.bfloat16, 1000, 2, "dense")
-    assert not kernels.has_non_finite(kernels.magnitude_histogram(base, tuned))
+    assert not kernels.has_non_finite(kernels.magnitude_histogram(_stored(base), _stored(tuned)))
     for bad in (math.nan, math.inf, -math.inf):
         spoiled = tuned.clone()
         spoiled[500] = bad
-        assert kernels.has_non_finite(kernels.magnitude_histogram(base, spoiled))
+        assert kernels.has_non_finite(kernels.magnitude_histogram(_stored(base), _stored(spoiled)))
 
 
 @needs_kernels
@@ -94,7 +101,7 @@ def test_ties_kept_before_agrees_with_cut_mask(slice_size):
         cut = sparsify.top_k_cut(parts, k)
         for s, part in enumerate(parts):
             offset = s * slice_size
-            before = kernels.ties_kept_before(cut, offset, base[offset:offset + part.numel()], tuned[offset:offset + part.numel()])
+            before = kernels.ties_kept_before(cut, offset, _stored(base[offset:offset + part.numel()]), _stored(tuned[offset:offset + part.numel()]))
             tied = (part.abs() == cut.threshold).nonzero().reshape(-1)
             kept = sparsify.cut_mask(part.clone(), cut, offset)[tied] == 1
             assert torch.equal(kept, tied < before)
@@ -116,7 +123,7 @@ def test_hoyer_sums_equal_float64_sums(dtype, scale):
     heavy_tailed = torch.distributions.StudentT(2.0).sample((100_003,)).clamp(-1e4, 1e4)  # (a draw can be inf)
     tuned = (base.float() + heavy_tailed * scale).to(dtype)
     delta = _delta(base, tuned).double()
-    l1, l2_squared, non_finite = kernels.hoyer_sums(base, tuned)
+    l1, l2_squared, non_finite = kernels.hoyer_sums(_stored(base), _stored(tuned))
     assert not non_finite
     expected_l1, expected_l2 = float(delta.abs().sum()), float(delta.square().sum())
     if expected_l1 == 0:  # the dtype cannot hold deltas this small: all zero
@@ -133,13 +140,13 @@ def test_hoyer_sums_flag_nan_and_inf_and_scores_match_pytorch():
     with_kernels, with_torch = HoyerSums(), HoyerSums()
     for part in range(0, 300_000, 65_536):
         b, t = base[part:part + 65_536], tuned[part:part + 65_536]
-        l1, l2_squared, _ = kernels.hoyer_sums(b, t)
+        l1, l2_squared, _ = kernels.hoyer_sums(_stored(b), _stored(t))
         with_kernels.add_sums(b.numel(), l1, l2_squared)
         with_torch.add(_delta(b, t))
     assert with_kernels.score() == pytest.approx(with_torch.score(), rel=1e-6)
     spoiled = tuned.clone()
     spoiled[123] = math.inf
-    assert kernels.hoyer_sums(base, spoiled)[2]
+    assert kernels.hoyer_sums(_stored(base), _stored(spoiled))[2]
 
 
 # ---------------------------------------------------------------- the merge of a slice
@@ -153,18 +160,18 @@ def _bits(tensor: torch.Tensor) -> torch.Tensor:
 def _kernel_merge(base, tuned, steps, weights, densities, seeds, cuts, offset, normalize, lambda_, rescale):
     models = []
     for t, w, d, seed, cut in zip(tuned, weights, densities, seeds, cuts):
-        model = kernels.ModelSlice(t, w)
+        model = kernels.ModelSlice(_stored(t), w)
         if steps.sparsifier == "magnitude" and d < 1:
-            model.drop, model.threshold, model.ties_before = kernels.DROP_BY_MAGNITUDE, cut.threshold, kernels.ties_kept_before(cut, offset, base, t)
+            model.drop, model.threshold, model.ties_before = kernels.DROP_BY_MAGNITUDE, cut.threshold, kernels.ties_kept_before(cut, offset, _stored(base), _stored(t))
         elif steps.sparsifier == "random" and d < 1:
             model.drop, model.seed, model.limit = kernels.DROP_AT_RANDOM, seed, kernels.random_keep_limit(d)
         if model.drop != kernels.DROP_NOTHING and rescale and d > 0:
             model.rescale_by = d
         models.append(model)
     total = sum(weights)
-    merged, non_finite = kernels.merge_slice(base, models, offset, steps.consensus is not None, normalize, total if abs(total) >= 1e-8 else 1.0, lambda_)
-    assert not non_finite
-    return merged
+    merged, non_finite = kernels.merge_slice(_stored(base), models, offset, steps.consensus is not None, normalize, total if abs(total) >= 1e-8 else 1.0, lambda_)
+    assert not non_finite and merged.dtype == "F32"
+    return merged.to_torch()
 
 
 MERGE_CASES = {
@@ -204,8 +211,8 @@ def test_merge_slice_gives_the_bits_of_generalized_task_arithmetic(method, dtype
 
 
 @needs_kernels
-@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
-def test_merge_slice_rounds_to_the_output_dtype_as_torch_does(out_dtype):
+@pytest.mark.parametrize("name, out_dtype", [("BF16", torch.bfloat16), ("F16", torch.float16)])
+def test_merge_slice_rounds_to_the_output_dtype_as_torch_does(name, out_dtype):
     """The merged entries stored as bf16/fp16 are float32's .to(out_dtype), halfway cases
     (ties to even) and subnormals included; entries too large for the output are flagged."""
     g = torch.Generator().manual_seed(8)
@@ -213,25 +220,25 @@ def test_merge_slice_rounds_to_the_output_dtype_as_torch_does(out_dtype):
     base[:4] = torch.tensor([1.0 + 2**-8, 1.0 + 3 * 2**-8, 1e-40, -3e-6])  # bf16 halfway cases, tiny values
     tuned = base + torch.randn(70_000, generator=g) * 0.01
     tuned[:4] = base[:4]
-    models = [kernels.ModelSlice(tuned, 0.7)]
-    as_float, _ = kernels.merge_slice(base, models, 0, False, False, 0.7, 1.0)
-    stored, flagged = kernels.merge_slice(base, models, 0, False, False, 0.7, 1.0, out_dtype)
-    assert stored.dtype == out_dtype and not flagged
-    assert torch.equal(stored.view(torch.int16), as_float.to(out_dtype).view(torch.int16))
+    models = [kernels.ModelSlice(_stored(tuned), 0.7)]
+    as_float, _ = kernels.merge_slice(_stored(base), models, 0, False, False, 0.7, 1.0)
+    stored, flagged = kernels.merge_slice(_stored(base), models, 0, False, False, 0.7, 1.0, name)
+    assert stored.dtype == name and stored.to_torch().dtype == out_dtype and not flagged
+    assert torch.equal(stored.to_torch().view(torch.int16), as_float.to_torch().to(out_dtype).view(torch.int16))
     huge = torch.full((10,), 3.4e38 if out_dtype == torch.bfloat16 else 7e4)
-    assert kernels.merge_slice(huge, [kernels.ModelSlice(huge * 0.999, 1.0)], 0, False, False, 1.0, 1.0, out_dtype)[1]
+    assert kernels.merge_slice(_stored(huge), [kernels.ModelSlice(_stored(huge * 0.999), 1.0)], 0, False, False, 1.0, 1.0, name)[1]
 
 
 @needs_kernels
 def test_merge_slice_flags_non_finite_task_vectors():
     base, tuned = _pair(torch.float32, 5000, 4, "dense")
-    clean, flagged = kernels.merge_slice(base, [kernels.ModelSlice(tuned)], 0, True, True, 1.0, 1.0)
-    assert not flagged and bool(torch.isfinite(clean).all())
+    clean, flagged = kernels.merge_slice(_stored(base), [kernels.ModelSlice(_stored(tuned))], 0, True, True, 1.0, 1.0)
+    assert not flagged and bool(torch.isfinite(clean.to_torch()).all())
     for a, b in ((math.nan, 0.0), (math.inf, 0.0), (3e38, -3e38)):  # the last: finite inputs whose difference overflows
         spoiled_base, spoiled = base.clone(), tuned.clone()
         spoiled[7], spoiled_base[7] = a, b
-        model = kernels.ModelSlice(spoiled, drop=kernels.DROP_BY_MAGNITUDE, threshold=1e30)  # the bad entry is dropped, and still flagged
-        assert kernels.merge_slice(spoiled_base, [model], 0, False, False, 1.0, 1.0)[1]
+        model = kernels.ModelSlice(_stored(spoiled), drop=kernels.DROP_BY_MAGNITUDE, threshold=1e30)  # the bad entry is dropped, and still flagged
+        assert kernels.merge_slice(_stored(spoiled_base), [model], 0, False, False, 1.0, 1.0)[1]
 
 
 @needs_kernels
@@ -256,15 +263,15 @@ def test_the_baseline_build_gives_the_same_bits(tmp_path, monkeypatch):
     cuts = [sparsify.top_k_cut([d], sparsify.kept_count(50_000, 0.3)) for d in deltas]
 
     def results():
-        counts = kernels.magnitude_histogram(base, tuned)
+        counts = kernels.magnitude_histogram(_stored(base), _stored(tuned))
         merged = [_kernel_merge(base, [tuned, other], methods.METHODS[m].gta, [0.7, 1.3], [0.3, 0.3], [5, 6], cuts, 0, True, 0.9, m == "dare_ties")
                   for m in ("ties", "dare_ties", "task_arithmetic")]
-        return counts, kernels.bucket_histogram(base, tuned, 0x3E00), kernels.hoyer_sums(base, tuned), merged
+        return counts, kernels.bucket_histogram(_stored(base), _stored(tuned), 0x3E00), kernels.hoyer_sums(_stored(base), _stored(tuned)), merged
 
     with_clones = results()
     monkeypatch.setattr(kernels, "_library", lambda: kernels.load_library(str(library)))
     baseline = results()
-    assert torch.equal(baseline[0], with_clones[0]) and torch.equal(baseline[1], with_clones[1]) and baseline[2] == with_clones[2]
+    assert np.array_equal(baseline[0], with_clones[0]) and np.array_equal(baseline[1], with_clones[1]) and baseline[2] == with_clones[2]
     for a, b in zip(baseline[3], with_clones[3]):
         assert torch.equal(_bits(a), _bits(b))
 
@@ -285,9 +292,9 @@ def test_mapped_views_hold_what_read_returns(tmp_path, fmt):
             flat = tensor.to(torch.bfloat16).reshape(-1)
             for start, stop in ((0, flat.numel()), (1, flat.numel() - 1), (17, 18)):
                 view = checkpoint.mapped(name, start, stop)
-                assert view.dtype == torch.bfloat16 and torch.equal(view, flat[start:stop])
+                assert view.dtype == "BF16" and torch.equal(view.to_torch(), flat[start:stop])
                 checkpoint.unmap(name, start, stop)
-                assert torch.equal(view, flat[start:stop])
+                assert torch.equal(view.to_torch(), flat[start:stop])
     finally:
         checkpoint.close()
 
@@ -349,11 +356,11 @@ def test_tadrop_plans_from_the_kernels_equal_pytorchs(tmp_path, monkeypatch, dty
     try:
         calls = []
         monkeypatch.setattr(kernels, "hoyer_sums", lambda *a, original=kernels.hoyer_sums: calls.append(1) or original(*a))
-        plan = build_plan(layout, torch.device("cpu"))
+        plan = build_plan(layout, "cpu")
         assert calls
         with monkeypatch.context() as patch:
             patch.setattr(kernels, "_library", lambda: None)
-            reference = build_plan(layout, torch.device("cpu"))
+            reference = build_plan(layout, "cpu")
     finally:
         layout.close()
     assert any(row.reason == "adaptive" for row in plan.rows)
@@ -405,3 +412,75 @@ def test_an_overflowing_difference_fails_as_without_kernels(tmp_path, monkeypatc
                 run_merge(recipe, MergeOptions(device="cpu"))
             messages.append(str(error.value))
     assert messages[0] == messages[1] and "model.embed.weight: the merge produced NaN or Inf" in messages[0]
+
+
+# ---------------------------------------------------------------- checking written entries
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_non_finite_finds_what_isfinite_finds(dtype):
+    """The read-back check of written shards: NaN, Inf and -Inf anywhere in the slice, and
+    nothing in finite entries however large or small."""
+    info = torch.finfo(dtype)
+    entries = torch.randn(10_001, generator=torch.Generator().manual_seed(14)).to(dtype)
+    entries[:4] = torch.tensor([info.max, -info.max, info.tiny / 4, -0.0]).to(dtype)  # largest, subnormal, signed zero
+    assert not kernels.non_finite(_stored(entries))
+    for position in (0, 4999, 10_000):
+        for bad in (math.nan, math.inf, -math.inf):
+            spoiled = entries.clone()
+            spoiled[position] = bad
+            assert kernels.non_finite(_stored(spoiled)) == (not bool(torch.isfinite(spoiled).all()))
+
+
+# ---------------------------------------------------------------- never importing torch
+
+_MERGE_WITHOUT_TORCH = """
+import json, sys
+from pathlib import Path
+from tadrop_cli.engine import MergeOptions, run_merge
+from tadrop_cli.recipe import load_recipe
+summary = run_merge(load_recipe(Path(sys.argv[1])), MergeOptions(device="cpu"))
+print(json.dumps({"torch_imported": "torch" in sys.modules, "cpu_kernels": summary["cpu_kernels"]}))
+"""
+
+
+@needs_kernels
+@pytest.mark.parametrize("method, tadrop", [("task_arithmetic", False), ("ties", True), ("dare_ties", True), ("magnitude_prune", False)])
+def test_a_merge_by_the_kernels_never_imports_torch(tmp_path, monkeypatch, method, tadrop):
+    """Importing torch takes 1-2 s, longer than such a merge of a small model: a CPU merge that
+    the kernels do whole (the plan's scores, the cuts, the merge, the read-back check) runs
+    without it, in a fresh process, and writes the bytes that the PyTorch code writes."""
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+
+    models = _models(tmp_path, torch.bfloat16)
+    extra = {"tadrop": {"enabled": True, "min_numel": 1000}} if tadrop else {}
+    recipe = basic_recipe(models, tmp_path / "lean", method=method, seed=3, dtype="bfloat16", **extra)
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    done = subprocess.run([sys.executable, "-c", _MERGE_WITHOUT_TORCH, str(tmp_path / "recipe.yaml")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1]) == {"torch_imported": False, "cpu_kernels": True}
+    _merge_without_kernels(monkeypatch, parse_recipe(recipe), tmp_path / "torch")
+    assert (tmp_path / "lean" / "model.safetensors").read_bytes() == (tmp_path / "torch" / "model.safetensors").read_bytes()
+
+
+@needs_kernels
+def test_the_command_line_merges_without_importing_torch(tmp_path):
+    """The same through `tadrop merge` itself (its imports logged by python -X importtime)."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    recipe = basic_recipe(_models(tmp_path, torch.bfloat16), tmp_path / "out", method="ties", device="cpu")
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "tadrop_cli", "merge", str(tmp_path / "recipe.yaml"), "--quiet"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    imported = [line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")]
+    assert "tadrop_cli.kernels" in imported and "torch" not in imported
+    assert (tmp_path / "out" / "model.safetensors").is_file()
