@@ -12,13 +12,14 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import functools
 import json
 import os
 import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 from .dtypes import ITEMSIZE, Stored, dtype_name
 from .errors import BadInput, WriteError
@@ -122,6 +123,26 @@ def shard_is_intact(path: Path, shard: Shard, metadata: dict[str, str]) -> bool:
         return False
 
 
+# Written bytes are handed to the disk every this many bytes (sync_file_range), while the merge
+# goes on: the fsync at the end then finds little left to write (for 337 MB, 0.01-0.03 s
+# instead of ~0.1 s).
+WRITEBACK_BYTES = 32 << 20
+
+
+@functools.lru_cache(maxsize=1)
+def _sync_file_range() -> Optional[Callable[[int, int, int, int], int]]:
+    """Linux's sync_file_range, or None where the C library has none."""
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return function
+
+
+_SYNC_FILE_RANGE_WRITE = 2  # start writing the range's dirty pages, without waiting
+
+
 class ShardWriter:
     """Writes one safetensors file: header first, then each tensor in the planned order."""
 
@@ -130,6 +151,7 @@ class ShardWriter:
         self._expected = list(shard.tensors)
         self._size = shard_file_size(shard, metadata)
         self._next = 0
+        self._handed_to_disk = 0  # bytes from the start whose writing has begun
         try:
             self._file = open(path, "wb")
         except OSError as error:
@@ -156,9 +178,24 @@ class ShardWriter:
                 raise RuntimeError(f"writer expected {expected} next, got {name} in {dtype}")
             self._write(tensor_bytes(part))
             written += count
+            self._start_writeback()
         if written != expected.numel:
             raise RuntimeError(f"writer expected {expected.numel} entries of {name}, got {written}")
         self._next += 1
+
+    def _start_writeback(self) -> None:
+        """Start writing what was appended since the last call, once it reaches WRITEBACK_BYTES.
+        Advisory: a failure shows at close(), in fsync."""
+        position = self._file.tell()
+        start_writing = _sync_file_range()
+        if start_writing is None or position - self._handed_to_disk < WRITEBACK_BYTES:
+            return
+        try:
+            self._file.flush()
+        except OSError as error:
+            raise WriteError(_describe_os_error(error, self.path)) from None
+        start_writing(self._file.fileno(), self._handed_to_disk, position - self._handed_to_disk, _SYNC_FILE_RANGE_WRITE)
+        self._handed_to_disk = position
 
     @property
     def complete(self) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -93,6 +94,29 @@ def test_sharded_input_and_output_give_the_same_tensors(tmp_path, in_shards, out
         for name, file in weight_map.items():  # every shard holds what the index says
             with safe_open(str(tmp_path / "sharded" / file), "pt") as f:
                 assert name in f.keys()
+
+
+def test_written_bytes_are_handed_to_the_disk_as_the_merge_goes(tmp_path, monkeypatch):
+    """Every WRITEBACK_BYTES, the writer starts writing what it appended (sync_file_range):
+    ranges that follow each other from the file's start, each at least that long, all
+    written before the file is closed; the file is the one written without it."""
+    from tadrop_cli import writer
+
+    models = {"base": write_checkpoint(tmp_path / "base", tiny_state())}
+    models.update({f"ft{i}": write_checkpoint(tmp_path / f"ft{i}", fine_tune(tiny_state(), i)) for i in range(2)})
+    calls = []
+    monkeypatch.setattr(writer, "WRITEBACK_BYTES", 10_000)
+    monkeypatch.setattr(writer, "_sync_file_range", lambda: lambda fd, start, length, flags: calls.append((os.fstat(fd).st_size, start, length, flags)))
+    run_merge(parse_recipe(basic_recipe(models, tmp_path / "out")), MergeOptions())
+    monkeypatch.setattr(writer, "_sync_file_range", lambda: None)
+    run_merge(parse_recipe(basic_recipe(models, tmp_path / "plain")), MergeOptions())
+    written = (tmp_path / "out" / "model.safetensors").read_bytes()
+    assert written == (tmp_path / "plain" / "model.safetensors").read_bytes()
+    assert len(calls) >= 3 and calls[0][1] == 0
+    for (size, start, length, flags), following in zip(calls, calls[1:] + [None]):
+        assert length >= 10_000 and flags == 2 and size >= start + length  # flushed to the file before
+        assert following is None or following[1] == start + length
+    assert len(written) - (calls[-1][1] + calls[-1][2]) < 10_000 + 96 * 64 * 4  # the rest: less than the threshold plus a tensor
 
 
 @pytest.mark.parametrize("in_dtype", [torch.float32, torch.bfloat16, torch.float16])
