@@ -200,16 +200,17 @@ EXPORT int64_t tadrop_nth_tie(int dtype, const void *base, const void *tuned, in
 #define SUM_BLOCK 4096 /* entries summed per block; blocks are summed in order at the end */
 #define LANES 16       /* accumulators per block: entry i goes to lane i % LANES */
 
-/* The sums behind TADrop's Hoyer score of a slice's task vector (tadrop.HoyerSums):
- * sums[0] += sum |delta|, sums[1] += sum delta^2. Within a block each lane sums 256 entries in
- * float32 (squares of the entries scaled by the block's peak, so that tiny deltas do not
- * underflow); lanes and blocks are added in float64. Like PyTorch's cascaded float32 sums,
- * this is accurate to ~1e-7 relative; and the order of the additions is fixed, so the result
- * does not depend on the number of threads or the instruction set. Returns 1 if an entry is
- * NaN or Inf, -1 when out of memory, else 0. */
-static inline __attribute__((always_inline)) int hoyer_sums_of(int dtype, const void *base, const void *tuned, int64_t n, double *sums) {
+/* The sums behind TADrop's Hoyer score of a slice's task vector, for each of n_models models
+ * (tadrop.HoyerSums): sums[2j] += sum |delta_j|, sums[2j + 1] += sum delta_j^2. Within a block
+ * each lane sums 256 entries in float32 (squares of the entries scaled by the block's peak, so
+ * that tiny deltas do not underflow); lanes and blocks are added in float64. Like PyTorch's
+ * cascaded float32 sums, this is accurate to ~1e-7 relative; and the order of the additions is
+ * fixed, so the result does not depend on the number of threads, the instruction set, or which
+ * other models are summed alongside. The base's block is converted once for all the models.
+ * Returns 1 if an entry is NaN or Inf, -1 when out of memory, else 0. */
+static inline __attribute__((always_inline)) int hoyer_sums_of(int dtype, const void *base, const void *const *tuned, int n_models, int64_t n, double *sums) {
     int64_t blocks = (n + SUM_BLOCK - 1) / SUM_BLOCK;
-    double *partial = malloc(sizeof(double) * 2 * (blocks ? blocks : 1));
+    double *partial = malloc(sizeof(double) * 2 * n_models * (blocks ? blocks : 1));
     if (!partial) return -1;
     uint32_t non_finite = 0;
 #pragma omp parallel for schedule(static) reduction(| : non_finite)
@@ -217,49 +218,55 @@ static inline __attribute__((always_inline)) int hoyer_sums_of(int dtype, const 
         int64_t start = block * SUM_BLOCK;
         int length = n - start < SUM_BLOCK ? (int)(n - start) : SUM_BLOCK;
         int padded = (length + LANES - 1) / LANES * LANES;
-        float magnitude[SUM_BLOCK], l1[LANES] = {0}, l2[LANES] = {0};
-        int32_t peak_bits = 0; /* |delta|'s bits order like |delta|: an integer maximum vectorizes */
-        for (int i = 0; i < length; i++) {
-            float delta = load(tuned, dtype, start + i) - load(base, dtype, start + i);
-            int32_t bits = (int32_t)(bits_of(delta) & 0x7FFFFFFFu);
-            non_finite |= bits >= 0x7F800000;
-            peak_bits = bits > peak_bits ? bits : peak_bits;
-            memcpy(&magnitude[i], &bits, 4);
+        float b[SUM_BLOCK], magnitude[SUM_BLOCK];
+        for (int i = 0; i < length; i++) b[i] = load(base, dtype, start + i);
+        for (int j = 0; j < n_models; j++) {
+            float l1[LANES] = {0}, l2[LANES] = {0};
+            int32_t peak_bits = 0; /* |delta|'s bits order like |delta|: an integer maximum vectorizes */
+            for (int i = 0; i < length; i++) {
+                float delta = load(tuned[j], dtype, start + i) - b[i];
+                int32_t bits = (int32_t)(bits_of(delta) & 0x7FFFFFFFu);
+                non_finite |= bits >= 0x7F800000;
+                peak_bits = bits > peak_bits ? bits : peak_bits;
+                memcpy(&magnitude[i], &bits, 4);
+            }
+            for (int i = length; i < padded; i++) magnitude[i] = 0.0f;
+            float peak;
+            memcpy(&peak, &peak_bits, 4);
+            float scale = peak > 0.0f && peak < INFINITY ? 1.0f / peak : 1.0f;
+            if (scale > 0x1p126f) scale = 0x1p126f; /* 1 / a subnormal peak overflows */
+            /* three simple loops: the compiler vectorizes these better than one that does it all */
+            for (int i = 0; i < padded; i += LANES) {
+                for (int k = 0; k < LANES; k++) l1[k] += magnitude[i + k];
+            }
+            for (int i = 0; i < padded; i++) magnitude[i] *= scale;
+            for (int i = 0; i < padded; i += LANES) {
+                for (int k = 0; k < LANES; k++) l2[k] += magnitude[i + k] * magnitude[i + k];
+            }
+            double block_l1 = 0.0, block_l2 = 0.0;
+            for (int k = 0; k < LANES; k++) {
+                block_l1 += l1[k];
+                block_l2 += l2[k];
+            }
+            partial[2 * (block * n_models + j)] = block_l1;
+            partial[2 * (block * n_models + j) + 1] = block_l2 / ((double)scale * scale);
         }
-        for (int i = length; i < padded; i++) magnitude[i] = 0.0f;
-        float peak;
-        memcpy(&peak, &peak_bits, 4);
-        float scale = peak > 0.0f && peak < INFINITY ? 1.0f / peak : 1.0f;
-        if (scale > 0x1p126f) scale = 0x1p126f; /* 1 / a subnormal peak overflows */
-        /* three simple loops: the compiler vectorizes these better than one that does it all */
-        for (int i = 0; i < padded; i += LANES) {
-            for (int k = 0; k < LANES; k++) l1[k] += magnitude[i + k];
-        }
-        for (int i = 0; i < padded; i++) magnitude[i] *= scale;
-        for (int i = 0; i < padded; i += LANES) {
-            for (int k = 0; k < LANES; k++) l2[k] += magnitude[i + k] * magnitude[i + k];
-        }
-        double block_l1 = 0.0, block_l2 = 0.0;
-        for (int k = 0; k < LANES; k++) {
-            block_l1 += l1[k];
-            block_l2 += l2[k];
-        }
-        partial[2 * block] = block_l1;
-        partial[2 * block + 1] = block_l2 / ((double)scale * scale);
     }
-    for (int64_t block = 0; block < blocks; block++) {
-        sums[0] += partial[2 * block];
-        sums[1] += partial[2 * block + 1];
+    for (int j = 0; j < n_models; j++) {
+        for (int64_t block = 0; block < blocks; block++) {
+            sums[2 * j] += partial[2 * (block * n_models + j)];
+            sums[2 * j + 1] += partial[2 * (block * n_models + j) + 1];
+        }
     }
     free(partial);
     return non_finite != 0;
 }
 
-EXPORT int tadrop_hoyer_sums(int dtype, const void *base, const void *tuned, int64_t n, double *sums) {
+EXPORT int tadrop_hoyer_sums(int dtype, const void *base, const void *const *tuned, int n_models, int64_t n, double *sums) {
     switch (dtype) {
-        case BF16: return hoyer_sums_of(BF16, base, tuned, n, sums);
-        case F16: return hoyer_sums_of(F16, base, tuned, n, sums);
-        default: return hoyer_sums_of(F32, base, tuned, n, sums);
+        case BF16: return hoyer_sums_of(BF16, base, tuned, n_models, n, sums);
+        case F16: return hoyer_sums_of(F16, base, tuned, n_models, n, sums);
+        default: return hoyer_sums_of(F32, base, tuned, n_models, n, sums);
     }
 }
 

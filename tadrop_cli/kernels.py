@@ -70,7 +70,7 @@ def load_library(path: str) -> ctypes.CDLL:
     library.tadrop_bucket_histogram.restype = ctypes.c_int
     library.tadrop_nth_tie.argtypes = [ctypes.c_int, ptr, ptr, i64, ctypes.c_float, i64]
     library.tadrop_nth_tie.restype = i64
-    library.tadrop_hoyer_sums.argtypes = [ctypes.c_int, ptr, ptr, i64, ptr]
+    library.tadrop_hoyer_sums.argtypes = [ctypes.c_int, ptr, ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, i64, ptr]
     library.tadrop_hoyer_sums.restype = ctypes.c_int
     library.tadrop_non_finite.argtypes = [ctypes.c_int, ptr, i64]
     library.tadrop_non_finite.restype = ctypes.c_int
@@ -158,15 +158,15 @@ def ties_kept_before(cut: TopKCut, offset: int, base: Stored, tuned: Stored) -> 
     return int(_library().tadrop_nth_tie(code, base_address, tuned_address, n, cut.threshold, cut.tie_quota)) + 1
 
 
-def hoyer_sums(base: Stored, tuned: Stored) -> tuple[float, float, bool]:
-    """(sum |delta|, sum delta^2, whether an entry is NaN or Inf) of the task vector
-    tuned.float() - base.float(): what tadrop.HoyerSums adds up. Both sum in float32 blocks,
-    in different orders, so they agree to ~1e-7 relative, as a GPU's sums do."""
-    code, base_address, tuned_address = _pair(base, tuned)
-    sums = np.zeros(2, dtype=np.float64)
-    status = _library().tadrop_hoyer_sums(code, base_address, tuned_address, base.numel, sums.ctypes.data)
+def hoyer_sums(base: Stored, tuned: list[Stored]) -> tuple[list[tuple[float, float]], bool]:
+    """(each model's (sum |delta|, sum delta^2), whether an entry is NaN or Inf) of the task
+    vectors tuned[j].float() - base.float(): what tadrop.HoyerSums adds up. Both sum in float32
+    blocks, in different orders, so they agree to ~1e-7 relative, as a GPU's sums do."""
+    addresses = (ctypes.c_void_p * len(tuned))(*(_pair(base, entries)[2] for entries in tuned))
+    sums = np.zeros(2 * len(tuned), dtype=np.float64)
+    status = _library().tadrop_hoyer_sums(DTYPE_CODES[base.dtype], _address(base), addresses, len(tuned), base.numel, sums.ctypes.data)
     _check(min(status, 0))
-    return float(sums[0]), float(sums[1]), status == 1
+    return [(float(sums[2 * j]), float(sums[2 * j + 1])) for j in range(len(tuned))], status == 1
 
 
 def random_keep_limit(density: float) -> int:

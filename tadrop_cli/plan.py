@@ -189,10 +189,10 @@ def _add_sums_with_kernels(checkpoints: list[Checkpoint], name: str, start: int,
     the stored entries; False (nothing added) when an entry is NaN or Inf: the caller's PyTorch
     path then names the input at fault, or sums an overflowed difference as it does."""
     with mapped_slices(checkpoints, name, start, stop) as (base, *tuned):
-        results = [kernels.hoyer_sums(base, entries) for entries in tuned]
-    if any(non_finite for _, _, non_finite in results):
+        results, non_finite = kernels.hoyer_sums(base, tuned)
+    if non_finite:
         return False
-    for model_sums, (l1, l2_squared, _) in zip(sums, results):
+    for model_sums, (l1, l2_squared) in zip(sums, results):
         model_sums.add_sums(stop - start, l1, l2_squared)
     return True
 

@@ -123,7 +123,7 @@ def test_hoyer_sums_equal_float64_sums(dtype, scale):
     heavy_tailed = torch.distributions.StudentT(2.0).sample((100_003,)).clamp(-1e4, 1e4)  # (a draw can be inf)
     tuned = (base.float() + heavy_tailed * scale).to(dtype)
     delta = _delta(base, tuned).double()
-    l1, l2_squared, non_finite = kernels.hoyer_sums(_stored(base), _stored(tuned))
+    [(l1, l2_squared)], non_finite = kernels.hoyer_sums(_stored(base), [_stored(tuned)])
     assert not non_finite
     expected_l1, expected_l2 = float(delta.abs().sum()), float(delta.square().sum())
     if expected_l1 == 0:  # the dtype cannot hold deltas this small: all zero
@@ -140,13 +140,24 @@ def test_hoyer_sums_flag_nan_and_inf_and_scores_match_pytorch():
     with_kernels, with_torch = HoyerSums(), HoyerSums()
     for part in range(0, 300_000, 65_536):
         b, t = base[part:part + 65_536], tuned[part:part + 65_536]
-        l1, l2_squared, _ = kernels.hoyer_sums(_stored(b), _stored(t))
+        [(l1, l2_squared)], _ = kernels.hoyer_sums(_stored(b), [_stored(t)])
         with_kernels.add_sums(b.numel(), l1, l2_squared)
         with_torch.add(_delta(b, t))
     assert with_kernels.score() == pytest.approx(with_torch.score(), rel=1e-6)
     spoiled = tuned.clone()
     spoiled[123] = math.inf
-    assert kernels.hoyer_sums(_stored(base), _stored(spoiled))[2]
+    assert kernels.hoyer_sums(_stored(base), [_stored(tuned), _stored(spoiled)])[1]
+    assert not kernels.hoyer_sums(_stored(base), [_stored(tuned), _stored(tuned)])[1]
+
+
+@needs_kernels
+def test_hoyer_sums_of_several_models_are_each_models_own():
+    """Summed together (the base read once), each model's sums are the bits it gets alone."""
+    base, first = _pair(torch.float16, 70_001, 15, "dense")
+    tuned = [first, _pair(torch.float16, 70_001, 16, "sparse")[1], _pair(torch.float16, 70_001, 17, "ties")[1]]
+    together, _ = kernels.hoyer_sums(_stored(base), [_stored(t) for t in tuned])
+    assert together == [kernels.hoyer_sums(_stored(base), [_stored(t)])[0][0] for t in tuned]
+    assert len(set(together)) == 3
 
 
 # ---------------------------------------------------------------- the merge of a slice
@@ -266,7 +277,7 @@ def test_the_baseline_build_gives_the_same_bits(tmp_path, monkeypatch):
         counts = kernels.magnitude_histogram(_stored(base), _stored(tuned))
         merged = [_kernel_merge(base, [tuned, other], methods.METHODS[m].gta, [0.7, 1.3], [0.3, 0.3], [5, 6], cuts, 0, True, 0.9, m == "dare_ties")
                   for m in ("ties", "dare_ties", "task_arithmetic")]
-        return counts, kernels.bucket_histogram(_stored(base), _stored(tuned), 0x3E00), kernels.hoyer_sums(_stored(base), _stored(tuned)), merged
+        return counts, kernels.bucket_histogram(_stored(base), _stored(tuned), 0x3E00), kernels.hoyer_sums(_stored(base), [_stored(tuned), _stored(other)]), merged
 
     with_clones = results()
     monkeypatch.setattr(kernels, "_library", lambda: kernels.load_library(str(library)))
