@@ -13,8 +13,6 @@ from typing import Callable, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
-from rich.table import Table
 
 from . import __version__
 from .engine import MergeOptions, dry_run, plan_only, reuse_freed_memory, run_merge
@@ -38,6 +36,9 @@ class RichProgress:
     """A progress bar on stderr: tensors, bytes, rate and time left."""
 
     def __init__(self) -> None:
+        # imported here: a quiet or piped run draws no bar, and rich.progress takes ~25 ms to import
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
         self._bar = Progress(
             TextColumn("{task.description:>8}"), BarColumn(), TextColumn("{task.fields[tensors]}"), DownloadColumn(),
             TransferSpeedColumn(), TimeRemainingColumn(), console=err, transient=False,
@@ -171,6 +172,8 @@ def plan(
                 writer.writerow([row.model, row.tensor, row.numel, "" if row.score is None else f"{row.score:.6g}",
                                  "" if row.normalized is None else f"{row.normalized:.4f}", f"{row.base_ratio:.4f}", f"{row.ratio:.4f}", row.reason])
         else:
+            from rich.table import Table
+
             out = Console(highlight=False)
             table = Table(title=f"{loaded.merge_method} plan: drop ratio per tensor")
             for column in ("model", "tensor", "elements", "score", "s", "base p", "p", "why"):
@@ -197,6 +200,8 @@ def methods(as_json: bool = typer.Option(False, "--json", help="Print as JSON.")
     if as_json:
         _print_json(rows)
         return
+    from rich.table import Table
+
     table = Table(title="merge methods")
     for column in ("method", "what it does", "TADrop enters", "parameters (default)"):
         table.add_column(column)
