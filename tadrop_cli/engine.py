@@ -434,6 +434,13 @@ def plan_only(recipe: Recipe, device_name: Optional[str] = None, progress: Progr
         layout.close()
 
 
+def _runtime_bytes(layout: Layout, device: str) -> int:
+    """The process's own memory: ~100 MB where the CPU kernels merge every tensor (torch is then
+    never imported), ~300 MB with torch."""
+    merged = [job for job in layout.jobs if job.mergeable and job.contributors and not job.copy_base]
+    return (100 if all(_kernels_merge(layout, job, device) for job in merged) else 300) * 2**20
+
+
 def dry_run(recipe: Recipe, options: MergeOptions) -> dict:
     """Validate everything that can be checked from headers, and estimate the cost."""
     device = choose_device(options.device or recipe.device)
@@ -468,7 +475,7 @@ def dry_run(recipe: Recipe, options: MergeOptions) -> dict:
             "shards": [s.file_name for s in shards],
             "bytes_to_write": sum(s.nbytes for s in shards),
             "bytes_to_read": bytes_to_read,
-            "estimated_peak_memory_bytes": 4 * peak_entries + 300 * 2**20,  # ~300 MB: Python and torch themselves
+            "estimated_peak_memory_bytes": 4 * peak_entries + _runtime_bytes(layout, device),
             # a rough figure: reading from cache at ~2 GB/s and the float32 arithmetic at ~2 GB/s per pass
             "estimated_seconds": round(bytes_to_read / 2e9 + work / 2e9, 1),
             "notes": layout.notes,

@@ -495,3 +495,12 @@ def test_the_command_line_merges_without_importing_torch(tmp_path):
     imported = [line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")]
     assert "tadrop_cli.kernels" in imported and "torch" not in imported
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+@needs_kernels
+def test_a_dry_run_counts_the_runtime_that_will_run(tmp_path, monkeypatch):
+    """~100 MB for the process where the kernels merge every tensor (no torch), ~300 MB with torch."""
+    recipe = parse_recipe(basic_recipe(_models(tmp_path, torch.bfloat16), tmp_path / "out", method="ties", device="cpu"))
+    lean = engine.dry_run(recipe, MergeOptions())["estimated_peak_memory_bytes"]
+    monkeypatch.setattr(kernels, "_library", lambda: None)
+    assert engine.dry_run(recipe, MergeOptions())["estimated_peak_memory_bytes"] - lean == 200 * 2**20
