@@ -110,13 +110,28 @@ static inline __attribute__((always_inline)) int histogram_of(int dtype, const v
                 for (int i = 0; i < length; i++) table[(i & 1) * size + (magnitudes[i] >> 16)]++;
                 low = 0, high = size - 1; /* a task vector's magnitudes span most buckets: the whole table (256 KB) */
             } else if (table) {
-                /* ~1% of the entries lie in the bucket: a well-predicted branch */
-                for (int i = 0; i < length; i++) {
-                    if ((magnitudes[i] >> 16) != (uint32_t)bucket) continue;
-                    int value = (int)(magnitudes[i] & 0xFFFFu);
-                    table[(i & 1) * size + value]++;
-                    low = value < low ? value : low;
-                    high = value > high ? value : high;
+                int in_bucket = 0;
+                for (int i = 0; i < length; i++) in_bucket += (magnitudes[i] >> 16) == (uint32_t)bucket;
+                if (in_bucket * 16 < length) {
+                    /* few entries in the bucket (often ~1%): a well-predicted branch, and the
+                     * others do not touch the table */
+                    for (int i = 0; i < length && in_bucket > 0; i++) {
+                        if ((magnitudes[i] >> 16) != (uint32_t)bucket) continue;
+                        int value = (int)(magnitudes[i] & 0xFFFFu);
+                        table[(i & 1) * size + value]++;
+                        low = value < low ? value : low;
+                        high = value > high ? value : high;
+                    }
+                } else {
+                    /* many (bf16 deltas cluster in few buckets): every entry adds 0 or 1, with
+                     * no branch to mispredict */
+                    for (int i = 0; i < length; i++) {
+                        uint32_t in = (magnitudes[i] >> 16) == (uint32_t)bucket;
+                        int value = (int)(magnitudes[i] & 0xFFFFu);
+                        table[(i & 1) * size + value] += in;
+                        low = in && value < low ? value : low;
+                        high = in && value > high ? value : high;
+                    }
                 }
             } else { /* no memory for a table: count straight into hist */
                 for (int i = 0; i < length; i++) {
