@@ -612,7 +612,7 @@ def write_report(path: Path, results: dict, args) -> None:
     L.append("Wall time is the child's elapsed time; CPU is its user+sys time; peak RSS is "
              "`ru_maxrss` from `os.wait4` (it includes the launcher's "
              f"{results['launcher_rss_mb']:.0f} MB, which Linux carries into every child). "
-             "Outputs go to the page cache; the time to flush them to disk is not counted. "
+             "Outputs go to the page cache; tadrop flushes its output to disk (fsync) before it exits, and that time is counted; mergekit does not flush. "
              "Inputs are in the page cache (warmed before each case). "
              "`others' load` is the CPU time the rest of the machine used during the run, in cores "
              f"(median; this machine has {mi['nproc']}): where it is well above 0, the wall times are "
