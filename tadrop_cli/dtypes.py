@@ -7,6 +7,7 @@ for the compiled kernels: a CPU merge by the kernels then never needs torch.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,9 +28,14 @@ def torch_dtype(name: str):
     return getattr(torch, _TORCH_NAMES[name])
 
 
+@functools.lru_cache(maxsize=1)
+def _names_by_torch_dtype() -> dict:
+    return {torch_dtype(name): name for name in _TORCH_NAMES}
+
+
 def dtype_name(dtype) -> str:
     """The safetensors name of a torch.dtype; KeyError for one tadrop does not handle."""
-    return {torch_dtype(name): name for name in _TORCH_NAMES}[dtype]
+    return _names_by_torch_dtype()[dtype]
 
 
 def numpy_dtype(name: str) -> np.dtype:
