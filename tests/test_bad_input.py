@@ -613,3 +613,24 @@ def test_bad_recipe_yaml_roundtrip_sanity(tmp_path, recipe):
     summary = ok("merge", write_recipe(tmp_path, recipe))
     assert summary["tensors"] == len(tiny_state())
     assert yaml.safe_load((tmp_path / "recipe.yaml").read_text())["merge_method"] == "ties"
+
+
+def test_auto_device_without_a_gpu_driver_asks_nothing_of_torch(monkeypatch, tmp_path):
+    """On Linux without a GPU driver's device node, `auto` is the CPU, found without torch (whose
+    import takes 1-2 s); where a node exists, torch decides."""
+    import torch
+
+    from tadrop_cli import devices
+
+    def no_torch_please():
+        raise AssertionError("torch.cuda.is_available was asked")
+
+    monkeypatch.setattr(devices.sys, "platform", "linux")
+    monkeypatch.setattr(devices, "_GPU_NODES", (str(tmp_path / "nvidiactl"),))
+    monkeypatch.setattr(torch.cuda, "is_available", no_torch_please)
+    assert devices.choose_device("auto") == "cpu"
+    (tmp_path / "nvidiactl").touch()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert devices.choose_device("auto") == "cuda"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert devices.choose_device("auto") == "cpu"
