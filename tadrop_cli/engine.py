@@ -2,7 +2,9 @@
 
 Only one tensor name's worth of inputs is held at a time: the base tensor and one
 task vector per model, in float32 on the chosen device. The result is cast once to
-the output dtype and appended to its shard.
+the output dtype and appended to its shard. On a CPU the compiled kernels (kernels.py)
+merge the generalized-task-arithmetic hosts slice by slice from the files' mapped pages,
+and such a merge never imports torch.
 """
 
 from __future__ import annotations
@@ -99,7 +101,8 @@ def chunk_elements(device: str) -> int:
 
 def merge_tensor(layout: Layout, plan: Plan, job: TensorJob, device: str) -> torch.Tensor | Stored | Iterator[torch.Tensor | Stored]:
     """The output tensor for one job, in its output dtype, on the CPU; for a large tensor that
-    the method can merge in slices, its flattened slices one after another (an iterator)."""
+    the method can merge in slices, its flattened slices one after another (an iterator). The
+    CPU kernels give Stored entries (dtypes.Stored), the PyTorch code tensors."""
     if not job.mergeable:
         return layout.reference.read(job.name)
     if job.copy_base or not job.contributors:
