@@ -63,5 +63,4 @@ class Stored:
 
     def to_torch(self):
         """The entries as a 1-D CPU tensor sharing their memory."""
-        array = self.array if self.array.dtype != np.bool_ else self.array.view(np.uint8)
-        return torch.from_numpy(array.view(np.uint8)).view(torch_dtype(self.dtype))
+        return torch.from_numpy(self.array.view(np.uint8)).view(torch_dtype(self.dtype))
