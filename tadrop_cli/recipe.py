@@ -63,7 +63,7 @@ class TadropOverride(_Strict):
 
     filter: str
     enabled: Optional[bool] = None
-    strength: Optional[float] = Field(None, ge=0.0, le=1.0)
+    strength: Optional[float] = Field(None, ge=-1.0, le=1.0)
     min_ratio: Optional[float] = Field(None, ge=0.0, le=1.0)
     max_ratio: Optional[float] = Field(None, ge=0.0, le=1.0)
 
@@ -74,7 +74,8 @@ class TadropSettings(_Strict):
     enabled: bool = True
     statistic: Literal[STATISTICS] = "hoyer"  # type: ignore[valid-type]
     normalize: Literal["rank", "minmax"] = "rank"
-    strength: float = Field(0.2, ge=0.0, le=1.0)
+    # signed: > 0 prunes concentrated tensors less, < 0 more (TADROP.md 2b; the sign is the benchmark's to choose)
+    strength: float = Field(0.2, ge=-1.0, le=1.0)
     min_ratio: float = Field(0.0, ge=0.0, le=1.0)
     max_ratio: float = Field(0.99, ge=0.0, le=1.0)
     min_numel: int = Field(4096, ge=0)
@@ -97,7 +98,7 @@ class ModelTadropSettings(_Strict):
     enabled: Optional[bool] = None
     statistic: Optional[Literal[STATISTICS]] = None  # type: ignore[valid-type]
     normalize: Optional[Literal["rank", "minmax"]] = None
-    strength: Optional[float] = Field(None, ge=0.0, le=1.0)
+    strength: Optional[float] = Field(None, ge=-1.0, le=1.0)
     min_ratio: Optional[float] = Field(None, ge=0.0, le=1.0)
     max_ratio: Optional[float] = Field(None, ge=0.0, le=1.0)
     min_numel: Optional[int] = Field(None, ge=0)

@@ -200,7 +200,8 @@ def adaptive_ratios(
     """Per-tensor drop ratios p_t = clip(p + strength * (1 - 2 s_t) + shift, min_ratio, max_ratio).
 
     `base_ratios` is the host's ratio p for each tensor (usually one value);
-    strength and the bounds may be one value or one per tensor.
+    strength and the bounds may be one value or one per tensor. Strength is signed: > 0
+    drops concentrated tensors (high s) less, < 0 drops them more.
     With `preserve_budget`, `shift` is found by bisection so that
     sum(n_t * p_t) = sum(n_t * p) over these tensors: the same number of
     entries is kept as with the uniform ratio.
@@ -224,7 +225,8 @@ def adaptive_ratios(
     def mean_drop(shift: float) -> float:
         return sum(n * r for n, r in zip(sizes, ratios_for(shift))) / total
 
-    low, high = -2.0 - max(strengths), 2.0 + max(strengths)  # wide enough to reach both clip bounds
+    reach = 2.0 + max(abs(g) for g in strengths)  # signed strengths: |shift| this wide reaches both clip bounds
+    low, high = -reach, reach
     if mean_drop(low) > target or mean_drop(high) < target:
         shift = low if mean_drop(low) > target else high
         return RatioResult(ratios_for(shift), shift, False)

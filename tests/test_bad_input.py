@@ -218,7 +218,7 @@ OUT_OF_RANGE = [
     ("parameters.lambda", 100.0, "lambda"),
     ("parameters.lambda", -11, "lambda"),
     ("tadrop.strength", 1.5, "strength"),
-    ("tadrop.strength", -0.5, "strength"),
+    ("tadrop.strength", -1.5, "strength"),
     ("tadrop.min_ratio", -0.1, "min_ratio"),
     ("tadrop.max_ratio", 1.2, "max_ratio"),
     ("tadrop.topmass_fraction", 0.0, "topmass_fraction"),
