@@ -11,10 +11,14 @@ Pure functions, no I/O (spec: ../shared/TADROP.md, mirrored in the README):
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Callable, Literal, Optional, Sequence
+
+import numpy as np
 
 from .lazy import torch
+from .sparsify import MAGNITUDE_BUCKETS
 
 
 Statistic = Literal["kurtosis", "hoyer", "cv", "gini", "topmass"]
@@ -238,3 +242,189 @@ def adaptive_ratios(
             high = middle
     shift = (low + high) / 2
     return RatioResult(ratios_for(shift), shift, abs(mean_drop(shift) - target) < 1e-6)
+
+
+# ---------------------------------------------------------------- allocations with no strength knob
+#
+# `mass`, `mass_reverse` and `global` set each tensor's kept COUNT (an integer) from its |tau|
+# distribution, seen in pass 1 as a magnitude histogram (sparsify.magnitude_histogram's buckets:
+# the top 16 bits of |tau| as float32, 2^15 buckets, 128 per binade, 0.8% wide) with the float64
+# sum of |tau|^q per bucket. A model's budget is its uniform kept count sum_t floor(d_t n_t);
+# a common parameter (the mass fraction f, or the threshold level) is set by bisection and the
+# last entries are handed out one by one, so the budget is met exactly where the bounds allow.
+
+PROFILE_POINTS = 512  # at most this many groups of buckets kept per (model, tensor): 10 KB (see MagnitudeProfile)
+
+
+@dataclass(frozen=True)
+class MagnitudeProfile:
+    """One tensor's |tau| distribution, compressed and cumulative from the top.
+
+    Groups of `width` consecutive buckets (a power of two: the fewest that leave at most
+    PROFILE_POINTS non-empty groups), largest first. `lows[i]` is group i's first bucket;
+    `above_counts[i]` / `above_masses[i]` count the entries / sum |tau|^q of groups 0..i.
+    Within a group entries are taken as equal, so the allocations are exact where a group
+    holds one value, and otherwise off by at most the boundary group's entries.
+    Memory: 512 x (8 + 8 + 8) bytes = 12 KB at most per (model, tensor).
+    """
+
+    lows: np.ndarray  # int64, descending
+    width: int
+    above_counts: np.ndarray  # int64
+    above_masses: np.ndarray  # float64
+    numel: int
+    nonzero: int  # entries outside bucket 0 (|tau| >= 2^-133: not zero, nor a tiny denormal)
+
+    @property
+    def mass(self) -> float:
+        return float(self.above_masses[-1]) if self.above_masses.size else 0.0
+
+
+def magnitude_profile(counts_in: np.ndarray, masses: Optional[np.ndarray] = None, points: int = PROFILE_POINTS) -> MagnitudeProfile:
+    """The MagnitudeProfile of a bucket histogram (`counts_in`, int) and its per-bucket sums of
+    |tau|^q (`masses`, float64; None: counts only)."""
+    counts = np.asarray(counts_in, dtype=np.int64)
+    masses = np.zeros(counts.size) if masses is None else np.asarray(masses, dtype=np.float64)
+    width = 1
+    while np.count_nonzero(counts) > points:
+        counts, masses, width = counts.reshape(-1, 2).sum(1), masses.reshape(-1, 2).sum(1), width * 2
+    groups = np.flatnonzero(counts)[::-1]
+    nonzero = int(np.asarray(counts_in, dtype=np.int64)[1:].sum())
+    return MagnitudeProfile(groups.astype(np.int64) * width, width, np.cumsum(counts[groups]), np.cumsum(masses[groups]),
+                            int(counts.sum()), nonzero)
+
+
+def kept_for_mass(profile: MagnitudeProfile, fraction: float) -> int:
+    """The fewest entries, largest |tau| first, whose mass reaches `fraction` of the tensor's;
+    at fraction 1 every entry (zeros too: they count as kept, as in a uniform trim)."""
+    total = profile.mass
+    if fraction >= 1:
+        return profile.numel
+    if fraction <= 0 or total <= 0:
+        return 0
+    need = fraction * total
+    i = int(np.searchsorted(profile.above_masses, need, side="left"))
+    if i >= profile.lows.size:  # rounding: need is the whole mass; every entry with mass
+        i = int(np.searchsorted(profile.above_masses, total, side="left"))
+    count_before = int(profile.above_counts[i - 1]) if i else 0
+    mass_before = float(profile.above_masses[i - 1]) if i else 0.0
+    group_count = int(profile.above_counts[i]) - count_before
+    group_mass = float(profile.above_masses[i]) - mass_before
+    if group_mass <= 0:
+        return count_before
+    partial = math.ceil((need - mass_before) / (group_mass / group_count))
+    return count_before + min(group_count, max(0, partial))
+
+
+def kept_above_level(profile: MagnitudeProfile, level: float) -> int:
+    """Entries above a magnitude level (in buckets: level b is bucket b's lower edge; a
+    fraction of a bucket takes that fraction of its entries, from the top)."""
+    lows = profile.lows
+    whole = int(np.searchsorted(-lows, -level, side="right"))  # groups whose first bucket is >= level
+    kept = int(profile.above_counts[whole - 1]) if whole else 0
+    if whole < lows.size and lows[whole] + profile.width > level:  # the group that holds the level
+        group_count = int(profile.above_counts[whole]) - kept
+        kept += math.floor(group_count * (lows[whole] + profile.width - level) / profile.width)
+    return kept
+
+
+@dataclass(frozen=True)
+class CountAllocation:
+    kept: list[int]
+    parameter: float  # the common parameter found (mass fraction, level or shift)
+    budget_met: bool
+
+
+def allocate_counts(kept_at: Callable[[float], np.ndarray], target: int, low: float, high: float,
+                    iterations: int = 64) -> CountAllocation:
+    """Kept counts that sum to `target`, from `kept_at(x)`: each tensor's count at parameter x,
+    bounded and non-decreasing in x over [low, high].
+
+    Bisection finds the smallest x (to double precision) whose counts reach the target; the
+    few entries the last step added beyond it are taken back from the last tensor first (ties
+    go to earlier tensors), so the total is exact and every count lies between its counts at
+    two adjacent parameters."""
+    counts_low, counts_high = kept_at(low), kept_at(high)
+    if counts_low.sum() >= target:
+        return CountAllocation(counts_low.tolist(), low, int(counts_low.sum()) == target)
+    if counts_high.sum() < target:
+        return CountAllocation(counts_high.tolist(), high, False)
+    for _ in range(iterations):
+        middle = (low + high) / 2
+        counts = kept_at(middle)
+        if counts.sum() >= target:
+            high, counts_high = middle, counts
+        else:
+            low, counts_low = middle, counts
+    kept = counts_high.copy()
+    excess = int(kept.sum()) - target
+    for t in reversed(range(kept.size)):
+        if excess <= 0:
+            break
+        back = min(excess, int(kept[t] - counts_low[t]))
+        kept[t] -= back
+        excess -= back
+    return CountAllocation(kept.tolist(), high, True)
+
+
+def _bounded(counts: np.ndarray, lows: np.ndarray, highs: np.ndarray) -> np.ndarray:
+    return np.minimum(highs, np.maximum(lows, counts))
+
+
+def mass_allocation(profiles: Sequence[MagnitudeProfile], target: int, lows: Sequence[int], highs: Sequence[int]) -> CountAllocation:
+    """`allocation: mass`: tensor t keeps the fewest entries (largest |tau| first) that retain a
+    common fraction f of its own mass (L1, or L2 squared: as the profiles were summed), bounded
+    by [lows[t], highs[t]] entries; f is set so the counts sum to `target`."""
+    low_counts, high_counts = np.asarray(lows, np.int64), np.asarray(highs, np.int64)
+
+    def kept_at(fraction: float) -> np.ndarray:
+        return _bounded(np.array([kept_for_mass(p, fraction) for p in profiles], np.int64), low_counts, high_counts)
+
+    return allocate_counts(kept_at, target, 0.0, 1.0)
+
+
+def mass_reverse_allocation(profiles: Sequence[MagnitudeProfile], uniform: Sequence[int], lows: Sequence[int],
+                            highs: Sequence[int]) -> CountAllocation:
+    """`allocation: mass_reverse`: the mass allocation mirrored about the uniform counts.
+
+    With u_t the uniform kept count and m_t the unbounded mass allocation's (same budget), tensor
+    t keeps 2 u_t - m_t entries: a tensor that needs few entries to reach f (its mass sits in a
+    few large entries) keeps MORE than uniform, by as much as the mass allocation gave it fewer.
+    The mirrored counts sum to the budget; where bounds clip them, a common shift x (a fraction
+    of each tensor's size, floor(x n_t) entries) restores it. `parameter` is that shift."""
+    uniform_counts = np.asarray(uniform, np.int64)
+    sizes = np.array([p.numel for p in profiles], np.int64)
+    target = int(uniform_counts.sum())
+    mass = mass_allocation(profiles, target, [0] * len(profiles), sizes.tolist())
+    mirrored = 2 * uniform_counts - np.asarray(mass.kept, np.int64)
+    low_counts, high_counts = np.asarray(lows, np.int64), np.asarray(highs, np.int64)
+
+    def kept_at(shift: float) -> np.ndarray:
+        return _bounded(mirrored + np.floor(shift * sizes).astype(np.int64), low_counts, high_counts)
+
+    if int(kept_at(0.0).sum()) == target:
+        return CountAllocation(kept_at(0.0).tolist(), 0.0, True)
+    return allocate_counts(kept_at, target, -2.0, 2.0)
+
+
+def global_allocation(profiles: Sequence[MagnitudeProfile], target: int, lows: Sequence[int], highs: Sequence[int]) -> CountAllocation:
+    """`allocation: global`: one |tau| threshold over the model's whole task vector (the TIES
+    authors' code, FusionBench); each tensor keeps its entries above it, bounded by
+    [lows[t], highs[t]]. `parameter` is the threshold's level in buckets (see
+    kept_above_level; threshold_value gives |tau| there)."""
+    low_counts, high_counts = np.asarray(lows, np.int64), np.asarray(highs, np.int64)
+    top = float(MAGNITUDE_BUCKETS)
+
+    def kept_at(x: float) -> np.ndarray:  # x = 0: the level above every bucket; x = 1: level 0
+        return _bounded(np.array([kept_above_level(p, top * (1.0 - x)) for p in profiles], np.int64), low_counts, high_counts)
+
+    result = allocate_counts(kept_at, target, 0.0, 1.0)
+    return CountAllocation(result.kept, top * (1.0 - result.parameter), result.budget_met)
+
+
+def threshold_value(level: float) -> float:
+    """|tau| at a magnitude level (bucket b's lower edge is the float32 with top bits b)."""
+    bucket = min(int(level), MAGNITUDE_BUCKETS - 1)
+    low = struct.unpack("<f", struct.pack("<I", bucket << 16))[0]
+    high = struct.unpack("<f", struct.pack("<I", min(bucket + 1, 0x7F80) << 16))[0]
+    return low + (high - low) * (level - bucket)

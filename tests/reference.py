@@ -527,3 +527,69 @@ def adaptive_ratios(normalized, base_ratios, sizes, strength, min_ratio=0.0, max
         b0, b1, f0, f1 = breaks[j - 1], breaks[j], values[j - 1], values[j]
         shift = float(b0 + (target - f0) * (b1 - b0) / (f1 - f0))
     return Ratios(ratios(shift), True, shift)
+
+
+# ---------------------------------------------------------------- TADrop allocations (issue 17), by sorting every entry
+#
+# tadrop finds these from per-tensor magnitude histograms and a bisection; here every entry is
+# sorted, and the budget is met by taking entries one at a time in the order they are needed.
+
+
+def mass_allocation_counts(taus, target: int, q: int = 1) -> list[int]:
+    """`allocation: mass` without bounds: tensor t keeps the fewest largest |tau| holding a common
+    share f of its sum |tau|^q. Entry k+1 of t is needed once f exceeds c_t[k], the share held by
+    t's k largest entries; so the allocation is the `target` smallest pairs (c_t[k], t), ties to
+    the lower tensor index."""
+    pairs = []
+    for t, tau in enumerate(taus):
+        powered = np.sort(np.abs(np.asarray(tau, dtype=np.float64)).ravel())[::-1] ** q
+        shares = np.concatenate([[0.0], np.cumsum(powered)[:-1]]) / powered.sum()
+        pairs.extend((float(c), t) for c in shares)
+    pairs.sort()
+    counts = [0] * len(taus)
+    for _, t in pairs[:target]:
+        counts[t] += 1
+    return counts
+
+
+def mass_boundary_is_tied(taus, target: int, q: int = 1) -> bool:
+    """Whether the target-th and next share above are equal (the split would then be a tie-break)."""
+    shares = []
+    for tau in taus:
+        powered = np.sort(np.abs(np.asarray(tau, dtype=np.float64)).ravel())[::-1] ** q
+        shares.extend(np.concatenate([[0.0], np.cumsum(powered)[:-1]]) / powered.sum())
+    shares.sort()
+    return 0 < target < len(shares) and shares[target - 1] == shares[target]
+
+
+def global_trim_counts(taus, target: int) -> list[int]:
+    """`allocation: global`: the `target` largest |tau| over all tensors together (one threshold
+    over the model's whole task vector), counted per tensor."""
+    owners = np.concatenate([np.full(np.asarray(tau).size, t) for t, tau in enumerate(taus)])
+    magnitudes = np.concatenate([np.abs(np.asarray(tau, dtype=np.float64)).ravel() for tau in taus])
+    order = np.argsort(-magnitudes, kind="stable")
+    return [int(c) for c in np.bincount(owners[order[:target]], minlength=len(taus))]
+
+
+def mass_reverse_counts(taus, uniform: Sequence[int], q: int = 1) -> list[int]:
+    """`allocation: mass_reverse` where no bound binds: 2 u_t - m_t, the mass allocation's counts
+    m_t (at the same budget) mirrored about the uniform counts u_t."""
+    mass = mass_allocation_counts(taus, int(sum(uniform)), q)
+    return [2 * u - m for u, m in zip(uniform, mass)]
+
+
+def tensor_kind(name: str) -> str:
+    """A tensor's kind: its name with the layer number after layers/h/blocks/layer as {}."""
+    parts = name.split(".")
+    for i in range(len(parts) - 2):
+        if parts[i] in ("layers", "h", "blocks", "layer") and parts[i + 1].isdigit():
+            return ".".join(parts[: i + 1] + ["{}"] + parts[i + 2:])
+    return name
+
+
+def tensor_layer(name: str) -> Optional[int]:
+    parts = name.split(".")
+    for i in range(len(parts) - 2):
+        if parts[i] in ("layers", "h", "blocks", "layer") and parts[i + 1].isdigit():
+            return int(parts[i + 1])
+    return None

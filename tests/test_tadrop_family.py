@@ -20,6 +20,7 @@ import reference as ref
 from conftest import basic_recipe, run_cli, tiny_state, write_checkpoint, write_recipe
 from tadrop_cli.errors import BadInput
 from tadrop_cli.recipe import parse_recipe
+from tadrop_cli import tadrop
 from tadrop_cli.tadrop import adaptive_ratios
 
 # ---------------------------------------------------------------- 1. signed strength
@@ -119,3 +120,145 @@ def test_negative_strength_prunes_concentrated_tensors_more_in_the_plan(tiny_mod
             assert max(sparse_like) < min(dense_like)
         else:
             assert min(sparse_like) > max(dense_like)
+
+
+# ---------------------------------------------------------------- 3, 4. allocations with no strength knob
+
+
+def numpy_profile(tau: np.ndarray, q: int = 1, points: int = tadrop.PROFILE_POINTS) -> tadrop.MagnitudeProfile:
+    """A tensor's profile from a histogram counted here with numpy (pass 1 counts with torch or the kernels)."""
+    tau = np.ascontiguousarray(tau, dtype=np.float32).ravel()
+    buckets = (tau.view(np.int32) & 0x7FFFFFFF) >> 16
+    counts = np.bincount(buckets, minlength=1 << 15)
+    masses = np.bincount(buckets, weights=np.abs(tau.astype(np.float64)) ** q, minlength=1 << 15)
+    return tadrop.magnitude_profile(counts, masses, points)
+
+
+def integer_taus(seed: int, sizes=(300, 500, 200, 800)) -> list[np.ndarray]:
+    """Task vectors of whole numbers below 256: each histogram bucket holds one value, so the
+    histogram allocations must equal the sorting references exactly. Some concentrated (a few
+    large entries among ones), some spread."""
+    rng = np.random.default_rng(seed)
+    taus = []
+    for t, n in enumerate(sizes):
+        if t % 2:
+            tau = rng.integers(1, 4, size=n).astype(np.float32)
+            tau[rng.choice(n, size=n // 20, replace=False)] = rng.integers(100, 256, size=n // 20)
+        else:
+            tau = rng.integers(1, 256, size=n).astype(np.float32)
+        taus.append(tau * rng.choice([-1, 1], size=n))
+    return taus
+
+
+@pytest.mark.parametrize("q", [1, 2])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_mass_allocation_matches_the_sorting_reference(q, seed):
+    taus = integer_taus(seed)
+    profiles = [numpy_profile(tau, q) for tau in taus]
+    sizes = [tau.size for tau in taus]
+    checked = 0
+    for target in range(1, sum(sizes), 37):
+        if ref.mass_boundary_is_tied(taus, target, q):
+            continue
+        result = tadrop.mass_allocation(profiles, target, [0] * len(sizes), sizes)
+        assert result.budget_met and sum(result.kept) == target
+        assert result.kept == ref.mass_allocation_counts(taus, target, q), target
+        checked += 1
+    assert checked > 30
+
+
+def test_mass_allocation_hand_computed():
+    # a: 8 + 1 + 1 (L1 10), b: 5 5 5 5 (L1 20). Budget 4: f = 0.5 needs a's 8 (1 entry) and
+    # b's two 5s (2 entries): 3; the 4th entry goes at the next share: a's 9/10 or b's 15/20.
+    # b needs its third at f > 10/20, a its second at f > 8/10 = 0.8, b's third first
+    a, b = np.array([8, 1, 1], np.float32), np.array([5, 5, 5, 5], np.float32)
+    result = tadrop.mass_allocation([numpy_profile(a), numpy_profile(b)], 4, [0, 0], [3, 4])
+    assert result.kept == [1, 3]
+    assert 0.5 < result.parameter <= 0.75 + 1e-12
+    result = tadrop.mass_allocation([numpy_profile(a), numpy_profile(b)], 5, [0, 0], [3, 4])
+    assert result.kept == [1, 4]  # b's 4th is needed at f > .75, a's 2nd only above .8
+
+
+def test_mass_allocation_respects_bounds_and_reports_an_unreachable_budget():
+    taus = integer_taus(5)
+    profiles = [numpy_profile(tau) for tau in taus]
+    sizes = [tau.size for tau in taus]
+    lows = [n // 10 for n in sizes]
+    highs = [n // 2 for n in sizes]
+    result = tadrop.mass_allocation(profiles, sum(sizes) // 3, lows, highs)
+    assert result.budget_met and sum(result.kept) == sum(sizes) // 3
+    assert all(lo <= k <= hi for k, lo, hi in zip(result.kept, lows, highs))
+    too_many = tadrop.mass_allocation(profiles, sum(highs) + 1, lows, highs)
+    assert not too_many.budget_met and too_many.kept == highs
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_global_allocation_matches_one_threshold_over_the_model(seed):
+    taus = integer_taus(seed)
+    profiles = [numpy_profile(tau) for tau in taus]
+    sizes = [tau.size for tau in taus]
+    everything = np.sort(np.abs(np.concatenate(taus)))[::-1]
+    checked = 0
+    for target in np.flatnonzero(everything[:-1] != everything[1:]) + 1:  # splits that are no tie-break
+        target = int(target)
+        result = tadrop.global_allocation(profiles, target, [0] * len(sizes), sizes)
+        assert result.budget_met and result.kept == ref.global_trim_counts(taus, target), target
+        assert everything[target] <= tadrop.threshold_value(result.parameter) <= everything[target - 1]
+        checked += 1
+    assert checked > 100
+
+
+def test_allocations_on_float_deltas_stay_within_a_bucket_of_the_reference():
+    rng = np.random.default_rng(11)
+    taus = [rng.normal(size=4000) * 1e-3, rng.laplace(size=6000) * 1e-3, rng.standard_t(2, size=3000) * 1e-3]
+    taus = [t.astype(np.float32) for t in taus]
+    sizes = [t.size for t in taus]
+    target = sum(sizes) * 3 // 10
+    for q in (1, 2):
+        got = tadrop.mass_allocation([numpy_profile(t, q) for t in taus], target, [0] * 3, sizes)
+        assert sum(got.kept) == target
+        np.testing.assert_allclose(got.kept, ref.mass_allocation_counts(taus, target, q), atol=0.01 * max(sizes))
+    got = tadrop.global_allocation([numpy_profile(t) for t in taus], target, [0] * 3, sizes)
+    assert sum(got.kept) == target
+    np.testing.assert_allclose(got.kept, ref.global_trim_counts(taus, target), atol=0.01 * max(sizes))
+
+
+def test_a_compressed_profile_keeps_the_budget_exact_and_the_allocation_close():
+    rng = np.random.default_rng(4)
+    taus = [(rng.lognormal(size=20000, sigma=3) * 1e-4).astype(np.float32) for _ in range(3)]
+    sizes = [t.size for t in taus]
+    full = [numpy_profile(t, points=1 << 15) for t in taus]
+    small = [numpy_profile(t, points=64) for t in taus]
+    assert all(p.lows.size <= 64 and p.width > 1 for p in small) and all(p.width == 1 for p in full)
+    target = sum(sizes) // 5
+    exact = ref.mass_allocation_counts(taus, target)
+    for profiles, tolerance in ((full, 0.01), (small, 0.05)):
+        got = tadrop.mass_allocation(profiles, target, [0] * 3, sizes)
+        assert sum(got.kept) == target
+        np.testing.assert_allclose(got.kept, exact, atol=tolerance * max(sizes))
+
+
+def test_mass_reverse_mirrors_the_mass_allocation_about_uniform():
+    taus = integer_taus(7)
+    profiles = [numpy_profile(tau) for tau in taus]
+    sizes = [tau.size for tau in taus]
+    uniform = [int(0.4 * n) for n in sizes]
+    if ref.mass_boundary_is_tied(taus, sum(uniform)):
+        pytest.skip("tied boundary")
+    result = tadrop.mass_reverse_allocation(profiles, uniform, [0] * 4, sizes)
+    assert result.budget_met and sum(result.kept) == sum(uniform)
+    assert result.kept == ref.mass_reverse_counts(taus, uniform)
+    mass = ref.mass_allocation_counts(taus, sum(uniform))
+    for k, m, u in zip(result.kept, mass, uniform):  # fewer than uniform under mass <=> more under its reverse
+        assert (k - u) == -(m - u)
+
+
+def test_mass_reverse_restores_the_budget_when_bounds_clip():
+    taus = integer_taus(8)
+    profiles = [numpy_profile(tau) for tau in taus]
+    sizes = [tau.size for tau in taus]
+    uniform = [int(0.3 * n) for n in sizes]
+    highs = [int(0.35 * n) for n in sizes]
+    result = tadrop.mass_reverse_allocation(profiles, uniform, [0] * 4, highs)
+    assert result.budget_met and sum(result.kept) == sum(uniform)
+    assert all(0 <= k <= h for k, h in zip(result.kept, highs))
