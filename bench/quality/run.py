@@ -130,8 +130,8 @@ def run_one(kind, args, log):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="3 text tasks, few steps, 1 budget, 1 seed")
-    ap.add_argument("--bench", choices=["text", "images", "all"], default=None,
-                    help="default: all (full) / text (quick)")
+    ap.add_argument("--bench", choices=["text", "images", "all", "zeroshot"], default=None,
+                    help="default: all (full) / text (quick); zeroshot = zero-shot heads (zeroshot.py)")
     ap.add_argument("--merger", choices=["tadrop", "reference"], default="tadrop",
                     help="'reference' = in-process stand-in, only to test this pipeline")
     ap.add_argument("--seeds", type=int, default=None)
@@ -143,7 +143,14 @@ def main(argv=None):
     ap.add_argument("--report", default=None, help="markdown path (default: docs/ or cache)")
     ap.add_argument("--check", action="store_true",
                     help="exit 1 unless the loose sanity checks hold (the CI smoke test)")
-    args = ap.parse_args(argv)
+    args, rest = ap.parse_known_args(argv)
+    if args.bench == "zeroshot":  # its own options: python bench/quality/zeroshot.py --help
+        import zeroshot
+
+        return zeroshot.main(rest + (["--quick"] if args.quick else []) + ["--threads", str(args.threads)]
+                             + (["--report", args.report] if args.report else []))
+    if rest:
+        ap.error(f"unrecognized arguments: {' '.join(rest)}")
     set_threads(args.threads)
     try:
         os.nice(0)

@@ -1,0 +1,236 @@
+#!/usr/bin/env python
+"""The zero-shot-head text benchmark (bench_zeroshot.py) and TADrop's direction question.
+
+    python bench/quality/run.py --bench zeroshot            # everything below, then the report
+    python bench/quality/zeroshot.py --hosts ties --tag a   # one share of the cells (run two at once)
+    python bench/quality/zeroshot.py --report-only          # tables from every cached share
+
+Steps: the regime references (base + zero-shot heads, each fine-tune, task arithmetic with a tuned
+lambda), then per host x kept fraction the arms uniform, strength +0.2 and (where the installed
+tadrop accepts it) strength -0.2, each with lambda hill-climbed on validation by the same
+procedure (sweep.Sweep.tune), then merged by `tadrop merge` at that lambda and scored on test;
+random hosts on every seed. Differences are paired on the same test items (common.paired_bootstrap).
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import CACHE, Log, acc_se, paired_bootstrap, read_json, set_threads, write_json  # noqa: E402
+
+TD_BASE = {"statistic": "hoyer", "normalize": "rank", "preserve_budget": True}
+HOSTS = ["ties", "magnitude_prune"]
+DENSITIES = [0.1, 0.2, 0.3]
+STRENGTHS = {"plus0.2": 0.2, "minus0.2": -0.2}
+RANDOM_SEEDS = 3
+
+
+def arm_settings(strength: float) -> dict:
+    return dict(TD_BASE, strength=strength)
+
+
+def tadrop_accepts(settings: dict) -> bool:
+    """Whether the tadrop that the merges run (TADROP_CMD or the installed one) validates `settings`."""
+    from mergers import _env, _tadrop_exe
+
+    exe = _tadrop_exe()
+    # the frozen copy is `env PYTHONPATH=... python -m tadrop_cli`: ask its python
+    if exe[-2:] == ["-m", "tadrop_cli"]:
+        py = exe[:-2]
+    else:
+        py = [sys.executable]
+    code = ("import json, sys; from tadrop_cli.recipe import TadropSettings; "
+            "TadropSettings(**json.loads(sys.argv[1]))")
+    p = subprocess.run(py + ["-c", code, json.dumps(settings)], capture_output=True, env=_env(), timeout=120)
+    return p.returncode == 0
+
+
+# ---------------------------------------------------------------- references
+
+def regime_references(sw, log) -> dict:
+    """Base + heads, each fine-tune on its own task, and dense task arithmetic (tuned lambda)."""
+    from recipes import make_recipe
+
+    b = sw.b
+    out = sw.records.setdefault("refs", {})
+    sw.evaluate(["base"], "val", lambda: b.base_state)
+    sw.evaluate(["base"], "test", lambda: b.base_state)
+    out["base"] = {"test_key": ["base"]}
+    for t in b.tasks:
+        st = lambda t=t: b.load_state(sw.ft[t])  # noqa: E731
+        sw.evaluate(["ft", t], "val", st, tasks=[t])
+        sw.evaluate(["ft", t], "test", st, tasks=[t])
+    if "ta_dense" not in out:
+        fn = lambda lam: make_recipe("task_arithmetic", b.base_dir, sw.models, density=None, lam=lam)  # noqa: E731
+        lam, vals, lazy1 = sw.tune(fn, 0.5)
+        _, _, _, key = sw.test_at(fn, lam, None, lazy1)
+        lazy1.drop()
+        out["ta_dense"] = {"lam": lam, "val_grid": vals, "val": dict(vals)[lam], "test_key": key}
+    sw.save()
+    log(f"references ready: TA dense lambda {out['ta_dense']['lam']}")
+    return out
+
+
+# ---------------------------------------------------------------- cells
+
+def run_direction(sw, hosts, densities, arms: dict, seeds: int, log) -> None:
+    from recipes import is_random
+
+    for method in hosts:
+        for d in densities:
+            for arm, td in arms.items():
+                sw.run_cell(method, d, arm, td, list(range(seeds)) if is_random(method) else [0])
+
+
+# ---------------------------------------------------------------- report
+
+def load_records(root: Path) -> dict:
+    """All shares' records merged (each share writes records_zeroshot_<tag>.json)."""
+    merged = {"refs": {}, "cells": {}}
+    for p in sorted(glob.glob(str(root / "records_zeroshot*.json"))):
+        r = read_json(p, {})
+        merged["refs"].update(r.get("refs", {}))
+        merged["cells"].update(r.get("cells", {}))
+    return merged
+
+
+def _pct(x):
+    return f"{100 * x:.1f}"
+
+
+def regime_table(sw, recs) -> tuple[str, dict]:
+    tasks = sw.b.tasks
+    rows = {"base + zero-shot heads": sw.test_result(recs["refs"]["base"]["test_key"]),
+            "each task's fine-tune": {t: sw.ft_test(t) for t in tasks}}
+    ta = recs["refs"].get("ta_dense")
+    if ta:
+        rows[f"task arithmetic (λ={ta['lam']:g})"] = sw.test_result(ta["test_key"])
+    for c in sorted(recs["cells"].values(), key=lambda c: (c["method"], c["density"])):
+        if c["arm"] == "uniform" and c["method"] in ("ties", "magnitude_prune") and c["density"] == 0.2:
+            name = {"ties": "TIES", "magnitude_prune": "magnitude prune"}[c["method"]]
+            rows[f"{name}, kept 0.2, uniform (λ={c['lam']:g})"] = sw.test_result(c["seeds"]["0"]["test_key"])
+    head = "| | " + " | ".join(tasks) + " | mean | ±se |\n|---|" + "---|" * (len(tasks) + 2) + "\n"
+    body = ""
+    means = {}
+    for name, res in rows.items():
+        means[name] = float(np.mean([res[t].mean() for t in tasks]))
+        body += (f"| {name} | " + " | ".join(_pct(res[t].mean()) for t in tasks)
+                 + f" | **{_pct(means[name])}** | {100 * acc_se([res[t] for t in tasks]):.1f} |\n")
+    return head + body, means
+
+
+def search_table(recs) -> str:
+    """Validation: each cell's lambda grid and its best value, beside uniform's."""
+    cells = recs["cells"].values()
+    uni = {(c["method"], c["density"]): c["val"] for c in cells if c["arm"] == "uniform"}
+    out = ("| host | kept | arm | λ grid tried (validation mean accuracy, %) | chosen λ | val | val − uniform |\n"
+           "|---|---|---|---|---|---|---|\n")
+    for c in sorted(cells, key=lambda c: (c["method"], c["density"], c["arm"] != "uniform", c["arm"])):
+        grid = ", ".join(f"{lam:g}: {_pct(v)}" for lam, v in c["val_grid"])
+        u = uni.get((c["method"], c["density"]))
+        diff = f"{100 * (c['val'] - u):+.2f}" if u is not None and c["arm"] != "uniform" else ""
+        out += (f"| {c['method']} | {c['density']} | {c['arm']} | {grid} | {c['lam']:g} | {_pct(c['val'])} | "
+                f"{diff} |\n")
+    return out
+
+
+def test_table(sw, recs) -> tuple[str, list]:
+    tasks = sw.b.tasks
+    cells = list(recs["cells"].values())
+    uni = {(c["method"], c["density"]): c for c in cells if c["arm"] == "uniform"}
+    rows = []
+    out = ("| host | kept | arm | seeds | uniform test | arm test | arm − uniform [95% paired CI] | per seed |\n"
+           "|---|---|---|---|---|---|---|---|\n")
+    for c in sorted(cells, key=lambda c: (c["method"], c["density"], c["arm"])):
+        u = uni.get((c["method"], c["density"]))
+        if c["arm"] == "uniform" or u is None:
+            continue
+        seeds = sorted(set(c["seeds"]) & set(u["seeds"]), key=int)
+        pairs = [(sw.test_result(u["seeds"][s]["test_key"]), sw.test_result(c["seeds"][s]["test_key"]))
+                 for s in seeds]
+        bs = paired_bootstrap(pairs, tasks)
+        ut = np.mean([u["seeds"][s]["test"] for s in seeds])
+        at = np.mean([c["seeds"][s]["test"] for s in seeds])
+        rows.append(dict(method=c["method"], density=c["density"], arm=c["arm"], seeds=len(seeds),
+                         uniform=float(ut), arm_test=float(at), **bs))
+        per_seed = ", ".join(f"{100 * x:+.2f}" for x in bs["per_seed"]) if len(seeds) > 1 else ""
+        out += (f"| {c['method']} | {c['density']} | {c['arm']} | {len(seeds)} | {_pct(ut)} | {_pct(at)} | "
+                f"**{100 * bs['diff']:+.2f}** [{100 * bs['lo']:+.2f}, {100 * bs['hi']:+.2f}] | {per_seed} |\n")
+    return out, rows
+
+
+def write_report(sw, path: Path, log) -> dict:
+    recs = load_records(sw.root)
+    regime, means = regime_table(sw, recs)
+    test_md, rows = test_table(sw, recs)
+    md = ("# Zero-shot-head text benchmark — generated tables\n\n"
+          f"Generated by `python bench/quality/zeroshot.py --report-only` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+          f" (tadrop {sw.m.version()}).\n\n## Regime (test, accuracy %)\n\n" + regime
+          + "\n## Validation search (λ tuned per arm)\n\n" + search_table(recs)
+          + "\n## Test: each arm against uniform at the same kept fraction (points)\n\n" + test_md)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(md)
+    write_json(path.with_suffix(".json"), {"means": means, "test": rows, "cells": recs["cells"],
+                                           "refs": recs["refs"]})
+    log(f"report: {path}")
+    return {"means": means, "test": rows}
+
+
+# ---------------------------------------------------------------- main
+
+def make_sweep(quick, tag, log, max_evals=8):
+    from bench_zeroshot import ZeroShotBench
+    from mergers import make_merger
+    from sweep import Sweep
+
+    bench = ZeroShotBench(quick=quick, log=log)
+    return Sweep(bench, make_merger("tadrop", log), log=log, tag=f"zeroshot_{tag}", remerge=True,
+                 max_evals=max_evals)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="3 tasks, short fine-tunes, TIES at kept 0.2 only")
+    ap.add_argument("--hosts", nargs="*", default=None)
+    ap.add_argument("--densities", nargs="*", type=float, default=None)
+    ap.add_argument("--seeds", type=int, default=RANDOM_SEEDS, help="seeds of the random hosts")
+    ap.add_argument("--arms", nargs="*", default=None, help="among uniform, plus0.2, minus0.2")
+    ap.add_argument("--tag", default="main", help="records file of this share (run shares in parallel)")
+    ap.add_argument("--no-refs", action="store_true")
+    ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1: on a shared 2-core machine, 2 threads ran 3-5x slower)")
+    ap.add_argument("--report", default=None)
+    args = ap.parse_args(argv)
+    set_threads(args.threads)
+    log = Log(CACHE / "logs" / f"zeroshot_{args.tag}{'_quick' if args.quick else ''}.log")
+    sw = make_sweep(args.quick, args.tag, log)
+    report_path = Path(args.report) if args.report else sw.b.root / "report" / "zeroshot.md"
+    if not args.report_only:
+        if not args.no_refs:
+            regime_references(sw, log)
+        arms = {"uniform": None}
+        for name, g in STRENGTHS.items():
+            if tadrop_accepts(arm_settings(g)):
+                arms[name] = arm_settings(g)
+            else:
+                log(f"arm {name}: this tadrop refuses strength {g}; skipped")
+        if args.arms:
+            arms = {k: v for k, v in arms.items() if k in args.arms}
+        hosts = args.hosts or (["ties"] if args.quick else HOSTS)
+        densities = args.densities or ([0.2] if args.quick else DENSITIES)
+        run_direction(sw, hosts, densities, arms, args.seeds, log)
+    return write_report(sw, report_path, log)
+
+
+if __name__ == "__main__":
+    main()
