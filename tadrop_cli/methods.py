@@ -230,6 +230,7 @@ def _subspace(merge_matrix: Callable[..., torch.Tensor], uses_density: bool) -> 
             return base.clone()
         deltas = [_weighted(tv) for tv in task_vectors]
         extra = {k: v for k, v in params.items() if k != "lambda"}  # the method's own (e.g. common_space_fraction)
+        extra["seeds"] = [tv.seed for tv in task_vectors]  # the fast SVD route's random starts
         if base.dim() != 2:
             merged = subspace.mean_of(deltas)
         elif uses_density:
@@ -317,6 +318,11 @@ RANK_SHARE = ParamSpec(
     "default 1/T (T = models merged into the tensor), the papers' equal split; scaled down if the tasks' total exceeds the budget",
     per_model=True, low=0.0, high=1.0,
 )
+EXACT_SVD = ParamSpec(
+    "exact_svd", False,
+    "SVD hosts: full float32 SVDs as the papers' code (true), or the fast route (false): randomized top-k and Gram "
+    "eigendecompositions in float64, checked converged to float32 level (see docs/speed.md)", kind="bool",
+)
 COMMON_SPACE = ParamSpec("common_space_fraction", 0.8, "Iso-CTS: share of the rank given to the common subspace of the summed task matrices (paper: 0.8)", low=0.0, high=1.0)
 TALL_LAMBDA = ParamSpec("tall_mask_lambda", 0.4, "lambda_t of this task's TALL mask |tau_t| >= lambda_t |tau_MTL - tau_t| (paper tunes it in 0.2-0.6 on validation data; 0.4 is the middle)", per_model=True, low=0.0, high=10.0)
 CONSENSUS_K = ParamSpec("k", 2, "consensus: keep entries selected by the TALL masks of at least k tasks (paper: 2; 0 = no consensus, tau_MTL unchanged)", low=0.0, high=1000.0)
@@ -363,11 +369,11 @@ METHODS: dict[str, MergeMethod] = {
         _gta_method("della_linear", GtaSteps("della", None), "magnitude-ranked random drop and rescale (DELLA MAGPRUNE), then task arithmetic", "https://arxiv.org/abs/2406.11617",
                     params=_gta_params(False, True, EPSILON), sliced_trims=True, whole_rows=True),
         MergeMethod("tsv_m", _subspace(subspace.tsv_merge, True), "Task Singular Vectors: each task's top singular triplets, decorrelated (Procrustes), summed", "https://arxiv.org/abs/2412.00081",
-                    sparsifier="rank", params=(WEIGHT, RANK_SHARE, ALPHA)),
+                    sparsifier="rank", params=(WEIGHT, RANK_SHARE, ALPHA, EXACT_SVD)),
         MergeMethod("iso_c", _subspace(subspace.iso_c_merge, False), "Iso-C: sum of task vectors with a flat (isotropic) singular spectrum", "https://arxiv.org/abs/2502.04959",
-                    params=(WEIGHT, ALPHA)),
+                    params=(WEIGHT, ALPHA, EXACT_SVD)),
         MergeMethod("iso_cts", _subspace(subspace.iso_cts_merge, True), "Iso-CTS: common subspace of the sum plus task-specific directions, flat spectrum", "https://arxiv.org/abs/2502.04959",
-                    sparsifier="rank", params=(WEIGHT, RANK_SHARE, COMMON_SPACE, ALPHA)),
+                    sparsifier="rank", params=(WEIGHT, RANK_SHARE, COMMON_SPACE, ALPHA, EXACT_SVD)),
         MergeMethod("consensus_ta", _consensus(False), "Consensus merging: task arithmetic kept where the TALL masks of at least k tasks agree", "https://arxiv.org/abs/2405.07813",
                     sparsifier="magnitude",
                     params=(WEIGHT, ParamSpec("density", 1.0, "fraction of each task vector kept by a magnitude trim before the sum (1 = no trim, the paper)", per_model=True, low=0.0, high=1.0),

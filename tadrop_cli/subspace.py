@@ -3,7 +3,19 @@
 Every function takes the (already weighted) task matrices of one tensor and returns
 the merged task matrix in float32, before the scale `lambda` and the base are applied.
 Nothing here reads files or knows about models; it runs on whatever device the
-tensors are on (torch.linalg.svd with full_matrices=False).
+tensors are on.
+
+Two routes to the same maths (the recipe parameter `exact_svd` picks one):
+- exact: full float32 SVDs (torch.linalg.svd) of every task matrix and of the concatenated
+  bases, as the papers' code does;
+- fast: only what the maths needs. A task's top k directions by seeded randomized subspace
+  iteration, stopped when its residual says the kept subspace is converged to float32 level
+  (else, or where k is a large share of the rank, by the eigendecomposition of the float64
+  Gram matrix: exact); the Procrustes factor M (M^T M)^(-1/2) from the float64 Gram of M's
+  smaller side; Iso-CTS's left factor block by block (its task directions are orthogonal to
+  the common ones by construction).
+Both scale the task matrices by a power of two first, so that norms and Gram matrices of
+large entries cannot overflow (a power of two scales exactly).
 
 The rank budgets are fractions ("densities") so that TADrop can set them per
 (model, tensor): a task keeps k_t = rank_count(budget, density_t) singular triplets.
@@ -57,6 +69,122 @@ def orthogonalize(matrix: torch.Tensor) -> torch.Tensor:
     return p @ qh
 
 
+# ---------------------------------------------------------------- the fast route's pieces
+
+_ROWS_PER_BLOCK = 4096  # rows turned into float64 at a time: a tall matrix is never copied whole
+_OVERSAMPLE = 0.5  # randomized iteration: l = k + max(_MIN_OVERSAMPLE, _OVERSAMPLE * k) directions
+_MIN_OVERSAMPLE = 16
+_MAX_ITERATIONS = 8  # power iterations before the exact route takes over
+_RANDOMIZED_SHARE = 0.5  # l above this share of the rank: the Gram route is cheaper
+_CONVERGED = 1e-5  # the kept subspace's remaining error (per direction, in the Frobenius norm)
+
+
+def _gram64(matrix: torch.Tensor) -> torch.Tensor:
+    """M^T M in float64, a block of rows at a time."""
+    gram = torch.zeros(matrix.shape[1], matrix.shape[1], dtype=torch.float64, device=matrix.device)
+    for start in range(0, matrix.shape[0], _ROWS_PER_BLOCK):
+        block = matrix[start:start + _ROWS_PER_BLOCK].double()
+        gram.addmm_(block.T, block)
+    return gram
+
+
+def _times64(matrix: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """matrix @ right in float64 (right: float64), returned in float32, a block of rows at a time."""
+    out = torch.empty(matrix.shape[0], right.shape[1], dtype=torch.float32, device=matrix.device)
+    for start in range(0, matrix.shape[0], _ROWS_PER_BLOCK):
+        out[start:start + _ROWS_PER_BLOCK] = matrix[start:start + _ROWS_PER_BLOCK].double() @ right
+    return out
+
+
+def _eigh_descending(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    values, vectors = torch.linalg.eigh(gram)
+    return values.flip(0), vectors.flip(1)
+
+
+def polar(matrix: torch.Tensor) -> torch.Tensor:
+    """orthogonalize() by the float64 Gram of the smaller side: M (M^T M)^(-1/2) = P Q^T, one
+    eigendecomposition of the Gram instead of an SVD of M. Directions whose singular value is
+    at rounding level, <= eps(float32) * max(m, n) * sigma_1 (numpy's matrix_rank rule), are
+    left out (a partial isometry): their vectors are arbitrary, and (M^T M)^(-1/2) does not
+    exist there. (Not null_tolerance: a concatenation of orthonormal bases has |M|_F ~ sqrt(k)
+    and small singular values that are real, not rounding.)"""
+    if matrix.shape[0] < matrix.shape[1]:
+        return polar(matrix.T).T
+    values, vectors = _eigh_descending(_gram64(matrix))
+    tolerance = _EPS32 * max(matrix.shape) * float(values[0].clamp_min(0).sqrt())
+    kept = int((values > tolerance * tolerance).sum())
+    vectors = vectors[:, :kept]
+    return _times64(matrix, (vectors / values[:kept].sqrt()) @ vectors.T)
+
+
+def _top_gram(matrix: torch.Tensor, k: int, tolerance: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """_top by the eigendecomposition of the float64 Gram of the smaller side (exact: float64
+    resolves singular values down to ~1e-8 sigma_1, the float32 null tolerance is ~1e-4)."""
+    if matrix.shape[0] < matrix.shape[1]:
+        u, s, vh = _top_gram(matrix.T, k, tolerance)
+        return vh.T, s, u.T
+    values, vectors = _eigh_descending(_gram64(matrix))
+    sigma = values.clamp_min(0).sqrt()
+    k = min(k, int((sigma > tolerance).sum()))
+    v = vectors[:, :k]
+    return _times64(matrix, v / sigma[:k]), sigma[:k].float(), v.T.float()
+
+
+def _top_randomized(matrix: torch.Tensor, k: int, tolerance: float, seed: int):
+    """_top by seeded randomized subspace iteration (Halko, Martinsson & Tropp 2011, Alg. 4.4:
+    a QR after every product, so that float32 rounding costs eps * sigma_1 / sigma_i in the
+    i-th direction, not its square) with a Rayleigh-Ritz step in float64 each round.
+
+    Converged when the kept subspace's move over the last round, times r / (1 - r) with
+    r = (sigma_l / sigma_k)^2 the rate of the iteration, is <= _CONVERGED (the remaining
+    error of a geometric sequence). None if it has not converged within _MAX_ITERATIONS, or
+    will not by then at that rate (a flat spectrum at the cut): the caller takes the exact
+    route. Works on the wide orientation, so that the first QR is of the short side."""
+    if matrix.shape[0] > matrix.shape[1]:
+        found = _top_randomized(matrix.T, k, tolerance, seed)
+        return None if found is None else (found[2].T, found[1], found[0].T)
+    m, n = matrix.shape
+    width = min(m, k + max(_MIN_OVERSAMPLE, math.ceil(_OVERSAMPLE * k)))
+    generator = torch.Generator(device=matrix.device).manual_seed(seed)
+    start = torch.randn(n, width, generator=generator, device=matrix.device)
+    q = torch.linalg.qr(matrix @ start).Q
+    previous = None
+    for done in range(1, _MAX_ITERATIONS + 1):
+        z = matrix.T @ q  # B^T, B = Q^T A: the matrix seen in the basis
+        values, w = _eigh_descending(z.T.double() @ z.double())
+        sigma = values.clamp_min(0).sqrt().float()
+        kept = min(k, int((sigma > tolerance).sum()))
+        wk = w[:, :kept].float()
+        u = q @ wk
+        if kept == 0:
+            return u, sigma[:0], matrix.new_zeros(0, n)
+        if previous is not None and previous.shape[1] == kept:
+            move = float(torch.linalg.matrix_norm(u - previous @ (previous.T @ u))) / math.sqrt(kept)
+            rate = float(sigma[-1] / sigma[kept - 1]) ** 2
+            if rate < 1 and move * rate / (1 - rate) <= _CONVERGED:
+                return u, sigma[:kept], (z @ wk / sigma[:kept]).T
+            if rate >= 1 or move * rate ** (_MAX_ITERATIONS - done) > _CONVERGED:
+                return None
+        previous = u
+        q = torch.linalg.qr(matrix @ torch.linalg.qr(z).Q).Q
+    return None
+
+
+def top_fast(matrix: torch.Tensor, k: int, tolerance: float, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top k singular triplets, less the numerically null ones, by the cheapest route that
+    gives them to float32 level: randomized where k is a small share of the rank and the
+    iteration converges, else the Gram's eigendecomposition."""
+    r = min(matrix.shape)
+    k = min(k, r)
+    if k == 0:
+        return matrix.new_zeros(matrix.shape[0], 0), matrix.new_zeros(0), matrix.new_zeros(0, matrix.shape[1])
+    if k + max(_MIN_OVERSAMPLE, _OVERSAMPLE * k) <= _RANDOMIZED_SHARE * r:
+        found = _top_randomized(matrix, k, tolerance, seed)
+        if found is not None:
+            return found
+    return _top_gram(matrix, k, tolerance)
+
+
 def mean_of(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
     """Plain mean of the task vectors: what the papers' code does for non-2-D tensors."""
     total = deltas[0].clone()
@@ -76,7 +204,53 @@ def _low_rank(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> torch.Tenso
     return (u * s) @ vh
 
 
-def tsv_merge(deltas: Sequence[torch.Tensor], densities: Sequence[float]) -> torch.Tensor:
+# Entries in this range need no scaling: a float32 norm or product of them cannot overflow
+_SAFE_LOW, _SAFE_HIGH = 2.0**-60, 2.0**40
+
+
+def safe_scale(deltas: Sequence[torch.Tensor]) -> float | None:
+    """A power of two that brings the task matrices' largest entry near 1 where it lies outside
+    [2^-60, 2^40] (1.0 inside: nothing to do), or None if an entry is NaN or Inf. A power of
+    two scales exactly, and every method here is homogeneous: merge(c tau) = c merge(tau)."""
+    largest = max(float(d.abs().max()) if d.numel() else 0.0 for d in deltas)
+    if not math.isfinite(largest):
+        return None
+    if largest == 0 or _SAFE_LOW <= largest <= _SAFE_HIGH:
+        return 1.0
+    return 2.0 ** -max(-120, min(120, math.frexp(largest)[1]))
+
+
+def _scaled(merge_matrix):
+    """merge_matrix on task matrices brought into a safe range, scaled back after. Task matrices
+    with NaN or Inf (e.g. a fine-tune minus base that overflowed float32) give NaN, which the
+    engine refuses, naming the tensor."""
+
+    def merge(deltas: Sequence[torch.Tensor], *args, **kwargs) -> torch.Tensor:
+        scale = safe_scale(deltas)
+        if scale is None:
+            return torch.full_like(deltas[0], math.nan)
+        if scale == 1.0:
+            return merge_matrix(deltas, *args, **kwargs)
+        return merge_matrix([d * scale for d in deltas], *args, **kwargs).div_(scale)
+
+    merge.__doc__, merge.__name__, merge.__wrapped__ = merge_matrix.__doc__, merge_matrix.__name__, merge_matrix
+    return merge
+
+
+def _seeds(seeds: Sequence[int] | None, count: int) -> list[int]:
+    return list(seeds) if seeds is not None else list(range(count))
+
+
+def _sum_of(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
+    total = deltas[0].clone()
+    for d in deltas[1:]:
+        total += d
+    return total
+
+
+@_scaled
+def tsv_merge(deltas: Sequence[torch.Tensor], densities: Sequence[float], exact_svd: bool = False,
+              seeds: Sequence[int] | None = None) -> torch.Tensor:
     """TSV-M on one matrix: keep each task's top k_t singular triplets, concatenate the U's,
     singular values and V's, decorrelate U and V by orthogonal Procrustes, and return
     U_perp diag(S) V_perp^T.
@@ -85,34 +259,44 @@ def tsv_merge(deltas: Sequence[torch.Tensor], densities: Sequence[float]) -> tor
     is capped at r (split_budget). Numerically null directions (a task of lower rank than
     k_t, e.g. a LoRA fine-tune) are not kept: their vectors are arbitrary and would only
     disturb the Procrustes step. Tasks occupying orthogonal subspaces come back exactly as
-    their sum.
+    their sum. `seeds`: one per task, for the fast route's random start (TaskVector.seed).
     """
     r = min(deltas[0].shape)
     ranks = split_budget(r, densities)
     us, ss, vhs = [], [], []
-    for delta, k in zip(deltas, ranks):
+    for delta, k, seed in zip(deltas, ranks, _seeds(seeds, len(deltas))):
         if k > 0:
-            u, s, vh = _top(delta, k, null_tolerance(delta))
+            tolerance = null_tolerance(delta)
+            u, s, vh = _top(delta, k, tolerance) if exact_svd else top_fast(delta, k, tolerance, seed)
             us.append(u), ss.append(s), vhs.append(vh)
     if sum(s.numel() for s in ss) == 0:
         return torch.zeros_like(deltas[0])
-    u_perp = orthogonalize(torch.cat(us, dim=1))
-    vh_perp = orthogonalize(torch.cat(vhs, dim=0))
-    return _low_rank(u_perp, torch.cat(ss), vh_perp)
+    u, vh = torch.cat(us, dim=1), torch.cat(vhs, dim=0)
+    if exact_svd:
+        return _low_rank(orthogonalize(u), torch.cat(ss), orthogonalize(vh))
+    return _low_rank(polar(u), torch.cat(ss), polar(vh))
 
 
-def iso_c_merge(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
+@_scaled
+def iso_c_merge(deltas: Sequence[torch.Tensor], exact_svd: bool = False, seeds: Sequence[int] | None = None) -> torch.Tensor:
     """Iso-C on one matrix: the sum of the task matrices with its singular spectrum replaced
     by its mean, sum(sigma) / min(m, n) (every direction of the sum gets the same weight).
     Numerically null directions of the sum (a low-rank sum) are left out, not lifted to the
-    mean: their vectors are arbitrary."""
-    total = deltas[0].clone()
-    for d in deltas[1:]:
-        total += d
+    mean: their vectors are arbitrary. The fast route: the spectrum and polar factor of the
+    sum from one eigendecomposition of its float64 Gram."""
+    total = _sum_of(deltas)
     tolerance = null_tolerance(total)
-    u, s, vh = torch.linalg.svd(total, full_matrices=False)
-    k = int((s > tolerance).sum())
-    return (u[:, :k] @ vh[:k, :]).mul_(s.mean())
+    if exact_svd:
+        u, s, vh = torch.linalg.svd(total, full_matrices=False)
+        k = int((s > tolerance).sum())
+        return (u[:, :k] @ vh[:k, :]).mul_(s.mean())
+    tall = total if total.shape[0] >= total.shape[1] else total.T
+    values, vectors = _eigh_descending(_gram64(tall))
+    mean = float(values.clamp_min(0).sqrt().mean())
+    kept = int((values > tolerance * tolerance).sum())
+    vectors = vectors[:, :kept]
+    merged = _times64(tall, (vectors / values[:kept].sqrt()) @ vectors.T).mul_(mean)
+    return merged if tall is total else merged.T.contiguous()
 
 
 def iso_cts_sizes(r: int, tasks: int, common_space_fraction: float) -> tuple[int, int]:
@@ -125,7 +309,34 @@ def iso_cts_sizes(r: int, tasks: int, common_space_fraction: float) -> tuple[int
     return r - budget, budget
 
 
-def iso_cts_merge(deltas: Sequence[torch.Tensor], densities: Sequence[float], common_space_fraction: float = 0.8) -> torch.Tensor:
+def _polar_extended(basis: torch.Tensor, extra: torch.Tensor, tolerance: float) -> torch.Tensor:
+    """polar([basis, extra]) where `basis` (m x c) has orthonormal columns and `extra` (m x e) is
+    thin: the Gram is I + a part of rank <= 2e, [[0, C], [C^T, H]] with C = basis^T extra and
+    H = extra^T extra - I, so (I + E)^(-1/2) = I + Y (f(D) - I) Y^T from the eigendecomposition
+    of a 2e x 2e matrix (Y: an orthonormal basis of E's range). Exact, and O(m c e) instead of
+    an eigendecomposition of order c + e. Directions whose singular value is <= tolerance
+    (1 + d <= tolerance^2) are left out, as in polar()."""
+    c, e = basis.shape[1], extra.shape[1]
+    cross = _times64(basis.T, extra.double()).double()  # c x e
+    q, r = torch.linalg.qr(cross)  # cross = q r, q: c x e orthonormal
+    small = torch.zeros(2 * e, 2 * e, dtype=torch.float64, device=basis.device)
+    small[:e, e:] = r
+    small[e:, :e] = r.T
+    small[e:, e:] = _gram64(extra) - torch.eye(e, dtype=torch.float64, device=basis.device)
+    d, z = torch.linalg.eigh(small)
+    ones = 1 + d
+    factor = torch.where(ones > tolerance * tolerance, ones.clamp_min(tolerance * tolerance).rsqrt(), torch.zeros_like(d)) - 1
+    # [basis, extra] @ (I + Y diag(factor) Y^T), Y = blockdiag(q, I_e) z
+    y_top, y_bottom = q @ z[:e], z[e:]
+    mapped = _times64(basis, y_top) .double() + _times64(extra, y_bottom).double()  # [basis, extra] Y
+    update = mapped * factor
+    left = torch.cat([basis, extra], dim=1)
+    return left + (update @ torch.cat([y_top, y_bottom]).T).float()
+
+
+@_scaled
+def iso_cts_merge(deltas: Sequence[torch.Tensor], densities: Sequence[float], common_space_fraction: float = 0.8,
+                  exact_svd: bool = False, seeds: Sequence[int] | None = None) -> torch.Tensor:
     """Iso-CTS on one matrix.
 
     Common subspace: the top `common` singular triplets of the summed task matrix. Each
@@ -138,24 +349,27 @@ def iso_cts_merge(deltas: Sequence[torch.Tensor], densities: Sequence[float], co
     asked for, so a numerically null direction (left out, as in tsv_merge) counts as a zero,
     as it would in the authors' code.
     """
-    total = deltas[0].clone()
-    for d in deltas[1:]:
-        total += d
+    total = _sum_of(deltas)
     r = min(total.shape)
     common, budget = iso_cts_sizes(r, len(deltas), common_space_fraction)
-    u, s, vh = _top(total, common, null_tolerance(total))
+    total_tolerance = null_tolerance(total)
+    u, s, vh = _top(total, common, total_tolerance) if exact_svd else _top_gram(total, common, total_tolerance)
     del total
     us, ss, vhs = [u], [s], [vh]
     asked = common
-    for delta, k in zip(deltas, split_budget(budget, densities)):
+    for delta, k, seed in zip(deltas, split_budget(budget, densities), _seeds(seeds, len(deltas))):
         if k > 0:
             specific = delta - u @ (u.T @ delta)
-            tu, ts, tvh = _top(specific, k, null_tolerance(delta))
+            tolerance = null_tolerance(delta)
+            tu, ts, tvh = _top(specific, k, tolerance) if exact_svd else top_fast(specific, k, tolerance, seed)
             us.append(tu), ss.append(ts), vhs.append(tvh)
             asked += k
     spectrum = torch.cat(ss)
     if spectrum.numel() == 0:
         return torch.zeros_like(deltas[0])
-    u_perp = orthogonalize(torch.cat(us, dim=1))
-    vh_perp = orthogonalize(torch.cat(vhs, dim=0))
+    u_all, vh_all = torch.cat(us, dim=1), torch.cat(vhs, dim=0)
+    if exact_svd:
+        u_perp, vh_perp = orthogonalize(u_all), orthogonalize(vh_all)
+    else:
+        u_perp, vh_perp = polar(u_all), polar(vh_all)
     return (u_perp @ vh_perp).mul_(spectrum.sum() / asked)
