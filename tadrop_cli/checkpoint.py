@@ -379,12 +379,16 @@ def tensor_order(names: list[str]) -> list[str]:
     return sorted(names, key=key)
 
 
+# a numbered layer in a tensor name (group 1: the number), as mergekit's gradients and TADrop's scopes read it
+LAYER_NUMBER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
+
+
 def layer_positions(names: list[str]) -> dict[str, Optional[float]]:
     """Each tensor's relative layer position in [0, 1] (None outside numbered layers),
     for mergekit's gradient parameters."""
     layers = {}
     for name in names:
-        match = re.search(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.", name)
+        match = LAYER_NUMBER.search(name)
         layers[name] = int(match.group(1)) if match else None
     known = [v for v in layers.values() if v is not None]
     if not known:

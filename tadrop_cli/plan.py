@@ -1,22 +1,54 @@
 """Pass 1 of a merge: the plan, i.e. the drop ratio of every (model, tensor).
 
 With TADrop off every tensor gets the host's ratio (1 - density) and nothing is read.
-With TADrop on, each task-vector tensor is scored (one tensor name at a time), the
-scores are normalised per model, and ratios are set around the host's ratio.
+With TADrop on, each task-vector tensor is measured (one tensor name at a time), then each
+model's tensors get their ratios together, by its `allocation`:
+
+- `strength` (default): a score per tensor, normalised within its `scope` group (the model,
+  a tensor kind across layers, or a layer), p_t = p + strength * (1 - 2 s_t) and a common
+  shift for the budget (tadrop.adaptive_ratios).
+- `mass`, `mass_reverse`, `global`: a magnitude profile per tensor (histogram of |tau| with
+  float64 mass per bucket, compressed: tadrop.MagnitudeProfile, <= 12 KB per (model, tensor)),
+  and a kept COUNT per tensor that meets the model's uniform kept count exactly. The count
+  enters pass 2 as the row's `kept`: Plan.density returns a density d with
+  floor(d * n) == kept, which is what every magnitude host keeps (sparsify.kept_count); a
+  random host takes d as its keep probability.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import math
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
+import numpy as np
+
 from . import kernels
-from .checkpoint import Checkpoint, mapped_slices, read_all_float32, read_float32
+from .checkpoint import LAYER_NUMBER, Checkpoint, mapped_slices, read_all_float32, read_float32
 from .devices import on_cpu
+from .errors import BadInput
 from .layout import Layout, ModelInput, TensorJob
+from .lazy import torch
 from .recipe import TadropSettings
-from .tadrop import HoyerSums, adaptive_ratios, normalize_scores, tensor_score
+from .sparsify import MAGNITUDE_BUCKETS, kept_count
+from .tadrop import (
+    HoyerSums,
+    MagnitudeProfile,
+    adaptive_ratios,
+    global_allocation,
+    kept_above_level,
+    kept_for_mass,
+    magnitude_profile,
+    mass_allocation,
+    mass_reverse_allocation,
+    normalize_scores,
+    tensor_score,
+    threshold_value,
+)
+
+# hosts whose drop is random: survivors are rescaled by 1 / (1 - p_t), which max_rescale bounds
+RANDOM_SPARSIFIERS = ("random", "della")
 
 
 @dataclass
@@ -28,9 +60,15 @@ class RatioRow:
     numel: int
     base_ratio: float  # the host's ratio p = 1 - density
     ratio: float  # the ratio applied
-    reason: str  # adaptive | uniform | excluded | small | zero delta | no sparsification
+    reason: str  # adaptive[: how] | uniform | excluded | small | zero delta | no sparsification
     score: Optional[float] = None
     normalized: Optional[float] = None
+    group: Optional[str] = None  # the scope group its score was normalised in (scope kind or layer)
+    kept: Optional[int] = None  # entries kept, where an allocation set a count (mass, mass_reverse, global)
+
+
+# RatioRow and ModelSummary fields left out of the JSON while None (plans of the default family read as before)
+_OPTIONAL_FIELDS = ("group", "kept", "allocation", "scope", "mass_fraction", "threshold")
 
 
 @dataclass
@@ -45,6 +83,25 @@ class ModelSummary:
     max_ratio: float
     shift: float
     budget_met: bool
+    allocation: Optional[str] = None  # with TADrop: strength | mass | mass_reverse | global
+    scope: Optional[str] = None  # strength allocation: model | kind | layer
+    mass_fraction: Optional[float] = None  # mass, mass_reverse: the common fraction f of each tensor's mass
+    threshold: Optional[float] = None  # global: the model-wide |tau| threshold (at bucket resolution)
+
+
+def _without_unset(record: dict) -> dict:
+    return {k: v for k, v in record.items() if not (k in _OPTIONAL_FIELDS and v is None)}
+
+
+def density_for_count(kept: int, numel: int) -> float:
+    """A density d with floor(d * numel) == kept (sparsify.kept_count): kept / numel, raised by an
+    ulp where the product rounds below."""
+    if kept >= numel:
+        return 1.0
+    density = kept / numel
+    while int(density * numel) < kept:
+        density = math.nextafter(density, 1.0)
+    return density
 
 
 @dataclass
@@ -63,10 +120,12 @@ class Plan:
         density is returned as written: 1 - (1 - d) can lose an ulp, and mergekit's
         int(d * n) count would then keep one entry fewer."""
         row = self._lookup[(model, tensor)]
+        if row.kept is not None:
+            return density_for_count(row.kept, row.numel)
         return recipe_density if row.ratio == row.base_ratio else 1.0 - row.ratio
 
     def to_json(self) -> dict:
-        return {"models": [asdict(m) for m in self.models], "tensors": [asdict(r) for r in self.rows]}
+        return {"models": [_without_unset(asdict(m)) for m in self.models], "tensors": [_without_unset(asdict(r)) for r in self.rows]}
 
     @classmethod
     def from_json(cls, data: dict) -> "Plan":
@@ -80,79 +139,221 @@ class _TensorSettings:
     strength: float
     min_ratio: float
     max_ratio: float
+    rescale_cap: Optional[float] = None  # a random host's max_rescale bound where it is below max_ratio
 
 
-def _settings_for(settings: TadropSettings, name: str, numel: int) -> _TensorSettings:
-    override = next((o for o in settings.overrides if fnmatch.fnmatchcase(name, o.filter)), None)
+def glob_matches(name: str, pattern: str) -> bool:
+    """A TADrop glob (exclude, overrides' filter) matches case-insensitively: `*norm*` is meant
+    to catch BERT's LayerNorm as well as Llama's norm."""
+    return fnmatch.fnmatchcase(name.lower(), pattern.lower())
+
+
+def _rescale_cap(settings: TadropSettings, sparsifier: Optional[str], base_ratio: float) -> Optional[float]:
+    """The highest ratio a random host may get: 1 - 1 / max_rescale, but never below the host's own
+    ratio (the user chose that rescale for every tensor). None for other hosts."""
+    if sparsifier not in RANDOM_SPARSIFIERS:
+        return None
+    return max(1.0 - 1.0 / settings.max_rescale, base_ratio)
+
+
+def _settings_for(settings: TadropSettings, name: str, numel: int, sparsifier: Optional[str] = None,
+                  base_ratio: float = 0.0) -> _TensorSettings:
+    override = next((o for o in settings.overrides if glob_matches(name, o.filter)), None)
     strength = settings.strength if override is None or override.strength is None else override.strength
     low = settings.min_ratio if override is None or override.min_ratio is None else override.min_ratio
     high = settings.max_ratio if override is None or override.max_ratio is None else override.max_ratio
-    if (override is not None and override.enabled is False) or any(fnmatch.fnmatchcase(name, p) for p in settings.exclude):
-        return _TensorSettings(False, "excluded", strength, low, high)
+    cap = _rescale_cap(settings, sparsifier, base_ratio)
+    if cap is not None and cap < high:
+        high, low = cap, min(low, cap)
+    else:
+        cap = None
+    if (override is not None and override.enabled is False) or any(glob_matches(name, p) for p in settings.exclude):
+        return _TensorSettings(False, "excluded", strength, low, high, cap)
     if numel < settings.min_numel:
-        return _TensorSettings(False, "small", strength, low, high)
-    return _TensorSettings(True, "adaptive", strength, low, high)
+        return _TensorSettings(False, "small", strength, low, high, cap)
+    return _TensorSettings(True, "adaptive", strength, low, high, cap)
 
 
 def _fixed_ratio(settings: Optional[TadropSettings], base_ratio: float) -> float:
     return 0.0 if settings is not None and settings.excluded_ratio == "none" else base_ratio
 
 
+def scope_group(name: str, scope: str) -> Optional[str]:
+    """The group a tensor's score is normalised in: None (the whole model), its kind (the name with
+    its layer number as {}: every layer's query matrices together), or its layer ("layer 3";
+    tensors outside numbered layers form one group, "no layer")."""
+    if scope == "model":
+        return None
+    match = LAYER_NUMBER.search(name)
+    if scope == "kind":
+        return name if match is None else name[: match.start(1)] + "{}" + name[match.end(1):]
+    if scope == "layer":
+        return "no layer" if match is None else f"layer {int(match.group(1))}"
+    raise ValueError(f"unknown scope {scope!r}")
+
+
+@dataclass
+class _Entry:
+    """A (model, tensor) that TADrop adapts, while pass 1 runs."""
+
+    row: RatioRow
+    settings: _TensorSettings
+    density: float  # the host's kept fraction, as the recipe gives it
+    profile: Optional[MagnitudeProfile] = None
+
+
+def check_allocations(layout: Layout) -> None:
+    """The count allocations set kept entries: they need a host that drops entries."""
+    method = layout.recipe.method
+    for model in layout.models:
+        if model.tadrop is not None and model.tadrop.allocation != "strength" and method.sparsifier == "rank":
+            raise BadInput(f"tadrop.allocation: {model.tadrop.allocation} sets kept entries, but {method.name} keeps "
+                           f"singular directions ({model.label}); use allocation: strength")
+
+
 def build_plan(layout: Layout, device: str, on_tensor: Callable[[TensorJob], None] = lambda job: None) -> Plan:
-    """Score every task-vector tensor that TADrop adapts, and fix every drop ratio."""
+    """Measure every task-vector tensor that TADrop adapts, and fix every drop ratio."""
+    check_allocations(layout)
     method = layout.recipe.method
     rows: dict[tuple[int, str], RatioRow] = {}
-    pending: dict[int, list[tuple[RatioRow, _TensorSettings]]] = {j: [] for j in range(len(layout.models))}
+    pending: dict[int, list[_Entry]] = {j: [] for j in range(len(layout.models))}
 
     for job in layout.jobs:
         sparsifies = _sparsifies(method.sparsifier, job)
-        to_score: list[tuple[int, ModelInput, RatioRow, _TensorSettings]] = []
+        to_measure: list[tuple[int, ModelInput, _Entry]] = []
         for j in job.contributors:
             model = layout.models[j]
             # the rank methods' default density is "1/T": the papers' equal split
-            base_ratio = 1.0 - method.density_value(layout.model_parameter(model, "density", job.name), len(job.contributors)) if sparsifies else 0.0
+            density = method.density_value(layout.model_parameter(model, "density", job.name), len(job.contributors)) if sparsifies else 1.0
+            base_ratio = 1.0 - density if sparsifies else 0.0
             row = RatioRow(model.label, job.name, job.out.numel, base_ratio, base_ratio, "uniform")
             rows[(j, job.name)] = row
             if not sparsifies:
                 row.reason = "no sparsification"
             elif model.tadrop is not None:
-                tensor_settings = _settings_for(model.tadrop, job.name, row.numel)
+                tensor_settings = _settings_for(model.tadrop, job.name, row.numel, method.sparsifier, base_ratio)
                 row.reason = tensor_settings.reason
                 if tensor_settings.adaptive:
-                    to_score.append((j, model, row, tensor_settings))
+                    to_measure.append((j, model, _Entry(row, tensor_settings, density)))
                 else:
                     row.ratio = _fixed_ratio(model.tadrop, base_ratio)
-        if to_score:
-            scores = _scores(layout, job, device, [(j, model) for j, model, _, _ in to_score])
-            for j, model, row, tensor_settings in to_score:
-                row.score = scores[j]
-                if row.score is None:
-                    row.reason = "zero delta"
+        scored = [(j, model, entry) for j, model, entry in to_measure if model.tadrop.allocation == "strength"]
+        profiled = [(j, model, entry) for j, model, entry in to_measure if model.tadrop.allocation != "strength"]
+        if scored:
+            scores = _scores(layout, job, device, [(j, model) for j, model, _ in scored])
+            for j, model, entry in scored:
+                entry.row.score = scores[j]
+                if entry.row.score is None:
+                    entry.row.reason = "zero delta"
                 else:
-                    pending[j].append((row, tensor_settings))
+                    pending[j].append(entry)
+        if profiled:
+            profiles = _profiles(layout, job, device, [(j, model) for j, model, _ in profiled])
+            for j, model, entry in profiled:
+                entry.profile = profiles[j]
+                if entry.profile.nonzero == 0:
+                    entry.row.reason = "zero delta"
+                else:
+                    pending[j].append(entry)
         on_tensor(job)
 
-    shifts: dict[int, tuple[float, bool]] = {}
+    summaries: dict[int, dict] = {}
     for j, entries in pending.items():
-        if not entries:
-            continue
         settings = layout.models[j].tadrop
-        normalized = normalize_scores([row.score for row, _ in entries], settings.normalize)
-        result = adaptive_ratios(
-            normalized,
-            [row.base_ratio for row, _ in entries],
-            [row.numel for row, _ in entries],
-            strength=[s.strength for _, s in entries],
-            min_ratio=[s.min_ratio for _, s in entries],
-            max_ratio=[s.max_ratio for _, s in entries],
-            preserve_budget=settings.preserve_budget,
-        )
-        for (row, _), s, ratio in zip(entries, normalized, result.ratios):
-            row.normalized, row.ratio = s, ratio
-        shifts[j] = (result.shift, result.budget_met)
+        if settings is None:
+            continue
+        if not entries:
+            summaries[j] = _family(settings)
+        elif settings.allocation == "strength":
+            summaries[j] = _strength_ratios(entries, settings)
+        else:
+            summaries[j] = _count_ratios(entries, settings)
 
     ordered = [rows[key] for key in sorted(rows, key=lambda k: k[0])]
-    return Plan(ordered, [_summarize(layout, j, ordered, shifts.get(j, (0.0, True))) for j in range(len(layout.models))])
+    _check_finite(ordered)
+    return Plan(ordered, [_summarize(layout, j, ordered, summaries.get(j, {})) for j in range(len(layout.models))])
+
+
+def _family(settings: TadropSettings) -> dict:
+    """The summary fields that say which member of the family a model used."""
+    return {"allocation": settings.allocation, "scope": settings.scope if settings.allocation == "strength" else None}
+
+
+def _strength_ratios(entries: list[_Entry], settings: TadropSettings) -> dict:
+    """p_t = p + strength * (1 - 2 s_t) + shift, s_t normalised within each scope group."""
+    groups = [scope_group(e.row.tensor, settings.scope) for e in entries]
+    normalized = [0.0] * len(entries)
+    for group in dict.fromkeys(groups):
+        members = [i for i, g in enumerate(groups) if g == group]
+        for i, s in zip(members, normalize_scores([entries[i].row.score for i in members], settings.normalize)):
+            normalized[i] = s
+    result = adaptive_ratios(
+        normalized,
+        [e.row.base_ratio for e in entries],
+        [e.row.numel for e in entries],
+        strength=[e.settings.strength for e in entries],
+        min_ratio=[e.settings.min_ratio for e in entries],
+        max_ratio=[e.settings.max_ratio for e in entries],
+        preserve_budget=settings.preserve_budget,
+    )
+    for entry, group, s, ratio in zip(entries, groups, normalized, result.ratios):
+        entry.row.normalized, entry.row.ratio, entry.row.group = s, ratio, group
+        how = [] if group is None else [f"normalised within {settings.scope} {group}"]
+        if entry.settings.rescale_cap is not None and ratio >= entry.settings.rescale_cap:
+            how.append(f"held at {entry.settings.rescale_cap:.4g} by max_rescale {settings.max_rescale:g}")
+        entry.row.reason = "adaptive" + (": " + "; ".join(how) if how else "")
+    return {**_family(settings), "shift": result.shift, "budget_met": result.budget_met}
+
+
+def _fewest_kept(numel: int, max_ratio: float) -> int:
+    """The fewest entries a tensor may keep: ceil((1 - max_ratio) n), so its ratio is <= max_ratio."""
+    wanted = (1.0 - max_ratio) * numel
+    return min(numel, math.ceil(wanted - 1e-9 * max(1.0, wanted)))
+
+
+def _count_ratios(entries: list[_Entry], settings: TadropSettings) -> dict:
+    """Kept counts by the mass, mass_reverse or global allocation, at the model's uniform kept count."""
+    profiles = [e.profile for e in entries]
+    uniform = [kept_count(e.row.numel, e.density) for e in entries]
+    highs = [kept_count(e.row.numel, 1.0 - e.settings.min_ratio) for e in entries]
+    lows = [min(h, _fewest_kept(e.row.numel, e.settings.max_ratio)) for e, h in zip(entries, highs)]
+    summary = _family(settings)
+    if settings.allocation == "mass":
+        result = mass_allocation(profiles, sum(uniform), lows, highs)
+        summary["mass_fraction"] = result.parameter
+        raw = [kept_for_mass(p, result.parameter) for p in profiles]
+        how = f"mass {settings.mass_norm}: the fewest entries holding f={result.parameter:.6g} of its {settings.mass_norm.upper()} mass"
+    elif settings.allocation == "mass_reverse":
+        result = mass_reverse_allocation(profiles, uniform, lows, highs)
+        summary["mass_fraction"] = result.parameter
+        raw = result.kept
+        how = (f"mass_reverse {settings.mass_norm}: 2 x uniform - the entries holding f={result.parameter:.6g} of its "
+               f"{settings.mass_norm.upper()} mass, shift {result.shift:.4g}")
+    elif settings.allocation == "global":
+        result = global_allocation(profiles, sum(uniform), lows, highs)
+        summary["threshold"] = threshold_value(result.parameter)
+        raw = [kept_above_level(p, result.parameter) for p in profiles]
+        how = f"global: entries with |tau| above the model-wide threshold {summary['threshold']:.6g}"
+    else:
+        raise ValueError(f"unknown allocation {settings.allocation!r}")
+    for entry, kept, wanted, low, high in zip(entries, result.kept, raw, lows, highs):
+        entry.row.kept, entry.row.ratio = kept, 1.0 - kept / entry.row.numel
+        bound = ""
+        if kept == low and wanted < low:
+            bound = f"; held at max_ratio {entry.settings.max_ratio:.4g}" + (" (max_rescale)" if entry.settings.rescale_cap is not None else "")
+        elif kept == high and wanted > high:
+            bound = f"; held at min_ratio {entry.settings.min_ratio:.4g}"
+        entry.row.reason = f"adaptive: {how}{bound}"
+    return {**summary, "shift": result.shift, "budget_met": result.budget_met}
+
+
+def _check_finite(rows: list[RatioRow]) -> None:
+    """No NaN or Inf reaches the plan (its JSON would not be JSON): name the tensor instead."""
+    for row in rows:
+        for key in ("score", "normalized", "ratio"):
+            value = getattr(row, key)
+            if value is not None and not math.isfinite(value):
+                raise BadInput(f"{row.model}: tensor {row.tensor}: its TADrop {key} is not finite ({value}); check the weights")
 
 
 # Hoyer scores (the default statistic) are summed over slices of this many entries, so that
@@ -184,6 +385,55 @@ def _scores(layout: Layout, job: TensorJob, device: str, models: list[tuple[int,
     return scores
 
 
+def _profiles(layout: Layout, job: TensorJob, device: str, models: list[tuple[int, ModelInput]]) -> dict[int, MagnitudeProfile]:
+    """Each model's magnitude profile of this tensor's task vector, counted slice by slice: the
+    histogram of |tau|'s top 16 bits (sparsify.magnitude_histogram's buckets), with the float64
+    sum of |tau| (mass_norm l1) or tau^2 (l2) per bucket for the mass allocations. A model-wide
+    trim needs counts only: the CPU kernels count those from the stored entries."""
+    powers = {j: (None if model.tadrop.allocation == "global" else 1 if model.tadrop.mass_norm == "l1" else 2) for j, model in models}
+    counts = {j: np.zeros(MAGNITUDE_BUCKETS, dtype=np.int64) for j, _ in models}
+    masses = {j: np.zeros(MAGNITUDE_BUCKETS, dtype=np.float64) for j, power in powers.items() if power is not None}
+    counted = [j for j, power in powers.items() if power is None]
+    checkpoints = [layout.reference, *(layout.models[j].checkpoint for j in counted)]
+    with_kernels = on_cpu(device) and kernels.supports([c.tensors[job.name].dtype for c in checkpoints], len(counted))
+    step = SCORE_SLICE_ELEMENTS if on_cpu(device) else GPU_SCORE_SLICE_ELEMENTS
+    for start in range(0, job.out.numel, step):
+        stop = min(start + step, job.out.numel)
+        by_kernels = {j for j in counted if with_kernels and _count_with_kernels(layout, job.name, start, stop, j, counts[j])}
+        in_torch = [j for j in powers if j not in by_kernels]
+        if not in_torch:
+            continue
+        base, *tuned = read_all_float32([layout.reference, *(layout.models[j].checkpoint for j in in_torch)], job.name, device, start, stop)
+        for j, tensor in zip(in_torch, tuned):
+            delta = tensor.sub_(base).reshape(-1)
+            bits = delta.view(torch.int32) & 0x7FFFFFFF
+            if bool((bits >= 0x7F800000).any()):  # finite inputs (checked by the read) whose difference is not
+                raise BadInput(f"{layout.models[j].label}: tensor {job.name}: the task vector (model - base) overflows float32")
+            buckets = bits >> 16
+            counts[j] += _bincount(buckets)
+            if j in masses:
+                magnitudes = delta.double().abs_()
+                masses[j] += _bincount(buckets, magnitudes if powers[j] == 1 else magnitudes.square_())
+    return {j: magnitude_profile(counts[j], masses.get(j)) for j in powers}
+
+
+def _bincount(buckets: torch.Tensor, weights: Optional[torch.Tensor] = None) -> np.ndarray:
+    """Entries (or the float64 sum of `weights`) per magnitude bucket, as numpy."""
+    return torch.bincount(buckets, weights=weights, minlength=MAGNITUDE_BUCKETS).cpu().numpy()
+
+
+def _count_with_kernels(layout: Layout, name: str, start: int, stop: int, j: int, counts: np.ndarray) -> bool:
+    """Add one slice's magnitude histogram of model j's task vector, counted by the CPU kernels from
+    the stored entries; False (nothing added) where an entry or a difference is not finite: the
+    PyTorch path then names the input or the overflow."""
+    with mapped_slices([layout.reference, layout.models[j].checkpoint], name, start, stop) as (base, tuned):
+        slice_counts = kernels.magnitude_histogram(base, tuned)
+    if kernels.has_non_finite(slice_counts):
+        return False
+    counts += slice_counts
+    return True
+
+
 def _add_sums_with_kernels(checkpoints: list[Checkpoint], name: str, start: int, stop: int, sums: list[HoyerSums]) -> bool:
     """Add one slice's Hoyer sums of each model's task vector (checkpoints[0] is the base), from
     the stored entries; False (nothing added) when an entry is NaN or Inf: the caller's PyTorch
@@ -205,19 +455,24 @@ def _sparsifies(sparsifier: Optional[str], job: TensorJob) -> bool:
     return sparsifier is not None
 
 
-def _summarize(layout: Layout, j: int, rows: list[RatioRow], shift: tuple[float, bool]) -> ModelSummary:
+def _summarize(layout: Layout, j: int, rows: list[RatioRow], family: dict) -> ModelSummary:
     model = layout.models[j]
     mine = [r for r in rows if r.model == model.label]
     total = sum(r.numel for r in mine) or 1
+    scored = model.tadrop is not None and model.tadrop.allocation == "strength"
     return ModelSummary(
         model=model.label,
-        statistic=model.tadrop.statistic if model.tadrop else None,
+        statistic=model.tadrop.statistic if scored else None,
         tensors=len(mine),
-        adaptive_tensors=sum(r.reason == "adaptive" for r in mine),
+        adaptive_tensors=sum(r.reason.startswith("adaptive") for r in mine),
         mean_base_ratio=sum(r.numel * r.base_ratio for r in mine) / total,
         mean_ratio=sum(r.numel * r.ratio for r in mine) / total,
         min_ratio=min((r.ratio for r in mine), default=0.0),
         max_ratio=max((r.ratio for r in mine), default=0.0),
-        shift=shift[0],
-        budget_met=shift[1],
+        shift=family.get("shift", 0.0),
+        budget_met=family.get("budget_met", True),
+        allocation=family.get("allocation"),
+        scope=family.get("scope"),
+        mass_fraction=family.get("mass_fraction"),
+        threshold=family.get("threshold"),
     )

@@ -79,16 +79,26 @@ class TadropSettings(_Strict):
     min_ratio: float = Field(0.0, ge=0.0, le=1.0)
     max_ratio: float = Field(0.99, ge=0.0, le=1.0)
     min_numel: int = Field(4096, ge=0)
-    exclude: list[str] = ["*norm*", "*.bias"]
+    # globs, matched case-insensitively: BERT's LayerNorm, GPT-2's ln_1 / ln_f, Llama's *_layernorm / norm
+    exclude: list[str] = ["*norm*", "*.bias", "*.ln_*", "ln_*"]
     excluded_ratio: Literal["global", "none"] = "global"
     topmass_fraction: float = Field(0.01, gt=0.0, le=1.0)
     preserve_budget: bool = True
     overrides: list[TadropOverride] = []
+    # which tensors' scores are normalised together (strength allocation); the budget is model-wide always
+    scope: Literal["model", "kind", "layer"] = "model"
+    # strength: p + strength * (1 - 2 s); mass / mass_reverse / global: kept counts with no knob (plan.py)
+    allocation: Literal["strength", "mass", "mass_reverse", "global"] = "strength"
+    mass_norm: Literal["l1", "l2"] = "l1"  # the mass of `allocation: mass`: sum |tau| or sum tau^2
+    # random hosts (DARE, DELLA) rescale survivors by 1 / (1 - p_t): p_t <= 1 - 1 / max_rescale (never below p)
+    max_rescale: float = Field(10.0, ge=1.0)
 
     @model_validator(mode="after")
     def _ratios_ordered(self) -> "TadropSettings":
         if self.min_ratio > self.max_ratio:
             raise ValueError(f"min_ratio ({self.min_ratio}) must not exceed max_ratio ({self.max_ratio})")
+        if self.scope != "model" and self.allocation != "strength":
+            raise ValueError(f"scope: {self.scope} applies to allocation: strength only (got allocation: {self.allocation})")
         return self
 
 
@@ -107,6 +117,10 @@ class ModelTadropSettings(_Strict):
     topmass_fraction: Optional[float] = Field(None, gt=0.0, le=1.0)
     preserve_budget: Optional[bool] = None
     overrides: Optional[list[TadropOverride]] = None
+    scope: Optional[Literal["model", "kind", "layer"]] = None
+    allocation: Optional[Literal["strength", "mass", "mass_reverse", "global"]] = None
+    mass_norm: Optional[Literal["l1", "l2"]] = None
+    max_rescale: Optional[float] = Field(None, ge=1.0)
 
 
 class ModelEntry(_Strict):

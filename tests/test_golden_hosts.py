@@ -488,7 +488,7 @@ def test_engine_applies_the_planned_densities(name, tiny_models, tmp_path):
             if METHODS[name].sparsifier == "rank" and base_tensor.dim() != 2:
                 assert row.reason == "no sparsification" and row.ratio == 0
             density = recipe_density if row.ratio == row.base_ratio else 1 - row.ratio
-            adaptive += row.reason == "adaptive"
+            adaptive += row.reason.startswith("adaptive")  # "adaptive: held at 0.9 by max_rescale 10" for random hosts
             delta = (state[tensor] - base_tensor).double().numpy()
             tvs.append(ref.TV(delta, 0.6, density, tensor_seed(0, label, tensor)))
         expected = ref.REFERENCES[name](base_tensor.double().numpy(), tvs)
