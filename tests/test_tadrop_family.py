@@ -17,8 +17,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import reference as ref
+import torch
 from conftest import basic_recipe, run_cli, tiny_state, write_checkpoint, write_recipe
+from safetensors.torch import load_file
+from tadrop_cli.engine import MergeOptions, plan_only, run_merge
 from tadrop_cli.errors import BadInput
+from tadrop_cli.plan import scope_group
 from tadrop_cli.recipe import parse_recipe
 from tadrop_cli import tadrop
 from tadrop_cli.tadrop import adaptive_ratios
@@ -262,3 +266,182 @@ def test_mass_reverse_restores_the_budget_when_bounds_clip():
     result = tadrop.mass_reverse_allocation(profiles, uniform, [0] * 4, highs)
     assert result.budget_met and sum(result.kept) == sum(uniform)
     assert all(0 <= k <= h for k, h in zip(result.kept, highs))
+
+
+# ---------------------------------------------------------------- plans: helpers
+
+
+def integer_models(tmp_path, count: int = 2, seed: int = 0) -> dict:
+    """A base and fine-tunes whose task vectors are whole numbers below 256 (exact in float32, one
+    histogram bucket per value): the plan's kept counts must equal the sorting references."""
+    rng = np.random.default_rng(seed)
+    base = {name: torch.from_numpy(np.round(rng.normal(size=t.shape) * 8).astype(np.float32)) for name, t in tiny_state().items()}
+    paths = {"base": write_checkpoint(tmp_path / "base", base)}
+    for i in range(count):
+        tuned = {}
+        for k, (name, tensor) in enumerate(sorted(base.items())):
+            n = tensor.numel()
+            delta = rng.integers(1, 4, size=n).astype(np.float32)
+            if (k + i) % 2:
+                delta[rng.choice(n, size=max(1, n // 30), replace=False)] = rng.integers(100, 256, size=max(1, n // 30))
+            else:
+                delta = rng.integers(0, 256, size=n).astype(np.float32)
+            tuned[name] = tensor + torch.from_numpy((delta * rng.choice([-1, 1], size=n)).reshape(tensor.shape).astype(np.float32))
+        paths[f"ft{i}"] = write_checkpoint(tmp_path / f"ft{i}", tuned)
+    return paths
+
+
+def plan_of(models, tmp_path, method="ties", **tadrop_settings):
+    recipe = parse_recipe(basic_recipe(models, tmp_path / "out", method=method, tadrop=tadrop_settings))
+    return plan_only(recipe)[1]
+
+
+def task_vectors(models, label_key: str, names) -> list[np.ndarray]:
+    base = load_file(str(models["base"] / "model.safetensors"))
+    tuned = load_file(str(models[label_key] / "model.safetensors"))
+    return [(tuned[n] - base[n]).numpy().ravel() for n in names]
+
+
+def adaptive_rows(plan, model: str):
+    return [r for r in plan.rows if r.model == model and r.reason.startswith("adaptive")]
+
+
+# ---------------------------------------------------------------- 2. scope
+
+
+NAMES = [
+    "bert.encoder.layer.0.attention.self.query.weight", "bert.encoder.layer.11.attention.self.query.weight",
+    "bert.encoder.layer.3.output.LayerNorm.weight", "bert.embeddings.word_embeddings.weight",
+    "transformer.h.0.attn.c_attn.weight", "transformer.h.10.mlp.c_fc.weight", "transformer.ln_f.weight",
+    "model.layers.0.self_attn.q_proj.weight", "model.layers.31.mlp.down_proj.weight", "model.norm.weight", "lm_head.weight",
+    "vision_model.encoder.layers.7.self_attn.k_proj.weight", "blocks.2.attn.qkv.weight",
+]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_scope_groups_match_the_reference(name):
+    assert scope_group(name, "model") is None
+    assert scope_group(name, "kind") == ref.tensor_kind(name)
+    layer = ref.tensor_layer(name)
+    assert scope_group(name, "layer") == ("no layer" if layer is None else f"layer {layer}")
+
+
+def test_kind_groups_every_layers_query_matrices_together():
+    assert scope_group("bert.encoder.layer.11.attention.self.query.weight", "kind") == "bert.encoder.layer.{}.attention.self.query.weight"
+    assert scope_group("transformer.h.10.mlp.c_fc.weight", "kind") == "transformer.h.{}.mlp.c_fc.weight"
+
+
+@pytest.mark.parametrize("scope", ["kind", "layer"])
+def test_scope_normalises_within_groups_and_keeps_the_budget_model_wide(tiny_models, tmp_path, scope):
+    plan = plan_of(tiny_models, tmp_path, statistic="kurtosis", strength=0.3, scope=scope)
+    label = str(tiny_models["ft0"])
+    rows = adaptive_rows(plan, label)
+    assert len(rows) == 5
+    groups: dict = {}
+    for row in rows:
+        expected_group = ref.tensor_kind(row.tensor) if scope == "kind" else (
+            "no layer" if ref.tensor_layer(row.tensor) is None else f"layer {ref.tensor_layer(row.tensor)}")
+        assert row.group == expected_group
+        assert expected_group in row.reason
+        groups.setdefault(row.group, []).append(row)
+    for members in groups.values():
+        assert [r.normalized for r in members] == pytest.approx(ref.normalize_rank([r.score for r in members]))
+    weighted = sum(r.numel * r.ratio for r in rows) / sum(r.numel for r in rows)
+    assert weighted == pytest.approx(0.6, abs=1e-6)
+    summary = next(m for m in plan.models if m.model == label)
+    assert summary.scope == scope and summary.allocation == "strength" and summary.budget_met
+
+
+def test_scope_model_is_the_default_and_reads_as_before(tiny_models, tmp_path):
+    plan = plan_of(tiny_models, tmp_path, statistic="kurtosis")
+    rows = adaptive_rows(plan, str(tiny_models["ft0"]))
+    assert all(r.reason == "adaptive" and r.group is None for r in rows)
+    assert [r.normalized for r in rows] == pytest.approx(ref.normalize_rank([r.score for r in rows]))
+    assert all("group" not in r and "kept" not in r for r in plan.to_json()["tensors"])
+
+
+# ---------------------------------------------------------------- 3, 4. allocations in the plan and the merge
+
+
+@pytest.mark.parametrize("allocation,norm", [("mass", "l1"), ("mass", "l2"), ("global", "l1"), ("mass_reverse", "l1")])
+def test_count_allocations_in_the_plan_match_the_references(tmp_path, allocation, norm):
+    models = integer_models(tmp_path)
+    plan = plan_of(models, tmp_path, allocation=allocation, mass_norm=norm, max_ratio=1.0)
+    for key in ("ft0", "ft1"):
+        rows = adaptive_rows(plan, str(models[key]))
+        assert len(rows) == 5
+        taus = task_vectors(models, key, [r.tensor for r in rows])
+        uniform = [int(0.4 * r.numel) for r in rows]
+        q = 1 if norm == "l1" else 2
+        if allocation == "mass":
+            if ref.mass_boundary_is_tied(taus, sum(uniform), q):
+                continue
+            expected = ref.mass_allocation_counts(taus, sum(uniform), q)
+        elif allocation == "mass_reverse":
+            expected = ref.mass_reverse_counts(taus, uniform, q)
+            if ref.mass_boundary_is_tied(taus, sum(uniform), q) or any(k < 0 or k > r.numel for k, r in zip(expected, rows)):
+                continue
+        else:  # whole numbers tie at the threshold: which tied entries are kept is a tie-break
+            threshold = np.sort(np.abs(np.concatenate(taus)))[::-1][sum(uniform) - 1]
+            for row, tau in zip(rows, taus):
+                assert int((np.abs(tau) > threshold).sum()) <= row.kept <= int((np.abs(tau) >= threshold).sum())
+            expected = [r.kept for r in rows]
+        assert [r.kept for r in rows] == expected
+        assert sum(r.kept for r in rows) == sum(uniform)  # the same entries as the uniform trim
+        assert all(r.ratio == pytest.approx(1 - r.kept / r.numel) for r in rows)
+        summary = next(m for m in plan.models if m.model == str(models[key]))
+        assert summary.allocation == allocation and summary.budget_met
+        if allocation == "global":
+            assert summary.threshold > 0 and f"{summary.threshold:.6g}" in rows[0].reason
+        else:
+            assert 0 < summary.mass_fraction < 1 and f"f={summary.mass_fraction:.6g}" in rows[0].reason
+
+
+@pytest.mark.parametrize("allocation", ["mass", "global"])
+def test_the_merge_keeps_exactly_the_planned_counts(tmp_path, allocation):
+    models = integer_models(tmp_path, count=1, seed=3)
+    recipe = basic_recipe(models, tmp_path / "out", method="magnitude_prune", tadrop={"allocation": allocation})
+    recipe["models"][0]["parameters"] = {"weight": 1.0, "density": 0.3}
+    recipe = parse_recipe(recipe)
+    plan = plan_only(recipe)[1]
+    run_merge(recipe, MergeOptions())
+    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    base = load_file(str(models["base"] / "model.safetensors"))
+    rows = adaptive_rows(plan, str(models["ft0"]))
+    assert len(rows) == 5 and len({r.kept for r in rows}) > 1
+    for row in rows:
+        assert int((out[row.tensor] != base[row.tensor]).sum()) == row.kept, row.tensor
+
+
+def test_allocations_per_model(tmp_path):
+    models = integer_models(tmp_path)
+    recipe = basic_recipe(models, tmp_path / "out", tadrop={"allocation": "mass"})
+    recipe["models"][1]["tadrop"] = {"allocation": "strength", "scope": "layer"}
+    plan = plan_only(parse_recipe(recipe))[1]
+    first, second = (next(m for m in plan.models if m.model == str(models[k])) for k in ("ft0", "ft1"))
+    assert first.allocation == "mass" and first.mass_fraction is not None and first.statistic is None
+    assert second.allocation == "strength" and second.scope == "layer" and second.statistic == "hoyer"
+
+
+def test_a_scope_with_a_count_allocation_is_refused():
+    with pytest.raises(BadInput, match="scope"):
+        parse_recipe({"merge_method": "ties", "base_model": "b", "models": [{"model": "a"}], "tadrop": {"allocation": "mass", "scope": "kind"}})
+
+
+def test_count_allocations_are_refused_for_rank_hosts(tiny_models, tmp_path):
+    recipe = basic_recipe(tiny_models, tmp_path / "out", method="tsv_m", tadrop={"allocation": "global"})
+    for entry in recipe["models"]:
+        entry["parameters"] = {"weight": 0.6}
+    result = run_cli("plan", str(write_recipe(tmp_path, recipe)))
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "allocation" in result.stderr and "tsv_m" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_plan_command_shows_the_allocation(tmp_path):
+    models = integer_models(tmp_path, count=1)
+    recipe = basic_recipe(models, tmp_path / "out", tadrop={"allocation": "global"})
+    result = run_cli("plan", str(write_recipe(tmp_path, recipe)), "--json")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert plan["models"][0]["allocation"] == "global" and plan["models"][0]["threshold"] > 0
+    assert all(r["kept"] >= 0 and "model-wide threshold" in r["reason"] for r in plan["tensors"] if r["reason"].startswith("adaptive"))
