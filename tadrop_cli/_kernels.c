@@ -64,6 +64,18 @@ static inline int omp_get_num_threads(void) { return 1; }
 static inline int omp_get_max_threads(void) { return 1; }
 #endif
 
+/* The number of threads the parallel loops of later calls from this thread use (kernels.py
+ * sets it before each call, from the cores that other work leaves idle: cpu_share.py). */
+void tadrop_set_threads(int threads) {
+#ifdef _OPENMP
+    if (threads > 0) omp_set_num_threads(threads);
+#else
+    (void)threads;
+#endif
+}
+
+int tadrop_max_threads(void) { return omp_get_max_threads(); }
+
 /* Each thread's counting table (two halves of BUCKET_VALUES), kept from call to call (OpenMP
  * keeps its threads) and all zero between calls: a call clears only the range it used, so a
  * slice costs the entries it counts, not the table's size (zeroing and summing whole tables

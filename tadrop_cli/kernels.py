@@ -24,6 +24,7 @@ from typing import Optional
 
 import numpy as np
 
+from .cpu_share import CpuShare
 from .dtypes import Stored, numpy_dtype
 from .sparsify import MAGNITUDE_BUCKETS, TopKCut
 
@@ -57,7 +58,26 @@ def _library() -> Optional[ctypes.CDLL]:
         from . import _kernels
     except ImportError:
         return None
+    # Threads that wait at a loop's end sleep instead of spinning, so that on a busy machine
+    # they give the core to a thread with work (read by OpenMP when it loads, below).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     return load_library(_kernels.__file__)
+
+
+@lru_cache(maxsize=1)
+def _cpu_share() -> Optional[CpuShare]:
+    """What sets the kernels' thread count: None where it is fixed (OMP_NUM_THREADS set by the
+    user, or one core), else the idle cores (cpu_share.py)."""
+    limit = _library().tadrop_max_threads()
+    return None if os.environ.get("OMP_NUM_THREADS") or limit <= 1 else CpuShare(limit)
+
+
+def _ready() -> ctypes.CDLL:
+    """The library, with the thread count for its next call set."""
+    library, share = _library(), _cpu_share()
+    if share is not None:
+        library.tadrop_set_threads(share.threads())
+    return library
 
 
 def load_library(path: str) -> ctypes.CDLL:
@@ -77,6 +97,10 @@ def load_library(path: str) -> ctypes.CDLL:
     library.tadrop_merge_slice.argtypes = [ctypes.c_int, ptr, ctypes.POINTER(_ModelSlice), ctypes.c_int, i64, i64,
                                            ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_float, ctypes.c_int, ptr]
     library.tadrop_merge_slice.restype = ctypes.c_int
+    library.tadrop_set_threads.argtypes = [ctypes.c_int]
+    library.tadrop_set_threads.restype = None
+    library.tadrop_max_threads.argtypes = []
+    library.tadrop_max_threads.restype = ctypes.c_int
     return library
 
 
@@ -127,7 +151,7 @@ def _histogram(base: Stored, tuned: Stored, size: int, count) -> np.ndarray:
 
 def magnitude_histogram(base: Stored, tuned: Stored) -> np.ndarray:
     """sparsify.magnitude_histogram(tuned.float() - base.float()): entries per |delta| bucket (int64)."""
-    return _histogram(base, tuned, MAGNITUDE_BUCKETS, _library().tadrop_magnitude_histogram)
+    return _histogram(base, tuned, MAGNITUDE_BUCKETS, _ready().tadrop_magnitude_histogram)
 
 
 def has_non_finite(counts: np.ndarray) -> bool:
@@ -137,12 +161,12 @@ def has_non_finite(counts: np.ndarray) -> bool:
 
 def non_finite(entries: Stored) -> bool:
     """Whether any entry is NaN or Inf (not checkpoint.all_finite(entries.to_torch()))."""
-    return bool(_library().tadrop_non_finite(DTYPE_CODES[entries.dtype], _address(entries), entries.numel))
+    return bool(_ready().tadrop_non_finite(DTYPE_CODES[entries.dtype], _address(entries), entries.numel))
 
 
 def bucket_histogram(base: Stored, tuned: Stored, bucket: int) -> np.ndarray:
     """sparsify.bucket_histogram(tuned.float() - base.float(), bucket) (int64, 2^16)."""
-    library = _library()
+    library = _ready()
     return _histogram(base, tuned, 1 << 16, lambda code, b, t, n, counts: library.tadrop_bucket_histogram(code, b, t, n, bucket, counts))
 
 
@@ -155,7 +179,7 @@ def ties_kept_before(cut: TopKCut, offset: int, base: Stored, tuned: Stored) -> 
     if offset > cut.tie_start or cut.tie_quota == 0:
         return 0
     code, base_address, tuned_address = _pair(base, tuned)
-    return int(_library().tadrop_nth_tie(code, base_address, tuned_address, n, cut.threshold, cut.tie_quota)) + 1
+    return int(_ready().tadrop_nth_tie(code, base_address, tuned_address, n, cut.threshold, cut.tie_quota)) + 1
 
 
 def hoyer_sums(base: Stored, tuned: list[Stored]) -> tuple[list[tuple[float, float]], bool]:
@@ -164,7 +188,7 @@ def hoyer_sums(base: Stored, tuned: list[Stored]) -> tuple[list[tuple[float, flo
     blocks, in different orders, so they agree to ~1e-7 relative, as a GPU's sums do."""
     addresses = (ctypes.c_void_p * len(tuned))(*(_pair(base, entries)[2] for entries in tuned))
     sums = np.zeros(2 * len(tuned), dtype=np.float64)
-    status = _library().tadrop_hoyer_sums(DTYPE_CODES[base.dtype], _address(base), addresses, len(tuned), base.numel, sums.ctypes.data)
+    status = _ready().tadrop_hoyer_sums(DTYPE_CODES[base.dtype], _address(base), addresses, len(tuned), base.numel, sums.ctypes.data)
     _check(min(status, 0))
     return [(float(sums[2 * j]), float(sums[2 * j + 1])) for j in range(len(tuned))], status == 1
 
@@ -210,7 +234,7 @@ def merge_slice(base: Stored, models: list[ModelSlice], offset: int, consensus: 
         setting.rescale = model.rescale_by is not None
         setting.density = model.rescale_by if model.rescale_by is not None else 1.0
     out = Stored(out_dtype, np.empty(base.numel, dtype=numpy_dtype(out_dtype)))
-    flag = _library().tadrop_merge_slice(DTYPE_CODES[base.dtype], _address(base), settings, len(models), base.numel, offset,
+    flag = _ready().tadrop_merge_slice(DTYPE_CODES[base.dtype], _address(base), settings, len(models), base.numel, offset,
                                         int(consensus), int(normalize), sum_of_weights, lambda_, DTYPE_CODES[out_dtype], _address(out))
     if flag < 0:
         raise ValueError(f"the kernel takes 1 to {MAX_MODELS} models")
