@@ -1,0 +1,66 @@
+"""Ctrl-C (SIGINT) and SIGTERM end tadrop the same way, whenever they come: exit 130 and one line.
+
+The handlers are installed first thing in the program, before the imports that take a second.
+Inside a command's body (`raising()`), the first signal raises KeyboardInterrupt, so that the
+engine keeps its finished shards and the CLI says what is true; anywhere else (the imports,
+argument parsing, the final printing) and on a second signal, the process stops at once.
+
+Python runs a handler between bytecodes of the main thread: a blocking open or read done by Python
+itself is interrupted (PEP 475: the handler runs, and its exception ends the call). C code that holds
+the GIL and retries the call (safetensors opening a FIFO) never lets it run: such files must be refused before
+they reach it (checkpoint.py opens only regular files), or only SIGKILL ends the wait.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from contextlib import contextmanager
+from typing import Iterator
+
+EXIT_INTERRUPTED = 130
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_raising = False  # inside a command's body: the first signal raises KeyboardInterrupt
+_raised = False  # it has: a further signal stops at once
+_installed = False
+
+
+def stop_now(message: str = "interrupted") -> None:
+    """Write one line to stderr (fd 2, no Python buffers) and exit 130 without cleanup."""
+    try:
+        lead = "\x1b[?25h\r\n" if os.isatty(2) else ""  # a progress bar may have hidden the cursor
+        os.write(2, f"{lead}{message}\n".encode())
+    except OSError:  # stderr closed: the exit status says it
+        pass
+    os._exit(EXIT_INTERRUPTED)
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    global _raised
+    if _raising and not _raised:
+        _raised = True
+        raise KeyboardInterrupt
+    stop_now()
+
+
+def install() -> None:
+    """Install the handlers; call first thing in the program's main thread. Idempotent."""
+    global _installed
+    if _installed:
+        return
+    for number in SIGNALS:
+        if signal.getsignal(number) is not signal.SIG_IGN:  # `nohup` and background jobs keep ignoring them
+            signal.signal(number, _on_signal)
+    _installed = True
+
+
+@contextmanager
+def raising() -> Iterator[None]:
+    """Within: the first SIGINT/SIGTERM raises KeyboardInterrupt (for cleanup and an honest message)."""
+    global _raising, _raised
+    _raising, _raised = True, False
+    try:
+        yield
+    finally:
+        _raising = False
+
