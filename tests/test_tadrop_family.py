@@ -22,9 +22,10 @@ from conftest import basic_recipe, run_cli, tiny_state, write_checkpoint, write_
 from safetensors.torch import load_file
 from tadrop_cli.engine import MergeOptions, plan_only, run_merge
 from tadrop_cli.errors import BadInput
-from tadrop_cli.plan import scope_group
-from tadrop_cli.recipe import parse_recipe
+from tadrop_cli.plan import _settings_for, scope_group
+from tadrop_cli.recipe import TadropSettings
 from tadrop_cli import tadrop
+from tadrop_cli.recipe import parse_recipe
 from tadrop_cli.tadrop import adaptive_ratios
 
 # ---------------------------------------------------------------- 1. signed strength
@@ -445,3 +446,88 @@ def test_the_plan_command_shows_the_allocation(tmp_path):
     plan = json.loads(result.stdout)
     assert plan["models"][0]["allocation"] == "global" and plan["models"][0]["threshold"] > 0
     assert all(r["kept"] >= 0 and "model-wide threshold" in r["reason"] for r in plan["tensors"] if r["reason"].startswith("adaptive"))
+
+
+# ---------------------------------------------------------------- 5. random hosts: the rescale cap
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear", "della"])
+def test_random_hosts_cap_the_drop_ratio_at_max_rescale(tiny_models, tmp_path, method):
+    plan = plan_of(tiny_models, tmp_path, method=method, statistic="kurtosis", strength=1.0)
+    for label in (str(tiny_models[k]) for k in ("ft0", "ft1", "ft2")):
+        rows = adaptive_rows(plan, label)
+        assert max(r.ratio for r in rows) == pytest.approx(0.9)  # uncapped, strength 1 reaches 0.99
+        assert all(r.ratio <= 0.9 + 1e-12 for r in rows)
+        assert any("max_rescale 10" in r.reason for r in rows)
+        assert sum(r.numel * r.ratio for r in rows) / sum(r.numel for r in rows) == pytest.approx(0.6, abs=1e-6)
+    free = plan_of(tiny_models, tmp_path, method=method, statistic="kurtosis", strength=1.0, max_rescale=100)
+    assert max(r.ratio for r in free.rows) > 0.95
+
+
+def test_magnitude_hosts_are_not_capped(tiny_models, tmp_path):
+    plan = plan_of(tiny_models, tmp_path, method="ties", statistic="kurtosis", strength=1.0)
+    assert max(r.ratio for r in plan.rows) > 0.95
+    assert not any("max_rescale" in r.reason for r in plan.rows)
+
+
+def test_the_cap_never_goes_below_the_hosts_own_ratio(tiny_models, tmp_path):
+    recipe = basic_recipe(tiny_models, tmp_path / "out", method="dare_ties", tadrop={"strength": 0.5})
+    for entry in recipe["models"]:
+        entry["parameters"]["density"] = 0.05  # the user's own rescale is 20
+    plan = plan_only(parse_recipe(recipe))[1]
+    rows = [r for r in plan.rows if r.reason.startswith("adaptive")]
+    assert rows and all(r.ratio == pytest.approx(0.95) for r in rows)
+    assert all(m.budget_met for m in plan.models)
+
+
+def test_the_cap_bounds_count_allocations_too(tmp_path):
+    models = integer_models(tmp_path)
+    recipe = basic_recipe(models, tmp_path / "out", method="dare_linear", tadrop={"allocation": "mass"})
+    for entry in recipe["models"]:
+        entry["parameters"]["density"] = 0.2
+    plan = plan_only(parse_recipe(recipe))[1]
+    for key in ("ft0", "ft1"):
+        rows = adaptive_rows(plan, str(models[key]))
+        assert all(r.ratio <= 0.9 + 1e-12 for r in rows)
+        assert sum(r.kept for r in rows) == sum(int(0.2 * r.numel) for r in rows)
+    assert any("held at max_ratio 0.9 (max_rescale)" in r.reason for r in plan.rows)
+
+
+def test_the_rescale_the_merge_applies_stays_within_the_cap(tmp_path, tiny_models):
+    """DARE's survivors are rescaled by 1 / density: at most max_rescale."""
+    recipe = basic_recipe(tiny_models, tmp_path / "out", method="dare_linear", tadrop={"statistic": "kurtosis", "strength": 1.0})
+    recipe["models"] = recipe["models"][:1]
+    recipe["models"][0]["parameters"] = {"weight": 1.0, "density": 0.4}
+    recipe = parse_recipe(recipe)
+    run_merge(recipe, MergeOptions())
+    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    base = load_file(str(tiny_models["base"] / "model.safetensors"))
+    tuned = load_file(str(tiny_models["ft0"] / "model.safetensors"))
+    for name in base:
+        delta, merged = (tuned[name] - base[name]).double(), (out[name] - base[name]).double()
+        kept = (merged != 0) & (delta.abs() > 1e-3)
+        if bool(kept.any()):
+            assert float((merged[kept] / delta[kept]).max()) <= 10.0 * (1 + 1e-3), name
+
+
+# ---------------------------------------------------------------- 6. exclude globs, case-insensitive
+
+EXCLUDED = ["bert.encoder.layer.3.output.LayerNorm.weight", "bert.embeddings.LayerNorm.bias", "transformer.h.0.ln_1.weight",
+            "transformer.h.11.ln_2.weight", "transformer.ln_f.weight", "model.layers.0.input_layernorm.weight",
+            "model.layers.5.post_attention_layernorm.weight", "model.norm.weight", "ln_f.weight", "encoder.layer.0.attention.output.dense.bias"]
+ADAPTED = ["bert.encoder.layer.0.attention.self.query.weight", "transformer.h.0.attn.c_attn.weight", "transformer.h.0.mlp.c_fc.weight",
+           "model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight", "lm_head.weight", "kiln_proj.weight"]
+
+
+@pytest.mark.parametrize("name", EXCLUDED + ADAPTED)
+def test_default_exclude_matches_norms_and_biases_of_bert_gpt2_and_llama(name):
+    settings = TadropSettings()
+    result = _settings_for(settings, name, 1 << 20)
+    assert result.reason == ("excluded" if name in EXCLUDED else "adaptive")
+
+
+def test_user_globs_match_case_insensitively():
+    settings = TadropSettings(exclude=["*LAYERNORM*"], overrides=[{"filter": "*Q_Proj*", "strength": -0.4}])
+    assert _settings_for(settings, "bert.embeddings.LayerNorm.weight", 1 << 20).reason == "excluded"
+    assert _settings_for(settings, "model.layers.0.input_layernorm.weight", 1 << 20).reason == "excluded"
+    assert _settings_for(settings, "model.layers.0.self_attn.q_proj.weight", 1 << 20).strength == -0.4
