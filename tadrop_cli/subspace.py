@@ -141,8 +141,12 @@ def _top_randomized(matrix: torch.Tensor, k: int, tolerance: float, seed: int):
     will not by then at that rate (a flat spectrum at the cut): the caller takes the exact
     route. Works on the wide orientation, so that the first QR is of the short side."""
     if matrix.shape[0] > matrix.shape[1]:
-        found = _top_randomized(matrix.T, k, tolerance, seed)
+        found = _randomized_wide(matrix.T, k, tolerance, seed)
         return None if found is None else (found[2].T, found[1], found[0].T)
+    return _randomized_wide(matrix, k, tolerance, seed)
+
+
+def _randomized_wide(matrix: torch.Tensor, k: int, tolerance: float, seed: int):
     m, n = matrix.shape
     width = min(m, k + max(_MIN_OVERSAMPLE, math.ceil(_OVERSAMPLE * k)))
     generator = torch.Generator(device=matrix.device).manual_seed(seed)
@@ -212,9 +216,10 @@ def safe_scale(deltas: Sequence[torch.Tensor]) -> float | None:
     """A power of two that brings the task matrices' largest entry near 1 where it lies outside
     [2^-60, 2^40] (1.0 inside: nothing to do), or None if an entry is NaN or Inf. A power of
     two scales exactly, and every method here is homogeneous: merge(c tau) = c merge(tau)."""
-    largest = max(float(d.abs().max()) if d.numel() else 0.0 for d in deltas)
-    if not math.isfinite(largest):
+    largests = [float(d.abs().max()) if d.numel() else 0.0 for d in deltas]
+    if not all(math.isfinite(x) for x in largests):  # checked one by one: max() passes over a NaN
         return None
+    largest = max(largests)
     if largest == 0 or _SAFE_LOW <= largest <= _SAFE_HIGH:
         return 1.0
     return 2.0 ** -max(-120, min(120, math.frexp(largest)[1]))

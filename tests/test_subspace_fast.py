@@ -1,0 +1,236 @@
+"""The SVD hosts' fast route (the default) against the exact route (exact_svd: true, full float32
+SVDs) and against the float64 numpy reference of tests/reference.py.
+
+Tolerances, stated: on every matrix here the fast route's merged tensor is within 1e-5 (relative
+Frobenius) of the float64 reference and within 1e-4 of the exact float32 route; the exact route
+itself is ~1e-5 from float64 (float32 SVD rounding), the fast one ~1e-7 (float64 Gram matrices).
+A kept subspace's largest principal angle to float64's is below 1e-5 (sin).
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import reference as ref
+from conftest import basic_recipe, run_cli, tiny_state, write_checkpoint, write_recipe
+from tadrop_cli import subspace
+from tadrop_cli.methods import METHODS, TaskVector
+
+FAST_VS_FLOAT64 = 1e-5
+FAST_VS_EXACT = 1e-4
+
+
+def spectral(rng, shape, sigma) -> np.ndarray:
+    """A matrix with singular values `sigma` (padded with zeros) and random singular vectors."""
+    m, n = shape
+    r = min(m, n)
+    u, _ = np.linalg.qr(rng.normal(size=(m, r)))
+    v, _ = np.linalg.qr(rng.normal(size=(n, r)))
+    s = np.zeros(r)
+    s[:len(sigma)] = sigma[:r]
+    return (u * s) @ v.T
+
+
+def relative(got, expected) -> float:
+    got, expected = (np.asarray(x, dtype=np.float64) for x in (got, expected))
+    scale = np.linalg.norm(expected)
+    return float(np.linalg.norm(got - expected) / scale) if scale > 0 else float(np.abs(got).max())  # nothing kept: 0 exactly
+
+
+def sin_largest_angle(a: np.ndarray, b: np.ndarray) -> float:
+    """sin of the largest principal angle between the column spaces of a and b (orthonormal columns)."""
+    return float(np.linalg.norm(a - b @ (b.T @ a), 2))
+
+
+def tasks_for(case: str, rng) -> list[np.ndarray]:
+    shape = {"tall": (60, 36), "wide": (36, 60), "square": (48, 48), "tiny": (3, 5), "row": (1, 12)}.get(case, (50, 40))
+    r = min(shape)
+    if case == "rank_deficient":  # LoRA-like rank-3 tasks, k_t = 10 asks for more than there is
+        return [spectral(rng, shape, rng.uniform(0.5, 2, 3)) for _ in range(4)]
+    if case == "near_degenerate":  # clusters of equal singular values inside the kept set, a clear gap at every cut
+        return [spectral(rng, shape, np.repeat([4.0, 2.0, 1.0, 0.5, 0.25], [4, 6, 10, 20, r])[:r] * (1 + 1e-9 * rng.normal(size=r))) for _ in range(4)]
+    if case == "gauss":  # flat spectrum: neighbours at the cut ~1% apart
+        return [rng.normal(size=shape) * rng.uniform(0.05, 0.5) for _ in range(4)]
+    return [spectral(rng, shape, rng.uniform(0.05, 0.5) * 3 * 0.8 ** np.arange(r)) for _ in range(4)]
+
+
+CASES = ["tall", "wide", "square", "tiny", "row", "rank_deficient", "near_degenerate", "gauss"]
+
+
+def merged(method: str, tasks, exact: bool, densities=None, seeds=(11, 12, 13, 14)) -> torch.Tensor:
+    deltas = [torch.from_numpy(t.astype(np.float32)) for t in tasks]
+    densities = densities or [1 / len(tasks)] * len(tasks)
+    merge = {"tsv_m": subspace.tsv_merge, "iso_c": subspace.iso_c_merge, "iso_cts": subspace.iso_cts_merge}[method]
+    arguments = () if method == "iso_c" else (densities,)
+    return merge(deltas, *arguments, exact_svd=exact, seeds=list(seeds)[:len(tasks)])
+
+
+def reference_of(method: str, tasks, densities=None) -> np.ndarray:
+    tasks32 = [t.astype(np.float32).astype(np.float64) for t in tasks]  # what both routes see
+    densities = densities or [1 / len(tasks)] * len(tasks)
+    if method == "iso_c":
+        return ref.iso_c_matrix(tasks32)
+    return (ref.tsv_m_matrix if method == "tsv_m" else ref.iso_cts_matrix)(tasks32, densities)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("method", ["tsv_m", "iso_c", "iso_cts"])
+def test_fast_route_matches_float64_and_the_exact_route(method, case):
+    rng = np.random.default_rng(zlib.crc32(f"{method} {case}".encode()))
+    tasks = tasks_for(case, rng)
+    expected = reference_of(method, tasks)
+    fast = merged(method, tasks, exact=False)
+    assert fast.dtype == torch.float32 and fast.shape == tasks[0].shape
+    assert relative(fast, expected) < FAST_VS_FLOAT64
+    assert relative(fast, merged(method, tasks, exact=True)) < FAST_VS_EXACT
+
+
+def test_rank_deficient_sum_keeps_no_arbitrary_direction():
+    """Iso-C of a rank-4 sum: the fast route's flat spectrum lives in the sum's span, as the exact route's."""
+    rng = np.random.default_rng(3)
+    tasks = [spectral(rng, (30, 20), [1.0, 0.5]) for _ in range(2)]
+    fast = merged("iso_c", tasks, exact=False).numpy().astype(np.float64)
+    assert np.linalg.matrix_rank(fast, tol=1e-5) == 4
+    np.testing.assert_allclose(fast, reference_of("iso_c", tasks), atol=1e-6)
+
+
+def randomized_calls(monkeypatch) -> list:
+    """Records whether each call of the randomized route converged (True) or gave up (False)."""
+    calls, original = [], subspace._top_randomized
+
+    def spy(*args, **kwargs):
+        found = original(*args, **kwargs)
+        calls.append(found is not None)
+        return found
+
+    monkeypatch.setattr(subspace, "_top_randomized", spy)
+    return calls
+
+
+@pytest.mark.parametrize("shape", [(300, 200), (200, 300)])
+def test_randomized_route_gives_the_exact_top_subspace(shape, monkeypatch):
+    """A spectrum that falls off after the cut (a fine-tune's, or a LoRA's): the randomized route
+    converges, and its kept subspaces are float64's to sin(angle) < 1e-5."""
+    calls = randomized_calls(monkeypatch)
+    rng = np.random.default_rng(5)
+    sigma = np.concatenate([np.linspace(3, 1, 12), 0.05 * 0.9 ** np.arange(200)])
+    matrix = spectral(rng, shape, sigma).astype(np.float32)
+    u, s, vh = subspace.top_fast(torch.from_numpy(matrix), 12, subspace.null_tolerance(torch.from_numpy(matrix)), seed=7)
+    assert calls == [True]
+    tu, ts, tvh = ref.top_triplets(matrix.astype(np.float64), 12)
+    assert sin_largest_angle(u.double().numpy(), tu) < 1e-5
+    assert sin_largest_angle(vh.T.double().numpy(), tvh.T) < 1e-5
+    np.testing.assert_allclose(s.numpy(), ts, rtol=1e-6)
+    # orthonormal factors
+    np.testing.assert_allclose(u.T.double().numpy() @ u.double().numpy(), np.eye(12), atol=1e-6)
+
+
+def test_randomized_route_gives_up_on_a_flat_spectrum(monkeypatch):
+    """Gaussian: neighbours at the cut are too close for the iteration; the exact Gram route answers."""
+    calls = randomized_calls(monkeypatch)
+    matrix = torch.from_numpy(np.random.default_rng(9).normal(size=(200, 160)).astype(np.float32))
+    u, s, vh = subspace.top_fast(matrix, 10, subspace.null_tolerance(matrix), seed=1)
+    assert calls == [False]
+    tu, ts, _ = ref.top_triplets(matrix.double().numpy(), 10)
+    assert sin_largest_angle(u.double().numpy(), tu) < 1e-5
+
+
+def test_iso_cts_task_directions_take_the_randomized_route(monkeypatch):
+    """Iso-CTS's task-specific parts are small (k_t = 5 of 200 here) with a gap after them: the
+    randomized route converges, and the merge matches float64. (No common space here: with
+    one, the sum's common directions absorb these tasks' strong ones, and what is left is a
+    flat tail where the route gives up, as test_randomized_route_gives_up_on_a_flat_spectrum.)"""
+    calls = randomized_calls(monkeypatch)
+    rng = np.random.default_rng(13)
+    sigma = np.concatenate([np.linspace(3, 1, 5), 0.02 * 0.9 ** np.arange(200)])
+    tasks = [spectral(rng, (240, 200), sigma) for _ in range(4)]
+    densities = [0.025] * 4  # common_space_fraction 0: a budget of 200, k_t = 5
+    deltas = [torch.from_numpy(t.astype(np.float32)) for t in tasks]
+    fast = subspace.iso_cts_merge(deltas, densities, 0.0, exact_svd=False, seeds=[1, 2, 3, 4])
+    assert len(calls) == 4 and all(calls)
+    tasks32 = [t.astype(np.float32).astype(np.float64) for t in tasks]
+    assert relative(fast, ref.iso_cts_matrix(tasks32, densities, 0.0)) < FAST_VS_FLOAT64
+
+
+def test_fast_route_is_seeded_and_independent_of_task_order(monkeypatch):
+    calls = randomized_calls(monkeypatch)
+    rng = np.random.default_rng(17)
+    sigma = np.concatenate([np.linspace(3, 1, 4), 0.02 * 0.9 ** np.arange(100)])
+    tasks = [spectral(rng, (120, 100), sigma) for _ in range(3)]
+    densities = [0.04, 0.05, 0.03]
+    first = merged("tsv_m", tasks, exact=False, densities=densities, seeds=(1, 2, 3))
+    assert calls and all(calls)
+    again = merged("tsv_m", tasks, exact=False, densities=densities, seeds=(1, 2, 3))
+    assert torch.equal(first, again)  # same seeds: the same bits
+    order = [2, 0, 1]
+    shuffled = merged("tsv_m", [tasks[i] for i in order], exact=False, densities=[densities[i] for i in order], seeds=[(1, 2, 3)[i] for i in order])
+    torch.testing.assert_close(shuffled, first, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("exact", [False, True])
+@pytest.mark.parametrize("method", ["tsv_m", "iso_c", "iso_cts"])
+def test_huge_task_vectors_merge_as_scaled_ones(method, exact):
+    """Entries ~1e36 (finite in float32, but their norm and Gram overflow): scaled by a power of two
+    before the decompositions and back after, the merge is 2^100 times the merge of the task
+    vectors divided by 2^100. Before, TSV-M and Iso-CTS returned zeros (an infinite null
+    tolerance kept no direction) and Iso-C NaN."""
+    rng = np.random.default_rng(19)
+    tasks = [rng.normal(size=(40, 30)) for _ in range(3)]
+    small = merged(method, tasks, exact)
+    huge = merged(method, [t * 2.0**120 for t in tasks], exact)
+    assert bool(torch.isfinite(huge).all())
+    torch.testing.assert_close(huge / 2.0**120, small, atol=1e-6, rtol=1e-5)
+    assert float(small.abs().max()) > 0.1
+
+
+@pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
+@pytest.mark.parametrize("method", ["tsv_m", "iso_c", "iso_cts"])
+def test_non_finite_task_vectors_give_nan_not_a_quiet_result(method, bad):
+    """A task vector with Inf or NaN (a fine-tune minus base that overflowed float32) has no SVD:
+    the merge is NaN, which the engine refuses naming the tensor (exit 2), instead of a
+    LAPACK failure (internal error) or, as before, zeros: the base published as the merge."""
+    tasks = [np.random.default_rng(23).normal(size=(20, 16)) for _ in range(2)]
+    tasks[1][3, 4] = bad
+    for exact in (False, True):
+        assert bool(torch.isnan(merged(method, tasks, exact)).all())
+
+
+@pytest.mark.parametrize("method", ["tsv_m", "iso_cts"])
+def test_overflowing_fine_tune_is_exit_2_naming_the_tensor(method, tmp_path):
+    """A fine-tune whose difference from the base overflows float32 (3e38 - (-3e38) = Inf)."""
+    base = tiny_state()
+    name = "model.layers.0.attn.weight"
+    base[name][0, 0] = -3e38
+    paths = {"base": write_checkpoint(tmp_path / "base", base)}
+    for i in range(2):
+        tuned = {k: v.clone() + 0.01 * (i + 1) for k, v in base.items()}
+        tuned[name][0, 0] = 3e38
+        paths[f"ft{i}"] = write_checkpoint(tmp_path / f"ft{i}", tuned)
+    recipe = basic_recipe(paths, tmp_path / "out", method=method)
+    for entry in recipe["models"]:
+        entry["parameters"] = {"weight": 1.0}
+    result = run_cli("merge", str(write_recipe(tmp_path, recipe)), "--quiet")
+    assert result.returncode == 2, result.stderr
+    assert name in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("method", ["tsv_m", "iso_c", "iso_cts"])
+def test_exact_svd_is_a_recipe_parameter_that_selects_the_float32_svds(method, monkeypatch, tmp_path):
+    spec = METHODS[method].param("exact_svd")
+    assert spec is not None and spec.kind == "bool" and spec.default is False and not spec.per_model
+    used = []
+    original = torch.linalg.svd
+    monkeypatch.setattr(torch.linalg, "svd", lambda *a, **k: used.append(1) or original(*a, **k))
+    rng = np.random.default_rng(29)
+    tvs = lambda: [TaskVector(torch.from_numpy(rng.normal(size=(12, 10)).astype(np.float32)), density=0.5) for _ in range(2)]
+    METHODS[method].merge(torch.zeros(12, 10), tvs(), **{"lambda": 1.0, "exact_svd": False})
+    assert used == []  # the fast route takes no SVD at all
+    METHODS[method].merge(torch.zeros(12, 10), tvs(), **{"lambda": 1.0, "exact_svd": True})
+    assert used
