@@ -310,7 +310,7 @@ def output_folder(out_dir: Optional[Path], output: Optional[Path]) -> Optional[P
 
 
 def dry_run_line(summary: dict) -> str:
-    return (f"dry run: {summary['tensors']} tensors in {len(summary['shards'])} shard(s) to {printable(summary['output'])}; "
+    return (f"dry run: {summary['tensors']} tensors in {summary['shards']} shard(s) to {printable(summary['output'])}; "
             f"reads {_human_size(summary['bytes_to_read'])}, writes {_human_size(summary['bytes_to_write'])}, "
             f"peak memory about {_human_size(summary['estimated_peak_memory_bytes'])}, about {summary['estimated_seconds']} s")
 

@@ -24,22 +24,22 @@ from .checkpoint import all_finite, mapped_slices, read_all_float32
 from .devices import choose_device, on_cpu
 from .dtypes import Stored, torch_dtype
 from .errors import BadInput
-from .lazy import is_torch_tensor, torch, torch_imported
+from .lazy import torch, torch_imported
 from .layout import Layout, TensorJob, build_layout, tensor_seed
 from .methods import TaskVector
 from .plan import Plan, build_plan
 from .recipe import Recipe, recipe_digest
 from .sparsify import KEEP_NOTHING, MAGNITUDE_BUCKETS, TopKCut, boundary_bucket, bucket_histogram, cut_from_bucket_counts, kept_count, magnitude_histogram
 from .verify import verify_written_shard
-from .writer import JOURNAL, OutputTensor, ShardWriter, StagingFolder, index_json, plan_shards, shard_is_intact
+from .writer import (STAGING_SUFFIX, ExistingOutput, OutputTensor, StagingFolder, beside, changed_inputs, check_output_parents, check_output_path,
+                     check_work_names, existing_output, index_json, inputs_identity, plan_shards, recorded_recipe_digest, refuse_existing)
 
 
 class Progress(Protocol):
     """What the engine reports; the CLI draws it (or not)."""
 
     def start(self, phase: str, total_tensors: int, total_bytes: int) -> None: ...
-    def advance(self, nbytes: int) -> None: ...  # one more tensor done, of nbytes (slices part() gave included)
-    def part(self, nbytes: int) -> None: ...  # nbytes more of the current tensor done (one slice)
+    def advance(self, nbytes: int) -> None: ...
     def finish(self) -> None: ...
 
 
@@ -50,25 +50,8 @@ class NoProgress:
     def advance(self, nbytes: int) -> None:
         pass
 
-    def part(self, nbytes: int) -> None:
-        pass
-
     def finish(self) -> None:
         pass
-
-
-def reporting_slices(merged: torch.Tensor | Stored | Iterator[torch.Tensor | Stored], progress: Progress):
-    """merge_tensor's result, where it comes in slices with each slice reported to `progress` as it
-    is made: the bar then moves through a large tensor instead of standing still."""
-    if is_torch_tensor(merged) or isinstance(merged, Stored):
-        return merged
-    return _reported(merged, progress)
-
-
-def _reported(slices: Iterator[torch.Tensor | Stored], progress: Progress) -> Iterator[torch.Tensor | Stored]:
-    for part in slices:
-        yield part
-        progress.part(part.array.nbytes if isinstance(part, Stored) else part.numel() * part.element_size())
 
 
 @dataclass
@@ -80,27 +63,46 @@ class MergeOptions:
 
 
 def output_path(recipe: Recipe, options: MergeOptions) -> Path:
+    """The output folder, from --output or the recipe; a path no merge could use is refused here."""
     path = options.output or (Path(recipe.output.path) if recipe.output.path else None)
     if path is None:
         raise BadInput("output.path: no output folder (set output.path in the recipe or pass --output)")
-    return Path(path).expanduser()
+    if "\x00" in str(path):
+        shown = str(path).replace("\x00", "\\0")
+        raise BadInput(f"output.path: {shown}: the output path contains a NUL byte")
+    try:
+        target = Path(path).expanduser()
+    except (RuntimeError, KeyError, ValueError):  # ~name of no user
+        raise BadInput(f"output.path: {path}: cannot expand '{Path(path).parts[0]}' (no such user)") from None
+    check_output_path(target)
+    return target
 
 
-def check_output_location(layout: Layout, target: Path, overwrite: bool) -> None:
-    """Refuse an existing output (unless --overwrite) and an output inside an input."""
-    resolved = target.resolve()
+def _protected_inputs(layout: Layout) -> Iterator[tuple[str, Path, bool]]:
+    """(label, path, is a folder) of what an output must stay out of: each checkpoint's folder, and
+    every weight file (a single-file input protects the file, not the folder it lies in)."""
     for checkpoint in [layout.reference, *(m.checkpoint for m in layout.models)]:
-        roots = [checkpoint.folder] if checkpoint.folder else []
-        roots += [info.file.parent for info in list(checkpoint.tensors.values())[:1]]
-        for root in roots:
-            if resolved == root.resolve() or resolved.is_relative_to(root.resolve()):
-                raise BadInput(f"{target}: output inside the input {checkpoint.label}; choose another output folder")
-            if root.resolve().is_relative_to(resolved):  # --overwrite would delete the input
-                raise BadInput(f"{target}: output folder holds the input {checkpoint.label}; choose another output folder")
-    if target.exists() and not overwrite:
-        raise BadInput(f"{target}: output exists (use --overwrite to replace it)")
-    if target.exists() and not target.is_dir():
-        raise BadInput(f"{target}: exists and is not a folder")
+        if checkpoint.folder:
+            yield checkpoint.label, checkpoint.folder, True
+        for file in dict.fromkeys(info.file for info in checkpoint.tensors.values()):
+            yield checkpoint.label, file, False
+
+
+def check_output_location(layout: Layout, target: Path) -> ExistingOutput:
+    """Everything about the output's place that can be known before merging, so that no merge fails at
+    its end: the parents, an output inside an input (or holding one), tadrop's own names beside the
+    target, and what is at the target now (returned: refuse_existing decides with --overwrite)."""
+    check_output_parents(target)
+    resolved = target.resolve()
+    for label, path, folder in _protected_inputs(layout):
+        path = path.resolve()
+        if folder and (resolved == path or resolved.is_relative_to(path)):
+            raise BadInput(f"{target}: output inside the input {label}; choose another output folder")
+        if resolved == path or path.is_relative_to(resolved):  # --overwrite would delete the input
+            raise BadInput(f"{target}: output folder holds the input {label}; choose another output folder")
+    existing = existing_output(target)
+    check_work_names(target)
+    return existing
 
 
 # Large tensors are merged in slices of this many entries (flattened) where the method allows
@@ -377,28 +379,53 @@ def reuse_freed_memory() -> None:
         pass
 
 
+def _input_files(layout: Layout) -> list[Path]:
+    return [info.file for checkpoint in [layout.reference, *(m.checkpoint for m in layout.models)] for info in checkpoint.tensors.values()]
+
+
+def _sources(layout: Layout, device: str) -> dict:
+    """What a merge's shards depend on besides the recipe: tadrop's version, the device and the inputs'
+    identities (size, modification time, content hash: writer.file_identity)."""
+    return {"tadrop_version": __version__, "device": str(device), "inputs": inputs_identity(_input_files(layout))}
+
+
+def _check_inputs_unchanged(layout: Layout, recorded: dict) -> None:
+    """Refuse to publish shards made from inputs that changed during the merge."""
+    changes = changed_inputs(recorded, inputs_identity(_input_files(layout)))
+    if changes:
+        raise BadInput(f"input {changes[0]} during the merge; nothing was published: run the merge again")
+
+
 def run_merge(recipe: Recipe, options: MergeOptions, progress: Progress = NoProgress()) -> dict:
-    """Merge as the recipe says; returns the summary. The output appears only when complete."""
+    """Merge as the recipe says; returns the summary. The output appears only when complete.
+
+    A partial merge left by an interrupted run of the same recipe, inputs, tadrop version and device
+    is resumed (its finished shards checked against their journaled checksums), with or without
+    --resume; with --resume, a partial merge that cannot be resumed is refused instead of discarded.
+    """
     started = time.perf_counter()
     device = choose_device(options.device or recipe.device)
     target = output_path(recipe, options)
     layout = build_layout(recipe)
     try:
-        check_output_location(layout, target, options.overwrite)
+        existing = check_output_location(layout, target)
         digest = recipe_digest(recipe)
-        staging = StagingFolder(target, digest)
-        done = staging.open(resume=options.resume)
-        try:
-            summary = _merge_into(layout, staging, done, device, digest, progress, options)
-            staging.publish(overwrite=options.overwrite)
-        except (KeyboardInterrupt, SystemExit) as stop:
-            staging.keep_for_resume()
-            # for the CLI's message: how many finished shards a --resume would keep
-            stop.finished_shards = len((staging.read_json(JOURNAL) or {}).get("completed", []))
-            raise
-        except BaseException:
-            staging.discard()
-            raise
+        if options.resume and existing.exists and not options.overwrite and _already_published(target, digest):
+            summary = _already_complete(layout, target)
+        else:
+            refuse_existing(target, existing, options.overwrite)
+            staging = StagingFolder(target, digest, _sources(layout, device))
+            done = staging.open(resume=options.resume)
+            try:
+                summary = _merge_into(layout, staging, done, device, digest, progress, options)
+                _check_inputs_unchanged(layout, staging.sources["inputs"])
+                staging.publish(overwrite=options.overwrite)
+            except (KeyboardInterrupt, SystemExit):
+                staging.keep_for_resume()
+                raise
+            except BaseException:
+                staging.discard()
+                raise
     finally:
         layout.close()
     summary.update(output=str(target), seconds=round(time.perf_counter() - started, 3), device=str(device),
@@ -406,21 +433,44 @@ def run_merge(recipe: Recipe, options: MergeOptions, progress: Progress = NoProg
     return summary
 
 
-def _merge_into(layout: Layout, staging: StagingFolder, done: set[str], device: str, digest: str, progress: Progress, options: MergeOptions) -> dict:
-    saved = staging.read_json("plan.json") if done else None
-    plan = Plan.from_json(saved) if saved else make_plan(layout, device, progress)
-    staging.write_json("plan.json", plan.to_json())
+def _already_published(target: Path, digest: str) -> bool:
+    """The output at the target is this recipe's (its recorded recipe SHA-256), and no partial merge waits."""
+    return recorded_recipe_digest(target) == digest and not beside(target, STAGING_SUFFIX).exists()
 
+
+def _already_complete(layout: Layout, target: Path) -> dict:
+    """The summary of a --resume that finds the merge already published."""
+    shards = plan_shards([job.out for job in layout.jobs], layout.recipe.output.shard_size)
+    return {
+        "method": layout.recipe.merge_method, "tadrop": _needs_scores(layout), "tensors": len(layout.jobs),
+        "shards": len(shards), "shard_files": [s.file_name for s in shards], "resumed_shards": len(shards),
+        "bytes_written": 0, "copied_files": [], "ratios": [],
+        "notes": [*layout.notes, f"{target} is already complete: its recorded recipe SHA-256 is this recipe's; nothing to do"],
+    }
+
+
+def _merge_into(layout: Layout, staging: StagingFolder, done: dict[str, dict], device: str, digest: str, progress: Progress,
+                options: MergeOptions) -> dict:
     shards = plan_shards([job.out for job in layout.jobs], layout.recipe.output.shard_size)
     metadata = _metadata(layout.recipe, digest)
+    saved = staging.saved_plan() if done else None
+    finished = staging.finished_shards(shards, metadata) if saved else set()
+    if done and not saved:
+        staging.notes.append(f"the saved plan in {staging.path} is missing or changed: the merge starts over")
+    plan = Plan.from_json(saved) if saved else make_plan(layout, device, progress)
+    if not saved:
+        staging.save_plan(plan.to_json())
+    if finished and not options.resume:
+        staging.notes.append(f"resumed {len(finished)} finished shard(s) of an interrupted merge of this recipe "
+                             f"(same inputs, tadrop version and device; checksums verified)")
+
     jobs = {job.name: job for job in layout.jobs}
-    done = {s.file_name for s in shards if s.file_name in done and shard_is_intact(staging.path / s.file_name, s, metadata)}
-    todo = [s for s in shards if s.file_name not in done]
+    todo = [s for s in shards if s.file_name not in finished]
     progress.start("merging", sum(len(s.tensors) for s in todo), sum(s.nbytes for s in todo))
     for shard in todo:
-        writer = ShardWriter(staging.path / shard.file_name, shard, metadata)
+        writer = staging.shard_writer(shard, metadata)
         for tensor in shard.tensors:
-            writer.write(tensor.name, reporting_slices(merge_tensor(layout, plan, jobs[tensor.name], device), progress))
+            writer.write(tensor.name, merge_tensor(layout, plan, jobs[tensor.name], device))
             progress.advance(tensor.nbytes)
         writer.close()
         verify_written_shard(staging.path / shard.file_name, shard)
@@ -439,11 +489,12 @@ def _merge_into(layout: Layout, staging: StagingFolder, done: set[str], device: 
         "tadrop": _needs_scores(layout),
         "tensors": len(layout.jobs),
         "shards": len(shards),
+        "shard_files": [s.file_name for s in shards],
         "resumed_shards": len(shards) - len(todo),
         "bytes_written": sum(s.nbytes for s in shards),
         "copied_files": copied,
         "ratios": _ratio_summary(plan),
-        "notes": layout.notes,
+        "notes": [*layout.notes, *staging.notes],
     }
 
 
@@ -464,13 +515,25 @@ def _runtime_bytes(layout: Layout, device: str) -> int:
     return (100 if all(_kernels_merge(layout, job, device) for job in merged) else 300) * 2**20
 
 
+def _dry_run_output_notes(target: Path, existing: ExistingOutput, overwrite: bool) -> list[str]:
+    """An existing output is a note in a dry run (it writes nothing), unless no merge may replace it."""
+    if not existing.exists:
+        return []
+    if existing.refusal:
+        refuse_existing(target, existing, overwrite)
+    if overwrite:
+        return [f"{target} exists: the merge would replace it (only once the new output is complete)"]
+    return [f"{target} exists: a real merge needs --overwrite to replace it"]
+
+
 def dry_run(recipe: Recipe, options: MergeOptions) -> dict:
     """Validate everything that can be checked from headers, and estimate the cost."""
     device = choose_device(options.device or recipe.device)
     target = output_path(recipe, options)
     layout = build_layout(recipe)
     try:
-        check_output_location(layout, target, options.overwrite)
+        existing = check_output_location(layout, target)
+        notes = _dry_run_output_notes(target, existing, options.overwrite)
         outputs: list[OutputTensor] = [job.out for job in layout.jobs]
         shards = plan_shards(outputs, recipe.output.shard_size)
         method = layout.recipe.method
@@ -495,13 +558,14 @@ def dry_run(recipe: Recipe, options: MergeOptions) -> dict:
             "device": str(device),
             "tadrop": passes == 2,
             "tensors": len(outputs),
-            "shards": [s.file_name for s in shards],
+            "shards": len(shards),
+            "shard_files": [s.file_name for s in shards],
             "bytes_to_write": sum(s.nbytes for s in shards),
             "bytes_to_read": bytes_to_read,
             "estimated_peak_memory_bytes": 4 * peak_entries + _runtime_bytes(layout, device),
             # a rough figure: reading from cache at ~2 GB/s and the float32 arithmetic at ~2 GB/s per pass
             "estimated_seconds": round(bytes_to_read / 2e9 + work / 2e9, 1),
-            "notes": layout.notes,
+            "notes": [*layout.notes, *notes],
         }
     finally:
         layout.close()

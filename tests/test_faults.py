@@ -241,7 +241,7 @@ def test_interrupted_overwrite_without_an_atomic_exchange(setup, previous, monke
     renames puts the previous output back."""
     recipe, target, reference = setup
     with monkeypatch.context() as patch:
-        patch.setattr(writer_module, "exchange_paths", lambda a, b: False)
+        patch.setattr(writer_module, "exchange_paths", lambda *args, **kwargs: False)
         install_hooks(point, interrupt, patch.setattr)
         result = invoke("merge", recipe, "--overwrite", "--quiet")
     assert result.exit_code == 130, f"{point} never reached? {result.stderr}"
@@ -249,14 +249,17 @@ def test_interrupted_overwrite_without_an_atomic_exchange(setup, previous, monke
     resume_and_compare(recipe, target, reference, "--overwrite")
 
 
-def test_rerun_without_resume_starts_over(setup, monkeypatch):
+def test_rerun_without_resume_resumes_what_the_journal_proves(setup, monkeypatch):
+    """Same recipe, inputs, version and device, checksums verified: the finished shards are kept, and a note says so."""
     recipe, target, reference = setup
     with monkeypatch.context() as patch:
         install_hooks("marked:2", interrupt, patch.setattr)
         assert invoke("merge", recipe, "--quiet").exit_code == 130
     result = invoke("merge", recipe, "--quiet", "--json")
     assert result.exit_code == 0, result.stderr
-    assert json.loads(result.stdout)["resumed_shards"] == 0
+    summary = json.loads(result.stdout)
+    assert summary["resumed_shards"] == 2
+    assert any("resumed 2 finished shard" in note for note in summary["notes"]), summary["notes"]
     assert tree(target) == reference
 
 
@@ -296,10 +299,8 @@ def test_a_second_merge_to_the_same_output_is_refused(setup):
     import fcntl
 
     recipe, target, reference = setup
-    staging = target.parent / f".{target.name}.tadrop-partial"
-    staging.mkdir(parents=True)
-    (staging / "progress.json").write_text("{}")
-    with open(staging / ".lock", "w") as lock:
+    target.parent.mkdir(parents=True)
+    with open(target.parent / f".{target.name}.tadrop-lock", "w") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         before = tree(target.parent)
         result = invoke("merge", recipe, "--quiet")
@@ -352,7 +353,7 @@ def test_real_process_signalled_from_outside(setup, tmp_path, sig):
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and proc.poll() is None:
         try:
-            if len(json.loads(journal.read_text())["completed"]) >= 2:
+            if len(json.loads(journal.read_text())["shards"]) >= 2:
                 break
         except (OSError, ValueError, KeyError):
             pass
@@ -500,11 +501,11 @@ def test_config_copy_fails(setup, monkeypatch):
     target.parent.mkdir(parents=True, exist_ok=True)
     before = tree(target.parent)
 
-    def copyfile(src, dst, *args, **kwargs):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
+    def copyfileobj(src, dst, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     with monkeypatch.context() as patch:
-        patch.setattr(shutil, "copyfile", copyfile)
+        patch.setattr(shutil, "copyfileobj", copyfileobj)
         result = invoke("merge", recipe)
     check_write_failure(result, target, before, ("no space left",))
 
@@ -639,7 +640,7 @@ def test_dry_run_reports_without_writing(setup, tmp_path):
     assert tree(tmp_path) == before, "the dry run wrote something"
     summary = json.loads(result.stdout)
     shards = sorted(name for name in reference if name.startswith("model-"))
-    assert sorted(summary["shards"]) == shards
+    assert sorted(summary["shard_files"]) == shards and summary["shards"] == len(shards)
     assert summary["tensors"] == 9 and summary["output"] == str(target) and summary["tadrop"] is True
     data_bytes = sum(sum(t.numel() * t.element_size() for t in load_file(str(tmp_path / "reference" / s)).values()) for s in shards)
     assert summary["bytes_to_write"] == data_bytes
@@ -665,7 +666,7 @@ def test_dry_run_reads_no_tensor_data(setup, monkeypatch):
     assert json.loads(result.stdout)["tensors"] == 9
 
 
-@pytest.mark.parametrize("problem", ["shape", "missing-shard", "truncated", "dtype", "bad-policy", "output-exists"])
+@pytest.mark.parametrize("problem", ["shape", "missing-shard", "truncated", "dtype", "bad-policy", "output-not-a-model"])
 def test_dry_run_validates(tiny_models, tmp_path, problem):
     target = tmp_path / "merged"
     recipe = fault_recipe(tiny_models, target)
@@ -691,8 +692,9 @@ def test_dry_run_validates(tiny_models, tmp_path, problem):
     elif problem == "bad-policy":
         recipe["policies"] = {"shape_mismatch": "average"}
         culprit = "shape_mismatch"
-    else:
+    else:  # an existing output is a note in a dry run (test_hostile_output); one no merge may replace is refused
         target.mkdir()
+        (target / "notes.txt").write_text("mine")
         culprit = str(target)
     path = write_recipe(tmp_path, recipe)
     before = tree(tmp_path)
