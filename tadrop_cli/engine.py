@@ -93,14 +93,17 @@ def check_output_location(layout: Layout, target: Path) -> ExistingOutput:
     its end: the parents, an output inside an input (or holding one), tadrop's own names beside the
     target, and what is at the target now (returned: refuse_existing decides with --overwrite)."""
     check_output_parents(target)
-    resolved = target.resolve()
+    existing = existing_output(target)  # before resolving: a link at the target is refused, never followed
+    try:
+        resolved = target.resolve()
+    except (OSError, RuntimeError) as error:  # a loop of links
+        raise BadInput(f"{target}: cannot resolve the output path ({error})") from None
     for label, path, folder in _protected_inputs(layout):
         path = path.resolve()
         if folder and (resolved == path or resolved.is_relative_to(path)):
             raise BadInput(f"{target}: output inside the input {label}; choose another output folder")
         if resolved == path or path.is_relative_to(resolved):  # --overwrite would delete the input
             raise BadInput(f"{target}: output folder holds the input {label}; choose another output folder")
-    existing = existing_output(target)
     check_work_names(target)
     return existing
 

@@ -139,6 +139,19 @@ def test_overwrite_never_replaces_through_a_link(setup, previous, tmp_path):
     assert tree(moved) == previous and target.is_symlink()
 
 
+def test_an_output_left_in_the_staging_folder_by_an_interrupted_publish_is_removed(setup, previous, tmp_path):
+    """Killed between the atomic swap and moving the old output aside, a publish leaves the old output
+    (a model output, no journal) at the staging name: the next run removes it, with a note."""
+    recipe, target, reference = setup
+    staging_of(target).mkdir()
+    for name in previous:
+        (staging_of(target) / name).write_bytes((target / name).read_bytes())
+    result = invoke("merge", recipe, "--overwrite", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert any("interrupted publish" in note for note in json.loads(result.stdout)["notes"])
+    assert tree(target) == reference and leftovers(target.parent, target.name) == []
+
+
 # ---------------------------------------------------------------- --resume trusts nothing it cannot prove
 
 
@@ -338,8 +351,8 @@ def _no_merge(*args, **kwargs):
 LONG = "x" * 300
 
 
-@pytest.mark.parametrize("case", ["dangling-parent", "dot", "old-is-a-link", "parent-is-a-file", "link-loop", "long-name",
-                                  "long-path", "nul", "no-such-user", "dotdot", "name-too-long-for-staging"])
+@pytest.mark.parametrize("case", ["dangling-parent", "dot", "old-is-a-link", "parent-is-a-file", "link-loop", "output-is-a-link-loop",
+                                  "long-name", "long-path", "nul", "no-such-user", "dotdot", "name-too-long-for-staging"])
 def test_an_unusable_output_is_refused_before_merging(setup, previous, tmp_path, monkeypatch, case):
     recipe, target, _ = setup
     extra = ["--overwrite"]
@@ -352,7 +365,8 @@ def test_an_unusable_output_is_refused_before_merging(setup, previous, tmp_path,
     elif case == "dot":
         output = Path(".")
     elif case == "dotdot":
-        output = tmp_path / "out" / ".."
+        (tmp_path / "elsewhere" / "sub").mkdir(parents=True)
+        output = tmp_path / "elsewhere" / "sub" / ".."
     elif case == "old-is-a-link":
         (tmp_path / "keep").mkdir()
         (tmp_path / "keep" / "file.txt").write_text("keep")
@@ -366,6 +380,10 @@ def test_an_unusable_output_is_refused_before_merging(setup, previous, tmp_path,
         (tmp_path / "loop-a").symlink_to(tmp_path / "loop-b")
         (tmp_path / "loop-b").symlink_to(tmp_path / "loop-a")
         output = tmp_path / "loop-a" / "merged"
+    elif case == "output-is-a-link-loop":
+        (tmp_path / "loop-a").symlink_to(tmp_path / "loop-b")
+        (tmp_path / "loop-b").symlink_to(tmp_path / "loop-a")
+        output = tmp_path / "loop-a"
     elif case == "long-name":
         output = tmp_path / LONG / "merged"
     elif case == "name-too-long-for-staging":
