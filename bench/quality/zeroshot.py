@@ -94,12 +94,14 @@ def run_direction(sw, hosts, densities, arms: dict, seeds: int, log) -> None:
 # ---------------------------------------------------------------- the wider family (validation)
 
 def family_grid() -> dict:
-    """Candidate TADrop settings (TADROP.md 2b): direction x scope for the ratio allocation, the
+    """Candidate TADrop settings (TADROP.md 2b): direction x scope for the strength allocation, the
     knob-free mass allocations, and the model-wide trim. Names as tadrop's TadropSettings has them."""
     grid = {}
     for scope in ("model", "kind", "layer"):
         for name, g in STRENGTHS.items():
-            grid[f"ratio/{scope}/{name}"] = dict(TD_BASE, allocation="ratio", scope=scope, strength=g)
+            # scope model is the default: the same recipe as the direction arm, so its merges are reused
+            extra = {} if scope == "model" else {"allocation": "strength", "scope": scope}
+            grid[f"strength/{scope}/{name}"] = dict(TD_BASE, strength=g, **extra)
     for alloc in ("mass", "mass_reverse"):
         for norm in ("l1", "l2"):
             grid[f"{alloc}/{norm}"] = dict(TD_BASE, allocation=alloc, mass_norm=norm)
