@@ -382,6 +382,9 @@ def _scores(layout: Layout, job: TensorJob, device: str, models: list[tuple[int,
         base = read_float32(layout.reference, job.name, device)
         for j, model in whole:
             scores[j] = tensor_score(read_float32(model.checkpoint, job.name, device).sub_(base), model.tadrop.statistic, model.tadrop.topmass_fraction)
+    for j, score in scores.items():
+        if score is not None and not math.isfinite(score):  # finite inputs (the reads check) whose difference is not
+            raise BadInput(f"{layout.models[j].label}: tensor {job.name}: the task vector (model - base) overflows float32")
     return scores
 
 
@@ -436,11 +439,11 @@ def _count_with_kernels(layout: Layout, name: str, start: int, stop: int, j: int
 
 def _add_sums_with_kernels(checkpoints: list[Checkpoint], name: str, start: int, stop: int, sums: list[HoyerSums]) -> bool:
     """Add one slice's Hoyer sums of each model's task vector (checkpoints[0] is the base), from
-    the stored entries; False (nothing added) when an entry is NaN or Inf: the caller's PyTorch
-    path then names the input at fault, or sums an overflowed difference as it does."""
+    the stored entries; False (nothing added) when an entry is NaN or Inf, or a float32 sum
+    overflowed: the caller's PyTorch path then names the input at fault, or sums scaled."""
     with mapped_slices(checkpoints, name, start, stop) as (base, *tuned):
         results, non_finite = kernels.hoyer_sums(base, tuned)
-    if non_finite:
+    if non_finite or not all(math.isfinite(l1) and math.isfinite(l2) for l1, l2 in results):  # float32 sums overflowed
         return False
     for model_sums, (l1, l2_squared) in zip(sums, results):
         model_sums.add_sums(stop - start, l1, l2_squared)

@@ -82,7 +82,10 @@ class HoyerSums:
         peak = float(magnitudes.max()) if magnitudes.numel() else 0.0
         if peak == 0:
             return
-        self.l1 += _sum(magnitudes)
+        l1 = _sum(magnitudes)
+        if not math.isfinite(l1):  # entries near float32's range: the sum overflows; sum them scaled
+            l1 = _sum(magnitudes / peak) * peak
+        self.l1 += l1
         self.l2_squared += _sum(magnitudes.div_(peak).square_()) * peak * peak
 
     def add_sums(self, numel: int, l1: float, l2_squared: float) -> None:
@@ -113,8 +116,9 @@ def coefficient_of_variation(tau: torch.Tensor) -> float:
 
 
 def gini(tau: torch.Tensor) -> float:
-    """Gini coefficient of |tau|: 0 when all equal, towards 1 when one entry holds all."""
-    magnitudes = tau.abs().reshape(-1).sort().values
+    """Gini coefficient of |tau|: 0 when all equal, towards 1 when one entry holds all. In
+    float64: rank-weighted sums of entries near float32's range overflow float32."""
+    magnitudes = tau.abs().reshape(-1).double().sort().values
     n = magnitudes.numel()
     total = float(magnitudes.sum())
     if total == 0:
@@ -124,13 +128,14 @@ def gini(tau: torch.Tensor) -> float:
 
 
 def top_mass(tau: torch.Tensor, fraction: float = 0.01) -> float:
-    """Share of ||tau||_1 held by the largest `fraction` of entries (at least one)."""
+    """Share of ||tau||_1 held by the largest `fraction` of entries (at least one); sums in float64
+    (float32 sums of entries near its range overflow)."""
     magnitudes = tau.abs().reshape(-1)
-    total = float(magnitudes.sum())
+    total = float(magnitudes.double().sum())
     k = max(1, math.ceil(fraction * magnitudes.numel()))
     if total == 0:
         return k / magnitudes.numel()
-    return float(magnitudes.topk(k, sorted=False).values.sum()) / total
+    return float(magnitudes.topk(k, sorted=False).values.double().sum()) / total
 
 
 def tensor_score(tau: torch.Tensor, statistic: Statistic, topmass_fraction: float = 0.01) -> float | None:
@@ -331,8 +336,9 @@ def kept_above_level(profile: MagnitudeProfile, level: float) -> int:
 @dataclass(frozen=True)
 class CountAllocation:
     kept: list[int]
-    parameter: float  # the common parameter found (mass fraction, level or shift)
+    parameter: float  # the common parameter found: the mass fraction f, or the threshold's level
     budget_met: bool
+    shift: float = 0.0  # mass_reverse: the common shift that restored the budget after the bounds
 
 
 def allocate_counts(kept_at: Callable[[float], np.ndarray], target: int, low: float, high: float,
@@ -391,7 +397,8 @@ def mass_reverse_allocation(profiles: Sequence[MagnitudeProfile], uniform: Seque
     t keeps 2 u_t - m_t entries: a tensor that needs few entries to reach f (its mass sits in a
     few large entries) keeps MORE than uniform, by as much as the mass allocation gave it fewer.
     The mirrored counts sum to the budget; where bounds clip them, a common shift x (a fraction
-    of each tensor's size, floor(x n_t) entries) restores it. `parameter` is that shift."""
+    of each tensor's size, floor(x n_t) entries) restores it. `parameter` is the mass
+    allocation's f, `shift` that x."""
     uniform_counts = np.asarray(uniform, np.int64)
     sizes = np.array([p.numel for p in profiles], np.int64)
     target = int(uniform_counts.sum())
@@ -403,8 +410,9 @@ def mass_reverse_allocation(profiles: Sequence[MagnitudeProfile], uniform: Seque
         return _bounded(mirrored + np.floor(shift * sizes).astype(np.int64), low_counts, high_counts)
 
     if int(kept_at(0.0).sum()) == target:
-        return CountAllocation(kept_at(0.0).tolist(), 0.0, True)
-    return allocate_counts(kept_at, target, -2.0, 2.0)
+        return CountAllocation(kept_at(0.0).tolist(), mass.parameter, True)
+    shifted = allocate_counts(kept_at, target, -2.0, 2.0)
+    return CountAllocation(shifted.kept, mass.parameter, shifted.budget_met, shifted.parameter)
 
 
 def global_allocation(profiles: Sequence[MagnitudeProfile], target: int, lows: Sequence[int], highs: Sequence[int]) -> CountAllocation:

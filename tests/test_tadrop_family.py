@@ -531,3 +531,57 @@ def test_user_globs_match_case_insensitively():
     assert _settings_for(settings, "bert.embeddings.LayerNorm.weight", 1 << 20).reason == "excluded"
     assert _settings_for(settings, "model.layers.0.input_layernorm.weight", 1 << 20).reason == "excluded"
     assert _settings_for(settings, "model.layers.0.self_attn.q_proj.weight", 1 << 20).strength == -0.4
+
+
+# ---------------------------------------------------------------- 7. statistics near float32's range
+
+
+def strict_json(text: str) -> dict:
+    def refuse(constant):
+        raise AssertionError(f"{constant} in the plan JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("scale", [1e30, 1e36])
+@pytest.mark.parametrize("statistic", ["hoyer", "kurtosis", "cv", "gini", "topmass"])
+def test_huge_task_vectors_give_finite_scores_equal_to_the_reference(tmp_path, scale, statistic):
+    zeros = {name: torch.zeros_like(t) for name, t in tiny_state().items()}
+    g = torch.Generator().manual_seed(5)
+    tuned = {name: (torch.randn(t.shape, generator=g) ** 3 * scale).clamp(-3e38, 3e38) for name, t in zeros.items()}
+    models = {"base": write_checkpoint(tmp_path / "base", zeros), "ft0": write_checkpoint(tmp_path / "ft0", tuned)}
+    recipe = basic_recipe(models, tmp_path / "out", tadrop={"statistic": statistic})
+    result = run_cli("plan", str(write_recipe(tmp_path, recipe)), "--json")
+    assert result.returncode == 0, result.stderr
+    plan = strict_json(result.stdout)
+    rows = [r for r in plan["tensors"] if r["reason"] == "adaptive"]
+    assert len(rows) == 5
+    for row in rows:
+        expected = ref.score(tuned[row["tensor"]].double().numpy(), statistic)
+        assert row["score"] == pytest.approx(expected, rel=1e-4, abs=1e-5), row["tensor"]
+
+
+@pytest.mark.parametrize("allocation,norm", [("mass", "l1"), ("mass", "l2"), ("global", "l1")])
+def test_huge_task_vectors_in_the_count_allocations(tmp_path, allocation, norm):
+    zeros = {name: torch.zeros_like(t) for name, t in tiny_state().items()}
+    g = torch.Generator().manual_seed(6)
+    tuned = {name: (torch.randn(t.shape, generator=g) ** 3 * 1e36).clamp(-3e38, 3e38) for name, t in zeros.items()}
+    models = {"base": write_checkpoint(tmp_path / "base", zeros), "ft0": write_checkpoint(tmp_path / "ft0", tuned)}
+    recipe = basic_recipe(models, tmp_path / "out", tadrop={"allocation": allocation, "mass_norm": norm})
+    result = run_cli("plan", str(write_recipe(tmp_path, recipe)), "--json")
+    assert result.returncode == 0, result.stderr
+    plan = strict_json(result.stdout)
+    rows = [r for r in plan["tensors"] if r["reason"].startswith("adaptive")]
+    assert sum(r["kept"] for r in rows) == sum(int(0.4 * r["numel"]) for r in rows)
+
+
+def test_a_task_vector_that_overflows_float32_is_named(tmp_path):
+    base = {name: torch.full_like(t, -3e38) for name, t in tiny_state().items()}
+    tuned = {name: torch.full_like(t, 3e38) for name, t in base.items()}
+    models = {"base": write_checkpoint(tmp_path / "base", base), "ft0": write_checkpoint(tmp_path / "ft0", tuned)}
+    for tadrop_settings in ({}, {"allocation": "global"}, {"allocation": "mass"}):
+        recipe = basic_recipe(models, tmp_path / "out", tadrop=tadrop_settings)
+        result = run_cli("plan", str(write_recipe(tmp_path, recipe)), "--json")
+        assert result.returncode == 2, (tadrop_settings, result.stdout, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+        assert "model.embed.weight" in result.stderr or "model.layers" in result.stderr
