@@ -196,18 +196,18 @@ def progress_bar(quiet: bool) -> Iterator[RichProgress | SilentProgress]:
 # ---------------------------------------------------------------- running a command
 
 
-def interrupted_message(stop: BaseException) -> str:
+def interrupted_message(stop: BaseException, merging: bool) -> str:
     """What is true after an interrupt: the engine tells how many finished shards it kept."""
     finished = getattr(stop, "finished_shards", None)
-    if finished is None:
-        return "interrupted"
+    if finished is None:  # before the merge began writing, or not a merge
+        return "interrupted: nothing was published" if merging else "interrupted"
     if finished == 0:
         return "interrupted: nothing was published, and no shard was finished; run again to start over"
     return (f"interrupted: nothing was published; {finished} finished shard{'s' if finished != 1 else ''} kept: "
             "run again with --resume to continue from them")
 
 
-def _run(action: Callable[[], None]) -> None:
+def _run(action: Callable[[], None], merging: bool = False) -> None:
     """Run a command body, turning every failure into a one-line message and an exit code."""
     try:
         with interrupts.raising():
@@ -216,7 +216,7 @@ def _run(action: Callable[[], None]) -> None:
         say_error("error", error)
         raise typer.Exit(error.exit_code)
     except KeyboardInterrupt as stop:
-        say(interrupted_message(stop))
+        say(interrupted_message(stop, merging))
         raise typer.Exit(EXIT_INTERRUPTED)
     except StdoutGone as gone:  # a reader that stopped early (`| head`) is no failure; a closed stdout is
         if gone.broken_pipe:
@@ -364,7 +364,7 @@ def merge(
             _say_notes(summary["notes"])
             say(merged_line(summary))
 
-    _run(action)
+    _run(action, merging=True)
 
 
 PLAN_HEADER = ["model", "tensor", "elements", "score", "s", "base p", "p", "why"]
