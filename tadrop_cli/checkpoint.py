@@ -7,16 +7,19 @@ No maths here: tensors come out in their stored dtype.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import mmap
 import os
 import re
+import stat
 import struct
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
@@ -95,7 +98,7 @@ class Checkpoint:
 
     def _pread(self, info: TensorInfo, start: int, stop: int, pinned: bool = False) -> torch.Tensor:
         if info.file not in self._fds:
-            self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+            self._fds[info.file] = open_regular(info.file)
         itemsize = ITEMSIZE[info.dtype]
         size, offset = (stop - start) * itemsize, info.offset + start * itemsize
         buffer = torch.empty(size, dtype=torch.uint8, pin_memory=pinned)
@@ -119,7 +122,7 @@ class Checkpoint:
             return Stored.from_torch(self.read(name, start, stop))
         try:
             if info.file not in self._maps:
-                with open(info.file, "rb") as handle:
+                with os.fdopen(open_regular(info.file), "rb") as handle:
                     # copy-on-write: a writable buffer (torch takes it without a warning),
                     # whose pages are the page cache's until written, which never happens
                     self._maps[info.file] = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
@@ -180,22 +183,104 @@ def _read_into(fd: int, view: memoryview, offset: int) -> None:
         done += count
 
 
+# ---------------------------------------------------------------- opening input files
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def check_regular(path: Path) -> None:
+    """Refuse a path whose final target is not a regular file, before anything opens it: a FIFO
+    or a device would block a reader or never end. Links are followed (a Hugging Face cache
+    snapshot is links into its blobs); where they may point is checked elsewhere."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as error:
+        raise BadInput(f"{path}: cannot open ({error.strerror or error})") from None
+    if not stat.S_ISREG(mode):
+        raise BadInput(f"{path}: {_kind(mode)}, not a regular file; tadrop reads only regular files")
+
+
+def open_regular(path: Path) -> int:
+    """A read-only descriptor of a regular file (BadInput otherwise). Opened without blocking and
+    checked again on the descriptor: a file swapped for a FIFO after the first check is refused
+    too, and never waited on."""
+    check_regular(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as error:
+        raise BadInput(f"{path}: cannot open ({error.strerror or error})") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise BadInput(f"{path}: {_kind(mode)}, not a regular file; tadrop reads only regular files")
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    return fd
+
+
+def descriptor_path(fd: int, path: Path) -> str:
+    """A name for an open descriptor that libraries which take a path (safetensors, torch.load)
+    open as the very file checked, where the system has one (Linux's /proc); else the path."""
+    proc = f"/proc/self/fd/{fd}"
+    return proc if os.path.exists(proc) else str(path)
+
+
+def read_text_file(path: Path) -> str:
+    """A small text file (an index, modules.json, a recipe), refusing anything not a regular file."""
+    with os.fdopen(open_regular(path), "rb") as handle:
+        data = handle.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadInput(f"{path}: not a UTF-8 text file") from None
+
+
+def _refuse_duplicates(where: str) -> Callable[[list[tuple[str, Any]]], dict]:
+    def pairs_to_dict(pairs: list[tuple[str, Any]]) -> dict:
+        result = {}
+        for key, value in pairs:
+            if key in result:
+                raise BadInput(f"{where}: key {key!r} appears twice in one JSON object")
+            result[key] = value
+        return result
+
+    return pairs_to_dict
+
+
+def parse_json(text: str | bytes, where: str) -> Any:
+    """JSON from an input file: a key given twice in one object, or nesting deeper than Python
+    can follow, is a BadInput naming `where` (json.loads would keep the last value, or overflow)."""
+    try:
+        return json.loads(text, object_pairs_hook=_refuse_duplicates(where))
+    except RecursionError:
+        raise BadInput(f"{where}: JSON nested too deeply to read") from None
+    except (ValueError, TypeError) as error:
+        raise BadInput(f"{where}: not valid JSON ({error})") from None
+
+
 # ---------------------------------------------------------------- safetensors
 
 
 def _safetensors_file(file: Path) -> dict[str, TensorInfo]:
     """The headers of one safetensors file. The safetensors library validates the file
-    (header, dtypes, offsets against the file size); tadrop reads the offsets itself."""
+    (header, dtypes, offsets against the file size); tadrop reads the offsets itself, and refuses
+    a tensor named twice (the library keeps one of them)."""
     try:
-        with safe_open(str(file), framework="numpy") as handle:  # "pt" would import torch
-            names = list(handle.keys())
-        with open(file, "rb") as raw:
+        with os.fdopen(open_regular(file), "rb") as raw:
+            with safe_open(descriptor_path(raw.fileno(), file), framework="numpy") as handle:  # "pt" would import torch
+                names = list(handle.keys())
             header_size = struct.unpack("<Q", raw.read(8))[0]
-            header = json.loads(raw.read(header_size))
+            header_bytes = raw.read(header_size)
     except SafetensorError as error:
         raise BadInput(f"{file}: not a valid safetensors file ({error})") from None
-    except (OSError, ValueError, struct.error) as error:
+    except (OSError, struct.error) as error:
         raise BadInput(f"{file}: cannot read the header ({error})") from None
+    header = parse_json(header_bytes, f"{file}: header")
     infos = {}
     for name in names:
         entry = header[name]
@@ -206,18 +291,58 @@ def _safetensors_file(file: Path) -> dict[str, TensorInfo]:
     return infos
 
 
-def load_torch_state(file: Path) -> dict[str, torch.Tensor]:
-    """A PyTorch state dict, unpickled with weights_only=True: code in the pickle never runs."""
-    try:
+# torch.load(weights_only=True) could be made to run code before this version (CVE-2025-32434)
+SAFE_TORCH_LOAD = (2, 6)
+
+
+def parse_version(text: str) -> tuple[int, ...]:
+    """(major, minor, patch) of a version string such as '2.6.0+cpu' or '2.7.0.dev20250101'."""
+    match = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", text)
+    return tuple(int(part) for part in match.groups() if part is not None) if match else (0,)
+
+
+def torch_version() -> tuple[int, ...]:
+    return parse_version(torch.__version__)
+
+
+def _refusal_reason(error: Exception) -> str:
+    """What torch's weights-only loader refused, in a few words. Its own message runs to many
+    lines and ends by suggesting weights_only=False, which would let the pickle run code."""
+    text = str(error)
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text) or re.search(r"Unsupported operand (\d+)", text)
+    if found:
+        what = found.group(1)
+        return f"it needs {what}, which a weights-only load does not allow" if not what.isdigit() else f"pickle operation {what} is not allowed"
+    first = next((line.strip() for line in text.splitlines() if line.strip() and "weights_only" not in line), "")
+    return f"{type(error).__name__}: {first[:160]}" if first else type(error).__name__
+
+
+def _unpickle(file: Path) -> Any:
+    """torch.load(weights_only=True) of a regular file, its warnings kept to itself."""
+    with os.fdopen(open_regular(file), "rb") as handle, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's warnings (TypedStorage, sparse invariants...) are not the user's business
+        source = descriptor_path(handle.fileno(), file)
         try:
-            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            return torch.load(source, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError as error:
             if "mmap" not in str(error):
                 raise
-            state = torch.load(file, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+            handle.seek(0)
+            return torch.load(handle, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+
+
+def load_torch_state(file: Path) -> dict[str, torch.Tensor]:
+    """A PyTorch state dict, unpickled with weights_only=True: code in the pickle never runs.
+    Refused outright with a torch whose weights-only loader can be bypassed."""
+    if torch_version() < SAFE_TORCH_LOAD:
+        raise BadInput(f"{file}: PyTorch {torch.__version__} cannot load pickled checkpoints safely (CVE-2025-32434); "
+                       f"install torch>=2.6, or use safetensors weights")
+    try:
+        state = _unpickle(file)
+    except BadInput:
+        raise
     except Exception as error:  # weights_only refusals come as UnpicklingError and friends
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise BadInput(f"{file}: refused to load: not a plain weights-only PyTorch state dict ({first_line[:200]})") from None
+        raise BadInput(f"{file}: refused to load: not a plain weights-only PyTorch state dict ({_refusal_reason(error)})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
@@ -225,10 +350,26 @@ def load_torch_state(file: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _unusable(tensor: torch.Tensor) -> Optional[str]:
+    """Why a tensor from a pickle cannot be merged as stored entries, or None."""
+    if tensor.is_meta:
+        return "is a meta tensor (a shape without data)"
+    if tensor.layout != torch.strided:
+        return f"is a sparse tensor ({str(tensor.layout).removeprefix('torch.')})"
+    if tensor.is_quantized:
+        return f"is quantized ({str(tensor.dtype).removeprefix('torch.')})"
+    if tensor.device.type != "cpu":
+        return f"is on device {tensor.device.type}"
+    return None
+
+
 def _torch_infos(file: Path) -> tuple[dict, dict[str, TensorInfo]]:
     state = load_torch_state(file)
     infos = {}
     for name, tensor in state.items():
+        problem = _unusable(tensor)
+        if problem:
+            raise BadInput(f"{file}: tensor {name} {problem}; tadrop merges only dense tensors stored with their data")
         try:
             dtype = dtype_name(tensor.dtype)
         except KeyError:
@@ -262,16 +403,15 @@ def _inside(folder: Path, relative: str, index: Path) -> Path:
         raise BadInput(f"{index}: names shard {relative!r}, which does not exist")
     if _escapes(candidate, folder):
         raise BadInput(f"{index}: shard {relative!r} is a link that points outside its folder")
+    check_regular(candidate)
     return candidate
 
 
 def _index_shards(index: Path) -> list[Path]:
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError
-    except (OSError, ValueError, KeyError, TypeError):
-        raise BadInput(f"{index}: not a valid index file (expected JSON with a 'weight_map' mapping)") from None
+    data = parse_json(read_text_file(index), str(index))
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        raise BadInput(f"{index}: not a valid index file (expected JSON with a 'weight_map' mapping)")
     if not all(isinstance(relative, str) for relative in weight_map.values()):
         raise BadInput(f"{index}: shard names must be strings")
     # each shard once, in order of first mention: the map names one per tensor, and each name
@@ -283,13 +423,14 @@ def weight_files(folder: Path) -> list[Path]:
     """The weight files of a checkpoint folder, in the order tadrop prefers formats."""
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = folder / index_name
-        if index.is_file():
+        if os.path.lexists(index):  # a FIFO or a dangling link is refused, not passed over
             return _index_shards(index)
     for pattern in ("*.safetensors", "*.bin", "*.pt", "*.pth"):
-        files = sorted(p for p in folder.glob(pattern) if p.is_file())
+        files = sorted(p for p in folder.glob(pattern) if not p.is_dir())
         for file in files:
             if _escapes(file, folder):
                 raise BadInput(f"{file}: a link that points outside its folder")
+            check_regular(file)
         if files:
             return files
     raise BadInput(f"{folder}: no weights found (expected *.safetensors, a safetensors index, or a PyTorch .bin/.pt state dict)")
@@ -325,9 +466,10 @@ def resolve_source(reference: str) -> tuple[Optional[Path], list[Path]]:
     path = Path(reference).expanduser()
     if path.is_dir():
         return path, weight_files(path)
-    if path.is_file():
+    if path.exists():  # a file, or a FIFO, device or socket: refused before it is opened
         if path.suffix not in (".safetensors", ".bin", ".pt", ".pth"):
             raise BadInput(f"{path}: not a checkpoint (expected a folder, .safetensors, .bin or .pt)")
+        check_regular(path)
         return None, [path]
     if HUB_ID.match(reference) and not reference.startswith((".", "/", "~")):
         folder = _download_from_hub(reference)
@@ -369,27 +511,48 @@ def config_files(folder: Optional[Path]) -> list[Path]:
     return files
 
 
+def _as_number(digits: str) -> tuple[int, str]:
+    """A key that orders digit strings as the numbers they spell, without int() (which refuses
+    over 4,300 digits): fewer significant digits first, then digit by digit."""
+    significant = digits.lstrip("0")
+    return (len(significant), significant)
+
+
 def tensor_order(names: list[str]) -> list[str]:
     """A stable output order: by layer number where there is one, then by name."""
 
     def key(name: str) -> tuple:
         match = re.search(r"\.(\d+)\.", name)
-        return (int(match.group(1)) if match else -1, name)
+        return (True, _as_number(match.group(1)), name) if match else (False, (0, ""), name)
 
     return sorted(names, key=key)
 
 
 # a numbered layer in a tensor name (group 1: the number), as mergekit's gradients and TADrop's scopes read it
 LAYER_NUMBER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
+MAX_LAYER_DIGITS = 9  # no model has a billion layers; a longer number is damage, or an attack on int()
+
+
+def shown_name(name: str, limit: int = 80) -> str:
+    """A tensor name short enough for a one-line message."""
+    return name if len(name) <= limit else f"{name[:limit]}... ({len(name)} characters)"
+
+
+def layer_number(name: str) -> Optional[int]:
+    """The number of the layer a tensor belongs to, or None; BadInput for a number no model has."""
+    match = LAYER_NUMBER.search(name)
+    if match is None:
+        return None
+    length = _as_number(match.group(1))[0]
+    if length > MAX_LAYER_DIGITS:
+        raise BadInput(f"tensor {shown_name(name)}: a layer number of {length} digits; tadrop takes at most {MAX_LAYER_DIGITS}")
+    return int(match.group(1))
 
 
 def layer_positions(names: list[str]) -> dict[str, Optional[float]]:
     """Each tensor's relative layer position in [0, 1] (None outside numbered layers),
     for mergekit's gradient parameters."""
-    layers = {}
-    for name in names:
-        match = LAYER_NUMBER.search(name)
-        layers[name] = int(match.group(1)) if match else None
+    layers = {name: layer_number(name) for name in names}
     known = [v for v in layers.values() if v is not None]
     if not known:
         return {name: None for name in names}

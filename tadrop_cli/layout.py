@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from pydantic import ValidationError
+
 from .checkpoint import Checkpoint, config_files, layer_positions, open_checkpoint, tensor_order
 from .dtypes import FLOATS
 from .errors import BadInput
@@ -97,7 +99,11 @@ def model_tadrop(recipe: Recipe, entry: ModelEntry) -> Optional[TadropSettings]:
         changes = {k: v for k, v in entry.tadrop.model_dump(exclude_none=True).items()}
         if "overrides" in changes:  # the model's overrides are tried before the recipe's
             changes["overrides"] = [*entry.tadrop.overrides, *settings.overrides]
-        settings = TadropSettings.model_validate({**settings.model_dump(), **changes})
+        try:
+            settings = TadropSettings.model_validate({**settings.model_dump(), **changes})
+        except ValidationError as error:  # a model's setting contradicts the recipe's (min_ratio > max_ratio, ...)
+            reason = error.errors()[0]["msg"].removeprefix("Value error, ")
+            raise BadInput(f"{entry.model}: tadrop: {reason} (this model's settings over the recipe's)") from None
     return settings if settings.enabled else None
 
 
@@ -134,11 +140,29 @@ def build_layout(recipe: Recipe) -> Layout:
             extra = sorted(set(model.checkpoint.tensors) - set(reference.tensors))
             if extra:
                 notes.append(f"{model.label}: {len(extra)} tensor(s) not in the base are ignored (e.g. {extra[0]})")
-        return Layout(recipe, reference, models, jobs, layer_positions(names), notes, configs)
+        layout = Layout(recipe, reference, models, jobs, layer_positions(names), notes, configs)
+        check_linear_weights(layout)
+        return layout
     except BaseException:
         for checkpoint in opened:
             checkpoint.close()
         raise
+
+
+def check_linear_weights(layout: Layout) -> None:
+    """A linear merge with normalize divides by the sum of the weights: a sum of zero would give
+    the difference of the models, near-zero weights that look like a model. Refused per tensor,
+    as weights may differ per tensor (filters, gradients)."""
+    if layout.recipe.method.name != "linear":
+        return
+    for job in layout.jobs:
+        if not job.contributors or not layout.method_parameters(job.name).get("normalize"):
+            continue
+        weights = [layout.model_parameter(layout.models[j], "weight", job.name) for j in job.contributors]
+        if abs(sum(weights)) < 1e-8:
+            raise BadInput(f"parameters.weight: the weights of tensor {job.name} sum to {sum(weights):g} "
+                           f"({', '.join(f'{w:g}' for w in weights)}); a linear merge with normalize: true divides by that sum "
+                           f"(give weights that do not cancel, or normalize: false)")
 
 
 def _tensor_job(recipe: Recipe, reference: Checkpoint, models: list[ModelInput], name: str, notes: list[str]) -> TensorJob:

@@ -17,6 +17,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError, field_validator, model_validator
 
+from .checkpoint import read_text_file
 from .errors import BadInput
 from .methods import METHODS, MergeMethod, ParamSpec
 from .tadrop import STATISTICS
@@ -347,15 +348,44 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     return recipe
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, line: int):
+        super().__init__(key, line)
+        self.key, self.line = key, line
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, refusing a key given twice in one mapping (PyYAML keeps the last
+    silently, so a recipe could say one thing and do another). Merge keys (<<) may be overridden."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                if key in seen:
+                    raise _DuplicateKey(key, key_node.start_mark.line + 1)
+                seen.add(key)
+            except TypeError:  # an unhashable key: the constructor refuses it below
+                pass
+        return super().construct_mapping(node, deep)
+
+
 def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
-    if not path.is_file():
-        raise BadInput(f"{path}: recipe not found" if not path.exists() else f"{path}: not a file")
+    if not path.exists():
+        raise BadInput(f"{path}: recipe not found")
+    if path.is_dir():
+        raise BadInput(f"{path}: not a file")
     try:
-        text = path.read_text(encoding="utf-8")
-        data = yaml.safe_load(text)
-    except UnicodeDecodeError:
-        raise BadInput(f"{path}: not a text file") from None
+        text = read_text_file(path)
+        data = yaml.load(text, Loader=_RecipeLoader)
+    except _DuplicateKey as duplicate:
+        raise BadInput(f"{path}: key {duplicate.key!r} appears twice in one mapping (the second at line {duplicate.line})") from None
+    except RecursionError:
+        raise BadInput(f"{path}: nested too deeply to read") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -1,0 +1,370 @@
+"""Hostile input (issue 15): deeply nested JSON and YAML, absurd layer numbers, FIFOs and devices
+where files are expected, pickles torch will not load, duplicate keys, degenerate weights. Each
+ends with one line naming the culprit and exit 2: never an internal error, never a hang."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from conftest import basic_recipe, fine_tune, run_cli, tiny_state, write_checkpoint, write_recipe
+from test_bad_input import bad, invoke, merge_bad, ok
+from tadrop_cli import checkpoint as checkpoint_module
+
+DEEP = 100_000
+
+
+@pytest.fixture
+def recipe(tiny_models, tmp_path) -> dict:
+    return basic_recipe(tiny_models, tmp_path / "merged")
+
+
+@pytest.fixture(autouse=True)
+def no_hang():
+    """A case that hangs (a FIFO opened for reading blocks until a writer comes) fails after 60 s
+    instead of stalling the suite: a writer is connected to every FIFO the test made."""
+    fifos: list[Path] = []
+    yield fifos
+    for fifo in fifos:
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _safetensors_bytes(header: bytes, data: bytes = b"") -> bytes:
+    header += b" " * (-len(header) % 8)
+    return struct.pack("<Q", len(header)) + header + data
+
+
+# ---------------------------------------------------------------- nesting
+
+
+def test_safetensors_header_nested_deep(tmp_path, recipe, tiny_models):
+    file = tiny_models["ft1"] / "model.safetensors"
+    file.write_bytes(_safetensors_bytes(b'{"__metadata__": ' + b"[" * DEEP + b"]" * DEEP + b"}"))
+    merge_bad(tmp_path, recipe, str(file))
+
+
+@pytest.mark.parametrize("deep", ["weight_map", "metadata", "top"])
+def test_index_nested_deep(tmp_path, recipe, deep):
+    folder = write_checkpoint(tmp_path / "sharded", fine_tune(tiny_state(), 7), shards=2)
+    nested = "[" * DEEP + "]" * DEEP
+    text = {"weight_map": '{"weight_map": ' + nested + "}", "metadata": '{"metadata": ' + nested + ', "weight_map": {}}',
+            "top": nested}[deep]
+    (folder / "model.safetensors.index.json").write_text(text)
+    recipe["models"][0]["model"] = str(folder)
+    merge_bad(tmp_path, recipe, "model.safetensors.index.json", "nested")
+
+
+def test_recipe_nested_deep(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text("merge_method: ties\nparameters: " + "[" * DEEP + "]" * DEEP + "\n")
+    bad(tmp_path, "merge", path, culprits=("recipe.yaml", "nested"))
+
+
+def test_recipe_nested_deep_block_style(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text("merge_method: ties\n" + "".join(" " * i + f"k{i}:\n" for i in range(3000)))
+    bad(tmp_path, "merge", path, culprits=("recipe.yaml",))
+
+
+# ---------------------------------------------------------------- absurd names
+
+
+def _add_tensor_everywhere(tiny_models: dict[str, Path], name: str) -> None:
+    for key in ("base", "ft0", "ft1", "ft2"):
+        file = tiny_models[key] / "model.safetensors"
+        state = load_file(str(file))
+        state[name] = torch.randn(8, 8)
+        save_file(state, str(file))
+
+
+def test_layer_number_of_5000_digits(tmp_path, recipe, tiny_models):
+    name = "model.layers.{}.mlp.weight".format("9" * 5000)
+    _add_tensor_everywhere(tiny_models, name)
+    line = merge_bad(tmp_path, recipe, "layer number", "5000 digits")
+    assert name[:40] in line and len(line) < 400
+
+
+def test_number_of_5000_digits_outside_layers_merges(tmp_path, recipe, tiny_models):
+    """Only a numbered layer's number is read as a number (gradients); elsewhere digits only order."""
+    name = "encoder.{}.weight".format("9" * 5000)
+    _add_tensor_everywhere(tiny_models, name)
+    assert ok("merge", write_recipe(tmp_path, recipe))["tensors"] == len(tiny_state()) + 1
+
+
+def test_tensor_order_of_long_numbers_is_numeric_and_exact():
+    """Ordering compares digits as numbers without converting them (no int() limit to meet), as before:
+    by number (leading zeros ignored), then by name."""
+    names = ["m.10.w", "m.9.w", "m.0010.x", "m.2.w", "top", "m.1" + "0" * 5000 + ".w", "m.9" * 1 + "9" * 4999 + ".w"]
+    assert checkpoint_module.tensor_order(names) == ["top", "m.2.w", "m.9.w", "m.0010.x", "m.10.w", names[6], names[5]]
+
+
+# ---------------------------------------------------------------- FIFOs and devices
+
+
+def _fifo(path: Path, fifos: list[Path]) -> Path:
+    os.mkfifo(path)
+    fifos.append(path)
+    return path
+
+
+UNBLOCK = """
+import os, sys, time
+time.sleep(float(sys.argv[1]))
+for fifo in sys.argv[2:]:
+    try:
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # a reader blocked in open() goes on
+    except OSError:
+        pass
+"""
+
+
+def _run_with_watchdog(fifos: list[Path], *args):
+    """invoke(), with a process that unblocks a reader of the FIFOs after 20 s, so that a regression
+    fails instead of hanging the suite (a thread would not do: a read in native code can hold the GIL)."""
+    watchdog = subprocess.Popen([sys.executable, "-c", UNBLOCK, "20", *map(str, fifos)])
+    try:
+        return invoke(*args)
+    finally:
+        watchdog.kill()
+        watchdog.wait()
+
+
+def test_index_names_a_fifo(tmp_path, recipe, no_hang):
+    folder = write_checkpoint(tmp_path / "sharded", fine_tune(tiny_state(), 7), shards=2)
+    shard = folder / "model-00002-of-00002.safetensors"
+    shard.unlink()
+    _fifo(shard, no_hang)
+    recipe["models"][0]["model"] = str(folder)
+    path = write_recipe(tmp_path, recipe)
+    result = _run_with_watchdog(no_hang, "merge", path)
+    assert result.exit_code == 2, result.stderr
+    assert "model-00002-of-00002.safetensors" in result.stderr and "regular file" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".bin"])
+def test_model_file_is_a_fifo(tmp_path, recipe, no_hang, suffix):
+    fifo = _fifo(tmp_path / f"model{suffix}", no_hang)
+    recipe["models"][1]["model"] = str(fifo)
+    result = _run_with_watchdog(no_hang, "merge", write_recipe(tmp_path, recipe))
+    assert result.exit_code == 2, result.stderr
+    assert f"model{suffix}" in result.stderr and "regular file" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_model_file_is_a_link_to_a_device(tmp_path, recipe):
+    link = tmp_path / "zero.safetensors"
+    link.symlink_to("/dev/zero")
+    recipe["models"][1]["model"] = str(link)
+    merge_bad(tmp_path, recipe, "zero.safetensors", "regular file")
+
+
+def test_hub_cache_link_to_a_fifo_is_refused(tmp_path, recipe, no_hang):
+    """A Hugging Face cache snapshot links into blobs/: links are followed, but a target that is
+    not a regular file is refused."""
+    repo = tmp_path / "models--org--name"
+    snapshot = repo / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    _fifo(repo / "blobs" / "feed", no_hang)
+    (snapshot / "model.safetensors").symlink_to("../../blobs/feed")
+    recipe["models"][1]["model"] = str(snapshot / "model.safetensors")
+    result = _run_with_watchdog(no_hang, "merge", write_recipe(tmp_path, recipe))
+    assert result.exit_code == 2, result.stderr
+    assert "regular file" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_recipe_is_a_fifo(tmp_path, no_hang):
+    fifo = _fifo(tmp_path / "recipe.yaml", no_hang)
+    result = _run_with_watchdog(no_hang, "merge", fifo)
+    assert result.exit_code == 2 and "recipe.yaml" in result.stderr, result.stderr
+
+
+def test_open_regular_refuses_a_file_swapped_for_a_fifo(tmp_path, no_hang):
+    """The check is made on the opened file (fstat), not only on the name before opening."""
+    fifo = _fifo(tmp_path / "x.safetensors", no_hang)
+    with pytest.raises(checkpoint_module.BadInput, match="regular file"):
+        checkpoint_module.open_regular(fifo)
+
+
+def test_verify_a_folder_with_a_fifo_shard(tmp_path, no_hang):
+    folder = write_checkpoint(tmp_path / "sharded", fine_tune(tiny_state(), 7), shards=2)
+    shard = folder / "model-00001-of-00002.safetensors"
+    shard.unlink()
+    _fifo(shard, no_hang)
+    result = _run_with_watchdog(no_hang, "verify", folder)
+    assert result.exit_code == 2, result.stderr
+    assert "model-00001-of-00002.safetensors" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------- duplicate keys
+
+
+def test_safetensors_header_duplicate_key(tmp_path, recipe, tiny_models):
+    file = tiny_models["ft1"] / "model.safetensors"
+    data = file.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = data[8:8 + length].rstrip(b" ")
+    first = json.loads(header)
+    name = next(k for k in first if k != "__metadata__")
+    again = json.dumps({name: first[name]})[1:-1].encode()
+    body = header[:-1] + b"," + again + b"}"
+    file.write_bytes(_safetensors_bytes(body, data[8 + length:]))
+    merge_bad(tmp_path, recipe, str(file), name, "twice")
+
+
+def test_verify_duplicate_key(tmp_path, tiny_models):
+    file = tiny_models["ft1"] / "model.safetensors"
+    data = file.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = data[8:8 + length].rstrip(b" ")
+    name = next(k for k in json.loads(header) if k != "__metadata__")
+    body = header[:-1] + b"," + json.dumps({name: json.loads(header)[name]})[1:-1].encode() + b"}"
+    file.write_bytes(_safetensors_bytes(body, data[8 + length:]))
+    bad(tmp_path, "verify", file, culprits=(name, "twice"))
+
+
+def test_index_duplicate_key(tmp_path, recipe):
+    folder = write_checkpoint(tmp_path / "sharded", fine_tune(tiny_state(), 7), shards=2)
+    index = folder / "model.safetensors.index.json"
+    text = index.read_text()
+    index.write_text(text[:-1] + ', "weight_map": {}}')
+    recipe["models"][0]["model"] = str(folder)
+    merge_bad(tmp_path, recipe, "model.safetensors.index.json", "weight_map", "twice")
+
+
+def test_recipe_duplicate_key(tmp_path, recipe):
+    text = yaml.safe_dump(recipe, sort_keys=False) + "merge_method: task_arithmetic\n"
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    line = bad(tmp_path, "merge", path, culprits=("recipe.yaml", "merge_method", "twice"))
+    assert f"line {len(text.splitlines())}" in line
+
+
+def test_recipe_duplicate_nested_key(tmp_path, recipe):
+    recipe["models"][1]["parameters"] = {"weight": 0.5}
+    text = yaml.safe_dump(recipe, sort_keys=False).replace("weight: 0.5\n", "weight: 0.5\n    weight: 0.9\n")
+    assert "weight: 0.9" in text
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    bad(tmp_path, "merge", path, culprits=("recipe.yaml", "weight", "twice"))
+
+
+# ---------------------------------------------------------------- PyTorch pickles
+
+
+def _bin_model(tmp_path: Path, change) -> Path:
+    state = fine_tune(tiny_state(), 3)
+    change(state)
+    folder = tmp_path / "odd-bin"
+    folder.mkdir()
+    torch.save(state, folder / "pytorch_model.bin")
+    return folder
+
+
+ODD_TENSORS = {
+    "meta": lambda s: s.__setitem__("model.layers.0.attn.weight", torch.empty(64, 64, device="meta")),
+    "sparse": lambda s: s.__setitem__("model.layers.0.attn.weight", s["model.layers.0.attn.weight"].to_sparse()),
+    "qint8": lambda s: s.__setitem__("model.layers.0.attn.weight",
+                                     torch.quantize_per_tensor(s["model.layers.0.attn.weight"], 0.1, 0, torch.qint8)),
+    "not-a-tensor": lambda s: s.__setitem__("model.layers.0.attn.weight", {"nested": 1}),
+}
+
+
+def _assert_one_clean_line(result, *culprits: str) -> str:
+    assert result.exit_code == 2, f"{result.stderr}\n{result.exception!r}"
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    for culprit in culprits:
+        assert culprit in lines[0], lines[0]
+    assert "weights_only=False" not in result.stderr and "weights_only = False" not in result.stderr
+    assert "Warning" not in result.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("kind", list(ODD_TENSORS))
+@pytest.mark.parametrize("command", ["merge", "verify"])
+def test_bin_with_odd_tensors(tmp_path, recipe, kind, command):
+    folder = _bin_model(tmp_path, ODD_TENSORS[kind])
+    recipe["models"][1]["model"] = str(folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a torch warning that escaped would end the run here
+        args = ("merge", write_recipe(tmp_path, recipe)) if command == "merge" else ("verify", folder)
+        result = invoke(*args)
+    _assert_one_clean_line(result, "pytorch_model.bin")
+
+
+@pytest.mark.parametrize("kind", ["meta", "sparse", "qint8"])
+def test_bin_with_odd_tensors_real_process(tmp_path, kind):
+    """The real process: torch's own warnings (printed by the warnings module) must not leak."""
+    folder = _bin_model(tmp_path, ODD_TENSORS[kind])
+    proc = run_cli("verify", str(folder))
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "pytorch_model.bin" in lines[0] and "weights_only=False" not in proc.stderr
+
+
+class Custom:
+    def __init__(self):
+        self.value = 3
+
+
+def test_pickle_with_a_custom_class_is_refused_in_one_line(tmp_path, recipe):
+    folder = tmp_path / "custom"
+    folder.mkdir()
+    torch.save({"model.layers.0.attn.weight": torch.zeros(2), "extra": Custom()}, folder / "pytorch_model.bin")
+    recipe["models"][1]["model"] = str(folder)
+    line = _assert_one_clean_line(invoke("merge", write_recipe(tmp_path, recipe)), "pytorch_model.bin")
+    assert "Custom" in line  # what it refused, named
+    assert not line.rstrip().endswith(("(", ",", "the", "to"))
+
+
+def test_old_torch_refuses_pickles(tmp_path, recipe, tiny_models, monkeypatch):
+    """torch < 2.6: weights_only=True could be bypassed (CVE-2025-32434), so pickles are refused."""
+    folder = write_checkpoint(tmp_path / "plain-bin", fine_tune(tiny_state(), 3), fmt="bin")
+    monkeypatch.setattr(checkpoint_module, "torch_version", lambda: (2, 5, 1))
+    recipe["models"][1]["model"] = str(folder)
+    line = merge_bad(tmp_path, recipe, "pytorch_model.bin", "2.6")
+    assert "CVE-2025-32434" in line
+    monkeypatch.undo()
+    ok("merge", write_recipe(tmp_path, recipe))  # control: today's torch loads it
+
+
+def test_torch_version_parses_local_versions(monkeypatch):
+    for text, expected in [("2.6.0+cpu", (2, 6, 0)), ("2.13.0", (2, 13, 0)), ("2.5.1a0+git", (2, 5, 1)), ("2.7.0.dev20250101", (2, 7, 0))]:
+        assert checkpoint_module.parse_version(text) == expected
+
+
+# ---------------------------------------------------------------- degenerate merges
+
+
+def test_linear_weights_summing_to_zero_refused(tmp_path, recipe):
+    recipe["merge_method"] = "linear"
+    recipe["models"] = recipe["models"][:2]
+    recipe["models"][0]["parameters"] = {"weight": 1.0}
+    recipe["models"][1]["parameters"] = {"weight": -1.0}
+    merge_bad(tmp_path, recipe, "weight", "sum")
+
+
+def test_linear_weights_summing_to_zero_without_normalize_merges(tmp_path, recipe):
+    recipe["merge_method"] = "linear"
+    recipe["models"] = recipe["models"][:2]
+    recipe["models"][0]["parameters"] = {"weight": 1.0}
+    recipe["models"][1]["parameters"] = {"weight": -1.0}
+    recipe["parameters"] = {"normalize": False}
+    ok("merge", write_recipe(tmp_path, recipe))
