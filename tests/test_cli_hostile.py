@@ -545,3 +545,22 @@ def test_a_fifo_named_by_an_index_never_hangs_past_a_signal(tmp_path, models):
         assert proc.returncode in (2, 130), stderr
         assert "Traceback" not in stderr
         one_line(stderr)
+
+
+def test_first_signal_in_a_command_raises_and_a_second_stops_at_once(monkeypatch):
+    """Inside a command's body the first signal becomes KeyboardInterrupt (cleanup runs); one more,
+    during that cleanup, and everywhere outside a body, stops at once."""
+    from tadrop_cli import interrupts
+
+    stopped = []
+    monkeypatch.setattr(interrupts, "stop_now", lambda *args: stopped.append(args))
+    interrupts._on_signal(signal.SIGINT, None)  # outside a command's body: during the imports, say
+    assert stopped == [()]
+    with interrupts.raising():
+        with pytest.raises(KeyboardInterrupt):
+            interrupts._on_signal(signal.SIGTERM, None)
+        interrupts._on_signal(signal.SIGINT, None)
+    assert stopped == [(), ()]
+    with interrupts.raising():  # the next command starts afresh
+        with pytest.raises(KeyboardInterrupt):
+            interrupts._on_signal(signal.SIGINT, None)
