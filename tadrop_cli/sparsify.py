@@ -343,7 +343,8 @@ _DELLA_BLOCK = 1 << 22  # entries ranked at a time: bounds the int64 argsort tem
 def _della_rows(delta: torch.Tensor) -> torch.Tensor:
     """The rows DELLA ranks within: dim 0 indexes them; a 1-D tensor is one row; a tensor with
     more dimensions is flattened to shape[0] rows."""
-    return delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
+    # the row length spelled out: reshape(0, -1) of a tensor without entries is ambiguous
+    return delta.reshape(1, delta.numel()) if delta.dim() < 2 else delta.reshape(delta.shape[0], math.prod(delta.shape[1:]))
 
 
 def _della_block_probabilities(rows: torch.Tensor, density: float, eps: float) -> torch.Tensor:

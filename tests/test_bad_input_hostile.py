@@ -368,3 +368,33 @@ def test_linear_weights_summing_to_zero_without_normalize_merges(tmp_path, recip
     recipe["models"][1]["parameters"] = {"weight": -1.0}
     recipe["parameters"] = {"normalize": False}
     ok("merge", write_recipe(tmp_path, recipe))
+
+
+# ---------------------------------------------------------------- zero-element tensors
+
+
+@pytest.mark.parametrize("method", ["della_linear", "della", "ties", "dare_ties", "breadcrumbs_ties", "magnitude_prune", "linear",
+                                    "task_arithmetic"])
+@pytest.mark.parametrize("tadrop", [True, False], ids=["tadrop", "uniform"])
+def test_zero_element_tensors_merge(tmp_path, recipe, tiny_models, method, tadrop):
+    """A tensor with no entries (shape (0, 64), say) is written as it is, whatever the method."""
+    if tadrop and method in ("linear", "task_arithmetic"):
+        pytest.skip("no sparsifier: TADrop does not apply")
+    for key in ("base", "ft0", "ft1", "ft2"):
+        file = tiny_models[key] / "model.safetensors"
+        state = load_file(str(file))
+        state["model.layers.0.empty.weight"] = torch.zeros(0, 64)
+        state["model.empty_bias"] = torch.zeros(0)
+        save_file(state, str(file))
+    recipe["merge_method"] = method
+    if method == "linear":
+        for entry in recipe["models"]:
+            entry["parameters"] = {"weight": 0.5}
+    if method in ("della", "della_linear"):
+        recipe["parameters"] = {"epsilon": 0.05}
+    if tadrop:
+        recipe["tadrop"] = {"min_numel": 0}
+    summary = ok("merge", write_recipe(tmp_path, recipe))
+    merged = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    assert merged["model.layers.0.empty.weight"].shape == (0, 64) and merged["model.empty_bias"].shape == (0,)
+    assert summary["tensors"] == len(tiny_state()) + 2
