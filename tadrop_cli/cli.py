@@ -405,6 +405,8 @@ def plan(
     """Run pass 1 only: show each tensor's TADrop score and drop ratio, per model."""
 
     def action() -> None:
+        if as_json and as_csv:
+            raise BadInput("--json and --csv: choose one format")
         loaded = load_recipe(recipe)
         with progress_bar(quiet or as_json or as_csv) as progress:
             _, result = plan_only(loaded, device, progress)

@@ -274,6 +274,13 @@ def test_usage_errors_are_one_line_exit_2(args, message):
     no_raw_controls(result.stderr)
 
 
+def test_plan_refuses_two_formats(recipe):
+    path, _ = recipe
+    result = invoke("plan", path, "--json", "--csv")
+    assert result.exit_code == 2 and one_line(result.stderr) == "error: --json and --csv: choose one format"
+    assert result.stdout == ""
+
+
 def test_version():
     result = run_cli("--version")
     assert result.returncode == 0 and result.stdout.startswith("tadrop 0.1.0 (CPU kernels: "), result.stdout
