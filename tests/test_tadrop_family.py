@@ -585,3 +585,20 @@ def test_a_task_vector_that_overflows_float32_is_named(tmp_path):
         assert result.returncode == 2, (tadrop_settings, result.stdout, result.stderr)
         assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
         assert "model.embed.weight" in result.stderr or "model.layers" in result.stderr
+
+
+@pytest.mark.parametrize("recipe_level,model_level,culprit", [
+    ({"allocation": "mass"}, {"scope": "kind"}, "scope"),
+    ({"max_ratio": 0.5}, {"min_ratio": 0.9}, "min_ratio"),
+])
+def test_per_model_settings_that_contradict_the_recipes_are_one_line_errors(tiny_models, tmp_path, recipe_level, model_level, culprit):
+    recipe = basic_recipe(tiny_models, tmp_path / "out", tadrop=recipe_level)
+    recipe["models"][1]["tadrop"] = model_level
+    path = write_recipe(tmp_path, recipe)
+    for command in (("plan", str(path)), ("merge", str(path), "--dry-run")):
+        result = run_cli(*command)
+        assert result.returncode == 2, (command, result.stderr)
+        line = result.stderr.strip()
+        assert len(line.splitlines()) == 1 and "internal error" not in line and "Traceback" not in line
+        assert culprit in line and str(tiny_models["ft1"]) in line and "tadrop" in line
+        assert not (tmp_path / "out").exists()
