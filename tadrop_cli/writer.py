@@ -124,6 +124,16 @@ def _open_regular(name: str | Path, folder_fd: Optional[int] = None) -> int:
     return fd
 
 
+def _open_input(path: Path) -> int:
+    """A read-only descriptor of an input file (links followed: inputs may be links, e.g. into the
+    Hugging Face cache), refused unless it is a regular file (a FIFO would block)."""
+    fd = os.open(path, os.O_RDONLY | _CLOEXEC | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", str(path))
+    return fd
+
+
 def _read_regular(name: str, folder_fd: Optional[int] = None, limit: int = 64 << 20) -> bytes:
     fd = _open_regular(name, folder_fd)
     try:
@@ -353,7 +363,7 @@ def file_identity(path: Path) -> dict:
     """Size, modification time and a SHA-256 of the file's content (whole up to FULL_HASH_BYTES, else of
     its header and sampled blocks): what a resumed merge checks to know its inputs did not change."""
     try:
-        fd = os.open(path, os.O_RDONLY | _CLOEXEC)
+        fd = _open_input(path)
     except OSError as error:
         raise BadInput(f"{path}: cannot read ({error.strerror or error})") from None
     try:
@@ -761,7 +771,7 @@ class StagingFolder:
         """Copy a config file of the inputs into the output (created new, never through a link)."""
         self._remove(source.name)
         try:
-            with open(source, "rb") as original, open(source.name, "wb", opener=_creating_in(self._fd)) as copy:
+            with os.fdopen(_open_input(source), "rb") as original, open(source.name, "wb", opener=_creating_in(self._fd)) as copy:
                 shutil.copyfileobj(original, copy, 1 << 20)
                 copy.flush()
                 os.fsync(copy.fileno())

@@ -541,3 +541,13 @@ def test_an_input_cut_short_during_a_mapped_merge(tiny_models, tmp_path):
     result = invoke("merge", recipe, "--resume", "--json")
     assert result.exit_code == 0, result.stderr
     assert tree(target) == tree(reference)
+
+
+def test_the_identity_of_an_input_that_is_not_a_regular_file_is_refused(tmp_path):
+    """A FIFO where an input file was (swapped in after the headers were read) fails at once, never blocks."""
+    from tadrop_cli.errors import BadInput
+
+    fifo = tmp_path / "model.safetensors"
+    os.mkfifo(fifo)
+    with pytest.raises(BadInput, match="not a regular file"):
+        writer_module.file_identity(fifo)
