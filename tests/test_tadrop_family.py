@@ -22,6 +22,7 @@ from conftest import basic_recipe, run_cli, tiny_state, write_checkpoint, write_
 from safetensors.torch import load_file
 from tadrop_cli.engine import MergeOptions, plan_only, run_merge
 from tadrop_cli.errors import BadInput
+from tadrop_cli import plan as plan_module
 from tadrop_cli.plan import _settings_for, scope_group
 from tadrop_cli.recipe import TadropSettings
 from tadrop_cli import tadrop
@@ -602,3 +603,28 @@ def test_per_model_settings_that_contradict_the_recipes_are_one_line_errors(tiny
         assert len(line.splitlines()) == 1 and "internal error" not in line and "Traceback" not in line
         assert culprit in line and str(tiny_models["ft1"]) in line and "tadrop" in line
         assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- pass 1 reads in slices, with or without the kernels
+
+
+@pytest.mark.parametrize("allocation", ["mass", "global"])
+def test_profiles_counted_in_slices_equal_whole_tensors(tmp_path, monkeypatch, allocation):
+    models = integer_models(tmp_path)
+    whole = plan_of(models, tmp_path, allocation=allocation)
+    monkeypatch.setattr(plan_module, "SCORE_SLICE_ELEMENTS", 1000)  # 4096-8192 entries: 5-9 slices, the last partial
+    sliced = plan_of(models, tmp_path, allocation=allocation)
+    assert [r.kept for r in sliced.rows] == [r.kept for r in whole.rows]
+    assert any(r.kept is not None for r in sliced.rows)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_kernels_count_the_same_profiles_as_pytorch(tmp_path, dtype):
+    base = tiny_state()
+    tuned = {name: t + torch.randn(t.shape, generator=torch.Generator().manual_seed(i)) ** 3 * 1e-2 for i, (name, t) in enumerate(base.items())}
+    models = {"base": write_checkpoint(tmp_path / "base", base, dtype=dtype), "ft0": write_checkpoint(tmp_path / "ft0", tuned, dtype=dtype)}
+    path = write_recipe(tmp_path, basic_recipe(models, tmp_path / "out", tadrop={"allocation": "global"}))
+    with_kernels = strict_json(run_cli("plan", str(path), "--json").stdout)
+    without = strict_json(run_cli("plan", str(path), "--json", env={"TADROP_KERNELS": "torch"}).stdout)
+    assert with_kernels == without
+    assert len({r["kept"] for r in with_kernels["tensors"] if "kept" in r}) == 5
