@@ -24,7 +24,7 @@ from .checkpoint import all_finite, mapped_slices, read_all_float32
 from .devices import choose_device, on_cpu
 from .dtypes import Stored, torch_dtype
 from .errors import BadInput
-from .lazy import torch, torch_imported
+from .lazy import is_torch_tensor, torch, torch_imported
 from .layout import Layout, TensorJob, build_layout, tensor_seed
 from .methods import TaskVector
 from .plan import Plan, build_plan
@@ -39,7 +39,8 @@ class Progress(Protocol):
     """What the engine reports; the CLI draws it (or not)."""
 
     def start(self, phase: str, total_tensors: int, total_bytes: int) -> None: ...
-    def advance(self, nbytes: int) -> None: ...
+    def advance(self, nbytes: int) -> None: ...  # one more tensor done, of nbytes (slices part() gave included)
+    def part(self, nbytes: int) -> None: ...  # nbytes more of the current tensor done (one slice)
     def finish(self) -> None: ...
 
 
@@ -50,8 +51,25 @@ class NoProgress:
     def advance(self, nbytes: int) -> None:
         pass
 
+    def part(self, nbytes: int) -> None:
+        pass
+
     def finish(self) -> None:
         pass
+
+
+def reporting_slices(merged: torch.Tensor | Stored | Iterator[torch.Tensor | Stored], progress: Progress):
+    """merge_tensor's result, where it comes in slices with each slice reported to `progress` as it
+    is made: the bar then moves through a large tensor instead of standing still."""
+    if is_torch_tensor(merged) or isinstance(merged, Stored):
+        return merged
+    return _reported(merged, progress)
+
+
+def _reported(slices: Iterator[torch.Tensor | Stored], progress: Progress) -> Iterator[torch.Tensor | Stored]:
+    for part in slices:
+        yield part
+        progress.part(part.array.nbytes if isinstance(part, Stored) else part.numel() * part.element_size())
 
 
 @dataclass
@@ -423,8 +441,8 @@ def run_merge(recipe: Recipe, options: MergeOptions, progress: Progress = NoProg
                 summary = _merge_into(layout, staging, done, device, digest, progress, options)
                 _check_inputs_unchanged(layout, staging.sources["inputs"])
                 staging.publish(overwrite=options.overwrite)
-            except (KeyboardInterrupt, SystemExit):
-                staging.keep_for_resume()
+            except (KeyboardInterrupt, SystemExit) as stop:
+                stop.finished_shards = staging.keep_for_resume()  # the CLI says what a run again keeps
                 raise
             except BaseException:
                 staging.discard()
@@ -473,7 +491,7 @@ def _merge_into(layout: Layout, staging: StagingFolder, done: dict[str, dict], d
     for shard in todo:
         writer = staging.shard_writer(shard, metadata)
         for tensor in shard.tensors:
-            writer.write(tensor.name, merge_tensor(layout, plan, jobs[tensor.name], device))
+            writer.write(tensor.name, reporting_slices(merge_tensor(layout, plan, jobs[tensor.name], device), progress))
             progress.advance(tensor.nbytes)
         writer.close()
         verify_written_shard(staging.path / shard.file_name, shard)
