@@ -175,7 +175,7 @@ OLD_SUFFIX = ".tadrop-old"  # a replaced output, on its way out
 LOCK_SUFFIX = ".tadrop-lock"  # the lock that one merge to an output holds from start to publish
 NAME_MAX = 255  # bytes in one path component (Linux, macOS)
 PATH_MAX = 4096  # bytes in a whole path, with its final NUL (Linux)
-_LONGEST_FILE = "model-00000-of-00000.safetensors"  # the longest name written in the staging folder is shorter
+_LONGEST_FILE_BYTES = 64  # room for the longest name written in the staging folder (config_sentence_transformers.json: 33)
 
 
 def beside(target: Path, suffix: str) -> Path:
@@ -191,8 +191,11 @@ def check_output_path(target: Path) -> None:
     if any(len(os.fsencode(part)) > NAME_MAX for part in target.parts) or name_bytes > NAME_MAX:
         raise BadInput(f"{str(target)[:80]}...: a name in the output path is too long (at most {NAME_MAX - 1 - len(STAGING_SUFFIX)} "
                        f"bytes for the output folder, {NAME_MAX} for the others)")
-    longest = Path(os.path.abspath(beside(target, STAGING_SUFFIX))) / _LONGEST_FILE
-    if len(os.fsencode(str(longest))) >= PATH_MAX:
+    try:
+        staging = os.path.abspath(beside(target, STAGING_SUFFIX))
+    except OSError as error:  # the current folder was removed
+        raise BadInput(f"{target}: cannot locate the output ({error.strerror or error})") from None
+    if len(os.fsencode(staging)) + 1 + _LONGEST_FILE_BYTES >= PATH_MAX:
         raise BadInput(f"{str(target)[:80]}...: the output path is too long ({len(os.fsencode(str(target)))} bytes)")
 
 
@@ -276,6 +279,8 @@ def existing_output(target: Path, parent_fd: Optional[int] = None) -> ExistingOu
         raise BadInput(f"{target}: cannot read the existing output ({error.strerror or error})") from None
     try:
         return ExistingOutput(True, _not_a_model_output(fd))
+    except OSError as error:
+        raise BadInput(f"{target}: cannot read the existing output ({error.strerror or error})") from None
     finally:
         os.close(fd)
 
@@ -308,10 +313,15 @@ def check_work_names(target: Path) -> None:
             raise BadInput(f"{path}: is {what}; tadrop will not use or remove it (remove it yourself, or choose another output)")
     staging = beside(target, STAGING_SUFFIX)
     if staging.exists():
-        fd = _open_folder(staging)
+        try:
+            fd = _open_folder(staging)
+        except OSError as error:
+            raise BadInput(f"{staging}: cannot read ({error.strerror or error})") from None
         try:
             if _read_journal(fd) is None and _not_a_model_output(fd) is not None:
                 raise BadInput(_not_ours(staging))
+        except OSError as error:
+            raise BadInput(f"{staging}: cannot read ({error.strerror or error})") from None
         finally:
             os.close(fd)
 
@@ -517,7 +527,9 @@ def _read_journal(folder_fd: int) -> Optional[dict]:
         return None
     if not isinstance(data, dict):
         return None
-    if data.get("format") == JOURNAL_FORMAT and isinstance(data.get("shards"), dict) and isinstance(data.get("sources"), dict):
+    shards = data.get("shards")
+    if data.get("format") == JOURNAL_FORMAT and isinstance(shards, dict) and all(isinstance(r, dict) for r in shards.values()) \
+            and isinstance(data.get("sources"), dict):
         return data
     if isinstance(data.get("recipe_digest"), str) and isinstance(data.get("completed"), list):
         return {"format": "older"}
@@ -739,11 +751,13 @@ class StagingFolder:
         planned now and the CRC-32 the journal recorded. Others are removed, to be redone, with a note."""
         listed = self._journal.get("shards", {})
         good = {s.file_name for s in shards if s.file_name in listed and self._shard_matches(s, metadata, listed[s.file_name])}
-        damaged = sorted(set(listed) - good)
+        damaged = [s.file_name for s in shards if s.file_name in listed and s.file_name not in good]
         if damaged:
             self.notes.append(f"{len(damaged)} finished shard(s) changed since they were written and are redone: {', '.join(damaged)}")
-            for name in damaged:
-                self._remove(name)
+        if set(listed) != good:
+            for entry in os.scandir(self._fd):  # names as they are in the folder, never the journal's text
+                if entry.name in listed and entry.name not in good:
+                    self._remove(entry.name)
             self._journal["shards"] = {name: listed[name] for name in sorted(good)}
             self._write_journal()
         return good

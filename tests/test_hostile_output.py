@@ -551,3 +551,22 @@ def test_the_identity_of_an_input_that_is_not_a_regular_file_is_refused(tmp_path
     os.mkfifo(fifo)
     with pytest.raises(BadInput, match="not a regular file"):
         writer_module.file_identity(fifo)
+
+
+def test_a_tampered_journal_never_removes_or_publishes_other_files(setup, tmp_path, monkeypatch):
+    """Names in the journal that are no planned shard (a path out of the folder, a stray file) are
+    neither removed outside the staging folder nor published."""
+    recipe, target, reference = setup
+    interrupted_after(recipe, "marked:2", monkeypatch)
+    outside = tmp_path / "outside.txt"
+    outside.write_text("keep")
+    journal_path = staging_of(target) / "progress.json"
+    journal = json.loads(journal_path.read_text())
+    journal["shards"]["../../outside.txt"] = {"size": 4, "crc32": 0}
+    journal["shards"]["stray.txt"] = {"size": 4, "crc32": 0}
+    journal_path.write_text(json.dumps(journal))
+    (staging_of(target) / "stray.txt").write_text("stray")
+    result = invoke("merge", recipe, "--resume", "--quiet")
+    assert result.exit_code == 0, result.stderr
+    assert outside.read_text() == "keep"
+    assert tree(target) == reference
