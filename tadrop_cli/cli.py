@@ -24,7 +24,7 @@ from typer.core import TyperCommand, TyperGroup
 
 from . import __version__, interrupts
 from .engine import MergeOptions, dry_run, plan_only, reuse_freed_memory, run_merge
-from .errors import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, BadInput, TadropError, printable
+from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, BadInput, TadropError, printable
 from .methods import METHODS
 from .recipe import load_recipe
 from .verify import verify_checkpoint
@@ -141,7 +141,8 @@ class RichProgress:
 
     def start(self, phase: str, total_tensors: int, total_bytes: int) -> None:
         # imported here: a quiet or piped run draws no bar, and rich.progress takes ~25 ms to import
-        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                                   TransferSpeedColumn)
 
         self.finish()  # a fresh bar per phase: the finished one stays on screen once, as it ended
         self._bar = Progress(
@@ -283,7 +284,8 @@ class PlainCommand(_Plain, TyperCommand):
 
 
 app = typer.Typer(
-    help=f"Merge fine-tuned checkpoints of one base model, with TADrop's tensor-wise adaptive sparsification.\n\n{EXIT_CODES}",
+    help="Merge fine-tuned checkpoints of one base model, with TADrop's tensor-wise adaptive sparsification."
+         f"\n\n{EXIT_CODES}",
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -312,12 +314,14 @@ def output_folder(out_dir: Optional[Path], output: Optional[Path]) -> Optional[P
 def dry_run_line(summary: dict) -> str:
     return (f"dry run: {summary['tensors']} tensors in {summary['shards']} shard(s) to {printable(summary['output'])}; "
             f"reads {_human_size(summary['bytes_to_read'])}, writes {_human_size(summary['bytes_to_write'])}, "
-            f"peak memory about {_human_size(summary['estimated_peak_memory_bytes'])}, about {summary['estimated_seconds']} s")
+            f"peak memory about {_human_size(summary['estimated_peak_memory_bytes'])}, "
+            f"about {summary['estimated_seconds']} s")
 
 
 def merged_line(summary: dict) -> str:
     return (f"merged {summary['tensors']} tensors ({_human_size(summary['bytes_written'])}) into "
-            f"{printable(summary['output'])} in {summary['seconds']:.1f} s, peak memory {_human_size(summary['peak_rss_bytes'])}")
+            f"{printable(summary['output'])} in {summary['seconds']:.1f} s, "
+            f"peak memory {_human_size(summary['peak_rss_bytes'])}")
 
 
 def _say_notes(notes: list[str]) -> None:
@@ -330,11 +334,15 @@ def merge(
     recipe: Path = typer.Argument(..., metavar="RECIPE", help="The YAML recipe."),
     out_dir: Optional[Path] = typer.Argument(None, metavar="OUT_DIR", show_default=False,
                                              help="Output folder, as mergekit takes it (the same as --output)."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", metavar="DIR", help="Output folder (overrides output.path)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder (only once the new one is complete)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", metavar="DIR",
+                                          help="Output folder (overrides output.path)."),
+    overwrite: bool = typer.Option(False, "--overwrite",
+                                   help="Replace an existing output folder (only once the new one is complete)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted merge from its finished shards."),
-    dry: bool = typer.Option(False, "--dry-run", help="Check the recipe and every input header, print what would be written, write nothing."),
-    device: Optional[str] = typer.Option(None, "--device", metavar="DEVICE", help="auto, cpu, cuda or cuda:N (overrides the recipe)."),
+    dry: bool = typer.Option(False, "--dry-run", help="Check the recipe and every input header, print what would be "
+                                                      "written, write nothing."),
+    device: Optional[str] = typer.Option(None, "--device", metavar="DEVICE",
+                                         help="auto, cpu, cuda or cuda:N (overrides the recipe)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary on stderr."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
 ) -> None:
@@ -372,7 +380,8 @@ PLAN_HEADER = ["model", "tensor", "elements", "score", "s", "base p", "p", "why"
 
 def plan_rows(result) -> list[list[str]]:
     return [[row.model, row.tensor, f"{row.numel:,}", "" if row.score is None else f"{row.score:.4g}",
-             "" if row.normalized is None else f"{row.normalized:.2f}", f"{row.base_ratio:.3f}", f"{row.ratio:.3f}", row.reason]
+             "" if row.normalized is None else f"{row.normalized:.2f}", f"{row.base_ratio:.3f}", f"{row.ratio:.3f}",
+             row.reason]
             for row in result.rows]
 
 
@@ -381,15 +390,17 @@ def plan_csv(result) -> str:
     writer = csv.writer(buffer)
     writer.writerow(["model", "tensor", "numel", "score", "normalized", "base_ratio", "ratio", "reason"])
     for row in result.rows:  # CSV quotes any cell; control characters shown as escapes all the same
-        writer.writerow([printable(row.model), printable(row.tensor), row.numel, "" if row.score is None else f"{row.score:.6g}",
-                         "" if row.normalized is None else f"{row.normalized:.4f}", f"{row.base_ratio:.4f}", f"{row.ratio:.4f}",
-                         printable(row.reason)])
+        writer.writerow([printable(row.model), printable(row.tensor), row.numel,
+                         "" if row.score is None else f"{row.score:.6g}",
+                         "" if row.normalized is None else f"{row.normalized:.4f}",
+                         f"{row.base_ratio:.4f}", f"{row.ratio:.4f}", printable(row.reason)])
     return buffer.getvalue()
 
 
 def plan_model_lines(result) -> str:
     return "".join(
-        f"{printable(m.model)}: mean drop {m.mean_ratio:.4f} (uniform {m.mean_base_ratio:.4f}), range {m.min_ratio:.3f}-{m.max_ratio:.3f}, "
+        f"{printable(m.model)}: mean drop {m.mean_ratio:.4f} (uniform {m.mean_base_ratio:.4f}), "
+        f"range {m.min_ratio:.3f}-{m.max_ratio:.3f}, "
         f"{m.adaptive_tensors} adaptive tensors" + ("" if m.budget_met else ", budget NOT met (clipping)") + "\n"
         for m in result.models)
 
@@ -415,8 +426,9 @@ def plan(
         elif as_csv:
             write_stdout(plan_csv(result))
         else:
-            write_stdout(table_text(f"{loaded.merge_method} plan: drop ratio per tensor", PLAN_HEADER, plan_rows(result),
-                                    right={"elements", "score", "s", "base p", "p"}, folded={"model", "tensor"})
+            write_stdout(table_text(f"{loaded.merge_method} plan: drop ratio per tensor", PLAN_HEADER,
+                                    plan_rows(result), right={"elements", "score", "s", "base p", "p"},
+                                    folded={"model", "tensor"})
                          + plan_model_lines(result))
 
     _run(action)
@@ -440,10 +452,11 @@ def methods(as_json: bool = typer.Option(False, "--json", help="Print as JSON.")
             _print_json(rows)
             return
         cells = [[row["name"], row["description"], row["tadrop"],
-                  ", ".join(f"{name}={spec['default']}" + ("*" if spec["per_model"] else "") for name, spec in row["parameters"].items())]
+                  ", ".join(f"{name}={spec['default']}" + ("*" if spec["per_model"] else "")
+                            for name, spec in row["parameters"].items())]
                  for row in rows]
-        write_stdout(table_text("merge methods", ["method", "what it does", "TADrop enters", "parameters (default)"], cells,
-                                folded={"method", "parameters (default)"})
+        header = ["method", "what it does", "TADrop enters", "parameters (default)"]
+        write_stdout(table_text("merge methods", header, cells, folded={"method", "parameters (default)"})
                      + "* per-model parameter: set under parameters globally, per model, or per tensor filter\n")
 
     _run(action)
@@ -470,13 +483,15 @@ def _version(value: bool) -> None:
     if value:
         from . import kernels
 
-        line = f"tadrop {__version__} (CPU kernels: {'built' if kernels.available() else 'not built, PyTorch runs every merge'})\n"
+        built = "built" if kernels.available() else "not built, PyTorch runs every merge"
+        line = f"tadrop {__version__} (CPU kernels: {built})\n"
         _run(lambda: write_stdout(line))
         raise typer.Exit()
 
 
 @app.callback()
-def main_options(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version.")) -> None:
+def main_options(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                              help="Show the version.")) -> None:
     pass
 
 

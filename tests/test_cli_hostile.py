@@ -69,7 +69,8 @@ def hostile(tmp_path: Path) -> tuple[Path, Path]:
     tuned = fine_tune(base, 0)
     tuned["extra.[/x].\x1b[2J.weight"] = torch.zeros(4)
     folder = tmp_path / "in[v2][/x]"
-    models = {"base": write_checkpoint(folder / "base", base), "ft0": write_checkpoint(folder / "ft[v2]\x1b[31m0", tuned)}
+    models = {"base": write_checkpoint(folder / "base", base),
+              "ft0": write_checkpoint(folder / "ft[v2]\x1b[31m0", tuned)}
     output = tmp_path / "out[v2]"
     return write_recipe(tmp_path, basic_recipe(models, output, method="ties", tadrop={})), output
 
@@ -162,7 +163,8 @@ def test_summary_and_dry_run_lines_never_wrap_when_piped(models, tmp_path):
     assert dry.returncode == 0 and one_line(dry.stderr).startswith("dry run: 9 tensors in 1 shard(s) to "), dry.stderr
     assert str(output) in dry.stderr
     merged = run_cli("merge", str(recipe), env={"COLUMNS": "80"})
-    assert merged.returncode == 0 and one_line(merged.stderr).startswith(f"merged 9 tensors (116.0 KB) into {output} in ")
+    assert merged.returncode == 0
+    assert one_line(merged.stderr).startswith(f"merged 9 tensors (116.0 KB) into {output} in ")
 
 
 def test_methods_piped_is_a_whole_tab_separated_table():
@@ -181,7 +183,8 @@ def test_methods_piped_is_a_whole_tab_separated_table():
 def test_plan_piped_keeps_long_tensor_names_whole(tmp_path):
     long_name = "model.layers.0." + "very_long_module_name_" * 6 + "weight"
     base = {long_name: torch.randn(64, 64, generator=torch.Generator().manual_seed(0))}
-    models = {"base": write_checkpoint(tmp_path / "base", base), "ft0": write_checkpoint(tmp_path / "ft0", fine_tune(base, 0))}
+    models = {"base": write_checkpoint(tmp_path / "base", base),
+              "ft0": write_checkpoint(tmp_path / "ft0", fine_tune(base, 0))}
     recipe = write_recipe(tmp_path, basic_recipe(models, tmp_path / "out", method="ties", tadrop={}))
     result = run_cli("plan", str(recipe), env={"COLUMNS": "80"})
     assert result.returncode == 0, result.stderr
@@ -256,7 +259,8 @@ def test_positional_out_dir_as_mergekit_takes_it(recipe, tmp_path):
     assert same.exit_code == 0, same.stderr
     both = invoke("merge", path, tmp_path / "a", "-o", tmp_path / "b")
     assert both.exit_code == 2
-    assert one_line(both.stderr) == f"error: OUT_DIR {tmp_path / 'a'} and --output {tmp_path / 'b'} name different folders: give one of them"
+    assert one_line(both.stderr) == (f"error: OUT_DIR {tmp_path / 'a'} and --output {tmp_path / 'b'} "
+                                     "name different folders: give one of them")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
@@ -309,8 +313,10 @@ class Recorder:
 def test_a_large_tensor_moves_the_bar_slice_by_slice(tmp_path):
     """A tensor of 3 slices reports each slice before the tensor is done; the bytes add up."""
     rows = 3 * engine.CHUNK_ELEMENTS // 1024
-    base = {"big.weight": torch.randn(rows, 1024, generator=torch.Generator().manual_seed(0)), "small.bias": torch.zeros(8)}
-    models = {"base": write_checkpoint(tmp_path / "base", base), "ft0": write_checkpoint(tmp_path / "ft0", fine_tune(base, 0))}
+    base = {"big.weight": torch.randn(rows, 1024, generator=torch.Generator().manual_seed(0)),
+            "small.bias": torch.zeros(8)}
+    models = {"base": write_checkpoint(tmp_path / "base", base),
+              "ft0": write_checkpoint(tmp_path / "ft0", fine_tune(base, 0))}
     from tadrop_cli.recipe import load_recipe
 
     recipe = load_recipe(write_recipe(tmp_path, basic_recipe(models, tmp_path / "out", method="ties")))
@@ -323,7 +329,8 @@ def test_a_large_tensor_moves_the_bar_slice_by_slice(tmp_path):
 
 def _console_output(monkeypatch) -> io.StringIO:
     buffer = io.StringIO()
-    monkeypatch.setattr(cli, "err", cli.Console(file=buffer, force_terminal=True, width=120, highlight=False, markup=False))
+    console = cli.Console(file=buffer, force_terminal=True, width=120, highlight=False, markup=False)
+    monkeypatch.setattr(cli, "err", console)
     return buffer
 
 
@@ -356,7 +363,8 @@ def test_interrupt_while_scoring_says_no_shard_was_finished(tmp_path, models, mo
     monkeypatch.setattr(engine, "build_plan", stop)
     result = invoke("merge", path, "-q")
     assert result.exit_code == 130
-    assert one_line(result.stderr) == "interrupted: nothing was published, and no shard was finished; run again to start over"
+    assert one_line(result.stderr) == ("interrupted: nothing was published, and no shard was finished; "
+                                       "run again to start over")
 
 
 def test_interrupt_after_two_shards_says_resume_keeps_them(tmp_path, models, monkeypatch):
@@ -375,7 +383,8 @@ def test_interrupt_after_two_shards_says_resume_keeps_them(tmp_path, models, mon
     monkeypatch.setattr(writer.StagingFolder, "mark_complete", mark_then_stop)
     result = invoke("merge", path, "-q")
     assert result.exit_code == 130
-    assert one_line(result.stderr) == "interrupted: nothing was published; 2 finished shards kept: run again with --resume to continue from them"
+    assert one_line(result.stderr) == ("interrupted: nothing was published; 2 finished shards kept: "
+                                       "run again with --resume to continue from them")
 
 
 def test_interrupt_of_plan_says_only_interrupted(tmp_path, models, monkeypatch):
@@ -519,7 +528,8 @@ def test_a_blocking_open_by_python_is_interrupted(tmp_path):
         "    except KeyboardInterrupt:\n"
         "        print('interrupted', flush=True)\n"
     )
-    proc = subprocess.Popen([sys.executable, str(script)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.stdout.readline() == "opening\n"
     time.sleep(0.3)
