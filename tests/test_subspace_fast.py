@@ -138,7 +138,9 @@ def test_randomized_route_gives_up_on_a_flat_spectrum(monkeypatch):
     u, s, vh = subspace.top_fast(matrix, 10, subspace.null_tolerance(matrix), seed=1)
     assert calls == [False]
     tu, ts, _ = ref.top_triplets(matrix.double().numpy(), 10)
-    assert sin_largest_angle(u.double().numpy(), tu) < 1e-5
+    # the Gram route's float32 eigensolver (sigma_10 > sigma_1 / 4): within 2x a float32 SVD's error
+    single = torch.linalg.svd(matrix, full_matrices=False)[0][:, :10].double().numpy()
+    assert sin_largest_angle(u.double().numpy(), tu) < 2 * max(sin_largest_angle(single, tu), 1e-6)
 
 
 def test_iso_cts_task_directions_take_the_randomized_route(monkeypatch):
@@ -173,6 +175,13 @@ def test_fast_route_is_seeded_and_independent_of_task_order(monkeypatch):
     torch.testing.assert_close(shuffled, first, atol=1e-6, rtol=0)
 
 
+def through_registry(method: str, tasks, exact: bool) -> torch.Tensor:
+    """The method as the engine calls it (base 0, lambda 1); the default route unless exact."""
+    tvs = [TaskVector(torch.from_numpy(t.astype(np.float32)), density=1 / len(tasks)) for t in tasks]
+    params = {"lambda": 1.0, **({"exact_svd": True} if exact else {})}
+    return METHODS[method].merge(torch.zeros(tasks[0].shape), tvs, **params)
+
+
 @pytest.mark.parametrize("exact", [False, True])
 @pytest.mark.parametrize("method", ["tsv_m", "iso_c", "iso_cts"])
 def test_huge_task_vectors_merge_as_scaled_ones(method, exact):
@@ -182,8 +191,8 @@ def test_huge_task_vectors_merge_as_scaled_ones(method, exact):
     tolerance kept no direction) and Iso-C NaN."""
     rng = np.random.default_rng(19)
     tasks = [rng.normal(size=(40, 30)) for _ in range(3)]
-    small = merged(method, tasks, exact)
-    huge = merged(method, [t * 2.0**120 for t in tasks], exact)
+    small = through_registry(method, tasks, exact)
+    huge = through_registry(method, [t * 2.0**120 for t in tasks], exact)
     assert bool(torch.isfinite(huge).all())
     torch.testing.assert_close(huge / 2.0**120, small, atol=1e-6, rtol=1e-5)
     assert float(small.abs().max()) > 0.1
@@ -198,7 +207,7 @@ def test_non_finite_task_vectors_give_nan_not_a_quiet_result(method, bad):
     tasks = [np.random.default_rng(23).normal(size=(20, 16)) for _ in range(2)]
     tasks[1][3, 4] = bad
     for exact in (False, True):
-        assert bool(torch.isnan(merged(method, tasks, exact)).all())
+        assert bool(torch.isnan(through_registry(method, tasks, exact)).all())
 
 
 @pytest.mark.parametrize("method", ["tsv_m", "iso_cts"])
