@@ -511,6 +511,52 @@ def config_files(folder: Optional[Path]) -> list[Path]:
     return files
 
 
+def _module_folder(folder: Path, modules: Path, entry: Any) -> Optional[Path]:
+    """The folder of one sentence-transformers module named in modules.json (None: the module
+    lives in the base folder itself, or its folder is absent, as Normalize's often is)."""
+    relative = entry.get("path") if isinstance(entry, dict) else None
+    if not isinstance(relative, str):
+        raise BadInput(f"{modules}: each module needs a 'path' string")
+    if relative in ("", "."):
+        return None
+    if Path(relative).is_absolute() or len(Path(relative).parts) != 1 or relative == "..":
+        raise BadInput(f"{modules}: module path {relative!r} is not a folder directly inside the base folder; tadrop will not copy it")
+    candidate = folder / relative
+    if not os.path.lexists(candidate):
+        return None
+    if candidate.is_symlink():
+        raise BadInput(f"{candidate}: a module folder that is a link; tadrop will not copy it into the output")
+    if not candidate.is_dir():
+        raise BadInput(f"{modules}: module path {relative!r} is not a folder")
+    return candidate
+
+
+def module_files(folder: Optional[Path]) -> list[tuple[Path, str]]:
+    """The files of the module folders a sentence-transformers model's modules.json names
+    (1_Pooling/, 2_Dense/, ...), as (file, path in the output): without them the output does not
+    load as a SentenceTransformer. Never code (*.py), never a link out of the base folder, never a
+    folder deeper than one level."""
+    if folder is None or not os.path.lexists(folder / "modules.json"):
+        return []
+    modules = folder / "modules.json"
+    if _escapes(modules, folder):
+        raise BadInput(f"{modules}: a link that points outside its folder; tadrop will not copy it into the output")
+    entries = parse_json(read_text_file(modules), str(modules))
+    if not isinstance(entries, list):
+        raise BadInput(f"{modules}: expected a list of modules")
+    files = []
+    for entry in entries:
+        module = _module_folder(folder, modules, entry)
+        for file in sorted(module.iterdir()) if module is not None else ():
+            if file.suffix == ".py" or (file.is_dir() and not file.is_symlink()):
+                continue
+            if _escapes(file, folder):
+                raise BadInput(f"{file}: a link that points outside its folder; tadrop will not copy it into the output")
+            check_regular(file)
+            files.append((file, f"{module.name}/{file.name}"))
+    return files
+
+
 def _as_number(digits: str) -> tuple[int, str]:
     """A key that orders digit strings as the numbers they spell, without int() (which refuses
     over 4,300 digits): fewer significant digits first, then digit by digit."""

@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 from pydantic import ValidationError
 
-from .checkpoint import Checkpoint, config_files, layer_positions, open_checkpoint, tensor_order
+from .checkpoint import Checkpoint, config_files, layer_positions, module_files, open_checkpoint, tensor_order
 from .dtypes import FLOATS
 from .errors import BadInput
 from .recipe import ModelEntry, Recipe, TadropSettings, source_identity, value_for_tensor
@@ -54,6 +54,8 @@ class Layout:
     positions: dict[str, Optional[float]]
     notes: list[str] = field(default_factory=list)
     config_files: list[Path] = field(default_factory=list)  # copied from the reference into the output
+    # files of a sentence-transformers model's module folders: (file, its path in the output, "1_Pooling/config.json")
+    module_files: list[tuple[Path, str]] = field(default_factory=list)
 
     def model_parameter(self, model: ModelInput, name: str, tensor: str, missing: Any = None) -> Any:
         """A per-model parameter for one tensor: the model's value, else the recipe's, else the
@@ -140,7 +142,10 @@ def build_layout(recipe: Recipe) -> Layout:
             extra = sorted(set(model.checkpoint.tensors) - set(reference.tensors))
             if extra:
                 notes.append(f"{model.label}: {len(extra)} tensor(s) not in the base are ignored (e.g. {extra[0]})")
-        layout = Layout(recipe, reference, models, jobs, layer_positions(names), notes, configs)
+        modules = module_files(reference.folder)
+        notes.extend(f"{relative}: copied from {reference.label} as it is (weights outside the model files are not merged)"
+                     for _, relative in modules if relative.endswith((".safetensors", ".bin", ".pt", ".pth")))
+        layout = Layout(recipe, reference, models, jobs, layer_positions(names), notes, configs, modules)
         check_linear_weights(layout)
         return layout
     except BaseException:
