@@ -6,13 +6,14 @@ so it is also what `--dry-run` checks.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from pydantic import ValidationError
 
-from .checkpoint import Checkpoint, config_files, layer_positions, module_files, open_checkpoint, tensor_order
+from .checkpoint import Checkpoint, config_files, layer_positions, module_files, open_checkpoint, shown_name, tensor_order
 from .dtypes import FLOATS
 from .errors import BadInput
 from .recipe import ModelEntry, Recipe, TadropSettings, source_identity, value_for_tensor
@@ -135,6 +136,8 @@ def build_layout(recipe: Recipe) -> Layout:
             reference = models[0].checkpoint
         if not models:
             raise BadInput("models: no model other than the base to merge")
+        for model in models:
+            check_shares_tensors(model.checkpoint, reference)
         configs = config_files(reference.folder)  # listed (and links refused) now, not after the merge
         names = tensor_order(list(reference.tensors))
         jobs = [_tensor_job(recipe, reference, models, name, notes) for name in names]
@@ -152,6 +155,28 @@ def build_layout(recipe: Recipe) -> Layout:
         for checkpoint in opened:
             checkpoint.close()
         raise
+
+
+ADAPTER_TENSOR = re.compile(r"\.(lora|ia3|hada|lokr)_")  # PEFT's names: ...q_proj.lora_A.weight, ...ia3_l
+
+
+def _looks_like_adapter(checkpoint: Checkpoint) -> bool:
+    """A PEFT adapter: adapter_config.json beside the weights, or LoRA-style tensor names."""
+    if checkpoint.folder is not None and (checkpoint.folder / "adapter_config.json").exists():
+        return True
+    return any(ADAPTER_TENSOR.search(name) for name in checkpoint.tensors)
+
+
+def check_shares_tensors(model: Checkpoint, reference: Checkpoint) -> None:
+    """A model that has no tensor name of the base is not a fine-tune of it: an adapter, another
+    architecture, or differently prefixed names. Refused, rather than skipped tensor by tensor."""
+    if model is reference or not set(model.tensors).isdisjoint(reference.tensors):
+        return
+    if _looks_like_adapter(model):
+        raise BadInput(f"{model.label}: looks like a PEFT/LoRA adapter: tadrop does not take adapters yet "
+                       f"(merge the adapter into its base model first, e.g. PEFT's merge_and_unload)")
+    raise BadInput(f"{model.label}: shares no tensor name with the base {reference.label} "
+                   f"(e.g. {shown_name(min(model.tensors))} vs {shown_name(min(reference.tensors))}); not a fine-tune of it")
 
 
 def check_linear_weights(layout: Layout) -> None:
@@ -174,7 +199,9 @@ def _tensor_job(recipe: Recipe, reference: Checkpoint, models: list[ModelInput],
     info = reference.tensors[name]
     mergeable = info.dtype in FLOATS
     job = TensorJob(OutputTensor(name, _output_dtype(recipe, info.dtype), info.shape), mergeable, [])
-    if not mergeable:
+    if not mergeable:  # integer buffers (position_ids, ...) are copied from the base: say so where a model lacks one
+        notes.extend(f"{model.label} lacks tensor {name} ({info.dtype}, not merged): the base's is written"
+                     for model in models if name not in model.checkpoint.tensors and model.checkpoint is not reference)
         return job
     for j, model in enumerate(models):
         other = model.checkpoint.tensors.get(name)

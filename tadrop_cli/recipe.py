@@ -188,7 +188,8 @@ def value_for_tensor(value: ParamValue, tensor_name: str, layer_position: Option
     """Resolve a mergekit parameter value for one tensor.
 
     Scalars apply everywhere; a list of {filter, value} takes the first entry whose
-    filter is a substring of the name (or has no filter); a list of numbers is a
+    filter is a substring of the name, case-sensitive, or is "*" or absent (mergekit's
+    rule: "*" is every tensor, not a glob); a list of numbers is a
     gradient, interpolated over the tensor's relative layer position (mergekit's rule:
     tensors outside numbered layers take the first value).
     """
@@ -196,7 +197,7 @@ def value_for_tensor(value: ParamValue, tensor_name: str, layer_position: Option
         return value
     if value and isinstance(value[0], ConditionalValue):
         for cond in value:
-            if cond.filter is None or cond.filter in tensor_name:
+            if cond.filter is None or cond.filter == "*" or cond.filter in tensor_name:
                 return cond.value
         return None
     if layer_position is None or len(value) == 1:

@@ -496,3 +496,65 @@ def test_sentence_transformers_output_loads(tmp_path):
     got, want = loaded.encode(["hello world"]), reference.encode(["hello world"])
     assert got.tolist() == want.tolist()
     assert abs(float((torch.tensor(got) ** 2).sum()) - 1) < 1e-5  # Normalize ran
+
+
+# ---------------------------------------------------------------- models that are not what they seem
+
+
+def test_peft_adapter_as_a_model_is_refused(tmp_path, recipe):
+    adapter = tmp_path / "my-adapter"
+    adapter.mkdir()
+    save_file({"base_model.model.model.layers.0.attn.lora_A.weight": torch.randn(8, 64),
+               "base_model.model.model.layers.0.attn.lora_B.weight": torch.zeros(64, 8)}, str(adapter / "adapter_model.safetensors"))
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
+    recipe["models"][1]["model"] = str(adapter)
+    line = merge_bad(tmp_path, recipe, "my-adapter", "PEFT/LoRA adapter")
+    assert "note" not in line
+
+
+def test_model_sharing_no_tensor_with_the_base_is_refused(tmp_path, recipe):
+    other = write_checkpoint(tmp_path / "other-arch", {"transformer.h.0.w": torch.randn(4, 4), "transformer.wte": torch.randn(8, 4)})
+    recipe["models"][1]["model"] = str(other)
+    recipe["policies"] = {"missing_tensor": "skip_model"}
+    merge_bad(tmp_path, recipe, "other-arch", "no tensor", "transformer.h.0.w", "model.embed.weight")
+
+
+def test_a_fine_tune_without_the_base_integer_buffers_is_noted(tmp_path, recipe, tiny_models):
+    file = tiny_models["base"] / "model.safetensors"
+    state = load_file(str(file))
+    state["model.embed.position_ids"] = torch.arange(32, dtype=torch.int64)
+    save_file(state, str(file))
+    file = tiny_models["ft0"] / "model.safetensors"
+    state = load_file(str(file))
+    state["model.embed.position_ids"] = torch.arange(32, dtype=torch.int64)
+    save_file(state, str(file))
+    summary = ok("merge", write_recipe(tmp_path, recipe))
+    notes = [n for n in summary["notes"] if "position_ids" in n]
+    assert len(notes) == 2 and all("base" in n for n in notes), summary["notes"]  # ft1 and ft2 lack it
+    assert any(str(tiny_models["ft1"]) in n for n in notes) and any(str(tiny_models["ft2"]) in n for n in notes)
+    merged = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    assert torch.equal(merged["model.embed.position_ids"], torch.arange(32))
+
+
+# ---------------------------------------------------------------- parameter filters
+
+
+def test_filter_star_matches_every_tensor():
+    """mergekit reads filter "*" as every tensor (and any other filter as a case-sensitive substring)."""
+    from tadrop_cli.recipe import ConditionalValue, value_for_tensor
+
+    value = [ConditionalValue(filter="*", value=0.3)]
+    assert value_for_tensor(value, "model.layers.0.mlp.weight", 0.0) == 0.3
+    ordered = [ConditionalValue(filter="mlp", value=0.7), ConditionalValue(filter="*", value=0.3)]
+    assert [value_for_tensor(ordered, n, None) for n in ("a.mlp.w", "a.attn.w", "a.MLP.w")] == [0.7, 0.3, 0.3]
+
+
+def test_filter_star_in_a_merge(tmp_path, recipe, tiny_models):
+    """weight [{filter: "*", value: 0}] for every model of a task arithmetic: the output is the base."""
+    recipe["merge_method"] = "task_arithmetic"
+    for entry in recipe["models"]:
+        entry["parameters"] = {"weight": [{"filter": "*", "value": 0.0}]}
+    ok("merge", write_recipe(tmp_path, recipe))
+    merged = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    base = load_file(str(tiny_models["base"] / "model.safetensors"))
+    assert all(torch.equal(merged[k], base[k]) for k in base)
