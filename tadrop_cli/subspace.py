@@ -89,9 +89,9 @@ def _gram64(matrix: torch.Tensor) -> torch.Tensor:
     return gram
 
 
-def _times64(matrix: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """matrix @ right in float64 (right: float64), returned in float32, a block of rows at a time."""
-    out = torch.empty(matrix.shape[0], right.shape[1], dtype=torch.float32, device=matrix.device)
+def _times64(matrix: torch.Tensor, right: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """matrix @ right in float64 (right: float64), returned in `dtype`, a block of rows at a time."""
+    out = torch.empty(matrix.shape[0], right.shape[1], dtype=dtype, device=matrix.device)
     for start in range(0, matrix.shape[0], _ROWS_PER_BLOCK):
         out[start:start + _ROWS_PER_BLOCK] = matrix[start:start + _ROWS_PER_BLOCK].double() @ right
     return out
@@ -326,29 +326,33 @@ def iso_cts_sizes(r: int, tasks: int, common_space_fraction: float) -> tuple[int
     return r - budget, budget
 
 
-def _polar_extended(basis: torch.Tensor, extra: torch.Tensor, tolerance: float) -> torch.Tensor:
+def polar_extended(basis: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
     """polar([basis, extra]) where `basis` (m x c) has orthonormal columns and `extra` (m x e) is
-    thin: the Gram is I + a part of rank <= 2e, [[0, C], [C^T, H]] with C = basis^T extra and
-    H = extra^T extra - I, so (I + E)^(-1/2) = I + Y (f(D) - I) Y^T from the eigendecomposition
-    of a 2e x 2e matrix (Y: an orthonormal basis of E's range). Exact, and O(m c e) instead of
-    an eigendecomposition of order c + e. Directions whose singular value is <= tolerance
-    (1 + d <= tolerance^2) are left out, as in polar()."""
+    thin: the Gram is I + E, E = [[0, C], [C^T, H]] with C = basis^T extra and H = extra^T
+    extra - I, of rank <= 2e. With C = Q R (Q: c x p, p = min(c, e)) and Y = blockdiag(Q, I_e),
+    E = Y M Y^T, M = [[0, R], [R^T, H]] (p + e square), so (I + E)^(-1/2) = I + Y Z (f(D) - I) Z^T Y^T from
+    M = Z D Z^T, f(d) = (1 + d)^(-1/2). Exact, for an eigendecomposition of order 2e instead
+    of c + e, in float64. Directions at rounding level are left out, as in polar()."""
     c, e = basis.shape[1], extra.shape[1]
-    cross = _times64(basis.T, extra.double()).double()  # c x e
-    q, r = torch.linalg.qr(cross)  # cross = q r, q: c x e orthonormal
-    small = torch.zeros(2 * e, 2 * e, dtype=torch.float64, device=basis.device)
-    small[:e, e:] = r
-    small[e:, :e] = r.T
-    small[e:, e:] = _gram64(extra) - torch.eye(e, dtype=torch.float64, device=basis.device)
-    d, z = torch.linalg.eigh(small)
-    ones = 1 + d
-    factor = torch.where(ones > tolerance * tolerance, ones.clamp_min(tolerance * tolerance).rsqrt(), torch.zeros_like(d)) - 1
-    # [basis, extra] @ (I + Y diag(factor) Y^T), Y = blockdiag(q, I_e) z
-    y_top, y_bottom = q @ z[:e], z[e:]
-    mapped = _times64(basis, y_top) .double() + _times64(extra, y_bottom).double()  # [basis, extra] Y
-    update = mapped * factor
-    left = torch.cat([basis, extra], dim=1)
-    return left + (update @ torch.cat([y_top, y_bottom]).T).float()
+    if c == 0:
+        return polar(extra)
+    if e == 0:
+        return basis.clone()
+    float64 = torch.float64
+    cross = _times64(basis.T, extra.double(), float64)
+    q, r = torch.linalg.qr(cross)  # q: c x p, r: p x e, p = min(c, e)
+    p = q.shape[1]
+    middle = torch.zeros(p + e, p + e, dtype=float64, device=basis.device)
+    middle[:p, p:], middle[p:, :p] = r, r.T
+    middle[p:, p:] = _gram64(extra) - torch.eye(e, dtype=float64, device=basis.device)
+    d, z = torch.linalg.eigh(middle)
+    values = 1 + d  # the Gram's eigenvalues off the identity
+    tolerance = _EPS32 * max(basis.shape[0], c + e) * float(values.max().clamp_min(1).sqrt())
+    factor = torch.where(values > tolerance * tolerance, values.clamp_min(tolerance * tolerance).rsqrt(), torch.zeros_like(values)) - 1
+    y_top, y_bottom = q @ z[:p], z[p:]  # Y Z, split by the rows of basis and of extra
+    mapped = _times64(basis, y_top, float64) + _times64(extra, y_bottom, float64)  # [basis, extra] Y Z
+    update = (mapped * factor) @ torch.cat([y_top, y_bottom]).T
+    return (torch.cat([basis, extra], dim=1).double() + update).float()
 
 
 @_scaled
@@ -388,5 +392,10 @@ def iso_cts_merge(deltas: Sequence[torch.Tensor], densities: Sequence[float], co
     if exact_svd:
         u_perp, vh_perp = orthogonalize(u_all), orthogonalize(vh_all)
     else:
-        u_perp, vh_perp = polar(u_all), polar(vh_all)
+        # U: the task directions are orthogonal to the common ones by construction, so the Gram is
+        # nearly the identity plus a few rows and columns: a low-rank update. V has no such
+        # structure (V_c^T V_t is not small, the Gram can be ill-conditioned, and the common
+        # basis's float32 rounding would be amplified there: 1e-5 seen): the full Gram.
+        c = us[0].shape[1]
+        u_perp, vh_perp = polar_extended(u_all[:, :c], u_all[:, c:]), polar(vh_all)
     return (u_perp @ vh_perp).mul_(spectrum.sum() / asked)

@@ -243,3 +243,15 @@ def test_exact_svd_is_a_recipe_parameter_that_selects_the_float32_svds(method, m
     assert used == []  # the fast route takes no SVD at all
     METHODS[method].merge(torch.zeros(12, 10), tvs(), **{"lambda": 1.0, "exact_svd": True})
     assert used
+
+
+@pytest.mark.parametrize("m,c,e", [(50, 30, 8), (60, 40, 20), (30, 4, 10), (30, 0, 5), (30, 10, 0)])
+def test_polar_extended_is_the_polar_factor(m, c, e):
+    """Iso-CTS's left Procrustes factor by a low-rank update of an orthonormal basis, against the SVD's."""
+    rng = np.random.default_rng(m + c + e)
+    basis = torch.from_numpy(np.linalg.qr(rng.normal(size=(m, c)))[0].astype(np.float32)) if c else torch.zeros(m, 0)
+    extra = torch.from_numpy((rng.normal(size=(m, e)) * 0.3).astype(np.float32))
+    full = torch.cat([basis, extra], dim=1)
+    expected = ref.polar(full.double().numpy())
+    np.testing.assert_allclose(subspace.polar_extended(basis, extra).double().numpy(), expected, atol=2e-6)
+    np.testing.assert_allclose(subspace.polar(full).double().numpy(), expected, atol=2e-6)
