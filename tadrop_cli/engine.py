@@ -504,6 +504,9 @@ def _merge_into(layout: Layout, staging: StagingFolder, done: dict[str, dict], d
     for file in layout.config_files:  # from the base, or the first model of a linear merge
         staging.copy_in(file)
         copied.append(file.name)
+    for file, relative in layout.module_files:  # a sentence-transformers base's module folders (1_Pooling/...)
+        staging.copy_in(file, relative)
+        copied.append(relative)
 
     return {
         "method": layout.recipe.merge_method,

@@ -9,6 +9,7 @@ interrupted merge never looks finished and can be resumed. No maths here.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -16,6 +17,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import struct
@@ -237,14 +239,31 @@ def _made_by_tadrop(name: str, folder_fd: int) -> bool:
         return False
 
 
+def _module_folder(name: str, folder_fd: int) -> bool:
+    """A sentence-transformers module folder as tadrop copies one ("1_Pooling"): regular files only."""
+    if not re.fullmatch(r"\d+_\w+", name):
+        return False
+    try:
+        fd = _open_folder(name, folder_fd)
+    except OSError:
+        return False
+    try:
+        return all(entry.is_file(follow_symlinks=False) for entry in os.scandir(fd))
+    finally:
+        os.close(fd)
+
+
 def _not_a_model_output(folder_fd: int) -> Optional[str]:
     """Why the opened folder does not look like a model output that may be replaced; None where it does:
-    an empty folder, or regular files only among which safetensors with an index or tadrop's metadata."""
+    an empty folder, or regular files only (and module folders of them) among which safetensors with an
+    index or tadrop's metadata."""
     entries = list(os.scandir(folder_fd))
     for entry in entries:
         if entry.is_symlink():
             return f"holds a link ({entry.name})"
         if entry.is_dir(follow_symlinks=False):
+            if _module_folder(entry.name, folder_fd):  # a sentence-transformers module's, as tadrop copies them
+                continue
             return f"holds a folder ({entry.name})"
         if not entry.is_file(follow_symlinks=False):
             return f"holds {entry.name}, which is not a regular file"
@@ -781,16 +800,36 @@ class StagingFolder:
     def write_json(self, name: str, data: object) -> None:
         self._write_file(name, json.dumps(data, indent=2).encode())
 
-    def copy_in(self, source: Path) -> None:
-        """Copy a config file of the inputs into the output (created new, never through a link)."""
-        self._remove(source.name)
+    def copy_in(self, source: Path, relative: Optional[str] = None) -> None:
+        """Copy a config file of the inputs into the output (created new, never through a link); `relative`:
+        its path in the output where that is a folder one level down ("1_Pooling/config.json", a
+        sentence-transformers module's; layout.module_files checked the name)."""
+        folder, _, name = (relative or source.name).rpartition("/")
+        if not folder:
+            self._remove(name)
         try:
-            with os.fdopen(_open_input(source), "rb") as original, open(source.name, "wb", opener=_creating_in(self._fd)) as copy:
-                shutil.copyfileobj(original, copy, 1 << 20)
-                copy.flush()
-                os.fsync(copy.fileno())
+            folder_fd = self._subfolder(folder) if folder else self._fd
+            try:
+                if folder:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(name, dir_fd=folder_fd)  # a stale copy from an earlier run (a link: itself)
+                with os.fdopen(_open_input(source), "rb") as original, open(name, "wb", opener=_creating_in(folder_fd)) as copy:
+                    shutil.copyfileobj(original, copy, 1 << 20)
+                    copy.flush()
+                    os.fsync(copy.fileno())
+            finally:
+                if folder:
+                    os.close(folder_fd)
         except OSError as error:
-            raise WriteError(_describe_os_error(error, self.path / source.name)) from None
+            raise WriteError(_describe_os_error(error, self.path / (relative or source.name))) from None
+
+    def _subfolder(self, name: str) -> int:
+        """An opened folder inside the staging folder, made if absent, never reached through a link."""
+        try:
+            os.mkdir(name, 0o755, dir_fd=self._fd)
+        except FileExistsError:
+            pass
+        return _open_folder(name, self._fd)
 
     # -- publishing
 

@@ -475,8 +475,6 @@ def test_module_files_deep_or_duplicate_json(tmp_path):
         checkpoint_module.module_files(base)
 
 
-@pytest.mark.xfail(strict=True, reason="the engine copies config files to the output's top only: it must also copy "
-                                       "Layout.module_files (file, '1_Pooling/config.json') into their folders")
 def test_sentence_transformers_output_loads(tmp_path):
     from sentence_transformers import SentenceTransformer
 
@@ -496,6 +494,9 @@ def test_sentence_transformers_output_loads(tmp_path):
     got, want = loaded.encode(["hello world"]), reference.encode(["hello world"])
     assert got.tolist() == want.tolist()
     assert abs(float((torch.tensor(got) ** 2).sum()) - 1) < 1e-5  # Normalize ran
+    # the output is a model output that --overwrite may replace, module folder and all
+    ok("merge", write_recipe(tmp_path, recipe), "--overwrite")
+    assert (merged / "1_Pooling" / "config.json").read_text() == (base / "1_Pooling" / "config.json").read_text()
 
 
 # ---------------------------------------------------------------- models that are not what they seem
