@@ -235,7 +235,7 @@ def _made_by_tadrop(name: str, folder_fd: int) -> bool:
         length = struct.unpack("<Q", data[:8])[0]
         metadata = json.loads(data[8:8 + length]).get("__metadata__") or {}
         return "tadrop_version" in metadata
-    except (OSError, ValueError, struct.error, AttributeError):
+    except (OSError, ValueError, struct.error, AttributeError, RecursionError):  # RecursionError: nested too deep
         return False
 
 
@@ -358,12 +358,12 @@ def recorded_recipe_digest(folder: Path) -> Optional[str]:
     try:
         try:
             return json.loads(_read_regular("model.safetensors.index.json", fd))["metadata"]["recipe_sha256"]
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, RecursionError):
             pass
         try:
             data = _read_regular("model.safetensors", fd, 1 << 20)
             return json.loads(data[8:8 + struct.unpack("<Q", data[:8])[0]])["__metadata__"]["recipe_sha256"]
-        except (OSError, ValueError, KeyError, TypeError, struct.error):
+        except (OSError, ValueError, KeyError, TypeError, struct.error, RecursionError):
             return None
     finally:
         os.close(fd)
@@ -542,7 +542,7 @@ def _read_journal(folder_fd: int) -> Optional[dict]:
     None where there is none, or it is not tadrop's."""
     try:
         data = json.loads(_read_regular(JOURNAL, folder_fd))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: nested too deep, not tadrop's
         return None
     if not isinstance(data, dict):
         return None

@@ -559,3 +559,29 @@ def test_filter_star_in_a_merge(tmp_path, recipe, tiny_models):
     merged = load_file(str(tmp_path / "merged" / "model.safetensors"))
     base = load_file(str(tiny_models["base"] / "model.safetensors"))
     assert all(torch.equal(merged[k], base[k]) for k in base)
+
+
+def test_existing_output_with_a_deeply_nested_header(tmp_path, recipe):
+    """--overwrite reads the existing output's headers to see whether tadrop made it: a header nested
+    too deep for Python is not tadrop's, and is refused in one line."""
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(_safetensors_bytes(b'{"__metadata__": ' + b"[" * DEEP + b"]" * DEEP + b"}"))
+    merge_bad(tmp_path, recipe, str(out), "holds no model", extra=("--overwrite",))
+
+
+def test_staging_journal_nested_deep_is_not_tadrops(tmp_path, recipe):
+    """A journal beside the output nested too deep is treated as not tadrop's, never an internal error."""
+    ok("merge", write_recipe(tmp_path, recipe), "--dry-run")
+    from tadrop_cli import writer
+
+    folder = tmp_path / "journal-here"
+    folder.mkdir()
+    (folder / writer.JOURNAL).write_text("[" * DEEP + "]" * DEEP)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        assert writer._read_journal(fd) is None
+    finally:
+        os.close(fd)
+    (folder / "model.safetensors.index.json").write_text('{"metadata": ' + "[" * DEEP + "]" * DEEP + "}")
+    assert writer.recorded_recipe_digest(folder) is None
