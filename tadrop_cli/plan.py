@@ -409,11 +409,11 @@ def _profiles(layout: Layout, job: TensorJob, device: str, models: list[tuple[in
         base, *tuned = read_all_float32([layout.reference, *(layout.models[j].checkpoint for j in in_torch)], job.name, device, start, stop)
         for j, tensor in zip(in_torch, tuned):
             delta = tensor.sub_(base).reshape(-1)
-            bits = delta.view(torch.int32) & 0x7FFFFFFF
-            if bool((bits >= 0x7F800000).any()):  # finite inputs (checked by the read) whose difference is not
+            buckets = (delta.view(torch.int32) & 0x7FFFFFFF) >> 16
+            slice_counts = _bincount(buckets)
+            if kernels.has_non_finite(slice_counts):  # finite inputs (checked by the read) whose difference is not
                 raise BadInput(f"{layout.models[j].label}: tensor {job.name}: the task vector (model - base) overflows float32")
-            buckets = bits >> 16
-            counts[j] += _bincount(buckets)
+            counts[j] += slice_counts
             if j in masses:
                 magnitudes = delta.double().abs_()
                 masses[j] += _bincount(buckets, magnitudes if powers[j] == 1 else magnitudes.square_())
