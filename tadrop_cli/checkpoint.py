@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import fcntl
 import json
-import math
 import mmap
 import os
 import re
@@ -520,7 +519,8 @@ def _module_folder(folder: Path, modules: Path, entry: Any) -> Optional[Path]:
     if relative in ("", "."):
         return None
     if Path(relative).is_absolute() or len(Path(relative).parts) != 1 or relative == "..":
-        raise BadInput(f"{modules}: module path {relative!r} is not a folder directly inside the base folder; tadrop will not copy it")
+        raise BadInput(f"{modules}: module path {relative!r} is not a folder directly inside the base folder; "
+                       f"tadrop will not copy it")
     candidate = folder / relative
     if not os.path.lexists(candidate):
         return None

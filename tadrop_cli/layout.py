@@ -13,7 +13,8 @@ from typing import Any, Optional
 
 from pydantic import ValidationError
 
-from .checkpoint import Checkpoint, config_files, layer_positions, module_files, open_checkpoint, shown_name, tensor_order
+from .checkpoint import (Checkpoint, config_files, layer_positions, module_files, open_checkpoint, shown_name,
+                         tensor_order)
 from .dtypes import FLOATS
 from .errors import BadInput
 from .recipe import ModelEntry, Recipe, TadropSettings, source_identity, value_for_tensor
@@ -146,7 +147,8 @@ def build_layout(recipe: Recipe) -> Layout:
             if extra:
                 notes.append(f"{model.label}: {len(extra)} tensor(s) not in the base are ignored (e.g. {extra[0]})")
         modules = module_files(reference.folder)
-        notes.extend(f"{relative}: copied from {reference.label} as it is (weights outside the model files are not merged)"
+        notes.extend(f"{relative}: copied from {reference.label} as it is (weights outside the model files are not "
+                     f"merged)"
                      for _, relative in modules if relative.endswith((".safetensors", ".bin", ".pt", ".pth")))
         layout = Layout(recipe, reference, models, jobs, layer_positions(names), notes, configs, modules)
         check_linear_weights(layout)
@@ -176,7 +178,8 @@ def check_shares_tensors(model: Checkpoint, reference: Checkpoint) -> None:
         raise BadInput(f"{model.label}: looks like a PEFT/LoRA adapter: tadrop does not take adapters yet "
                        f"(merge the adapter into its base model first, e.g. PEFT's merge_and_unload)")
     raise BadInput(f"{model.label}: shares no tensor name with the base {reference.label} "
-                   f"(e.g. {shown_name(min(model.tensors))} vs {shown_name(min(reference.tensors))}); not a fine-tune of it")
+                   f"(e.g. {shown_name(min(model.tensors))} vs {shown_name(min(reference.tensors))}); "
+                   f"not a fine-tune of it")
 
 
 def check_linear_weights(layout: Layout) -> None:

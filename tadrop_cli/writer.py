@@ -813,7 +813,8 @@ class StagingFolder:
                 if folder:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(name, dir_fd=folder_fd)  # a stale copy from an earlier run (a link: itself)
-                with os.fdopen(_open_input(source), "rb") as original, open(name, "wb", opener=_creating_in(folder_fd)) as copy:
+                with os.fdopen(_open_input(source), "rb") as original, \
+                        open(name, "wb", opener=_creating_in(folder_fd)) as copy:
                     shutil.copyfileobj(original, copy, 1 << 20)
                     copy.flush()
                     os.fsync(copy.fileno())

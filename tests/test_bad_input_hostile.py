@@ -422,10 +422,11 @@ def _sentence_transformers_folder(folder: Path, seed: int = 0) -> Path:
                {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]
     (folder / "modules.json").write_text(json.dumps(modules))
     (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 32, "do_lower_case": False}))
-    (folder / "config_sentence_transformers.json").write_text(json.dumps({"__version__": {"sentence_transformers": "2.0.0"}}))
+    versions = {"__version__": {"sentence_transformers": "2.0.0"}}
+    (folder / "config_sentence_transformers.json").write_text(json.dumps(versions))
     (folder / "1_Pooling").mkdir()
-    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 16, "pooling_mode_cls_token": False,
-                                                                  "pooling_mode_mean_tokens": True}))
+    pooling = {"word_embedding_dimension": 16, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True}
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
     (folder / "1_Pooling" / "hook.py").write_text("raise SystemExit('code from a model folder ran')\n")
     (folder / "2_Normalize").mkdir()
     return folder
@@ -435,14 +436,16 @@ def _perturbed(base: Path, folder: Path, seed: int) -> Path:
     folder.mkdir()
     state = load_file(str(base / "model.safetensors"))
     g = torch.Generator().manual_seed(seed)
-    save_file({k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in state.items()}, str(folder / "model.safetensors"))
+    tuned = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in state.items()}
+    save_file(tuned, str(folder / "model.safetensors"))
     return folder
 
 
 def test_module_files_of_a_sentence_transformers_folder(tmp_path):
     base = _sentence_transformers_folder(tmp_path / "st")
     listed = checkpoint_module.module_files(base)
-    assert [relative for _, relative in listed] == ["1_Pooling/config.json"]  # never hook.py; an empty folder has nothing
+    # never hook.py; an empty folder has nothing to copy
+    assert [relative for _, relative in listed] == ["1_Pooling/config.json"]
     assert listed[0][0] == base / "1_Pooling" / "config.json"
 
 
@@ -505,8 +508,9 @@ def test_sentence_transformers_output_loads(tmp_path):
 def test_peft_adapter_as_a_model_is_refused(tmp_path, recipe):
     adapter = tmp_path / "my-adapter"
     adapter.mkdir()
-    save_file({"base_model.model.model.layers.0.attn.lora_A.weight": torch.randn(8, 64),
-               "base_model.model.model.layers.0.attn.lora_B.weight": torch.zeros(64, 8)}, str(adapter / "adapter_model.safetensors"))
+    lora = {"base_model.model.model.layers.0.attn.lora_A.weight": torch.randn(8, 64),
+            "base_model.model.model.layers.0.attn.lora_B.weight": torch.zeros(64, 8)}
+    save_file(lora, str(adapter / "adapter_model.safetensors"))
     (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
     recipe["models"][1]["model"] = str(adapter)
     line = merge_bad(tmp_path, recipe, "my-adapter", "PEFT/LoRA adapter")
@@ -514,7 +518,8 @@ def test_peft_adapter_as_a_model_is_refused(tmp_path, recipe):
 
 
 def test_model_sharing_no_tensor_with_the_base_is_refused(tmp_path, recipe):
-    other = write_checkpoint(tmp_path / "other-arch", {"transformer.h.0.w": torch.randn(4, 4), "transformer.wte": torch.randn(8, 4)})
+    other = write_checkpoint(tmp_path / "other-arch", {"transformer.h.0.w": torch.randn(4, 4),
+                                                       "transformer.wte": torch.randn(8, 4)})
     recipe["models"][1]["model"] = str(other)
     recipe["policies"] = {"missing_tensor": "skip_model"}
     merge_bad(tmp_path, recipe, "other-arch", "no tensor", "transformer.h.0.w", "model.embed.weight")
