@@ -105,14 +105,15 @@ def _eigh_descending(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def polar(matrix: torch.Tensor) -> torch.Tensor:
     """orthogonalize() by the float64 Gram of the smaller side: M (M^T M)^(-1/2) = P Q^T, one
     eigendecomposition of the Gram instead of an SVD of M. Directions whose singular value is
-    at rounding level, <= eps(float32) * max(m, n) * sigma_1 (numpy's matrix_rank rule), are
-    left out (a partial isometry): their vectors are arbitrary, and (M^T M)^(-1/2) does not
-    exist there. (Not null_tolerance: a concatenation of orthonormal bases has |M|_F ~ sqrt(k)
-    and small singular values that are real, not rounding.)"""
+    at rounding level, <= eps(float32) * (sqrt(m) + sqrt(n)) * sigma_1 (the spectral norm of
+    M's float32 rounding), are left out (a partial isometry): their vectors are arbitrary, and
+    (M^T M)^(-1/2) does not exist there. (Not null_tolerance, nor numpy's eps * max(m, n) *
+    sigma_1: a square concatenation of bases has real singular values ~1e-4 sigma_1, which
+    the exact route keeps and which move the merge by percents.)"""
     if matrix.shape[0] < matrix.shape[1]:
         return polar(matrix.T).T
     values, vectors = _eigh_descending(_gram64(matrix))
-    tolerance = _EPS32 * max(matrix.shape) * float(values[0].clamp_min(0).sqrt())
+    tolerance = _EPS32 * (math.sqrt(matrix.shape[0]) + math.sqrt(matrix.shape[1])) * float(values[0].clamp_min(0).sqrt())
     kept = int((values > tolerance * tolerance).sum())
     vectors = vectors[:, :kept]
     return _times64(matrix, (vectors / values[:kept].sqrt()) @ vectors.T)
@@ -347,7 +348,7 @@ def polar_extended(basis: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
     middle[p:, p:] = _gram64(extra) - torch.eye(e, dtype=float64, device=basis.device)
     d, z = torch.linalg.eigh(middle)
     values = 1 + d  # the Gram's eigenvalues off the identity
-    tolerance = _EPS32 * max(basis.shape[0], c + e) * float(values.max().clamp_min(1).sqrt())
+    tolerance = _EPS32 * (math.sqrt(basis.shape[0]) + math.sqrt(c + e)) * float(values.max().clamp_min(1).sqrt())
     factor = torch.where(values > tolerance * tolerance, values.clamp_min(tolerance * tolerance).rsqrt(), torch.zeros_like(values)) - 1
     y_top, y_bottom = q @ z[:p], z[p:]  # Y Z, split by the rows of basis and of extra
     mapped = _times64(basis, y_top, float64) + _times64(extra, y_bottom, float64)  # [basis, extra] Y Z
