@@ -125,7 +125,8 @@ class Plan:
         return recipe_density if row.ratio == row.base_ratio else 1.0 - row.ratio
 
     def to_json(self) -> dict:
-        return {"models": [_without_unset(asdict(m)) for m in self.models], "tensors": [_without_unset(asdict(r)) for r in self.rows]}
+        return {"models": [_without_unset(asdict(m)) for m in self.models],
+                "tensors": [_without_unset(asdict(r)) for r in self.rows]}
 
     @classmethod
     def from_json(cls, data: dict) -> "Plan":
@@ -224,7 +225,10 @@ def build_plan(layout: Layout, device: str, on_tensor: Callable[[TensorJob], Non
         for j in job.contributors:
             model = layout.models[j]
             # the rank methods' default density is "1/T": the papers' equal split
-            density = method.density_value(layout.model_parameter(model, "density", job.name), len(job.contributors)) if sparsifies else 1.0
+            density = 1.0
+            if sparsifies:
+                recipe_density = layout.model_parameter(model, "density", job.name)
+                density = method.density_value(recipe_density, len(job.contributors))
             base_ratio = 1.0 - density if sparsifies else 0.0
             row = RatioRow(model.label, job.name, job.out.numel, base_ratio, base_ratio, "uniform")
             rows[(j, job.name)] = row
@@ -322,7 +326,8 @@ def _count_ratios(entries: list[_Entry], settings: TadropSettings) -> dict:
         result = mass_allocation(profiles, sum(uniform), lows, highs)
         summary["mass_fraction"] = result.parameter
         raw = [kept_for_mass(p, result.parameter) for p in profiles]
-        how = f"mass {settings.mass_norm}: the fewest entries holding f={result.parameter:.6g} of its {settings.mass_norm.upper()} mass"
+        how = (f"mass {settings.mass_norm}: the fewest entries holding f={result.parameter:.6g} "
+               f"of its {settings.mass_norm.upper()} mass")
     elif settings.allocation == "mass_reverse":
         result = mass_reverse_allocation(profiles, uniform, lows, highs)
         summary["mass_fraction"] = result.parameter
@@ -340,7 +345,8 @@ def _count_ratios(entries: list[_Entry], settings: TadropSettings) -> dict:
         entry.row.kept, entry.row.ratio = kept, 1.0 - kept / entry.row.numel
         bound = ""
         if kept == low and wanted < low:
-            bound = f"; held at max_ratio {entry.settings.max_ratio:.4g}" + (" (max_rescale)" if entry.settings.rescale_cap is not None else "")
+            capped = " (max_rescale)" if entry.settings.rescale_cap is not None else ""
+            bound = f"; held at max_ratio {entry.settings.max_ratio:.4g}{capped}"
         elif kept == high and wanted > high:
             bound = f"; held at min_ratio {entry.settings.min_ratio:.4g}"
         entry.row.reason = f"adaptive: {how}{bound}"
@@ -353,7 +359,8 @@ def _check_finite(rows: list[RatioRow]) -> None:
         for key in ("score", "normalized", "ratio"):
             value = getattr(row, key)
             if value is not None and not math.isfinite(value):
-                raise BadInput(f"{row.model}: tensor {row.tensor}: its TADrop {key} is not finite ({value}); check the weights")
+                raise BadInput(f"{row.model}: tensor {row.tensor}: its TADrop {key} is not finite ({value}); "
+                               "check the weights")
 
 
 # Hoyer scores (the default statistic) are summed over slices of this many entries, so that
@@ -384,16 +391,17 @@ def _scores(layout: Layout, job: TensorJob, device: str, models: list[tuple[int,
             scores[j] = tensor_score(read_float32(model.checkpoint, job.name, device).sub_(base), model.tadrop.statistic, model.tadrop.topmass_fraction)
     for j, score in scores.items():
         if score is not None and not math.isfinite(score):  # finite inputs (the reads check) whose difference is not
-            raise BadInput(f"{layout.models[j].label}: tensor {job.name}: the task vector (model - base) overflows float32")
+            raise _overflow(layout, j, job)
     return scores
 
 
-def _profiles(layout: Layout, job: TensorJob, device: str, models: list[tuple[int, ModelInput]]) -> dict[int, MagnitudeProfile]:
+def _profiles(layout: Layout, job: TensorJob, device: str,
+              models: list[tuple[int, ModelInput]]) -> dict[int, MagnitudeProfile]:
     """Each model's magnitude profile of this tensor's task vector, counted slice by slice: the
     histogram of |tau|'s top 16 bits (sparsify.magnitude_histogram's buckets), with the float64
     sum of |tau| (mass_norm l1) or tau^2 (l2) per bucket for the mass allocations. A model-wide
     trim needs counts only: the CPU kernels count those from the stored entries."""
-    powers = {j: (None if model.tadrop.allocation == "global" else 1 if model.tadrop.mass_norm == "l1" else 2) for j, model in models}
+    powers = {j: _mass_power(model.tadrop) for j, model in models}
     counts = {j: np.zeros(MAGNITUDE_BUCKETS, dtype=np.int64) for j, _ in models}
     masses = {j: np.zeros(MAGNITUDE_BUCKETS, dtype=np.float64) for j, power in powers.items() if power is not None}
     counted = [j for j, power in powers.items() if power is None]
@@ -402,22 +410,33 @@ def _profiles(layout: Layout, job: TensorJob, device: str, models: list[tuple[in
     step = SCORE_SLICE_ELEMENTS if on_cpu(device) else GPU_SCORE_SLICE_ELEMENTS
     for start in range(0, job.out.numel, step):
         stop = min(start + step, job.out.numel)
-        by_kernels = {j for j in counted if with_kernels and _count_with_kernels(layout, job.name, start, stop, j, counts[j])}
+        by_kernels = {j for j in counted
+                      if with_kernels and _count_with_kernels(layout, job.name, start, stop, j, counts[j])}
         in_torch = [j for j in powers if j not in by_kernels]
         if not in_torch:
             continue
-        base, *tuned = read_all_float32([layout.reference, *(layout.models[j].checkpoint for j in in_torch)], job.name, device, start, stop)
+        checkpoints_read = [layout.reference, *(layout.models[j].checkpoint for j in in_torch)]
+        base, *tuned = read_all_float32(checkpoints_read, job.name, device, start, stop)
         for j, tensor in zip(in_torch, tuned):
             delta = tensor.sub_(base).reshape(-1)
             buckets = (delta.view(torch.int32) & 0x7FFFFFFF) >> 16
             slice_counts = _bincount(buckets)
             if kernels.has_non_finite(slice_counts):  # finite inputs (checked by the read) whose difference is not
-                raise BadInput(f"{layout.models[j].label}: tensor {job.name}: the task vector (model - base) overflows float32")
+                raise _overflow(layout, j, job)
             counts[j] += slice_counts
             if j in masses:
                 magnitudes = delta.double().abs_()
                 masses[j] += _bincount(buckets, magnitudes if powers[j] == 1 else magnitudes.square_())
     return {j: magnitude_profile(counts[j], masses.get(j)) for j in powers}
+
+
+def _mass_power(settings: TadropSettings) -> Optional[int]:
+    """The power q of a profile's mass sum |tau|^q: none for a model-wide trim (counts only)."""
+    return None if settings.allocation == "global" else 1 if settings.mass_norm == "l1" else 2
+
+
+def _overflow(layout: Layout, j: int, job: TensorJob) -> BadInput:
+    return BadInput(f"{layout.models[j].label}: tensor {job.name}: the task vector (model - base) overflows float32")
 
 
 def _bincount(buckets: torch.Tensor, weights: Optional[torch.Tensor] = None) -> np.ndarray:

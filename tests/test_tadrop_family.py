@@ -12,7 +12,6 @@ import json
 
 import numpy as np
 import pytest
-import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -34,11 +33,14 @@ from tadrop_cli.tadrop import adaptive_ratios
 
 @pytest.mark.parametrize("strength", [-1.0, -0.2, 0.0, 0.2, 1.0])
 def test_signed_strength_is_accepted_everywhere(strength):
-    recipe = parse_recipe({
-        "merge_method": "ties", "base_model": "b",
-        "models": [{"model": "a", "tadrop": {"strength": strength}}],
-        "tadrop": {"strength": strength, "overrides": [{"filter": "*mlp*", "strength": strength}]},
-    })
+    recipe = parse_recipe(
+        {
+            "merge_method": "ties",
+            "base_model": "b",
+            "models": [{"model": "a", "tadrop": {"strength": strength}}],
+            "tadrop": {"strength": strength, "overrides": [{"filter": "*mlp*", "strength": strength}]},
+        }
+    )
     assert recipe.tadrop.strength == strength
     assert recipe.tadrop.overrides[0].strength == strength
     assert recipe.models[0].tadrop.strength == strength
@@ -277,7 +279,10 @@ def integer_models(tmp_path, count: int = 2, seed: int = 0) -> dict:
     """A base and fine-tunes whose task vectors are whole numbers below 256 (exact in float32, one
     histogram bucket per value): the plan's kept counts must equal the sorting references."""
     rng = np.random.default_rng(seed)
-    base = {name: torch.from_numpy(np.round(rng.normal(size=t.shape) * 8).astype(np.float32)) for name, t in tiny_state().items()}
+    base = {
+        name: torch.from_numpy(np.round(rng.normal(size=t.shape) * 8).astype(np.float32))
+        for name, t in tiny_state().items()
+    }
     paths = {"base": write_checkpoint(tmp_path / "base", base)}
     for i in range(count):
         tuned = {}
@@ -288,7 +293,9 @@ def integer_models(tmp_path, count: int = 2, seed: int = 0) -> dict:
                 delta[rng.choice(n, size=max(1, n // 30), replace=False)] = rng.integers(100, 256, size=max(1, n // 30))
             else:
                 delta = rng.integers(0, 256, size=n).astype(np.float32)
-            tuned[name] = tensor + torch.from_numpy((delta * rng.choice([-1, 1], size=n)).reshape(tensor.shape).astype(np.float32))
+            tuned[name] = tensor + torch.from_numpy(
+                (delta * rng.choice([-1, 1], size=n)).reshape(tensor.shape).astype(np.float32)
+            )
         paths[f"ft{i}"] = write_checkpoint(tmp_path / f"ft{i}", tuned)
     return paths
 
@@ -312,11 +319,19 @@ def adaptive_rows(plan, model: str):
 
 
 NAMES = [
-    "bert.encoder.layer.0.attention.self.query.weight", "bert.encoder.layer.11.attention.self.query.weight",
-    "bert.encoder.layer.3.output.LayerNorm.weight", "bert.embeddings.word_embeddings.weight",
-    "transformer.h.0.attn.c_attn.weight", "transformer.h.10.mlp.c_fc.weight", "transformer.ln_f.weight",
-    "model.layers.0.self_attn.q_proj.weight", "model.layers.31.mlp.down_proj.weight", "model.norm.weight", "lm_head.weight",
-    "vision_model.encoder.layers.7.self_attn.k_proj.weight", "blocks.2.attn.qkv.weight",
+    "bert.encoder.layer.0.attention.self.query.weight",
+    "bert.encoder.layer.11.attention.self.query.weight",
+    "bert.encoder.layer.3.output.LayerNorm.weight",
+    "bert.embeddings.word_embeddings.weight",
+    "transformer.h.0.attn.c_attn.weight",
+    "transformer.h.10.mlp.c_fc.weight",
+    "transformer.ln_f.weight",
+    "model.layers.0.self_attn.q_proj.weight",
+    "model.layers.31.mlp.down_proj.weight",
+    "model.norm.weight",
+    "lm_head.weight",
+    "vision_model.encoder.layers.7.self_attn.k_proj.weight",
+    "blocks.2.attn.qkv.weight",
 ]
 
 
@@ -329,7 +344,10 @@ def test_scope_groups_match_the_reference(name):
 
 
 def test_kind_groups_every_layers_query_matrices_together():
-    assert scope_group("bert.encoder.layer.11.attention.self.query.weight", "kind") == "bert.encoder.layer.{}.attention.self.query.weight"
+    assert (
+        scope_group("bert.encoder.layer.11.attention.self.query.weight", "kind")
+        == "bert.encoder.layer.{}.attention.self.query.weight"
+    )
     assert scope_group("transformer.h.10.mlp.c_fc.weight", "kind") == "transformer.h.{}.mlp.c_fc.weight"
 
 
@@ -341,8 +359,11 @@ def test_scope_normalises_within_groups_and_keeps_the_budget_model_wide(tiny_mod
     assert len(rows) == 5
     groups: dict = {}
     for row in rows:
-        expected_group = ref.tensor_kind(row.tensor) if scope == "kind" else (
-            "no layer" if ref.tensor_layer(row.tensor) is None else f"layer {ref.tensor_layer(row.tensor)}")
+        expected_group = (
+            ref.tensor_kind(row.tensor)
+            if scope == "kind"
+            else ("no layer" if ref.tensor_layer(row.tensor) is None else f"layer {ref.tensor_layer(row.tensor)}")
+        )
         assert row.group == expected_group
         assert expected_group in row.reason
         groups.setdefault(row.group, []).append(row)
@@ -381,7 +402,9 @@ def test_count_allocations_in_the_plan_match_the_references(tmp_path, allocation
             expected = ref.mass_allocation_counts(taus, sum(uniform), q)
         elif allocation == "mass_reverse":
             expected = ref.mass_reverse_counts(taus, uniform, q)
-            if ref.mass_boundary_is_tied(taus, sum(uniform), q) or any(k < 0 or k > r.numel for k, r in zip(expected, rows)):
+            if ref.mass_boundary_is_tied(taus, sum(uniform), q) or any(
+                k < 0 or k > r.numel for k, r in zip(expected, rows)
+            ):
                 continue
         else:  # whole numbers tie at the threshold: which tied entries are kept is a tie-break
             threshold = np.sort(np.abs(np.concatenate(taus)))[::-1][sum(uniform) - 1]
@@ -427,7 +450,14 @@ def test_allocations_per_model(tmp_path):
 
 def test_a_scope_with_a_count_allocation_is_refused():
     with pytest.raises(BadInput, match="scope"):
-        parse_recipe({"merge_method": "ties", "base_model": "b", "models": [{"model": "a"}], "tadrop": {"allocation": "mass", "scope": "kind"}})
+        parse_recipe(
+            {
+                "merge_method": "ties",
+                "base_model": "b",
+                "models": [{"model": "a"}],
+                "tadrop": {"allocation": "mass", "scope": "kind"},
+            }
+        )
 
 
 def test_count_allocations_are_refused_for_rank_hosts(tiny_models, tmp_path):
@@ -446,7 +476,11 @@ def test_the_plan_command_shows_the_allocation(tmp_path):
     assert result.returncode == 0, result.stderr
     plan = json.loads(result.stdout)
     assert plan["models"][0]["allocation"] == "global" and plan["models"][0]["threshold"] > 0
-    assert all(r["kept"] >= 0 and "model-wide threshold" in r["reason"] for r in plan["tensors"] if r["reason"].startswith("adaptive"))
+    assert all(
+        r["kept"] >= 0 and "model-wide threshold" in r["reason"]
+        for r in plan["tensors"]
+        if r["reason"].startswith("adaptive")
+    )
 
 
 # ---------------------------------------------------------------- 5. random hosts: the rescale cap
@@ -496,7 +530,9 @@ def test_the_cap_bounds_count_allocations_too(tmp_path):
 
 def test_the_rescale_the_merge_applies_stays_within_the_cap(tmp_path, tiny_models):
     """DARE's survivors are rescaled by 1 / density: at most max_rescale."""
-    recipe = basic_recipe(tiny_models, tmp_path / "out", method="dare_linear", tadrop={"statistic": "kurtosis", "strength": 1.0})
+    recipe = basic_recipe(
+        tiny_models, tmp_path / "out", method="dare_linear", tadrop={"statistic": "kurtosis", "strength": 1.0}
+    )
     recipe["models"] = recipe["models"][:1]
     recipe["models"][0]["parameters"] = {"weight": 1.0, "density": 0.4}
     recipe = parse_recipe(recipe)
@@ -513,11 +549,27 @@ def test_the_rescale_the_merge_applies_stays_within_the_cap(tmp_path, tiny_model
 
 # ---------------------------------------------------------------- 6. exclude globs, case-insensitive
 
-EXCLUDED = ["bert.encoder.layer.3.output.LayerNorm.weight", "bert.embeddings.LayerNorm.bias", "transformer.h.0.ln_1.weight",
-            "transformer.h.11.ln_2.weight", "transformer.ln_f.weight", "model.layers.0.input_layernorm.weight",
-            "model.layers.5.post_attention_layernorm.weight", "model.norm.weight", "ln_f.weight", "encoder.layer.0.attention.output.dense.bias"]
-ADAPTED = ["bert.encoder.layer.0.attention.self.query.weight", "transformer.h.0.attn.c_attn.weight", "transformer.h.0.mlp.c_fc.weight",
-           "model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight", "lm_head.weight", "kiln_proj.weight"]
+EXCLUDED = [
+    "bert.encoder.layer.3.output.LayerNorm.weight",
+    "bert.embeddings.LayerNorm.bias",
+    "transformer.h.0.ln_1.weight",
+    "transformer.h.11.ln_2.weight",
+    "transformer.ln_f.weight",
+    "model.layers.0.input_layernorm.weight",
+    "model.layers.5.post_attention_layernorm.weight",
+    "model.norm.weight",
+    "ln_f.weight",
+    "encoder.layer.0.attention.output.dense.bias",
+]
+ADAPTED = [
+    "bert.encoder.layer.0.attention.self.query.weight",
+    "transformer.h.0.attn.c_attn.weight",
+    "transformer.h.0.mlp.c_fc.weight",
+    "model.layers.0.self_attn.q_proj.weight",
+    "model.layers.0.mlp.down_proj.weight",
+    "lm_head.weight",
+    "kiln_proj.weight",
+]
 
 
 @pytest.mark.parametrize("name", EXCLUDED + ADAPTED)
@@ -588,11 +640,16 @@ def test_a_task_vector_that_overflows_float32_is_named(tmp_path):
         assert "model.embed.weight" in result.stderr or "model.layers" in result.stderr
 
 
-@pytest.mark.parametrize("recipe_level,model_level,culprit", [
-    ({"allocation": "mass"}, {"scope": "kind"}, "scope"),
-    ({"max_ratio": 0.5}, {"min_ratio": 0.9}, "min_ratio"),
-])
-def test_per_model_settings_that_contradict_the_recipes_are_one_line_errors(tiny_models, tmp_path, recipe_level, model_level, culprit):
+@pytest.mark.parametrize(
+    "recipe_level,model_level,culprit",
+    [
+        ({"allocation": "mass"}, {"scope": "kind"}, "scope"),
+        ({"max_ratio": 0.5}, {"min_ratio": 0.9}, "min_ratio"),
+    ],
+)
+def test_per_model_settings_that_contradict_the_recipes_are_one_line_errors(
+    tiny_models, tmp_path, recipe_level, model_level, culprit
+):
     recipe = basic_recipe(tiny_models, tmp_path / "out", tadrop=recipe_level)
     recipe["models"][1]["tadrop"] = model_level
     path = write_recipe(tmp_path, recipe)
@@ -621,8 +678,14 @@ def test_profiles_counted_in_slices_equal_whole_tensors(tmp_path, monkeypatch, a
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_the_kernels_count_the_same_profiles_as_pytorch(tmp_path, dtype):
     base = tiny_state()
-    tuned = {name: t + torch.randn(t.shape, generator=torch.Generator().manual_seed(i)) ** 3 * 1e-2 for i, (name, t) in enumerate(base.items())}
-    models = {"base": write_checkpoint(tmp_path / "base", base, dtype=dtype), "ft0": write_checkpoint(tmp_path / "ft0", tuned, dtype=dtype)}
+    tuned = {
+        name: t + torch.randn(t.shape, generator=torch.Generator().manual_seed(i)) ** 3 * 1e-2
+        for i, (name, t) in enumerate(base.items())
+    }
+    models = {
+        "base": write_checkpoint(tmp_path / "base", base, dtype=dtype),
+        "ft0": write_checkpoint(tmp_path / "ft0", tuned, dtype=dtype),
+    }
     path = write_recipe(tmp_path, basic_recipe(models, tmp_path / "out", tadrop={"allocation": "global"}))
     with_kernels = strict_json(run_cli("plan", str(path), "--json").stdout)
     without = strict_json(run_cli("plan", str(path), "--json", env={"TADROP_KERNELS": "torch"}).stdout)
