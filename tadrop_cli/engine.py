@@ -31,8 +31,9 @@ from .plan import Plan, build_plan
 from .recipe import Recipe, recipe_digest
 from .sparsify import KEEP_NOTHING, MAGNITUDE_BUCKETS, TopKCut, boundary_bucket, bucket_histogram, cut_from_bucket_counts, kept_count, magnitude_histogram
 from .verify import verify_written_shard
-from .writer import (STAGING_SUFFIX, ExistingOutput, OutputTensor, StagingFolder, beside, changed_inputs, check_output_parents, check_output_path,
-                     check_work_names, existing_output, index_json, inputs_identity, plan_shards, recorded_recipe_digest, refuse_existing)
+from .writer import (STAGING_SUFFIX, ExistingOutput, OutputTensor, StagingFolder, beside, changed_inputs,
+                     check_output_parents, check_output_path, check_work_names, existing_output, index_json,
+                     inputs_identity, plan_shards, recorded_recipe_digest, refuse_existing)
 
 
 class Progress(Protocol):
@@ -466,12 +467,13 @@ def _already_complete(layout: Layout, target: Path) -> dict:
         "method": layout.recipe.merge_method, "tadrop": _needs_scores(layout), "tensors": len(layout.jobs),
         "shards": len(shards), "shard_files": [s.file_name for s in shards], "resumed_shards": len(shards),
         "bytes_written": 0, "copied_files": [], "ratios": [],
-        "notes": [*layout.notes, f"{target} is already complete: its recorded recipe SHA-256 is this recipe's; nothing to do"],
+        "notes": [*layout.notes, f"{target} is already complete: its recorded recipe SHA-256 is this recipe's; "
+                                 "nothing to do"],
     }
 
 
-def _merge_into(layout: Layout, staging: StagingFolder, done: dict[str, dict], device: str, digest: str, progress: Progress,
-                options: MergeOptions) -> dict:
+def _merge_into(layout: Layout, staging: StagingFolder, done: dict[str, dict], device: str, digest: str,
+                progress: Progress, options: MergeOptions) -> dict:
     shards = plan_shards([job.out for job in layout.jobs], layout.recipe.output.shard_size)
     metadata = _metadata(layout.recipe, digest)
     saved = staging.saved_plan() if done else None

@@ -177,7 +177,7 @@ OLD_SUFFIX = ".tadrop-old"  # a replaced output, on its way out
 LOCK_SUFFIX = ".tadrop-lock"  # the lock that one merge to an output holds from start to publish
 NAME_MAX = 255  # bytes in one path component (Linux, macOS)
 PATH_MAX = 4096  # bytes in a whole path, with its final NUL (Linux)
-_LONGEST_FILE_BYTES = 64  # room for the longest name written in the staging folder (config_sentence_transformers.json: 33)
+_LONGEST_FILE_BYTES = 64  # room for the longest name written in staging (config_sentence_transformers.json: 33)
 
 
 def beside(target: Path, suffix: str) -> Path:
@@ -191,7 +191,8 @@ def check_output_path(target: Path) -> None:
         raise BadInput(f"{target}: the output must be a folder's name, not '.', '..' or '/'")
     name_bytes = len(os.fsencode(target.name)) + 1 + len(STAGING_SUFFIX)
     if any(len(os.fsencode(part)) > NAME_MAX for part in target.parts) or name_bytes > NAME_MAX:
-        raise BadInput(f"{str(target)[:80]}...: a name in the output path is too long (at most {NAME_MAX - 1 - len(STAGING_SUFFIX)} "
+        raise BadInput(f"{str(target)[:80]}...: a name in the output path is too long "
+                       f"(at most {NAME_MAX - 1 - len(STAGING_SUFFIX)} "
                        f"bytes for the output folder, {NAME_MAX} for the others)")
     try:
         staging = os.path.abspath(beside(target, STAGING_SUFFIX))
@@ -209,7 +210,8 @@ def check_output_parents(target: Path) -> None:
             info = os.stat(folder)
         except FileNotFoundError:
             if os.path.lexists(folder):
-                raise BadInput(f"{target}: {folder} is a link to nothing; tadrop will not create the output through it") from None
+                raise BadInput(f"{target}: {folder} is a link to nothing; "
+                               "tadrop will not create the output through it") from None
             continue
         except NotADirectoryError:
             continue  # a file further up: refused when reached
@@ -269,7 +271,8 @@ def _not_a_model_output(folder_fd: int) -> Optional[str]:
             return f"holds {entry.name}, which is not a regular file"
     names = {entry.name for entry in entries}
     weights = sorted(name for name in names if name.endswith(".safetensors"))
-    if not entries or (weights and ("model.safetensors.index.json" in names or any(_made_by_tadrop(w, folder_fd) for w in weights))):
+    indexed = "model.safetensors.index.json" in names
+    if not entries or (weights and (indexed or any(_made_by_tadrop(w, folder_fd) for w in weights))):
         return None
     return "holds no model (no safetensors with an index or tadrop's metadata)"
 
@@ -289,7 +292,8 @@ def existing_output(target: Path, parent_fd: Optional[int] = None) -> ExistingOu
     except OSError as error:
         raise BadInput(f"{target}: cannot reach the output ({error.strerror or error})") from None
     if stat.S_ISLNK(info.st_mode):
-        raise BadInput(f"{target}: the output is a link; tadrop never writes or replaces through a link (remove it or choose another output)")
+        raise BadInput(f"{target}: the output is a link; tadrop never writes or replaces through a link "
+                       "(remove it or choose another output)")
     if not stat.S_ISDIR(info.st_mode):
         raise BadInput(f"{target}: exists and is not a folder")
     try:
@@ -309,7 +313,8 @@ def refuse_existing(target: Path, existing: ExistingOutput, overwrite: bool) -> 
     if not existing.exists:
         return
     if existing.refusal:
-        raise BadInput(f"{target}: exists and {existing.refusal}; tadrop replaces only a model output or an empty folder: choose another output")
+        raise BadInput(f"{target}: exists and {existing.refusal}; "
+                       "tadrop replaces only a model output or an empty folder: choose another output")
     if not overwrite:
         raise BadInput(f"{target}: output exists (use --overwrite to replace it)")
 
@@ -329,7 +334,8 @@ def check_work_names(target: Path) -> None:
             raise BadInput(f"{path}: cannot reach ({error.strerror or error})") from None
         if not kind(info.st_mode):
             what = "a link" if stat.S_ISLNK(info.st_mode) else "not what tadrop leaves there"
-            raise BadInput(f"{path}: is {what}; tadrop will not use or remove it (remove it yourself, or choose another output)")
+            raise BadInput(f"{path}: is {what}; tadrop will not use or remove it "
+                           "(remove it yourself, or choose another output)")
     staging = beside(target, STAGING_SUFFIX)
     if staging.exists():
         try:
@@ -346,7 +352,8 @@ def check_work_names(target: Path) -> None:
 
 
 def _not_ours(staging: Path) -> str:
-    return f"{staging}: exists but is not a tadrop partial merge (no valid journal); remove it yourself, or choose another output"
+    return (f"{staging}: exists but is not a tadrop partial merge (no valid journal); "
+            "remove it yourself, or choose another output")
 
 
 def recorded_recipe_digest(folder: Path) -> Optional[str]:
@@ -385,7 +392,8 @@ def _hashed_ranges(fd: int, size: int) -> list[tuple[int, int]]:
     first = os.pread(fd, 8, 0)
     header = struct.unpack("<Q", first)[0] + 8 if len(first) == 8 else 0
     header = min(header if 8 < header <= size else 1 << 20, HEADER_BYTES_LIMIT)
-    return [(0, header)] + [((size - SAMPLE_BYTES) * i // (SAMPLES - 1), SAMPLE_BYTES) for i in range(SAMPLES)]  # the last ends at the end
+    spread = [(size - SAMPLE_BYTES) * i // (SAMPLES - 1) for i in range(SAMPLES)]  # the last block ends at the end
+    return [(0, header)] + [(offset, SAMPLE_BYTES) for offset in spread]
 
 
 def file_identity(path: Path) -> dict:
@@ -406,7 +414,8 @@ def file_identity(path: Path) -> dict:
                 digest.update(block)
                 offset, length = offset + len(block), length - len(block)
         whole = info.st_size <= FULL_HASH_BYTES
-        return {"size": info.st_size, "mtime_ns": info.st_mtime_ns, "sha256": digest.hexdigest(), "hashed": "whole" if whole else "sampled"}
+        return {"size": info.st_size, "mtime_ns": info.st_mtime_ns, "sha256": digest.hexdigest(),
+                "hashed": "whole" if whole else "sampled"}
     except OSError as error:
         raise BadInput(f"{path}: cannot read ({error.strerror or error})") from None
     finally:
@@ -547,8 +556,8 @@ def _read_journal(folder_fd: int) -> Optional[dict]:
     if not isinstance(data, dict):
         return None
     shards = data.get("shards")
-    if data.get("format") == JOURNAL_FORMAT and isinstance(shards, dict) and all(isinstance(r, dict) for r in shards.values()) \
-            and isinstance(data.get("sources"), dict):
+    records = isinstance(shards, dict) and all(isinstance(record, dict) for record in shards.values())
+    if data.get("format") == JOURNAL_FORMAT and records and isinstance(data.get("sources"), dict):
         return data
     if isinstance(data.get("recipe_digest"), str) and isinstance(data.get("completed"), list):
         return {"format": "older"}
@@ -574,7 +583,7 @@ class StagingFolder:
         self.target = target
         self.path = beside(target, STAGING_SUFFIX)
         self.digest = digest
-        self.sources = sources  # what a resume must find unchanged: tadrop's version, the device, the inputs' identities
+        self.sources = sources  # what a resume must find unchanged: tadrop's version, device, inputs' identities
         self.notes: list[str] = []
         self._parent: Optional[int] = None  # the target's parent folder
         self._fd: Optional[int] = None  # the staging folder
@@ -608,10 +617,12 @@ class StagingFolder:
         path = beside(self.target, LOCK_SUFFIX)
         for _ in range(3):
             try:
-                fd = os.open(path.name, os.O_RDWR | os.O_CREAT | _NOFOLLOW | _CLOEXEC | os.O_NONBLOCK, 0o644, dir_fd=self._parent)
+                flags = os.O_RDWR | os.O_CREAT | _NOFOLLOW | _CLOEXEC | os.O_NONBLOCK
+                fd = os.open(path.name, flags, 0o644, dir_fd=self._parent)
             except OSError as error:
                 if error.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
-                    raise BadInput(f"{path}: is not tadrop's lock file (a link or not a file); remove it yourself") from None
+                    raise BadInput(f"{path}: is not tadrop's lock file (a link or not a file); "
+                                   "remove it yourself") from None
                 raise WriteError(_describe_os_error(error, path)) from None
             try:
                 if not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -631,7 +642,8 @@ class StagingFolder:
 
     def _lock_is_at_its_name(self, fd: int) -> bool:
         try:
-            return _same_file(os.stat(beside(self.target, LOCK_SUFFIX).name, dir_fd=self._parent, follow_symlinks=False), os.fstat(fd))
+            at_name = os.stat(beside(self.target, LOCK_SUFFIX).name, dir_fd=self._parent, follow_symlinks=False)
+            return _same_file(at_name, os.fstat(fd))
         except FileNotFoundError:
             return False
 
@@ -652,7 +664,8 @@ class StagingFolder:
             if not created and _not_a_model_output(self._fd) is not None:
                 raise BadInput(_not_ours(self.path))
             if not created and os.listdir(self._fd):
-                self.notes.append(f"{self.path}: held an output without a journal (left by an interrupted publish); it was removed")
+                self.notes.append(f"{self.path}: held an output without a journal (left by an interrupted publish); "
+                                  "it was removed")
             self._start_over()
             return {}
         reason = self._why_not_resumable(journal)
@@ -663,7 +676,8 @@ class StagingFolder:
         if resume:
             raise BadInput(f"{self.target}: cannot resume: {reason}; run again without --resume to start over")
         if journal.get("shards"):
-            self.notes.append(f"started over: the {len(journal['shards'])} finished shard(s) in {self.path} were discarded ({reason})")
+            self.notes.append(f"started over: the {len(journal['shards'])} finished shard(s) in {self.path} "
+                              f"were discarded ({reason})")
         self._start_over()
         return {}
 
@@ -687,7 +701,8 @@ class StagingFolder:
         """Empty the (tadrop's own) staging folder and start a new journal."""
         try:
             self._remove_all_but(set())
-            self._journal = {"format": JOURNAL_FORMAT, "recipe_sha256": self.digest, "sources": self.sources, "plan_sha256": None, "shards": {}}
+            self._journal = {"format": JOURNAL_FORMAT, "recipe_sha256": self.digest, "sources": self.sources,
+                             "plan_sha256": None, "shards": {}}
             self._write_journal()
         except BaseException:  # nothing of ours worth keeping yet
             self.discard()
@@ -769,10 +784,12 @@ class StagingFolder:
         """The shards an earlier run finished that are still exactly what it wrote: the size, the header
         planned now and the CRC-32 the journal recorded. Others are removed, to be redone, with a note."""
         listed = self._journal.get("shards", {})
-        good = {s.file_name for s in shards if s.file_name in listed and self._shard_matches(s, metadata, listed[s.file_name])}
+        good = {s.file_name for s in shards
+                if s.file_name in listed and self._shard_matches(s, metadata, listed[s.file_name])}
         damaged = [s.file_name for s in shards if s.file_name in listed and s.file_name not in good]
         if damaged:
-            self.notes.append(f"{len(damaged)} finished shard(s) changed since they were written and are redone: {', '.join(damaged)}")
+            self.notes.append(f"{len(damaged)} finished shard(s) changed since they were written and are redone: "
+                              f"{', '.join(damaged)}")
         if set(listed) != good:
             for entry in os.scandir(self._fd):  # names as they are in the folder, never the journal's text
                 if entry.name in listed and entry.name not in good:
@@ -789,7 +806,9 @@ class StagingFolder:
             return False
         try:
             size = os.fstat(fd).st_size
-            if size != len(header) + shard.nbytes or size != record.get("size") or os.pread(fd, len(header), 0) != header:
+            if size != len(header) + shard.nbytes or size != record.get("size"):
+                return False
+            if os.pread(fd, len(header), 0) != header:
                 return False
             return _crc32_of(fd) == record.get("crc32")
         except OSError:
@@ -849,7 +868,8 @@ class StagingFolder:
         except OSError:
             here = None
         if here is None or not _same_file(here, ours):
-            raise WriteError(f"{self.path}: the staging folder was moved or replaced during the merge; nothing was published")
+            raise WriteError(f"{self.path}: the staging folder was moved or replaced during the merge; "
+                             "nothing was published")
         existing = existing_output(self.target, self._parent)
         refuse_existing(self.target, existing, overwrite)
         old = beside(self.target, OLD_SUFFIX).name
@@ -883,7 +903,8 @@ class StagingFolder:
         except FileNotFoundError:
             return
         if not stat.S_ISDIR(info.st_mode):
-            raise BadInput(f"{beside(self.target, OLD_SUFFIX)}: is a link or not a folder; tadrop will not remove it (remove it yourself)")
+            raise BadInput(f"{beside(self.target, OLD_SUFFIX)}: is a link or not a folder; "
+                           "tadrop will not remove it (remove it yourself)")
         _remove_tree(old, self._parent)
 
     def _swap_in(self, old: str, ours: os.stat_result) -> None:

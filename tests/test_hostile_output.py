@@ -25,8 +25,8 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from conftest import REPO, basic_recipe, fine_tune, tiny_state, write_checkpoint, write_recipe
-from test_faults import (TESTS, fault_recipe, install_hooks, interrupt, invoke, leftovers, looks_finished, previous, setup,  # noqa: F401
-                         tree)
+from test_faults import (TESTS, fault_recipe, install_hooks, interrupt, invoke, leftovers,  # noqa: F401
+                         previous, setup, tree)
 from tadrop_cli import engine
 from tadrop_cli import writer as writer_module
 
@@ -90,7 +90,8 @@ def test_a_staging_folder_that_is_not_tadrops_is_refused_not_emptied(setup, tmp_
     assert not os.path.lexists(target)
 
 
-@pytest.mark.parametrize("planted", ["progress.json.tmp", "model-00004-of-00005.safetensors", "model.safetensors.index.json", "config.json"])
+@pytest.mark.parametrize("planted", ["progress.json.tmp", "model-00004-of-00005.safetensors",
+                                     "model.safetensors.index.json", "config.json"])
 def test_files_in_the_staging_folder_are_never_opened_through_links(setup, tmp_path, monkeypatch, planted):
     """A link planted in the staging folder while the merge runs (a journal's temporary, a shard not
     written yet, the index, a config file) is never written through: each file is created new."""
@@ -207,7 +208,8 @@ def test_a_damaged_finished_shard_is_redone(setup, monkeypatch, damage):
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["resumed_shards"] == 2
-    assert any("model-00002-of-00005.safetensors" in note and "redone" in note for note in summary["notes"]), summary["notes"]
+    notes = summary["notes"]
+    assert any("model-00002-of-00005.safetensors" in note and "redone" in note for note in notes), notes
     assert tree(target) == reference
 
 
@@ -286,7 +288,8 @@ def test_a_second_merge_while_the_first_publishes_is_refused(setup, tmp_path):
     script = tmp_path / "race_wrapper.py"
     script.write_text(RACE_WRAPPER.format(tests=str(TESTS), marker=str(marker)))
     first = subprocess.Popen([sys.executable, str(script), "merge", str(recipe), "--quiet"], cwd=REPO,
-                             env={**os.environ, "PUBLISH_DELAY": "4"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             env={**os.environ, "PUBLISH_DELAY": "4"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
     deadline = time.monotonic() + 90
     while not marker.exists() and first.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -351,8 +354,9 @@ def _no_merge(*args, **kwargs):
 LONG = "x" * 300
 
 
-@pytest.mark.parametrize("case", ["dangling-parent", "dot", "old-is-a-link", "parent-is-a-file", "link-loop", "output-is-a-link-loop",
-                                  "long-name", "long-path", "nul", "no-such-user", "dotdot", "name-too-long-for-staging"])
+@pytest.mark.parametrize("case", ["dangling-parent", "dot", "old-is-a-link", "parent-is-a-file", "link-loop",
+                                  "output-is-a-link-loop", "long-name", "long-path", "nul", "no-such-user", "dotdot",
+                                  "name-too-long-for-staging"])
 def test_an_unusable_output_is_refused_before_merging(setup, previous, tmp_path, monkeypatch, case):
     recipe, target, _ = setup
     extra = ["--overwrite"]
@@ -450,7 +454,8 @@ def test_resume_of_a_published_merge_says_it_is_complete(setup, tiny_models, tmp
 def test_resume_refuses_a_journal_of_an_older_tadrop(setup, monkeypatch):
     recipe, target, reference = setup
     interrupted_after(recipe, "marked:2", monkeypatch)
-    (staging_of(target) / "progress.json").write_text(json.dumps({"recipe_digest": "x", "completed": ["model-00001-of-00005.safetensors"]}))
+    older = {"recipe_digest": "x", "completed": ["model-00001-of-00005.safetensors"]}
+    (staging_of(target) / "progress.json").write_text(json.dumps(older))
     line = one_line_error(invoke("merge", recipe, "--resume", "--quiet"))
     assert "older tadrop" in line and "without --resume" in line
     result = invoke("merge", recipe, "--json")
