@@ -338,7 +338,10 @@ def merge(
                                           help="Output folder (overrides output.path)."),
     overwrite: bool = typer.Option(False, "--overwrite",
                                    help="Replace an existing output folder (only once the new one is complete)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted merge from its finished shards."),
+    resume: bool = typer.Option(False, "--resume",
+                                help="Refuse (exit 2), rather than start over, if the partial merge at the output "
+                                     "is of another recipe, changed inputs, another tadrop version or device. "
+                                     "A plain run resumes what it can prove and otherwise starts over, with a note."),
     dry: bool = typer.Option(False, "--dry-run", help="Check the recipe and every input header, print what would be "
                                                       "written, write nothing."),
     device: Optional[str] = typer.Option(None, "--device", metavar="DEVICE",
