@@ -113,7 +113,8 @@ def polar(matrix: torch.Tensor) -> torch.Tensor:
     if matrix.shape[0] < matrix.shape[1]:
         return polar(matrix.T).T
     values, vectors = _eigh_descending(_gram64(matrix))
-    tolerance = _EPS32 * (math.sqrt(matrix.shape[0]) + math.sqrt(matrix.shape[1])) * float(values[0].clamp_min(0).sqrt())
+    rounding = _EPS32 * (math.sqrt(matrix.shape[0]) + math.sqrt(matrix.shape[1]))
+    tolerance = rounding * float(values[0].clamp_min(0).sqrt())
     kept = int((values > tolerance * tolerance).sum())
     vectors = vectors[:, :kept]
     return _times64(matrix, (vectors / values[:kept].sqrt()) @ vectors.T)
@@ -187,7 +188,7 @@ def _randomized_wide(matrix: torch.Tensor, k: int, tolerance: float, seed: int):
     return None
 
 
-def top_fast(matrix: torch.Tensor, k: int, tolerance: float, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def top_fast(matrix: torch.Tensor, k: int, tolerance: float, seed: int) -> tuple[torch.Tensor, ...]:
     """The top k singular triplets, less the numerically null ones, by the cheapest route that
     gives them to float32 level: randomized where k is a small share of the rank and the
     iteration converges, else the Gram's eigendecomposition."""
@@ -296,7 +297,8 @@ def tsv_merge(deltas: Sequence[torch.Tensor], densities: Sequence[float], exact_
 
 
 @_scaled
-def iso_c_merge(deltas: Sequence[torch.Tensor], exact_svd: bool = False, seeds: Sequence[int] | None = None) -> torch.Tensor:
+def iso_c_merge(deltas: Sequence[torch.Tensor], exact_svd: bool = False,
+                seeds: Sequence[int] | None = None) -> torch.Tensor:
     """Iso-C on one matrix: the sum of the task matrices with its singular spectrum replaced
     by its mean, sum(sigma) / min(m, n) (every direction of the sum gets the same weight).
     Numerically null directions of the sum (a low-rank sum) are left out, not lifted to the
@@ -349,7 +351,8 @@ def polar_extended(basis: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
     d, z = torch.linalg.eigh(middle)
     values = 1 + d  # the Gram's eigenvalues off the identity
     tolerance = _EPS32 * (math.sqrt(basis.shape[0]) + math.sqrt(c + e)) * float(values.max().clamp_min(1).sqrt())
-    factor = torch.where(values > tolerance * tolerance, values.clamp_min(tolerance * tolerance).rsqrt(), torch.zeros_like(values)) - 1
+    kept = values > tolerance * tolerance
+    factor = torch.where(kept, values.clamp_min(tolerance * tolerance).rsqrt(), torch.zeros_like(values)) - 1
     y_top, y_bottom = q @ z[:p], z[p:]  # Y Z, split by the rows of basis and of extra
     mapped = _times64(basis, y_top, float64) + _times64(extra, y_bottom, float64)  # [basis, extra] Y Z
     update = (mapped * factor) @ torch.cat([y_top, y_bottom]).T

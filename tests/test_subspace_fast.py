@@ -40,7 +40,9 @@ def spectral(rng, shape, sigma) -> np.ndarray:
 def relative(got, expected) -> float:
     got, expected = (np.asarray(x, dtype=np.float64) for x in (got, expected))
     scale = np.linalg.norm(expected)
-    return float(np.linalg.norm(got - expected) / scale) if scale > 0 else float(np.abs(got).max())  # nothing kept: 0 exactly
+    if scale == 0:  # nothing kept: zero exactly
+        return float(np.abs(got).max())
+    return float(np.linalg.norm(got - expected) / scale)
 
 
 def sin_largest_angle(a: np.ndarray, b: np.ndarray) -> float:
@@ -54,7 +56,8 @@ def tasks_for(case: str, rng) -> list[np.ndarray]:
     if case == "rank_deficient":  # LoRA-like rank-3 tasks, k_t = 10 asks for more than there is
         return [spectral(rng, shape, rng.uniform(0.5, 2, 3)) for _ in range(4)]
     if case == "near_degenerate":  # clusters of equal singular values inside the kept set, a clear gap at every cut
-        return [spectral(rng, shape, np.repeat([4.0, 2.0, 1.0, 0.5, 0.25], [4, 6, 10, 20, r])[:r] * (1 + 1e-9 * rng.normal(size=r))) for _ in range(4)]
+        sigma = np.repeat([4.0, 2.0, 1.0, 0.5, 0.25], [4, 6, 10, 20, r])[:r]
+        return [spectral(rng, shape, sigma * (1 + 1e-9 * rng.normal(size=r))) for _ in range(4)]
     if case == "gauss":  # flat spectrum: neighbours at the cut ~1% apart
         return [rng.normal(size=shape) * rng.uniform(0.05, 0.5) for _ in range(4)]
     return [spectral(rng, shape, rng.uniform(0.05, 0.5) * 3 * 0.8 ** np.arange(r)) for _ in range(4)]
@@ -121,7 +124,8 @@ def test_randomized_route_gives_the_exact_top_subspace(shape, monkeypatch):
     rng = np.random.default_rng(5)
     sigma = np.concatenate([np.linspace(3, 1, 12), 0.05 * 0.9 ** np.arange(200)])
     matrix = spectral(rng, shape, sigma).astype(np.float32)
-    u, s, vh = subspace.top_fast(torch.from_numpy(matrix), 12, subspace.null_tolerance(torch.from_numpy(matrix)), seed=7)
+    tensor = torch.from_numpy(matrix)
+    u, s, vh = subspace.top_fast(tensor, 12, subspace.null_tolerance(tensor), seed=7)
     assert calls == [True]
     tu, ts, tvh = ref.top_triplets(matrix.astype(np.float64), 12)
     assert sin_largest_angle(u.double().numpy(), tu) < 1e-5
@@ -171,7 +175,8 @@ def test_fast_route_is_seeded_and_independent_of_task_order(monkeypatch):
     again = merged("tsv_m", tasks, exact=False, densities=densities, seeds=(1, 2, 3))
     assert torch.equal(first, again)  # same seeds: the same bits
     order = [2, 0, 1]
-    shuffled = merged("tsv_m", [tasks[i] for i in order], exact=False, densities=[densities[i] for i in order], seeds=[(1, 2, 3)[i] for i in order])
+    shuffled = merged("tsv_m", [tasks[i] for i in order], exact=False, densities=[densities[i] for i in order],
+                      seeds=[(1, 2, 3)[i] for i in order])
     torch.testing.assert_close(shuffled, first, atol=1e-6, rtol=0)
 
 
@@ -238,7 +243,11 @@ def test_exact_svd_is_a_recipe_parameter_that_selects_the_float32_svds(method, m
     original = torch.linalg.svd
     monkeypatch.setattr(torch.linalg, "svd", lambda *a, **k: used.append(1) or original(*a, **k))
     rng = np.random.default_rng(29)
-    tvs = lambda: [TaskVector(torch.from_numpy(rng.normal(size=(12, 10)).astype(np.float32)), density=0.5) for _ in range(2)]
+
+    def tvs():
+        return [TaskVector(torch.from_numpy(rng.normal(size=(12, 10)).astype(np.float32)), density=0.5)
+                for _ in range(2)]
+
     METHODS[method].merge(torch.zeros(12, 10), tvs(), **{"lambda": 1.0, "exact_svd": False})
     assert used == []  # the fast route takes no SVD at all
     METHODS[method].merge(torch.zeros(12, 10), tvs(), **{"lambda": 1.0, "exact_svd": True})

@@ -78,7 +78,8 @@ def reference_merge(method: str, deltas):
 
 def projection(medians: dict, hidden: int, intermediate: int, layers: int, kv: int) -> dict:
     """Seconds for every 2-D matrix of `layers` decoder layers (embeddings left out: see the report)."""
-    per_layer = [(hidden, hidden), (kv, hidden), (kv, hidden), (hidden, hidden), (intermediate, hidden), (intermediate, hidden), (hidden, intermediate)]
+    per_layer = [(hidden, hidden), (kv, hidden), (kv, hidden), (hidden, hidden),
+                 (intermediate, hidden), (intermediate, hidden), (hidden, intermediate)]
     result = {}
     for key, by_shape in medians.items():
         total = 0.0
@@ -133,7 +134,8 @@ def main() -> None:
     if args.project:
         hidden, intermediate, layers, kv = (int(x) for x in args.project.split(","))
         for key, seconds in projection(medians, hidden, intermediate, layers, kv).items():
-            print(f"projection ({layers} layers of hidden {hidden}, intermediate {intermediate}, {args.models} models) {key}: "
+            print(f"projection ({layers} layers of hidden {hidden}, intermediate {intermediate}, "
+                  f"{args.models} models) {key}: "
                   f"{seconds:.0f} s = {seconds / 3600:.2f} h", flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
