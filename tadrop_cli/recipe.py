@@ -70,7 +70,7 @@ class TadropOverride(_Strict):
 
 
 class TadropSettings(_Strict):
-    """Every setting of TADrop (see the README's TADrop section); defaults as documented there."""
+    """Every setting of TADrop (see docs/tadrop.md); defaults as documented there."""
 
     enabled: bool = True
     statistic: Literal[STATISTICS] = "hoyer"  # type: ignore[valid-type]

@@ -1,6 +1,6 @@
 """TADrop maths: a score per task-vector tensor, and a drop ratio per tensor from the scores.
 
-Pure functions, no I/O (spec: ../shared/TADROP.md, mirrored in the README):
+Pure functions, no I/O (spec: ../shared/TADROP.md, mirrored in docs/tadrop.md):
 1. `tensor_score` measures how concentrated one tensor's change is (higher = a few
    large entries, worth keeping).
 2. `normalize_scores` maps one model's scores to [0, 1] across its tensors.
