@@ -197,8 +197,15 @@ def progress_bar(quiet: bool) -> Iterator[RichProgress | SilentProgress]:
 # ---------------------------------------------------------------- running a command
 
 
+def complete_message(output: str) -> str:
+    return f"interrupted once the merge was published: {printable(output)} is complete"
+
+
 def interrupted_message(stop: BaseException, merging: bool) -> str:
     """What is true after an interrupt: the engine tells how many finished shards it kept."""
+    published = getattr(stop, "published", None)
+    if published is not None:
+        return complete_message(published)
     finished = getattr(stop, "finished_shards", None)
     if finished is None:  # before the merge began writing, or not a merge
         return "interrupted: nothing was published" if merging else "interrupted"
@@ -365,6 +372,7 @@ def merge(
             return
         with progress_bar(quiet) as progress:
             summary = run_merge(loaded, options, progress)
+        interrupts.finished(complete_message(summary["output"]))
         if as_json:
             try:
                 _print_json(summary)

@@ -19,7 +19,7 @@ from typing import Iterable, Iterator, Optional, Protocol
 
 import numpy as np
 
-from . import __version__, kernels
+from . import __version__, interrupts, kernels
 from .checkpoint import all_finite, mapped_slices, read_all_float32
 from .devices import choose_device, on_cpu
 from .dtypes import Stored, torch_dtype
@@ -438,15 +438,22 @@ def run_merge(recipe: Recipe, options: MergeOptions, progress: Progress = NoProg
             refuse_existing(target, existing, options.overwrite)
             staging = StagingFolder(target, digest, _sources(layout, device))
             done = staging.open(resume=options.resume)
+            published = False
             try:
                 summary = _merge_into(layout, staging, done, device, digest, progress, options)
                 _check_inputs_unchanged(layout, staging.sources["inputs"])
-                staging.publish(overwrite=options.overwrite)
+                with interrupts.held():  # never cut in two: a signal meanwhile is raised once it is done
+                    staging.publish(overwrite=options.overwrite)
+                    published = True
             except (KeyboardInterrupt, SystemExit) as stop:
-                stop.finished_shards = staging.keep_for_resume()  # the CLI says what a run again keeps
+                if published:
+                    stop.published = str(target)  # the CLI says the output is complete
+                else:
+                    stop.finished_shards = staging.keep_for_resume()  # the CLI says what a run again keeps
                 raise
             except BaseException:
-                staging.discard()
+                if not published:
+                    staging.discard()
                 raise
     finally:
         layout.close()

@@ -23,10 +23,14 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _raising = False  # inside a command's body: the first signal raises KeyboardInterrupt
 _raised = False  # it has: a further signal stops at once
 _installed = False
+_holding = False  # within held(): a signal is noted in _pending and handled when the block ends
+_pending = False
+_message = "interrupted"  # what stop_now says: changed once the output is published (finished())
 
 
-def stop_now(message: str = "interrupted") -> None:
+def stop_now(message: str = "") -> None:
     """Write one line to stderr (fd 2, no Python buffers) and exit 130 without cleanup."""
+    message = message or _message
     try:
         lead = "\x1b[?25h\r\n" if os.isatty(2) else ""  # a progress bar may have hidden the cursor
         os.write(2, f"{lead}{message}\n".encode())
@@ -36,7 +40,10 @@ def stop_now(message: str = "interrupted") -> None:
 
 
 def _on_signal(signum: int, frame: object) -> None:
-    global _raised
+    global _raised, _pending
+    if _holding:
+        _pending = True
+        return
     if _raising and not _raised:
         _raised = True
         raise KeyboardInterrupt
@@ -57,10 +64,33 @@ def install() -> None:
 @contextmanager
 def raising():  # -> Iterator[None]; typing is not imported here (~10 ms)
     """Within: the first SIGINT/SIGTERM raises KeyboardInterrupt (for cleanup and an honest message)."""
-    global _raising, _raised
-    _raising, _raised = True, False
+    global _raising, _raised, _message
+    _raising, _raised, _message = True, False, "interrupted"
     try:
         yield
     finally:
         _raising = False
 
+
+
+@contextmanager
+def held():
+    """Within: a SIGINT or SIGTERM waits until the block is done (a step that must not be cut in two,
+    such as publishing the output), and is handled as the block ends. (Python runs handlers in the main
+    thread only, so a flag serves; a signal mask would not: the kernels' threads would take the signal.)"""
+    global _holding, _pending
+    _holding, _pending = True, False
+    try:
+        yield
+    finally:
+        _holding = False
+    if _pending:
+        _pending = False
+        _on_signal(0, None)
+
+
+def finished(message: str) -> None:
+    """The command's work is done (the output is published): a signal from now on stops at once and
+    says `message`, never that nothing was published."""
+    global _raising, _message
+    _raising, _message = False, message

@@ -581,3 +581,38 @@ def test_first_signal_in_a_command_raises_and_a_second_stops_at_once(monkeypatch
     with interrupts.raising():  # the next command starts afresh
         with pytest.raises(KeyboardInterrupt):
             interrupts._on_signal(signal.SIGINT, None)
+
+
+# ---------------------------------------------------------------- an interrupt once the output is published
+
+_SIGNAL_AFTER = """
+import os, signal, sys
+from tadrop_cli import interrupts
+interrupts.install()
+from tadrop_cli import cli, writer
+module, name = {where!r}
+owner = writer.StagingFolder if module == "writer" else cli
+original = getattr(owner, name)
+def then_signal(*args, **kwargs):
+    result = original(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGTERM)
+    return result
+setattr(owner, name, then_signal)
+sys.argv = ["tadrop", "merge", {recipe!r}]
+cli.main()
+"""
+
+
+@pytest.mark.parametrize("where", [("writer", "_move_in"), ("cli", "merged_line")],
+                         ids=["right after the rename", "while printing the summary"])
+def test_an_interrupt_after_publishing_says_the_output_is_complete(recipe, where):
+    recipe_path, output = recipe
+    script = _SIGNAL_AFTER.format(where=where, recipe=str(recipe_path))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 130, result.stderr
+    line = one_line(result.stderr)
+    assert "nothing was published" not in line and "--resume" not in line, line
+    assert "complete" in line and str(output) in line, line
+    assert (output / "model.safetensors").is_file()
+    assert run_cli("verify", str(output)).returncode == 0
+    assert not list(output.parent.glob(f".{output.name}.tadrop-*")), list(output.parent.iterdir())
