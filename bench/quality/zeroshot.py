@@ -97,16 +97,16 @@ def run_direction(sw, hosts, densities, arms: dict, seeds: int, log) -> None:
 def family_grid() -> dict:
     """Candidate TADrop settings (TADROP.md 2b): direction x scope for the strength allocation, the
     knob-free mass allocations, and the model-wide trim. Names as tadrop's TadropSettings has them."""
-    grid = {}
+    grid = {"global": dict(TD_BASE, allocation="global")}
+    for alloc in ("mass", "mass_reverse"):
+        grid[f"{alloc}/l1"] = dict(TD_BASE, allocation=alloc, mass_norm="l1")
     for scope in ("model", "kind", "layer"):
         for name, g in STRENGTHS.items():
             # scope model is the default: the same recipe as the direction arm, so its merges are reused
             extra = {} if scope == "model" else {"allocation": "strength", "scope": scope}
             grid[f"strength/{scope}/{name}"] = dict(TD_BASE, strength=g, **extra)
     for alloc in ("mass", "mass_reverse"):
-        for norm in ("l1", "l2"):
-            grid[f"{alloc}/{norm}"] = dict(TD_BASE, allocation=alloc, mass_norm=norm)
-    grid["global"] = dict(TD_BASE, allocation="global")
+        grid[f"{alloc}/l2"] = dict(TD_BASE, allocation=alloc, mass_norm="l2")
     return grid
 
 
@@ -116,10 +116,11 @@ def run_family_search(sw, hosts_budgets, grid: dict, log) -> dict:
     from sweep import k_of, lam_of
 
     fam = sw.records.setdefault("family", {})
-    for method, d in hosts_budgets:
-        u = sw.run_cell(method, d, "uniform", None, [0])
-        k = k_of(u["lam"])
-        for name, td in [("uniform", None)] + list(grid.items()):
+    ks = {hb: k_of(sw.run_cell(*hb, "uniform", None, [0])["lam"]) for hb in hosts_budgets}
+    # arms outside, host-budgets inside: a run cut short leaves whole arms
+    for name, td in [("uniform", None)] + list(grid.items()):
+        for method, d in hosts_budgets:
+            k = ks[(method, d)]
             key = f"{method}|{d}|{name}"
             if key in fam:
                 continue
