@@ -30,7 +30,7 @@ Papers:
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 from .lazy import torch
 
@@ -89,8 +89,10 @@ def _gram64(matrix: torch.Tensor) -> torch.Tensor:
     return gram
 
 
-def _times64(matrix: torch.Tensor, right: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """matrix @ right in float64 (right: float64), returned in `dtype`, a block of rows at a time."""
+def _times64(matrix: torch.Tensor, right: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """matrix @ right in float64 (right: float64), returned in `dtype` (float32 by default), a block of
+    rows at a time. (The default is looked up here, not in the signature: that would import torch.)"""
+    dtype = torch.float32 if dtype is None else dtype
     out = torch.empty(matrix.shape[0], right.shape[1], dtype=dtype, device=matrix.device)
     for start in range(0, matrix.shape[0], _ROWS_PER_BLOCK):
         out[start:start + _ROWS_PER_BLOCK] = matrix[start:start + _ROWS_PER_BLOCK].double() @ right
