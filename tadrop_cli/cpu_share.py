@@ -4,7 +4,7 @@ The kernels' OpenMP threads wait for each other at the end of every parallel loo
 where other processes keep the cores busy, a thread that the scheduler does not run holds up
 the others (which spin, taking the cores from it): merges ran 3-7x slower with two threads
 than with one (docs/speed.md, "A busy machine"). So before each kernel call kernels.py asks
-`CpuShare.threads()`. At most every `interval` seconds it looks at how busy the cores this
+`CpuShare.threads()` (and before each tensor PyTorch computes on the CPU, fit_torch_threads()). At most every `interval` seconds it looks at how busy the cores this
 process may run on were since its last look (/proc/stat), less this process's own CPU time,
 and gives the number of cores left idle: at least 1, at most `limit`.
 
@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import os
 import time
+from functools import lru_cache
 from typing import Callable, Optional
+
+from .lazy import torch, torch_imported
 
 _BUSY_FIELDS = (0, 1, 2, 5, 6, 7)  # user nice system irq softirq steal (not idle, iowait)
 
@@ -102,3 +105,23 @@ class CpuShare:
         if wall > 0:
             self._threads = min(self.limit, idle_cores(busy - own, wall, len(self._cpus)))
         return self._threads
+
+
+@lru_cache(maxsize=1)
+def _torch_share() -> Optional[CpuShare]:
+    """What sets PyTorch's CPU thread count: None where the user fixed it with OMP_NUM_THREADS."""
+    limit = torch.get_num_threads()
+    return None if os.environ.get("OMP_NUM_THREADS") or limit <= 1 else CpuShare(limit)
+
+
+def fit_torch_threads() -> None:
+    """Before PyTorch computes on the CPU: its intra-op threads are the idle cores, as the kernels'
+    are (on a busy machine its default count ran 5x slower than one thread). Imports nothing: where
+    torch is not loaded yet there is nothing to fit, and the next tensor is."""
+    if not torch_imported():
+        return
+    share = _torch_share()
+    if share is not None:
+        threads = share.threads()
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)

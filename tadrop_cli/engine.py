@@ -21,6 +21,7 @@ import numpy as np
 
 from . import __version__, interrupts, kernels
 from .checkpoint import all_finite, mapped_slices, read_all_float32
+from .cpu_share import fit_torch_threads
 from .devices import choose_device, on_cpu
 from .dtypes import Stored, torch_dtype
 from .errors import BadInput
@@ -156,6 +157,8 @@ def merge_tensor(layout: Layout, plan: Plan, job: TensorJob, device: str) -> tor
     if _kernels_merge(layout, job, device):
         slices = [(start, min(start + chunk, numel)) for start in range(0, numel, chunk)]
         return _merge_with_kernels(layout, plan, job, slices)
+    if on_cpu(device):
+        fit_torch_threads()
     if numel > chunk and method.sliceable(layout.method_parameters(job.name)):
         row = _row_length(job) if method.whole_rows else 1
         step = max(1, chunk // row) * row  # whole rows per slice, for a method that ranks within rows (DELLA)

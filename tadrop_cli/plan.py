@@ -26,6 +26,7 @@ import numpy as np
 
 from . import kernels
 from .checkpoint import LAYER_NUMBER, Checkpoint, mapped_slices, read_all_float32, read_float32
+from .cpu_share import fit_torch_threads
 from .devices import on_cpu
 from .errors import BadInput
 from .layout import Layout, ModelInput, TensorJob
@@ -241,6 +242,8 @@ def build_plan(layout: Layout, device: str, on_tensor: Callable[[TensorJob], Non
                     to_measure.append((j, model, _Entry(row, tensor_settings, density)))
                 else:
                     row.ratio = _fixed_ratio(model.tadrop, base_ratio)
+        if to_measure and on_cpu(device):
+            fit_torch_threads()  # where PyTorch measures (no-op until it is loaded)
         scored = [(j, model, entry) for j, model, entry in to_measure if model.tadrop.allocation == "strength"]
         profiled = [(j, model, entry) for j, model, entry in to_measure if model.tadrop.allocation != "strength"]
         if scored:

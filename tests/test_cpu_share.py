@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -126,3 +129,34 @@ def test_a_thread_count_the_user_set_is_kept(monkeypatch):
         assert (kernels._cpu_share() is None) == (kernels._library().tadrop_max_threads() <= 1)
     finally:
         kernels._cpu_share.cache_clear()
+
+
+def test_torch_threads_follow_the_idle_cores_and_a_fixed_count_is_kept(monkeypatch):
+    import torch
+
+    saved = torch.get_num_threads()
+    cpu_share._torch_share.cache_clear()
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        share = cpu_share._torch_share()
+        monkeypatch.setattr(share, "threads", lambda: 1)  # others hold all but one core
+        cpu_share.fit_torch_threads()
+        assert torch.get_num_threads() == 1
+        monkeypatch.setattr(share, "threads", lambda: 2)  # they left
+        cpu_share.fit_torch_threads()
+        assert torch.get_num_threads() == 2
+        cpu_share._torch_share.cache_clear()
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert cpu_share._torch_share() is None
+        cpu_share.fit_torch_threads()
+        assert torch.get_num_threads() == 2
+    finally:
+        cpu_share._torch_share.cache_clear()
+        torch.set_num_threads(saved)
+
+
+def test_fitting_torch_threads_never_imports_torch():
+    code = "import sys; from tadrop_cli import cpu_share; cpu_share.fit_torch_threads(); print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "False", result.stderr
