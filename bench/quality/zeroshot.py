@@ -243,6 +243,23 @@ def test_table(sw, recs) -> tuple[str, list]:
     return out, rows
 
 
+def direction_table(sw, recs, a="plus0.2", b="minus0.2") -> str:
+    """The two directions against each other, paired on the same test items and seeds."""
+    by = {(c["method"], c["density"], c["arm"]): c for c in recs["cells"].values()}
+    out = (f"\n### {b} against {a} on test (points)\n\n| host | kept | seeds | {b} − {a} [95% paired CI] |\n"
+           "|---|---|---|---|\n")
+    for (m, d, arm), ca in sorted(by.items()):
+        cb = by.get((m, d, b))
+        if arm != a or cb is None:
+            continue
+        seeds = sorted(set(ca["seeds"]) & set(cb["seeds"]), key=int)
+        pairs = [(sw.test_result(ca["seeds"][s]["test_key"]), sw.test_result(cb["seeds"][s]["test_key"]))
+                 for s in seeds]
+        bs = paired_bootstrap(pairs, sw.b.tasks)
+        out += f"| {m} | {d} | {len(seeds)} | **{100 * bs['diff']:+.2f}** [{100 * bs['lo']:+.2f}, {100 * bs['hi']:+.2f}] |\n"
+    return out
+
+
 def per_task_table(tasks, rows) -> str:
     """Arm − uniform on test, per task (points), from the paired comparisons."""
     out = ("\n### Per task: arm − uniform on test (points)\n\n| host | kept | arm | " + " | ".join(tasks)
@@ -264,6 +281,7 @@ def write_report(sw, path: Path, log) -> dict:
           + "\n## Validation search over the wider family (3-point λ neighbourhood of uniform's)\n\n"
           + family_table(recs.get("family", {}))
           + "\n## Test: each arm against uniform at the same kept fraction (points)\n\n" + test_md)
+    md += direction_table(sw, recs)
     md += per_task_table(sw.b.tasks, rows)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(md)
