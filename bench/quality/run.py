@@ -148,6 +148,7 @@ def main(argv=None):
         import zeroshot
 
         return zeroshot.main(rest + (["--quick"] if args.quick else []) + ["--threads", str(args.threads)]
+                             + (["--seeds", str(args.seeds)] if args.seeds else [])
                              + (["--report", args.report] if args.report else []))
     if rest:
         ap.error(f"unrecognized arguments: {' '.join(rest)}")
