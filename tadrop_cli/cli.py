@@ -23,7 +23,7 @@ from rich.text import Text
 from typer.core import TyperCommand, TyperGroup
 
 from . import __version__, interrupts
-from .engine import MergeOptions, dry_run, plan_only, reuse_freed_memory, run_merge
+from .run import MergeOptions, dry_run, plan_only, reuse_freed_memory, run_merge
 from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, BadInput, TadropError, printable
 from .methods import METHODS
 from .recipe import load_recipe

@@ -369,7 +369,7 @@ def _check_finite(rows: list[RatioRow]) -> None:
 # Hoyer scores (the default statistic) are summed over slices of this many entries, so that
 # scoring needs a few slices' memory, not the tensor's; the other statistics see whole tensors.
 SCORE_SLICE_ELEMENTS = 1 << 20
-GPU_SCORE_SLICE_ELEMENTS = 1 << 24  # on a GPU, fewer launches and waits (see engine.GPU_CHUNK_ELEMENTS)
+GPU_SCORE_SLICE_ELEMENTS = 1 << 24  # on a GPU, fewer launches and waits (see tensor_merge.GPU_CHUNK_ELEMENTS)
 
 
 def _scores(layout: Layout, job: TensorJob, device: str, models: list[tuple[int, ModelInput]]) -> dict[int, Optional[float]]:

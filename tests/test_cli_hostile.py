@@ -24,7 +24,7 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import REPO, basic_recipe, fine_tune, run_cli, tiny_state, write_checkpoint, write_recipe
-from tadrop_cli import cli, engine, writer
+from tadrop_cli import cli, run, tensor_merge, writer
 from tadrop_cli.cli import app
 from tadrop_cli.errors import BadInput, printable
 from tadrop_cli.methods import METHODS
@@ -312,7 +312,7 @@ class Recorder:
 
 def test_a_large_tensor_moves_the_bar_slice_by_slice(tmp_path):
     """A tensor of 3 slices reports each slice before the tensor is done; the bytes add up."""
-    rows = 3 * engine.CHUNK_ELEMENTS // 1024
+    rows = 3 * tensor_merge.CHUNK_ELEMENTS // 1024
     base = {"big.weight": torch.randn(rows, 1024, generator=torch.Generator().manual_seed(0)),
             "small.bias": torch.zeros(8)}
     models = {"base": write_checkpoint(tmp_path / "base", base),
@@ -321,7 +321,7 @@ def test_a_large_tensor_moves_the_bar_slice_by_slice(tmp_path):
 
     recipe = load_recipe(write_recipe(tmp_path, basic_recipe(models, tmp_path / "out", method="ties")))
     recorder = Recorder()
-    engine.run_merge(recipe, engine.MergeOptions(), recorder)
+    run.run_merge(recipe, run.MergeOptions(), recorder)
     merging = recorder.calls[[c[0:2] for c in recorder.calls].index(("start", "merging")) + 1:]
     big = rows * 1024 * 4
     assert merging[:4] == [("part", big // 3)] * 3 + [("advance", big)], merging
@@ -360,7 +360,7 @@ def test_interrupt_while_scoring_says_no_shard_was_finished(tmp_path, models, mo
     def stop(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(engine, "build_plan", stop)
+    monkeypatch.setattr(run, "build_plan", stop)
     result = invoke("merge", path, "-q")
     assert result.exit_code == 130
     assert one_line(result.stderr) == ("interrupted: nothing was published, and no shard was finished; "
@@ -389,7 +389,7 @@ def test_interrupt_after_two_shards_says_resume_keeps_them(tmp_path, models, mon
 
 def test_interrupt_of_plan_says_only_interrupted(tmp_path, models, monkeypatch):
     path = write_recipe(tmp_path, basic_recipe(models, tmp_path / "out", method="ties", tadrop={}))
-    monkeypatch.setattr(engine, "build_plan", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(run, "build_plan", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     result = invoke("plan", path)
     assert result.exit_code == 130 and one_line(result.stderr) == "interrupted"
 
@@ -457,12 +457,12 @@ SLOW_WRAPPER = """\
 import sys, time
 sys.path.insert(0, {repo!r})
 sys.argv = ["tadrop", *sys.argv[1:]]
-from tadrop_cli import engine
-merge_tensor = engine.merge_tensor
+from tadrop_cli import run
+merge_tensor = run.merge_tensor
 def slow(*args, **kwargs):
     time.sleep(0.4)
     return merge_tensor(*args, **kwargs)
-engine.merge_tensor = slow
+run.merge_tensor = slow
 from tadrop_cli.__main__ import main
 main()
 """

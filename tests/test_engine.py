@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from tadrop_cli.engine import MergeOptions, run_merge
+from tadrop_cli.run import MergeOptions, run_merge
 from tadrop_cli.layout import tensor_seed
 from tadrop_cli.recipe import parse_recipe
 
@@ -320,9 +320,9 @@ def test_transformers_loads_the_merged_model(tmp_path):
 @pytest.mark.parametrize("method", ["task_arithmetic", "linear"])
 @pytest.mark.parametrize("fmt,dtype", [("safetensors", torch.float32), ("safetensors", torch.bfloat16), ("bin", torch.float32)])
 def test_elementwise_methods_merge_in_slices_exactly_as_whole(tmp_path, monkeypatch, method, fmt, dtype):
-    """Slicing a large tensor (engine.CHUNK_ELEMENTS) gives the bytes of the whole-tensor merge,
+    """Slicing a large tensor (tensor_merge.CHUNK_ELEMENTS) gives the bytes of the whole-tensor merge,
     including a last slice shorter than the others."""
-    from tadrop_cli import engine
+    from tadrop_cli import tensor_merge
 
     base = tiny_state()
     models = {"base": write_checkpoint(tmp_path / "base", base, fmt=fmt, dtype=dtype)}
@@ -332,14 +332,14 @@ def test_elementwise_methods_merge_in_slices_exactly_as_whole(tmp_path, monkeypa
         entry["parameters"].pop("density")
     recipe = parse_recipe(raw)
     whole = run_merge(recipe, MergeOptions())
-    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 1000)  # 96 x 64 = 6144 entries: 7 slices, the last of 144
+    monkeypatch.setattr(tensor_merge, "CHUNK_ELEMENTS", 1000)  # 96 x 64 = 6144 entries: 7 slices, the last of 144
     sliced = run_merge(recipe, MergeOptions(output=tmp_path / "sliced"))
     assert whole["tensors"] == sliced["tensors"] == 9
     assert (tmp_path / "whole" / "model.safetensors").read_bytes() == (tmp_path / "sliced" / "model.safetensors").read_bytes()
 
 
 def test_a_nan_in_a_later_slice_is_refused(tmp_path, monkeypatch):
-    from tadrop_cli import engine
+    from tadrop_cli import tensor_merge
     from tadrop_cli.errors import BadInput
 
     base = tiny_state()
@@ -347,7 +347,7 @@ def test_a_nan_in_a_later_slice_is_refused(tmp_path, monkeypatch):
     bad = fine_tune(base, 1)
     bad["model.layers.0.mlp.weight"].view(-1)[5000] = float("nan")
     models.update({"ft0": write_checkpoint(tmp_path / "ft0", fine_tune(base, 0)), "ft1": write_checkpoint(tmp_path / "ft1", bad)})
-    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 1000)
+    monkeypatch.setattr(tensor_merge, "CHUNK_ELEMENTS", 1000)
     recipe = parse_recipe(basic_recipe(models, tmp_path / "out", method="task_arithmetic"))
     with pytest.raises(BadInput, match="model.layers.0.mlp.weight"):
         run_merge(recipe, MergeOptions())

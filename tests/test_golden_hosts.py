@@ -35,7 +35,7 @@ from safetensors.torch import load_file
 import reference as ref
 from conftest import basic_recipe, run_cli, write_recipe
 from tadrop_cli import sparsify, subspace
-from tadrop_cli.engine import MergeOptions, plan_only, run_merge
+from tadrop_cli.run import MergeOptions, plan_only, run_merge
 from tadrop_cli.errors import BadInput
 from tadrop_cli.layout import tensor_seed
 from tadrop_cli.methods import METHODS, TaskVector, resolved_density

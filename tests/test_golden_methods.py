@@ -330,7 +330,7 @@ def test_engine_uniform_density_matches_mergekit_count(tmp_path, name, density):
     from safetensors.torch import load_file
 
     from conftest import write_checkpoint
-    from tadrop_cli.engine import MergeOptions, run_merge
+    from tadrop_cli.run import MergeOptions, run_merge
     from tadrop_cli.recipe import parse_recipe
 
     rng = np.random.default_rng(41)

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from conftest import REPO, basic_recipe, fine_tune, tiny_state, write_checkpoint, write_recipe
 from test_faults import (TESTS, fault_recipe, install_hooks, interrupt, invoke, leftovers,  # noqa: F401
                          previous, setup, tree)
-from tadrop_cli import engine
+from tadrop_cli import run
 from tadrop_cli import writer as writer_module
 
 __all__ = ["previous", "setup"]  # fixtures, used by name
@@ -404,7 +404,7 @@ def test_an_unusable_output_is_refused_before_merging(setup, previous, tmp_path,
         culprit = "~no-such-user-tadrop"
     args = ["merge", recipe, "--quiet", *extra, *(["--output", output] if output is not None else [])]
     before = tree(tmp_path)
-    monkeypatch.setattr(engine, "_merge_into", _no_merge)
+    monkeypatch.setattr(run, "_merge_into", _no_merge)
     line = one_line_error(invoke(*args))
     if culprit:
         assert culprit in line, line

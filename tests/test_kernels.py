@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from tadrop_cli import engine, kernels, methods, sparsify
+from tadrop_cli import kernels, methods, run, sparsify, tensor_merge
 from tadrop_cli.dtypes import Stored
-from tadrop_cli.engine import MergeOptions, run_merge
+from tadrop_cli.run import MergeOptions, run_merge
 from tadrop_cli.errors import BadInput
 from tadrop_cli.recipe import parse_recipe
 
@@ -343,7 +343,7 @@ def _merge_without_kernels(monkeypatch, recipe, output):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("chunk", [1000, 1 << 20])
 def test_the_engine_writes_the_same_bytes_with_and_without_kernels(tmp_path, monkeypatch, count_kernel_merges, method, dtype, chunk):
-    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", chunk)  # 1000: every weight in several slices, the last shorter
+    monkeypatch.setattr(tensor_merge, "CHUNK_ELEMENTS", chunk)  # 1000: every weight in several slices, the last shorter
     models = _models(tmp_path, dtype)
     extra = {"tadrop": {"enabled": True, "min_numel": 1000}} if method != "task_arithmetic" else {}
     recipe = parse_recipe(basic_recipe(models, tmp_path / "kernels", method=method, seed=5, parameters={"lambda": 0.9}, **extra))
@@ -393,7 +393,7 @@ def test_inputs_of_different_dtypes_merge_without_the_kernels(tmp_path, monkeypa
 @needs_kernels
 @pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties"])
 def test_nan_in_an_input_is_named_on_the_kernel_path(tmp_path, monkeypatch, method):
-    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 1000)
+    monkeypatch.setattr(tensor_merge, "CHUNK_ELEMENTS", 1000)
     base = tiny_state()
     spoiled = fine_tune(base, 1)
     spoiled["model.layers.1.mlp.weight"][50, 3] = math.nan  # in the 5th slice of that tensor
@@ -449,7 +449,7 @@ def test_non_finite_finds_what_isfinite_finds(dtype):
 _MERGE_WITHOUT_TORCH = """
 import json, sys
 from pathlib import Path
-from tadrop_cli.engine import MergeOptions, run_merge
+from tadrop_cli.run import MergeOptions, run_merge
 from tadrop_cli.recipe import load_recipe
 summary = run_merge(load_recipe(Path(sys.argv[1])), MergeOptions(device="cpu"))
 print(json.dumps({"torch_imported": "torch" in sys.modules, "cpu_kernels": summary["cpu_kernels"]}))
@@ -501,6 +501,6 @@ def test_the_command_line_merges_without_importing_torch(tmp_path):
 def test_a_dry_run_counts_the_runtime_that_will_run(tmp_path, monkeypatch):
     """~100 MB for the process where the kernels merge every tensor (no torch), ~300 MB with torch."""
     recipe = parse_recipe(basic_recipe(_models(tmp_path, torch.bfloat16), tmp_path / "out", method="ties", device="cpu"))
-    lean = engine.dry_run(recipe, MergeOptions())["estimated_peak_memory_bytes"]
+    lean = run.dry_run(recipe, MergeOptions())["estimated_peak_memory_bytes"]
     monkeypatch.setattr(kernels, "_library", lambda: None)
-    assert engine.dry_run(recipe, MergeOptions())["estimated_peak_memory_bytes"] - lean == 200 * 2**20
+    assert run.dry_run(recipe, MergeOptions())["estimated_peak_memory_bytes"] - lean == 200 * 2**20

@@ -12,7 +12,7 @@ import torch
 
 from reference import dare_keep, splitmix64_words
 from tadrop_cli import sparsify
-from tadrop_cli.engine import MergeOptions, run_merge
+from tadrop_cli.run import MergeOptions, run_merge
 from tadrop_cli.methods import METHODS
 from tadrop_cli.recipe import parse_recipe
 from tadrop_cli.tadrop import HoyerSums, hoyer
@@ -129,7 +129,7 @@ def test_the_trimming_hosts_are_the_ones_sliced():
 def test_trimming_hosts_merge_in_slices_exactly_as_whole(tmp_path, monkeypatch, method, dtype, tadrop):
     """The same bytes whether a tensor is merged whole or in slices (a last one shorter), for
     float32 task vectors and for bf16 ones (many tied values at the trim threshold)."""
-    from tadrop_cli import engine
+    from tadrop_cli import tensor_merge
 
     base = tiny_state()
     models = {"base": write_checkpoint(tmp_path / "base", base, dtype=dtype)}
@@ -137,7 +137,7 @@ def test_trimming_hosts_merge_in_slices_exactly_as_whole(tmp_path, monkeypatch, 
     extra = {"tadrop": {"enabled": True, "min_numel": 1000}} if tadrop else {}
     recipe = parse_recipe(basic_recipe(models, tmp_path / "whole", method=method, seed=3, **extra))
     whole = run_merge(recipe, MergeOptions())
-    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 1000)  # 96 x 64 = 6144 entries: 7 slices, the last of 144 (DELLA: 15 rows of 64)
+    monkeypatch.setattr(tensor_merge, "CHUNK_ELEMENTS", 1000)  # 96 x 64 = 6144 entries: 7 slices, the last of 144 (DELLA: 15 rows of 64)
     sliced = run_merge(recipe, MergeOptions(output=tmp_path / "sliced"))
     assert whole["ratios"] == sliced["ratios"]
     assert (tmp_path / "whole" / "model.safetensors").read_bytes() == (tmp_path / "sliced" / "model.safetensors").read_bytes()
@@ -152,10 +152,10 @@ def test_trimming_hosts_on_cuda_match_the_cpu(tmp_path, monkeypatch, method, pin
     smallest) from ordinary memory; only the float arithmetic may round differently."""
     from safetensors.torch import load_file
 
-    from tadrop_cli import checkpoint, engine
+    from tadrop_cli import checkpoint, tensor_merge
 
-    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 1000)
-    monkeypatch.setattr(engine, "GPU_CHUNK_ELEMENTS", 1000)
+    monkeypatch.setattr(tensor_merge, "CHUNK_ELEMENTS", 1000)
+    monkeypatch.setattr(tensor_merge, "GPU_CHUNK_ELEMENTS", 1000)
     monkeypatch.setattr(checkpoint, "PINNED_READ_ELEMENTS", pinned_reads)
 
     base = tiny_state()
@@ -165,8 +165,8 @@ def test_trimming_hosts_on_cuda_match_the_cpu(tmp_path, monkeypatch, method, pin
     run_merge(recipe, MergeOptions(device="cpu"))
     run_merge(recipe, MergeOptions(output=tmp_path / "cuda", device="cuda"))
     on_cpu, on_gpu = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("cpu", "cuda"))
-    for name, tensor in on_cpu.items():
-        torch.testing.assert_close(on_gpu[name], tensor, rtol=1e-6, atol=1e-6)
+    for name, expected in on_cpu.items():
+        torch.testing.assert_close(on_gpu[name], expected, rtol=1e-6, atol=1e-6)
 
 
 def test_first_non_finite_names_the_first_bad_tensor_and_forgives_overflowing_sums():

@@ -19,7 +19,7 @@ import reference as ref
 import torch
 from conftest import basic_recipe, run_cli, tiny_state, write_checkpoint, write_recipe
 from safetensors.torch import load_file
-from tadrop_cli.engine import MergeOptions, plan_only, run_merge
+from tadrop_cli.run import MergeOptions, plan_only, run_merge
 from tadrop_cli.errors import BadInput
 from tadrop_cli import plan as plan_module
 from tadrop_cli.plan import _settings_for, scope_group

@@ -23,8 +23,8 @@ sys.path[:0] = [str(HERE), str(HERE.parents[1])]
 import make_checkpoints  # noqa: E402
 import run as runner  # noqa: E402  (recipe_text)
 
-from tadrop_cli import engine  # noqa: E402
-from tadrop_cli.engine import MergeOptions, reuse_freed_memory, run_merge  # noqa: E402
+from tadrop_cli import tensor_merge  # noqa: E402
+from tadrop_cli.run import MergeOptions, reuse_freed_memory, run_merge  # noqa: E402
 from tadrop_cli.recipe import load_recipe  # noqa: E402
 
 
@@ -52,7 +52,7 @@ def main() -> int:
             path.write_text(runner.recipe_text(method, base, fts, dtype="bfloat16", seed=0, tadrop=tadrop))
             recipe = load_recipe(path)
             for log2 in map(int, args.chunks.split(",")):
-                setattr(engine, attribute, 1 << log2)
+                setattr(tensor_merge, attribute, 1 << log2)
                 times, summary = [], {}
                 for _ in range(args.repeats + 1):  # the first is a warm-up
                     started = time.perf_counter()

@@ -1,0 +1,251 @@
+"""Merging one tensor: whole or in slices, by the compiled CPU kernels or by PyTorch.
+
+`merge_tensor` gives one output tensor of a merge (pass 2), in its output dtype, on the CPU.
+Only one tensor name's worth of inputs is held at a time: the base tensor and one task vector
+per model, in float32 on the chosen device (or, for the kernels, one slice of each as stored).
+On a CPU the compiled kernels (kernels.py) merge the generalized-task-arithmetic hosts slice by
+slice from the files' mapped pages, and such a merge never imports torch. A magnitude trim in
+slices finds each model's whole-tensor top-k cut first, in two histogram sweeps. Running a
+whole merge (the output folder, staging, publishing, the summary) is run.py's.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Optional
+
+import numpy as np
+
+from . import kernels
+from .checkpoint import all_finite, mapped_slices, read_all_float32
+from .cpu_share import fit_torch_threads
+from .devices import on_cpu
+from .dtypes import Stored, torch_dtype
+from .errors import BadInput
+from .lazy import torch
+from .layout import Layout, TensorJob, tensor_seed
+from .methods import TaskVector
+from .plan import Plan
+from .sparsify import KEEP_NOTHING, MAGNITUDE_BUCKETS, TopKCut, boundary_bucket, bucket_histogram, cut_from_bucket_counts, kept_count, magnitude_histogram
+
+# Large tensors are merged in slices of this many entries (flattened) where the method allows
+# (MergeMethod.sliceable): memory then grows with the slice, not the tensor, and each slice's
+# intermediate results stay in the CPU's cache.
+CHUNK_ELEMENTS = 1 << 20
+# On a GPU, cache reuse matters less than the launches and waits that every slice costs, and
+# memory is plentiful: 64 MB per float32 input keeps most tensors whole, and then a trim reads
+# its inputs once instead of three times (two sweeps for the cut, then the merge).
+GPU_CHUNK_ELEMENTS = 1 << 24
+
+
+def chunk_elements(device: str) -> int:
+    return CHUNK_ELEMENTS if on_cpu(device) else GPU_CHUNK_ELEMENTS
+
+
+def merge_tensor(layout: Layout, plan: Plan, job: TensorJob, device: str) -> torch.Tensor | Stored | Iterator[torch.Tensor | Stored]:
+    """The output tensor for one job, in its output dtype, on the CPU; for a large tensor that
+    the method can merge in slices, its flattened slices one after another (an iterator). The
+    CPU kernels give Stored entries (dtypes.Stored), the PyTorch code tensors."""
+    if not job.mergeable:
+        return layout.reference.read(job.name)
+    if job.copy_base or not job.contributors:
+        kept = layout.reference.read(job.name)
+        if not all_finite(kept):
+            raise BadInput(f"{layout.reference.label}: tensor {job.name} contains NaN or Inf")
+        return kept.to(torch_dtype(job.out.dtype))
+    numel, method, chunk = job.out.numel, layout.recipe.method, chunk_elements(device)
+    if kernels_merge(layout, job, device):
+        slices = [(start, min(start + chunk, numel)) for start in range(0, numel, chunk)]
+        return _merge_with_kernels(layout, plan, job, slices)
+    if on_cpu(device):
+        fit_torch_threads()
+    if numel > chunk and method.sliceable(layout.method_parameters(job.name)):
+        row = _row_length(job) if method.whole_rows else 1
+        step = max(1, chunk // row) * row  # whole rows per slice, for a method that ranks within rows (DELLA)
+        slices = [(start, min(start + step, numel)) for start in range(0, numel, step)]
+        cuts = _magnitude_cuts(layout, plan, job, device, slices) if method.sparsifier == "magnitude" else {}
+        settings = _task_settings(layout, plan, job)
+        return (_merge_entries(layout, job, inputs.in_rows(row), settings, cuts).reshape(-1)
+                for inputs in _read_slices(layout, job, device, slices, job.contributors))
+    return _merge_entries(layout, job, _read_inputs(layout, job, device, None, None, job.contributors), _task_settings(layout, plan, job))
+
+
+def _row_length(job: TensorJob) -> int:
+    """Entries per row (dim 0) of the tensor; a 1-D tensor is one row."""
+    return job.out.numel // job.out.shape[0] if len(job.out.shape) > 1 else job.out.numel
+
+
+@dataclass
+class _Inputs:
+    """The base's and some models' entries [start, stop) of one tensor (all of it when start is
+    None), in float32; `tuned` is model j's fine-tuned tensor until `task_vectors` subtracts."""
+
+    start: Optional[int]
+    base: torch.Tensor
+    tuned: dict[int, torch.Tensor]
+
+    def in_rows(self, length: int) -> "_Inputs":
+        """The same entries as rows of `length` (a slice of whole rows, for row-wise methods)."""
+        if length <= 1:
+            return self
+        return _Inputs(self.start, self.base.view(-1, length), {j: t.view(-1, length) for j, t in self.tuned.items()})
+
+    def task_vectors(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """(j, model j's task vector), computed in place of the fine-tuned entries."""
+        for j, tensor in self.tuned.items():
+            yield j, tensor.sub_(self.base)
+
+
+def _read_inputs(layout: Layout, job: TensorJob, device: str, start: Optional[int], stop: Optional[int], models: Iterable[int]) -> _Inputs:
+    models = list(models)
+    base, *tuned = read_all_float32([layout.reference, *(layout.models[j].checkpoint for j in models)], job.name, device, start, stop)
+    return _Inputs(start, base, dict(zip(models, tuned)))
+
+
+def _read_slices(layout: Layout, job: TensorJob, device: str, slices: list[tuple[int, int]], models: Iterable[int]) -> Iterator[_Inputs]:
+    """Each slice's inputs in turn. (Reading the next slice in a helper thread was tried: on
+    two cores it competes with torch's own two threads and was ~15% slower.)"""
+    models = list(models)
+    for start, stop in slices:
+        yield _read_inputs(layout, job, device, start, stop, models)
+
+
+def kernels_merge(layout: Layout, job: TensorJob, device: str) -> bool:
+    """Whether the compiled CPU kernels merge this tensor: a generalized-task-arithmetic host
+    whose drop, mix and rescale they know, on the CPU, with inputs of one dtype."""
+    steps = layout.recipe.method.gta
+    if not on_cpu(device) or steps is None or steps.sparsifier not in (None, "magnitude", "random") or steps.consensus not in (None, "sum"):
+        return False
+    if not layout.recipe.method.sliceable(layout.method_parameters(job.name)):
+        return False  # rescale l1/l2/linf: a norm of the whole tensor
+    checkpoints = [layout.reference, *(layout.models[j].checkpoint for j in job.contributors)]
+    return kernels.supports([c.tensors[job.name].dtype for c in checkpoints], len(job.contributors))
+
+
+@contextmanager
+def _stored_inputs(layout: Layout, job: TensorJob, start: int, stop: int, models: Iterable[int]) -> Iterator[tuple[Stored, dict[int, Stored]]]:
+    """Entries [start, stop) of the base's and some models' tensor, flattened, as stored: views
+    of the files' pages (checkpoint.mapped_slices), let go of on leaving."""
+    models = list(models)
+    with mapped_slices([layout.reference, *(layout.models[j].checkpoint for j in models)], job.name, start, stop) as (base, *tuned):
+        yield base, dict(zip(models, tuned))
+
+
+def _merge_with_kernels(layout: Layout, plan: Plan, job: TensorJob, slices: list[tuple[int, int]]) -> Iterator[torch.Tensor | Stored]:
+    """The merge of one tensor by the CPU kernels, slice by slice (flattened, output dtype): the
+    same bits as methods.generalized_task_arithmetic over the slices."""
+    steps, params = layout.recipe.method.gta, layout.method_parameters(job.name)
+    settings = _task_settings(layout, plan, job)
+    cuts = _magnitude_cuts(layout, plan, job, "cpu", slices, stored=True) if steps.sparsifier == "magnitude" else {}
+    rescale = params.get("rescale", False) in (True, "paper")
+    sum_of_weights = sum(settings[j]["weight"] for j in job.contributors)
+    sum_of_weights = sum_of_weights if abs(sum_of_weights) >= 1e-8 else 1.0  # as generalized_task_arithmetic
+    out_dtype = job.out.dtype if job.out.dtype in kernels.DTYPE_CODES else "F32"  # float64 outputs: cast below
+    for start, stop in slices:
+        with _stored_inputs(layout, job, start, stop, job.contributors) as (base, tuned):
+            models = [_model_slice(steps.sparsifier, settings[j], cuts.get(j), rescale, start, base, entries) for j, entries in tuned.items()]
+            merged, non_finite = kernels.merge_slice(base, models, start, steps.consensus is not None, bool(params["normalize"]),
+                                                     sum_of_weights, float(params.get("lambda", 1.0)), out_dtype)
+        if non_finite:  # NaN/Inf in an input or the result: PyTorch redoes the slice, and names the input or refuses the result
+            inputs = _read_inputs(layout, job, "cpu", start, stop, job.contributors)
+            yield _merge_entries(layout, job, inputs, settings, cuts).reshape(-1)
+            continue
+        yield merged if merged.dtype == job.out.dtype else merged.to_torch().to(torch_dtype(job.out.dtype))
+
+
+def _model_slice(sparsifier: Optional[str], settings: dict, cut: Optional[TopKCut], rescale: bool, start: int,
+                 base: Stored, entries: Stored) -> kernels.ModelSlice:
+    """One model's part in a slice's kernel merge: its weight and its drop (as sparsify_task_vector)."""
+    model, density = kernels.ModelSlice(entries, settings["weight"]), settings["density"]
+    if sparsifier == "magnitude" and density < 1:
+        model.drop, model.threshold, model.ties_before = kernels.DROP_BY_MAGNITUDE, cut.threshold, kernels.ties_kept_before(cut, start, base, entries)
+    elif sparsifier == "random" and density < 1:
+        model.drop, model.seed, model.limit = kernels.DROP_AT_RANDOM, settings["seed"], kernels.random_keep_limit(density)
+    if model.drop != kernels.DROP_NOTHING and rescale and density > 0:
+        model.rescale_by = density
+    return model
+
+
+def _density(layout: Layout, plan: Plan, job: TensorJob, j: int) -> float:
+    """Model j's kept fraction for this tensor: the recipe's, or TADrop's."""
+    model = layout.models[j]
+    recipe_density = layout.recipe.method.density_value(layout.model_parameter(model, "density", job.name, missing=1.0), len(job.contributors))
+    return plan.density(model.label, job.name, recipe_density)
+
+
+def _histograms(layout: Layout, job: TensorJob, device: str, slices: list[tuple[int, int]], models: Iterable[int],
+                buckets: Optional[dict[int, int]], stored: bool) -> Iterator[tuple[int, int, np.ndarray]]:
+    """(slice, model, histogram of its task vector there) for every slice and model: the
+    magnitude histogram, or with `buckets` the bucket histogram of each model's bucket. With
+    `stored`, the CPU kernels count from the stored entries (one pass, no float32 copies)."""
+    models = list(models)
+    if not stored:
+        for s, inputs in enumerate(_read_slices(layout, job, device, slices, models)):
+            for j, delta in inputs.task_vectors():
+                yield s, j, (magnitude_histogram(delta) if buckets is None else bucket_histogram(delta, buckets[j])).cpu().numpy()
+        return
+    for s, (start, stop) in enumerate(slices):
+        with _stored_inputs(layout, job, start, stop, models) as (base, tuned):
+            if buckets is not None:
+                counts = {j: kernels.bucket_histogram(base, entries, buckets[j]) for j, entries in tuned.items()}
+            else:
+                counts = {j: kernels.magnitude_histogram(base, entries) for j, entries in tuned.items()}
+        for j, model_counts in counts.items():
+            if buckets is None and kernels.has_non_finite(model_counts):  # NaN/Inf in an input (this names it), or an overflowed difference
+                read_all_float32([layout.reference, layout.models[j].checkpoint], job.name, "cpu", start, stop)
+            yield s, j, model_counts
+
+
+def _magnitude_cuts(layout: Layout, plan: Plan, job: TensorJob, device: str, slices: list[tuple[int, int]],
+                    stored: bool = False) -> dict[int, TopKCut]:
+    """Each trimmed model's top-k cut of this tensor, from two sweeps over its slices: a
+    histogram of |delta|'s top 16 bits, then of the boundary bucket's low 16 bits (see
+    sparsify.top_k_cut, which does the same on slices in memory). `stored`: see _histograms."""
+    numel = job.out.numel
+    kept = {j: kept_count(numel, d) for j in job.contributors if (d := _density(layout, plan, job, j)) < 1}
+    cuts = {j: KEEP_NOTHING for j, k in kept.items() if k <= 0}
+    todo = {j: k for j, k in kept.items() if k > 0}
+    if not todo:
+        return cuts
+    # the counts are allocated before the sweeps: small buffers kept from inside a sweep would
+    # sit between the slices' freed temporaries and fragment the heap (it grew by ~600 MB)
+    histograms = {j: np.zeros(MAGNITUDE_BUCKETS, dtype=np.int64) for j in todo}
+    for _, j, counts in _histograms(layout, job, device, slices, todo, None, stored):
+        histograms[j] += counts
+    buckets = {j: boundary_bucket(histograms[j], k) for j, k in todo.items()}
+    bucket_counts = {j: np.zeros((len(slices), 1 << 16), dtype=np.int32) for j in todo}
+    for s, j, counts in _histograms(layout, job, device, slices, todo, {j: bucket for j, (bucket, _) in buckets.items()}, stored):
+        bucket_counts[j][s] = counts
+    for j, k in todo.items():
+        bucket, larger = buckets[j]
+        cuts[j] = cut_from_bucket_counts(bucket, [start for start, _ in slices], bucket_counts[j], k - larger)
+    return cuts
+
+
+def _task_settings(layout: Layout, plan: Plan, job: TensorJob) -> dict[int, dict]:
+    """Each contributing model's TaskVector parameters for this tensor (looked up once per tensor,
+    not once per slice)."""
+    settings = {}
+    for j in job.contributors:
+        model = layout.models[j]
+        settings[j] = dict(
+            weight=float(layout.model_parameter(model, "weight", job.name)),
+            density=_density(layout, plan, job, j),
+            seed=tensor_seed(layout.recipe.seed, model.label, job.name),
+            gamma=float(layout.model_parameter(model, "gamma", job.name, missing=0.0)),
+            epsilon=float(layout.model_parameter(model, "epsilon", job.name, missing=0.0)),
+            tall_mask_lambda=float(layout.model_parameter(model, "tall_mask_lambda", job.name, missing=0.0)),
+        )
+    return settings
+
+
+def _merge_entries(layout: Layout, job: TensorJob, inputs: _Inputs, settings: dict[int, dict], cuts: Optional[dict[int, TopKCut]] = None) -> torch.Tensor:
+    """The merge of one tensor, or of one slice of it (`cuts`: the trimmed models' whole-tensor
+    cuts), cast to the output dtype, on the CPU."""
+    task_vectors = [TaskVector(delta=delta, offset=inputs.start or 0, cut=(cuts or {}).get(j), **settings[j]) for j, delta in inputs.task_vectors()]
+    merged = layout.recipe.method.merge(inputs.base, task_vectors, **layout.method_parameters(job.name))
+    result = merged.to(torch_dtype(job.out.dtype))
+    if not all_finite(result):
+        raise BadInput(f"tensor {job.name}: the merge produced NaN or Inf (in {job.out.dtype}); check the weights and lambda")
+    return result.cpu()
