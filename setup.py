@@ -3,6 +3,7 @@
 Where no C compiler is found the build goes on without them (optional=True), and tadrop runs
 the same maths in PyTorch (see tadrop_cli/kernels.py).
 """
+
 from setuptools import Extension, setup
 
 setup(
@@ -13,7 +14,14 @@ setup(
             # -ffp-contract=off: no fused multiply-adds, so that every float operation rounds
             # once, as torch's do, and the results are the same bits; -fno-trapping-math (no FP
             # traps are ever enabled) lets the compiler vectorize the loops with comparisons
-            extra_compile_args=["-O3", "-std=gnu11", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"],
+            extra_compile_args=[
+                "-O3",
+                "-std=gnu11",
+                "-fopenmp",
+                "-ffp-contract=off",
+                "-fno-math-errno",
+                "-fno-trapping-math",
+            ],
             extra_link_args=["-fopenmp"],
             optional=True,
         )

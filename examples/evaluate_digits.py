@@ -108,9 +108,7 @@ def load_checkpoint(path: str) -> dict[str, torch.Tensor]:
                 weight_map = json.load(fh)["weight_map"]
             files = [os.path.join(path, name) for name in sorted(set(weight_map.values()))]
         else:
-            raise FileNotFoundError(
-                "no model.safetensors or model.safetensors.index.json in this folder"
-            )
+            raise FileNotFoundError("no model.safetensors or model.safetensors.index.json in this folder")
     else:
         raise FileNotFoundError("no such file or directory")
 
@@ -153,12 +151,9 @@ def apply_task(task: str, images: np.ndarray, indices: np.ndarray, noise_seed: i
     elif task == "invert":
         out = 16.0 - images
     elif task == "noise":
-        noise = np.stack(
-            [
-                np.random.default_rng([noise_seed, int(i)]).standard_normal((8, 8))
-                for i in indices
-            ]
-        ).astype(np.float32)
+        noise = np.stack([np.random.default_rng([noise_seed, int(i)]).standard_normal((8, 8)) for i in indices]).astype(
+            np.float32
+        )
         out = np.clip(images + NOISE_SIGMA * noise, 0.0, 16.0)
     else:
         raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")

@@ -81,8 +81,17 @@ def make_splits() -> dict:
     }
 
 
-def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, seed: int, epochs: int,
-          lr: float, weight_decay: float, batch_size: int) -> None:
+def train(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    seed: int,
+    epochs: int,
+    lr: float,
+    weight_decay: float,
+    batch_size: int,
+) -> None:
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     loss_fn = nn.CrossEntropyLoss()
@@ -90,7 +99,7 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, seed: int, epoc
     for _ in range(epochs):
         perm = torch.randperm(len(x), generator=gen)
         for start in range(0, len(x), batch_size):
-            idx = perm[start:start + batch_size]
+            idx = perm[start : start + batch_size]
             opt.zero_grad(set_to_none=True)
             loss_fn(model(x[idx]), y[idx]).backward()
             opt.step()
@@ -138,8 +147,7 @@ def main() -> int:
     base = DigitsMLP(INPUT_DIM, HIDDEN, NUM_CLASSES)
     n_params = sum(p.numel() for p in base.parameters())
     train(base, *train_sets["digits"], **PRETRAIN)
-    save_model("base", base, {**arch_config(), "task": "digits",
-                              "training": {"type": "pretrain", **PRETRAIN}})
+    save_model("base", base, {**arch_config(), "task": "digits", "training": {"type": "pretrain", **PRETRAIN}})
 
     results = {"base": evaluate_state(base.state_dict(), test_sets)}
     for task in FINETUNE_TASKS:
@@ -147,9 +155,16 @@ def main() -> int:
         model.load_state_dict(base.state_dict())
         seed = FINETUNE_SEEDS[task]
         train(model, *train_sets[task], seed=seed, **FINETUNE)
-        save_model(task, model, {**arch_config(), "task": task, "base_model": "../base",
-                                 "training": {"type": "finetune", "params": "all",
-                                              "seed": seed, **FINETUNE}})
+        save_model(
+            task,
+            model,
+            {
+                **arch_config(),
+                "task": task,
+                "base_model": "../base",
+                "training": {"type": "finetune", "params": "all", "seed": seed, **FINETUNE},
+            },
+        )
         results[task] = evaluate_state(model.state_dict(), test_sets)
 
     print(f"DigitsMLP parameters: {n_params}")

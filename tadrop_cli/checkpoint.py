@@ -62,7 +62,9 @@ class TensorInfo:
 class Checkpoint:
     """The tensors of one model, with their headers known up front and data read on demand."""
 
-    def __init__(self, label: str, folder: Optional[Path], tensors: dict[str, TensorInfo], torch_state: dict[Path, dict]):
+    def __init__(
+        self, label: str, folder: Optional[Path], tensors: dict[str, TensorInfo], torch_state: dict[Path, dict]
+    ):
         self.label = label
         self.folder = folder  # where config/tokenizer files live, if any
         self.tensors = tensors
@@ -73,7 +75,9 @@ class Checkpoint:
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
 
-    def read(self, name: str, start: Optional[int] = None, stop: Optional[int] = None, pinned: bool = False) -> torch.Tensor:
+    def read(
+        self, name: str, start: Optional[int] = None, stop: Optional[int] = None, pinned: bool = False
+    ) -> torch.Tensor:
         """The stored tensor as a fresh CPU tensor in its stored dtype; with `start`/`stop`, only
         entries [start, stop) of its flattened form, as a 1-D tensor. BadInput if the file is damaged.
         `pinned`: read safetensors data into page-locked memory, which a GPU copies from
@@ -125,7 +129,12 @@ class Checkpoint:
                     # copy-on-write: a writable buffer (torch takes it without a warning),
                     # whose pages are the page cache's until written, which never happens
                     self._maps[info.file] = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
-            entries = np.frombuffer(self._maps[info.file], dtype=numpy_dtype(info.dtype), count=stop - start, offset=info.offset + start * ITEMSIZE[info.dtype])
+            entries = np.frombuffer(
+                self._maps[info.file],
+                dtype=numpy_dtype(info.dtype),
+                count=stop - start,
+                offset=info.offset + start * ITEMSIZE[info.dtype],
+            )
             return Stored(info.dtype, entries)
         except (OSError, ValueError) as error:
             raise BadInput(f"{info.file}: cannot read tensor {name}: {error}") from None
@@ -186,8 +195,13 @@ def _read_into(fd: int, view: memoryview, offset: int) -> None:
 
 
 def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+    for test, name in (
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
         if test(mode):
             return name
     return "not a regular file"
@@ -285,7 +299,9 @@ def _safetensors_file(file: Path) -> dict[str, TensorInfo]:
         entry = header[name]
         dtype = entry["dtype"]
         if dtype not in ITEMSIZE:
-            raise BadInput(f"{file}: tensor {name} has dtype {dtype}, which tadrop does not support (supported: {', '.join(ITEMSIZE)})")
+            raise BadInput(
+                f"{file}: tensor {name} has dtype {dtype}, which tadrop does not support (supported: {', '.join(ITEMSIZE)})"
+            )
         infos[name] = TensorInfo(name, dtype, tuple(entry["shape"]), file, 8 + header_size + entry["data_offsets"][0])
     return infos
 
@@ -311,7 +327,11 @@ def _refusal_reason(error: Exception) -> str:
     found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text) or re.search(r"Unsupported operand (\d+)", text)
     if found:
         what = found.group(1)
-        return f"it needs {what}, which a weights-only load does not allow" if not what.isdigit() else f"pickle operation {what} is not allowed"
+        return (
+            f"it needs {what}, which a weights-only load does not allow"
+            if not what.isdigit()
+            else f"pickle operation {what} is not allowed"
+        )
     first = next((line.strip() for line in text.splitlines() if line.strip() and "weights_only" not in line), "")
     return f"{type(error).__name__}: {first[:160]}" if first else type(error).__name__
 
@@ -319,7 +339,9 @@ def _refusal_reason(error: Exception) -> str:
 def _unpickle(file: Path) -> Any:
     """torch.load(weights_only=True) of a regular file, its warnings kept to itself."""
     with os.fdopen(open_regular(file), "rb") as handle, warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch's warnings (TypedStorage, sparse invariants...) are not the user's business
+        warnings.simplefilter(
+            "ignore"
+        )  # torch's warnings (TypedStorage, sparse invariants...) are not the user's business
         source = descriptor_path(handle.fileno(), file)
         try:
             return torch.load(source, map_location="cpu", weights_only=True, mmap=True)
@@ -334,17 +356,23 @@ def load_torch_state(file: Path) -> dict[str, torch.Tensor]:
     """A PyTorch state dict, unpickled with weights_only=True: code in the pickle never runs.
     Refused outright with a torch whose weights-only loader can be bypassed."""
     if torch_version() < SAFE_TORCH_LOAD:
-        raise BadInput(f"{file}: PyTorch {torch.__version__} cannot load pickled checkpoints safely (CVE-2025-32434); "
-                       f"install torch>=2.6, or use safetensors weights")
+        raise BadInput(
+            f"{file}: PyTorch {torch.__version__} cannot load pickled checkpoints safely (CVE-2025-32434); "
+            f"install torch>=2.6, or use safetensors weights"
+        )
     try:
         state = _unpickle(file)
     except BadInput:
         raise
     except Exception as error:  # weights_only refusals come as UnpicklingError and friends
-        raise BadInput(f"{file}: refused to load: not a plain weights-only PyTorch state dict ({_refusal_reason(error)})") from None
+        raise BadInput(
+            f"{file}: refused to load: not a plain weights-only PyTorch state dict ({_refusal_reason(error)})"
+        ) from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
         raise BadInput(f"{file}: not a state dict (expected a mapping of tensor names to tensors)")
     return state
 
@@ -415,7 +443,9 @@ def _index_shards(index: Path) -> list[Path]:
         raise BadInput(f"{index}: shard names must be strings")
     # each shard once, in order of first mention: the map names one per tensor, and each name
     # is checked once (resolving links costs a few system calls)
-    return list(dict.fromkeys(_inside(index.parent, relative, index) for relative in dict.fromkeys(weight_map.values())))
+    return list(
+        dict.fromkeys(_inside(index.parent, relative, index) for relative in dict.fromkeys(weight_map.values()))
+    )
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -432,7 +462,9 @@ def weight_files(folder: Path) -> list[Path]:
             check_regular(file)
         if files:
             return files
-    raise BadInput(f"{folder}: no weights found (expected *.safetensors, a safetensors index, or a PyTorch .bin/.pt state dict)")
+    raise BadInput(
+        f"{folder}: no weights found (expected *.safetensors, a safetensors index, or a PyTorch .bin/.pt state dict)"
+    )
 
 
 def _download_from_hub(reference: str) -> Path:
@@ -441,17 +473,29 @@ def _download_from_hub(reference: str) -> Path:
     Honours HF_TOKEN, HF_HOME, HF_HUB_OFFLINE and the local cache (through huggingface_hub).
     """
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     repo_id, _, revision = reference.partition("@")
     try:
         folder = Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=HUB_PATTERNS))
         if not any(folder.glob("*.safetensors")):  # older repos: PyTorch weights only
-            folder = Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=HUB_PATTERNS + ["*.bin", "*.bin.index.json"]))
+            folder = Path(
+                snapshot_download(
+                    repo_id, revision=revision or None, allow_patterns=HUB_PATTERNS + ["*.bin", "*.bin.index.json"]
+                )
+            )
     except RevisionNotFoundError:
         raise BadInput(f"{reference}: revision {revision!r} not found on the Hugging Face Hub") from None
     except RepositoryNotFoundError:
-        raise BadInput(f"{reference}: no such repository on the Hugging Face Hub (or no access: set HF_TOKEN)") from None
+        raise BadInput(
+            f"{reference}: no such repository on the Hugging Face Hub (or no access: set HF_TOKEN)"
+        ) from None
     except LocalEntryNotFoundError:
         raise BadInput(f"{reference}: not a local path, and not in the Hugging Face cache while offline") from None
     except (HfHubHTTPError, HFValidationError, OSError) as error:
@@ -519,8 +563,10 @@ def _module_folder(folder: Path, modules: Path, entry: Any) -> Optional[Path]:
     if relative in ("", "."):
         return None
     if Path(relative).is_absolute() or len(Path(relative).parts) != 1 or relative == "..":
-        raise BadInput(f"{modules}: module path {relative!r} is not a folder directly inside the base folder; "
-                       f"tadrop will not copy it")
+        raise BadInput(
+            f"{modules}: module path {relative!r} is not a folder directly inside the base folder; "
+            f"tadrop will not copy it"
+        )
     candidate = folder / relative
     if not os.path.lexists(candidate):
         return None
@@ -551,7 +597,9 @@ def module_files(folder: Optional[Path]) -> list[tuple[Path, str]]:
             if file.suffix == ".py" or (file.is_dir() and not file.is_symlink()):
                 continue
             if _escapes(file, folder):
-                raise BadInput(f"{file}: a link that points outside its folder; tadrop will not copy it into the output")
+                raise BadInput(
+                    f"{file}: a link that points outside its folder; tadrop will not copy it into the output"
+                )
             check_regular(file)
             files.append((file, f"{module.name}/{file.name}"))
     return files
@@ -591,7 +639,9 @@ def layer_number(name: str) -> Optional[int]:
         return None
     length = _as_number(match.group(1))[0]
     if length > MAX_LAYER_DIGITS:
-        raise BadInput(f"tensor {shown_name(name)}: a layer number of {length} digits; tadrop takes at most {MAX_LAYER_DIGITS}")
+        raise BadInput(
+            f"tensor {shown_name(name)}: a layer number of {length} digits; tadrop takes at most {MAX_LAYER_DIGITS}"
+        )
     return int(match.group(1))
 
 
@@ -634,7 +684,14 @@ def first_non_finite(tensors: list[torch.Tensor]) -> Optional[int]:
 PINNED_READ_ELEMENTS = 1 << 24
 
 
-def read_float32(checkpoint: Checkpoint, name: str, device: str, start: Optional[int] = None, stop: Optional[int] = None, check: bool = True) -> torch.Tensor:
+def read_float32(
+    checkpoint: Checkpoint,
+    name: str,
+    device: str,
+    start: Optional[int] = None,
+    stop: Optional[int] = None,
+    check: bool = True,
+) -> torch.Tensor:
     """A tensor (or entries [start, stop) of it, flattened) as a fresh float32 copy on `device`;
     refuses NaN and Inf with a message naming it (`check=False`: the caller checks, see
     first_non_finite).
@@ -657,7 +714,9 @@ def read_float32(checkpoint: Checkpoint, name: str, device: str, start: Optional
     return tensor
 
 
-def read_all_float32(checkpoints: list[Checkpoint], name: str, device: str, start: Optional[int] = None, stop: Optional[int] = None) -> list[torch.Tensor]:
+def read_all_float32(
+    checkpoints: list[Checkpoint], name: str, device: str, start: Optional[int] = None, stop: Optional[int] = None
+) -> list[torch.Tensor]:
     """read_float32 of one tensor (or slice) from each checkpoint, all read before any is
     checked for NaN/Inf: a GPU then waits once, and the reads overlap the copies already on
     their way. The message names the first checkpoint at fault."""

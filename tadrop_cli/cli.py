@@ -34,8 +34,10 @@ try:  # typer >= 0.2x carries its own copy of click
 except ImportError:  # pragma: no cover - older typer, with click itself
     from click.exceptions import ClickException
 
-EXIT_CODES = ("Exit codes: 0 done; 1 internal error (a bug, or a write failure such as a full disk); "
-              "2 bad input (recipe, files, tensors, arguments); 130 interrupted (Ctrl-C or SIGTERM).")
+EXIT_CODES = (
+    "Exit codes: 0 done; 1 internal error (a bug, or a write failure such as a full disk); "
+    "2 bad input (recipe, files, tensors, arguments); 130 interrupted (Ctrl-C or SIGTERM)."
+)
 
 # plain text on stderr: no markup, no emoji codes, no highlighting of numbers or paths
 err = Console(stderr=True, highlight=False, markup=False, emoji=False)
@@ -102,8 +104,9 @@ def terminal_table(title: str, header: list[str], rows: list[list[str]], right: 
 
     table = Table(title=title)
     for column in header:
-        table.add_column(column, justify="right" if column in right else "left",
-                         overflow="fold" if column in folded else "ellipsis")
+        table.add_column(
+            column, justify="right" if column in right else "left", overflow="fold" if column in folded else "ellipsis"
+        )
     for row in rows:
         table.add_row(*(Text(printable(cell)) for cell in row))
     width = Console(stderr=False).width if is_terminal(sys.stdout) else 80
@@ -112,8 +115,9 @@ def terminal_table(title: str, header: list[str], rows: list[list[str]], right: 
     return console.file.getvalue()
 
 
-def table_text(title: str, header: list[str], rows: list[list[str]], right: set[str] = frozenset(),
-               folded: set[str] = frozenset()) -> str:
+def table_text(
+    title: str, header: list[str], rows: list[list[str]], right: set[str] = frozenset(), folded: set[str] = frozenset()
+) -> str:
     if is_terminal(sys.stdout):
         return terminal_table(title, header, rows, right, folded)
     return plain_table(header, rows)
@@ -141,13 +145,25 @@ class RichProgress:
 
     def start(self, phase: str, total_tensors: int, total_bytes: int) -> None:
         # imported here: a quiet or piped run draws no bar, and rich.progress takes ~25 ms to import
-        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                                   TransferSpeedColumn)
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
 
         self.finish()  # a fresh bar per phase: the finished one stays on screen once, as it ended
         self._bar = Progress(
-            TextColumn("{task.description:>8}"), BarColumn(), TextColumn("{task.fields[tensors]}"), DownloadColumn(),
-            TransferSpeedColumn(), TimeRemainingColumn(), console=err, transient=False,
+            TextColumn("{task.description:>8}"),
+            BarColumn(),
+            TextColumn("{task.fields[tensors]}"),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=err,
+            transient=False,
         )
         self._tensors, self._partial = (0, total_tensors), 0
         self._task = self._bar.add_task(phase, total=total_bytes, tensors=f"0/{total_tensors} tensors")
@@ -211,8 +227,10 @@ def interrupted_message(stop: BaseException, merging: bool) -> str:
         return "interrupted: nothing was published" if merging else "interrupted"
     if finished == 0:
         return "interrupted: nothing was published, and no shard was finished; run again to start over"
-    return (f"interrupted: nothing was published; {finished} finished shard{'s' if finished != 1 else ''} kept: "
-            "run again with --resume to continue from them")
+    return (
+        f"interrupted: nothing was published; {finished} finished shard{'s' if finished != 1 else ''} kept: "
+        "run again with --resume to continue from them"
+    )
 
 
 def _run(action: Callable[[], None], merging: bool = False) -> None:
@@ -292,7 +310,7 @@ class PlainCommand(_Plain, TyperCommand):
 
 app = typer.Typer(
     help="Merge fine-tuned checkpoints of one base model, with TADrop's tensor-wise adaptive sparsification."
-         f"\n\n{EXIT_CODES}",
+    f"\n\n{EXIT_CODES}",
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -311,24 +329,30 @@ FLAG_VALUES = {"true", "false", "yes", "no", "on", "off", "1", "0"}
 def output_folder(out_dir: Optional[Path], output: Optional[Path]) -> Optional[Path]:
     """The output from the positional OUT_DIR (mergekit's habit) or --output; both must agree."""
     if out_dir is not None and str(out_dir).lower() in FLAG_VALUES:
-        raise BadInput(f"OUT_DIR {out_dir}: flags take no value (write --overwrite, not --overwrite {out_dir}); "
-                       f"for a folder of that name write ./{out_dir}")
+        raise BadInput(
+            f"OUT_DIR {out_dir}: flags take no value (write --overwrite, not --overwrite {out_dir}); "
+            f"for a folder of that name write ./{out_dir}"
+        )
     if out_dir is not None and output is not None and os.path.abspath(out_dir) != os.path.abspath(output):
         raise BadInput(f"OUT_DIR {out_dir} and --output {output} name different folders: give one of them")
     return output if output is not None else out_dir
 
 
 def dry_run_line(summary: dict) -> str:
-    return (f"dry run: {summary['tensors']} tensors in {summary['shards']} shard(s) to {printable(summary['output'])}; "
-            f"reads {_human_size(summary['bytes_to_read'])}, writes {_human_size(summary['bytes_to_write'])}, "
-            f"peak memory about {_human_size(summary['estimated_peak_memory_bytes'])}, "
-            f"about {summary['estimated_seconds']} s")
+    return (
+        f"dry run: {summary['tensors']} tensors in {summary['shards']} shard(s) to {printable(summary['output'])}; "
+        f"reads {_human_size(summary['bytes_to_read'])}, writes {_human_size(summary['bytes_to_write'])}, "
+        f"peak memory about {_human_size(summary['estimated_peak_memory_bytes'])}, "
+        f"about {summary['estimated_seconds']} s"
+    )
 
 
 def merged_line(summary: dict) -> str:
-    return (f"merged {summary['tensors']} tensors ({_human_size(summary['bytes_written'])}) into "
-            f"{printable(summary['output'])} in {summary['seconds']:.1f} s, "
-            f"peak memory {_human_size(summary['peak_rss_bytes'])}")
+    return (
+        f"merged {summary['tensors']} tensors ({_human_size(summary['bytes_written'])}) into "
+        f"{printable(summary['output'])} in {summary['seconds']:.1f} s, "
+        f"peak memory {_human_size(summary['peak_rss_bytes'])}"
+    )
 
 
 def _say_notes(notes: list[str]) -> None:
@@ -339,20 +363,28 @@ def _say_notes(notes: list[str]) -> None:
 @app.command(cls=PlainCommand)
 def merge(
     recipe: Path = typer.Argument(..., metavar="RECIPE", help="The YAML recipe."),
-    out_dir: Optional[Path] = typer.Argument(None, metavar="OUT_DIR", show_default=False,
-                                             help="Output folder, as mergekit takes it (the same as --output)."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", metavar="DIR",
-                                          help="Output folder (overrides output.path)."),
-    overwrite: bool = typer.Option(False, "--overwrite",
-                                   help="Replace an existing output folder (only once the new one is complete)."),
-    resume: bool = typer.Option(False, "--resume",
-                                help="Refuse (exit 2), rather than start over, if the partial merge at the output "
-                                     "is of another recipe, changed inputs, another tadrop version or device. "
-                                     "A plain run resumes what it can prove and otherwise starts over, with a note."),
-    dry: bool = typer.Option(False, "--dry-run", help="Check the recipe and every input header, print what would be "
-                                                      "written, write nothing."),
-    device: Optional[str] = typer.Option(None, "--device", metavar="DEVICE",
-                                         help="auto, cpu, cuda or cuda:N (overrides the recipe)."),
+    out_dir: Optional[Path] = typer.Argument(
+        None, metavar="OUT_DIR", show_default=False, help="Output folder, as mergekit takes it (the same as --output)."
+    ),
+    output: Optional[Path] = typer.Option(
+        None, "--output", "-o", metavar="DIR", help="Output folder (overrides output.path)."
+    ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace an existing output folder (only once the new one is complete)."
+    ),
+    resume: bool = typer.Option(
+        False,
+        "--resume",
+        help="Refuse (exit 2), rather than start over, if the partial merge at the output "
+        "is of another recipe, changed inputs, another tadrop version or device. "
+        "A plain run resumes what it can prove and otherwise starts over, with a note.",
+    ),
+    dry: bool = typer.Option(
+        False, "--dry-run", help="Check the recipe and every input header, print what would be written, write nothing."
+    ),
+    device: Optional[str] = typer.Option(
+        None, "--device", metavar="DEVICE", help="auto, cpu, cuda or cuda:N (overrides the recipe)."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary on stderr."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
 ) -> None:
@@ -390,10 +422,19 @@ PLAN_HEADER = ["model", "tensor", "elements", "score", "s", "base p", "p", "why"
 
 
 def plan_rows(result) -> list[list[str]]:
-    return [[row.model, row.tensor, f"{row.numel:,}", "" if row.score is None else f"{row.score:.4g}",
-             "" if row.normalized is None else f"{row.normalized:.2f}", f"{row.base_ratio:.3f}", f"{row.ratio:.3f}",
-             row.reason]
-            for row in result.rows]
+    return [
+        [
+            row.model,
+            row.tensor,
+            f"{row.numel:,}",
+            "" if row.score is None else f"{row.score:.4g}",
+            "" if row.normalized is None else f"{row.normalized:.2f}",
+            f"{row.base_ratio:.3f}",
+            f"{row.ratio:.3f}",
+            row.reason,
+        ]
+        for row in result.rows
+    ]
 
 
 def plan_csv(result) -> str:
@@ -401,10 +442,18 @@ def plan_csv(result) -> str:
     writer = csv.writer(buffer)
     writer.writerow(["model", "tensor", "numel", "score", "normalized", "base_ratio", "ratio", "reason"])
     for row in result.rows:  # CSV quotes any cell; control characters shown as escapes all the same
-        writer.writerow([printable(row.model), printable(row.tensor), row.numel,
-                         "" if row.score is None else f"{row.score:.6g}",
-                         "" if row.normalized is None else f"{row.normalized:.4f}",
-                         f"{row.base_ratio:.4f}", f"{row.ratio:.4f}", printable(row.reason)])
+        writer.writerow(
+            [
+                printable(row.model),
+                printable(row.tensor),
+                row.numel,
+                "" if row.score is None else f"{row.score:.6g}",
+                "" if row.normalized is None else f"{row.normalized:.4f}",
+                f"{row.base_ratio:.4f}",
+                f"{row.ratio:.4f}",
+                printable(row.reason),
+            ]
+        )
     return buffer.getvalue()
 
 
@@ -413,7 +462,8 @@ def plan_model_lines(result) -> str:
         f"{printable(m.model)}: mean drop {m.mean_ratio:.4f} (uniform {m.mean_base_ratio:.4f}), "
         f"range {m.min_ratio:.3f}-{m.max_ratio:.3f}, "
         f"{m.adaptive_tensors} adaptive tensors" + ("" if m.budget_met else ", budget NOT met (clipping)") + "\n"
-        for m in result.models)
+        for m in result.models
+    )
 
 
 @app.command(cls=PlainCommand)
@@ -437,18 +487,29 @@ def plan(
         elif as_csv:
             write_stdout(plan_csv(result))
         else:
-            write_stdout(table_text(f"{loaded.merge_method} plan: drop ratio per tensor", PLAN_HEADER,
-                                    plan_rows(result), right={"elements", "score", "s", "base p", "p"},
-                                    folded={"model", "tensor"})
-                         + plan_model_lines(result))
+            write_stdout(
+                table_text(
+                    f"{loaded.merge_method} plan: drop ratio per tensor",
+                    PLAN_HEADER,
+                    plan_rows(result),
+                    right={"elements", "score", "s", "base p", "p"},
+                    folded={"model", "tensor"},
+                )
+                + plan_model_lines(result)
+            )
 
     _run(action)
 
 
 def method_rows() -> list[dict]:
     return [
-        {"name": m.name, "description": m.description, "tadrop": m.sparsifier or "-", "reference": m.reference,
-         "parameters": {p.name: {"default": p.default, "per_model": p.per_model, "doc": p.doc} for p in m.params}}
+        {
+            "name": m.name,
+            "description": m.description,
+            "tadrop": m.sparsifier or "-",
+            "reference": m.reference,
+            "parameters": {p.name: {"default": p.default, "per_model": p.per_model, "doc": p.doc} for p in m.params},
+        }
         for m in METHODS.values()
     ]
 
@@ -462,13 +523,23 @@ def methods(as_json: bool = typer.Option(False, "--json", help="Print as JSON.")
         if as_json:
             _print_json(rows)
             return
-        cells = [[row["name"], row["description"], row["tadrop"],
-                  ", ".join(f"{name}={spec['default']}" + ("*" if spec["per_model"] else "")
-                            for name, spec in row["parameters"].items())]
-                 for row in rows]
+        cells = [
+            [
+                row["name"],
+                row["description"],
+                row["tadrop"],
+                ", ".join(
+                    f"{name}={spec['default']}" + ("*" if spec["per_model"] else "")
+                    for name, spec in row["parameters"].items()
+                ),
+            ]
+            for row in rows
+        ]
         header = ["method", "what it does", "TADrop enters", "parameters (default)"]
-        write_stdout(table_text("merge methods", header, cells, folded={"method", "parameters (default)"})
-                     + "* per-model parameter: set under parameters globally, per model, or per tensor filter\n")
+        write_stdout(
+            table_text("merge methods", header, cells, folded={"method", "parameters (default)"})
+            + "* per-model parameter: set under parameters globally, per model, or per tensor filter\n"
+        )
 
     _run(action)
 
@@ -501,8 +572,9 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def main_options(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                              help="Show the version.")) -> None:
+def main_options(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version."),
+) -> None:
     pass
 
 

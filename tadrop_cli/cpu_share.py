@@ -72,8 +72,14 @@ def _read_stat() -> Optional[str]:
 class CpuShare:
     """The kernels' thread count on a shared machine (see the module's docstring)."""
 
-    def __init__(self, limit: int, interval: float = 0.2, clock: Callable[[], float] = time.monotonic,
-                 read_stat: Callable[[], Optional[str]] = _read_stat, own_cpu: Callable[[], float] = time.process_time) -> None:
+    def __init__(
+        self,
+        limit: int,
+        interval: float = 0.2,
+        clock: Callable[[], float] = time.monotonic,
+        read_stat: Callable[[], Optional[str]] = _read_stat,
+        own_cpu: Callable[[], float] = time.process_time,
+    ) -> None:
         self.limit = max(1, limit)
         self._interval, self._clock, self._read_stat, self._own_cpu = interval, clock, read_stat, own_cpu
         self._cpus = allowed_cpus()

@@ -17,10 +17,30 @@ from .lazy import torch
 ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 FLOATS = ("F64", "F32", "F16", "BF16")  # the mergeable ones
 # numpy has no bfloat16: BF16 entries are held as their 16-bit patterns
-_NUMPY = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64, "I32": np.int32,
-          "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
-_TORCH_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
-                "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+_NUMPY = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": np.uint16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+_TORCH_NAMES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
 
 
 def torch_dtype(name: str):
@@ -59,7 +79,10 @@ class Stored:
         """A CPU tensor's entries, flattened, without a copy where it is contiguous."""
         name = dtype_name(tensor.dtype)
         flat = tensor.contiguous().reshape(-1)
-        return cls(name, flat.view(torch.uint8).numpy().view(numpy_dtype(name)) if flat.numel() else np.empty(0, numpy_dtype(name)))
+        return cls(
+            name,
+            flat.view(torch.uint8).numpy().view(numpy_dtype(name)) if flat.numel() else np.empty(0, numpy_dtype(name)),
+        )
 
     def to_torch(self):
         """The entries as a 1-D CPU tensor sharing their memory."""

@@ -72,7 +72,6 @@ def raising():  # -> Iterator[None]; typing is not imported here (~10 ms)
         _raising = False
 
 
-
 @contextmanager
 def held():
     """Within: a SIGINT or SIGTERM waits until the block is done (a step that must not be cut in two,

@@ -94,8 +94,20 @@ def load_library(path: str) -> ctypes.CDLL:
     library.tadrop_hoyer_sums.restype = ctypes.c_int
     library.tadrop_non_finite.argtypes = [ctypes.c_int, ptr, i64]
     library.tadrop_non_finite.restype = ctypes.c_int
-    library.tadrop_merge_slice.argtypes = [ctypes.c_int, ptr, ctypes.POINTER(_ModelSlice), ctypes.c_int, i64, i64,
-                                           ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_float, ctypes.c_int, ptr]
+    library.tadrop_merge_slice.argtypes = [
+        ctypes.c_int,
+        ptr,
+        ctypes.POINTER(_ModelSlice),
+        ctypes.c_int,
+        i64,
+        i64,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_float,
+        ctypes.c_float,
+        ctypes.c_int,
+        ptr,
+    ]
     library.tadrop_merge_slice.restype = ctypes.c_int
     library.tadrop_set_threads.argtypes = [ctypes.c_int]
     library.tadrop_set_threads.restype = None
@@ -117,7 +129,12 @@ def supports(dtypes: list[str], models: int) -> bool:
 
 def _address(entries: Stored) -> int:
     array = entries.array
-    if entries.dtype not in DTYPE_CODES or array.dtype != numpy_dtype(entries.dtype) or array.ndim != 1 or not array.flags.c_contiguous:
+    if (
+        entries.dtype not in DTYPE_CODES
+        or array.dtype != numpy_dtype(entries.dtype)
+        or array.ndim != 1
+        or not array.flags.c_contiguous
+    ):
         raise ValueError("the kernels take 1-D contiguous F32/F16/BF16 entries")
     return array.ctypes.data
 
@@ -145,7 +162,15 @@ def _histogram(base: Stored, tuned: Stored, size: int, count) -> np.ndarray:
     counts = np.zeros(size, dtype=np.int64)
     for start in range(0, base.numel, _COUNT_LIMIT):
         offset = start * base.array.itemsize
-        _check(count(code, base_address + offset, tuned_address + offset, min(_COUNT_LIMIT, base.numel - start), counts.ctypes.data))
+        _check(
+            count(
+                code,
+                base_address + offset,
+                tuned_address + offset,
+                min(_COUNT_LIMIT, base.numel - start),
+                counts.ctypes.data,
+            )
+        )
     return counts
 
 
@@ -167,7 +192,12 @@ def non_finite(entries: Stored) -> bool:
 def bucket_histogram(base: Stored, tuned: Stored, bucket: int) -> np.ndarray:
     """sparsify.bucket_histogram(tuned.float() - base.float(), bucket) (int64, 2^16)."""
     library = _ready()
-    return _histogram(base, tuned, 1 << 16, lambda code, b, t, n, counts: library.tadrop_bucket_histogram(code, b, t, n, bucket, counts))
+    return _histogram(
+        base,
+        tuned,
+        1 << 16,
+        lambda code, b, t, n, counts: library.tadrop_bucket_histogram(code, b, t, n, bucket, counts),
+    )
 
 
 def ties_kept_before(cut: TopKCut, offset: int, base: Stored, tuned: Stored) -> int:
@@ -188,7 +218,9 @@ def hoyer_sums(base: Stored, tuned: list[Stored]) -> tuple[list[tuple[float, flo
     blocks, in different orders, so they agree to ~1e-7 relative, as a GPU's sums do."""
     addresses = (ctypes.c_void_p * len(tuned))(*(_pair(base, entries)[2] for entries in tuned))
     sums = np.zeros(2 * len(tuned), dtype=np.float64)
-    status = _ready().tadrop_hoyer_sums(DTYPE_CODES[base.dtype], _address(base), addresses, len(tuned), base.numel, sums.ctypes.data)
+    status = _ready().tadrop_hoyer_sums(
+        DTYPE_CODES[base.dtype], _address(base), addresses, len(tuned), base.numel, sums.ctypes.data
+    )
     _check(min(status, 0))
     return [(float(sums[2 * j]), float(sums[2 * j + 1])) for j in range(len(tuned))], status == 1
 
@@ -213,8 +245,16 @@ class ModelSlice:
     rescale_by: Optional[float] = None  # divide the kept entries by this (DARE's 1 / density rescale)
 
 
-def merge_slice(base: Stored, models: list[ModelSlice], offset: int, consensus: bool, normalize: bool,
-                sum_of_weights: float, lambda_: float, out_dtype: str = "F32") -> tuple[Stored, bool]:
+def merge_slice(
+    base: Stored,
+    models: list[ModelSlice],
+    offset: int,
+    consensus: bool,
+    normalize: bool,
+    sum_of_weights: float,
+    lambda_: float,
+    out_dtype: str = "F32",
+) -> tuple[Stored, bool]:
     """methods.generalized_task_arithmetic of one slice, entries [offset, offset + n) of the
     flattened tensor, then .to(out_dtype) (F32, F16 or BF16): (the merge, whether any
     task-vector or merged entry was NaN or Inf).
@@ -234,8 +274,20 @@ def merge_slice(base: Stored, models: list[ModelSlice], offset: int, consensus: 
         setting.rescale = model.rescale_by is not None
         setting.density = model.rescale_by if model.rescale_by is not None else 1.0
     out = Stored(out_dtype, np.empty(base.numel, dtype=numpy_dtype(out_dtype)))
-    flag = _ready().tadrop_merge_slice(DTYPE_CODES[base.dtype], _address(base), settings, len(models), base.numel, offset,
-                                        int(consensus), int(normalize), sum_of_weights, lambda_, DTYPE_CODES[out_dtype], _address(out))
+    flag = _ready().tadrop_merge_slice(
+        DTYPE_CODES[base.dtype],
+        _address(base),
+        settings,
+        len(models),
+        base.numel,
+        offset,
+        int(consensus),
+        int(normalize),
+        sum_of_weights,
+        lambda_,
+        DTYPE_CODES[out_dtype],
+        _address(out),
+    )
     if flag < 0:
         raise ValueError(f"the kernel takes 1 to {MAX_MODELS} models")
     return out, bool(flag)

@@ -13,8 +13,15 @@ from typing import Any, Optional
 
 from pydantic import ValidationError
 
-from .checkpoint import (Checkpoint, config_files, layer_positions, module_files, open_checkpoint, shown_name,
-                         tensor_order)
+from .checkpoint import (
+    Checkpoint,
+    config_files,
+    layer_positions,
+    module_files,
+    open_checkpoint,
+    shown_name,
+    tensor_order,
+)
 from .dtypes import FLOATS
 from .errors import BadInput
 from .recipe import ModelEntry, Recipe, TadropSettings, source_identity, value_for_tensor
@@ -78,7 +85,11 @@ class Layout:
         for spec in self.recipe.method.params:
             if spec.per_model:
                 continue
-            value = value_for_tensor(self.recipe.parameters[spec.name], tensor, self.positions.get(tensor)) if spec.name in self.recipe.parameters else None
+            value = (
+                value_for_tensor(self.recipe.parameters[spec.name], tensor, self.positions.get(tensor))
+                if spec.name in self.recipe.parameters
+                else None
+            )
             result[spec.name] = spec.default if value is None else value
         return result
 
@@ -127,7 +138,11 @@ def build_layout(recipe: Recipe) -> Layout:
         models: list[ModelInput] = []
         notes: list[str] = []
         for i, entry in enumerate(recipe.models):
-            if recipe.base_model and recipe.method.name != "linear" and source_identity(entry.model) == source_identity(recipe.base_model):
+            if (
+                recipe.base_model
+                and recipe.method.name != "linear"
+                and source_identity(entry.model) == source_identity(recipe.base_model)
+            ):
                 notes.append(f"models[{i}] is the base model: it has no task vector and is skipped (as in mergekit)")
                 continue
             checkpoint = open_checkpoint(entry.model)
@@ -147,9 +162,11 @@ def build_layout(recipe: Recipe) -> Layout:
             if extra:
                 notes.append(f"{model.label}: {len(extra)} tensor(s) not in the base are ignored (e.g. {extra[0]})")
         modules = module_files(reference.folder)
-        notes.extend(f"{relative}: copied from {reference.label} as it is (weights outside the model files are not "
-                     f"merged)"
-                     for _, relative in modules if relative.endswith((".safetensors", ".bin", ".pt", ".pth")))
+        notes.extend(
+            f"{relative}: copied from {reference.label} as it is (weights outside the model files are not merged)"
+            for _, relative in modules
+            if relative.endswith((".safetensors", ".bin", ".pt", ".pth"))
+        )
         layout = Layout(recipe, reference, models, jobs, layer_positions(names), notes, configs, modules)
         check_linear_weights(layout)
         return layout
@@ -175,11 +192,15 @@ def check_shares_tensors(model: Checkpoint, reference: Checkpoint) -> None:
     if model is reference or not set(model.tensors).isdisjoint(reference.tensors):
         return
     if _looks_like_adapter(model):
-        raise BadInput(f"{model.label}: looks like a PEFT/LoRA adapter: tadrop does not take adapters yet "
-                       f"(merge the adapter into its base model first, e.g. PEFT's merge_and_unload)")
-    raise BadInput(f"{model.label}: shares no tensor name with the base {reference.label} "
-                   f"(e.g. {shown_name(min(model.tensors))} vs {shown_name(min(reference.tensors))}); "
-                   f"not a fine-tune of it")
+        raise BadInput(
+            f"{model.label}: looks like a PEFT/LoRA adapter: tadrop does not take adapters yet "
+            f"(merge the adapter into its base model first, e.g. PEFT's merge_and_unload)"
+        )
+    raise BadInput(
+        f"{model.label}: shares no tensor name with the base {reference.label} "
+        f"(e.g. {shown_name(min(model.tensors))} vs {shown_name(min(reference.tensors))}); "
+        f"not a fine-tune of it"
+    )
 
 
 def check_linear_weights(layout: Layout) -> None:
@@ -193,32 +214,45 @@ def check_linear_weights(layout: Layout) -> None:
             continue
         weights = [layout.model_parameter(layout.models[j], "weight", job.name) for j in job.contributors]
         if abs(sum(weights)) < 1e-8:
-            raise BadInput(f"parameters.weight: the weights of tensor {job.name} sum to {sum(weights):g} "
-                           f"({', '.join(f'{w:g}' for w in weights)}); a linear merge with normalize: true divides by that sum "
-                           f"(give weights that do not cancel, or normalize: false)")
+            raise BadInput(
+                f"parameters.weight: the weights of tensor {job.name} sum to {sum(weights):g} "
+                f"({', '.join(f'{w:g}' for w in weights)}); a linear merge with normalize: true divides by that sum "
+                f"(give weights that do not cancel, or normalize: false)"
+            )
 
 
-def _tensor_job(recipe: Recipe, reference: Checkpoint, models: list[ModelInput], name: str, notes: list[str]) -> TensorJob:
+def _tensor_job(
+    recipe: Recipe, reference: Checkpoint, models: list[ModelInput], name: str, notes: list[str]
+) -> TensorJob:
     info = reference.tensors[name]
     mergeable = info.dtype in FLOATS
     job = TensorJob(OutputTensor(name, _output_dtype(recipe, info.dtype), info.shape), mergeable, [])
     if not mergeable:  # integer buffers (position_ids, ...) are copied from the base: say so where a model lacks one
-        notes.extend(f"{model.label} lacks tensor {name} ({info.dtype}, not merged): the base's is written"
-                     for model in models if name not in model.checkpoint.tensors and model.checkpoint is not reference)
+        notes.extend(
+            f"{model.label} lacks tensor {name} ({info.dtype}, not merged): the base's is written"
+            for model in models
+            if name not in model.checkpoint.tensors and model.checkpoint is not reference
+        )
         return job
     for j, model in enumerate(models):
         other = model.checkpoint.tensors.get(name)
         if other is None:
             problem, policy, key = "lacks tensor", recipe.policies.missing_tensor, "missing_tensor"
         elif other.shape != info.shape:
-            problem, policy, key = f"has shape {list(other.shape)} (base {list(info.shape)}) for tensor", recipe.policies.shape_mismatch, "shape_mismatch"
+            problem, policy, key = (
+                f"has shape {list(other.shape)} (base {list(info.shape)}) for tensor",
+                recipe.policies.shape_mismatch,
+                "shape_mismatch",
+            )
         elif other.dtype not in FLOATS:
             raise BadInput(f"{other.file}: tensor {name} has dtype {other.dtype}, the base has {info.dtype}")
         else:
             job.contributors.append(j)
             continue
         if policy == "error":
-            raise BadInput(f"{model.label} {problem} {name} (set policies.{key} to skip_model or copy_base to merge anyway)")
+            raise BadInput(
+                f"{model.label} {problem} {name} (set policies.{key} to skip_model or copy_base to merge anyway)"
+            )
         if policy == "copy_base":
             notes.append(f"{model.label} {problem} {name}: base tensor kept (policies.{key}: copy_base)")
             job.copy_base = True

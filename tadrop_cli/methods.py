@@ -104,7 +104,9 @@ class MergeMethod:
 # ---------------------------------------------------------------- the maths
 
 
-def sparsify_task_vector(tv: TaskVector, sparsifier: Sparsifier, rescale: sparsify.Rescale, in_place: bool = False) -> torch.Tensor:
+def sparsify_task_vector(
+    tv: TaskVector, sparsifier: Sparsifier, rescale: sparsify.Rescale, in_place: bool = False
+) -> torch.Tensor:
     """The task vector after the host's own drop, at this tensor's density."""
     if sparsifier is None or tv.density >= 1:
         return tv.delta
@@ -128,7 +130,13 @@ def resolved_density(value: Any, task_count: int) -> float:
     return 1.0 / max(1, task_count) if value is None or value == EQUAL_SPLIT else float(value)
 
 
-def disjoint_mean(weighted: list[torch.Tensor], weights: list[float], consensus: str, with_divisor: bool = True, in_place: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+def disjoint_mean(
+    weighted: list[torch.Tensor],
+    weights: list[float],
+    consensus: str,
+    with_divisor: bool = True,
+    in_place: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """TIES merge step: sum only the entries whose sign agrees with the elected sign.
 
     Returns the summed agreeing deltas and, if asked, the summed weights of the
@@ -202,18 +210,34 @@ def linear(base: torch.Tensor, task_vectors: list[TaskVector], *, normalize: boo
 
 
 def _gta(steps: GtaSteps) -> Callable[..., torch.Tensor]:
-    def merge(base: torch.Tensor, task_vectors: list[TaskVector], *, normalize: bool, rescale: sparsify.Rescale = False, **params: Any) -> torch.Tensor:
+    def merge(
+        base: torch.Tensor,
+        task_vectors: list[TaskVector],
+        *,
+        normalize: bool,
+        rescale: sparsify.Rescale = False,
+        **params: Any,
+    ) -> torch.Tensor:
         return generalized_task_arithmetic(
-            base, task_vectors, sparsifier=steps.sparsifier, consensus=steps.consensus,
-            normalize=normalize, lambda_=params.get("lambda", 1.0), rescale=rescale,
+            base,
+            task_vectors,
+            sparsifier=steps.sparsifier,
+            consensus=steps.consensus,
+            normalize=normalize,
+            lambda_=params.get("lambda", 1.0),
+            rescale=rescale,
         )
 
     return merge
 
 
-def _gta_method(name: str, steps: GtaSteps, description: str, reference: str, params: tuple[ParamSpec, ...], **flags: Any) -> MergeMethod:
+def _gta_method(
+    name: str, steps: GtaSteps, description: str, reference: str, params: tuple[ParamSpec, ...], **flags: Any
+) -> MergeMethod:
     """A generalized-task-arithmetic host: its merge function and the steps it takes."""
-    return MergeMethod(name, _gta(steps), description, reference, sparsifier=steps.sparsifier, params=params, gta=steps, **flags)
+    return MergeMethod(
+        name, _gta(steps), description, reference, sparsifier=steps.sparsifier, params=params, gta=steps, **flags
+    )
 
 
 def _weighted(tv: TaskVector) -> torch.Tensor:
@@ -270,7 +294,10 @@ def consensus(
     if not task_vectors:
         return base.clone()
     weights = [tv.weight for tv in task_vectors]
-    keeps = [None if tv.density >= 1 else sparsify.magnitude_mask(tv.delta, tv.density, tv.cut, tv.offset) for tv in task_vectors]
+    keeps = [
+        None if tv.density >= 1 else sparsify.magnitude_mask(tv.delta, tv.density, tv.cut, tv.offset)
+        for tv in task_vectors
+    ]
     weighted = [_weighted(tv) for tv in task_vectors]
     # new tensors: the TIES steps below overwrite them, and the TALL masks need `weighted` intact
     trimmed = [delta.clone() if keep is None else delta * keep for delta, keep in zip(weighted, keeps)]
@@ -297,7 +324,9 @@ def consensus(
 
 
 def _consensus(ties: bool) -> Callable[..., torch.Tensor]:
-    def merge(base: torch.Tensor, task_vectors: list[TaskVector], *, normalize: bool = False, k: float = 2, **params: Any) -> torch.Tensor:
+    def merge(
+        base: torch.Tensor, task_vectors: list[TaskVector], *, normalize: bool = False, k: float = 2, **params: Any
+    ) -> torch.Tensor:
         return consensus(base, task_vectors, ties=ties, normalize=normalize, k=k, lambda_=params.get("lambda", 1.0))
 
     return merge
@@ -306,26 +335,63 @@ def _consensus(ties: bool) -> Callable[..., torch.Tensor]:
 # ---------------------------------------------------------------- the registry
 
 WEIGHT = ParamSpec("weight", 1.0, "scale of this model's task vector (or tensor, for linear)", per_model=True)
-DENSITY = ParamSpec("density", 1.0, "fraction of task-vector entries kept (1 - drop ratio)", per_model=True, low=0.0, high=1.0)
-GAMMA = ParamSpec("gamma", 0.01, "fraction of the largest entries removed as outliers", per_model=True, low=0.0, high=1.0)
+DENSITY = ParamSpec(
+    "density", 1.0, "fraction of task-vector entries kept (1 - drop ratio)", per_model=True, low=0.0, high=1.0
+)
+GAMMA = ParamSpec(
+    "gamma", 0.01, "fraction of the largest entries removed as outliers", per_model=True, low=0.0, high=1.0
+)
 LAMBDA = ParamSpec("lambda", 1.0, "scale of the merged task vector", low=-10.0, high=10.0)
-INT8_MASK = ParamSpec("int8_mask", False, "accepted for mergekit compatibility; no effect (masks are boolean)", kind="bool")
-EPSILON = ParamSpec("epsilon", 0.15, "DELLA: keep probabilities run from density - epsilon (smallest |delta| of a row) to density + epsilon (largest), as in mergekit", per_model=True, low=0.0, high=0.5)
+INT8_MASK = ParamSpec(
+    "int8_mask", False, "accepted for mergekit compatibility; no effect (masks are boolean)", kind="bool"
+)
+EPSILON = ParamSpec(
+    "epsilon",
+    0.15,
+    "DELLA: keep probabilities run from density - epsilon (smallest |delta| of a row) to density + epsilon (largest), as in mergekit",
+    per_model=True,
+    low=0.0,
+    high=0.5,
+)
 ALPHA = ParamSpec("lambda", 1.0, "scale of the merged task vector (the papers' alpha)", low=-10.0, high=10.0)
 RANK_SHARE = ParamSpec(
-    "density", EQUAL_SPLIT,
+    "density",
+    EQUAL_SPLIT,
     "fraction of the rank budget this task keeps in each 2-D tensor (TSV-M: of min(m, n); Iso-CTS: of the task-specific budget); "
     "default 1/T (T = models merged into the tensor), the papers' equal split; scaled down if the tasks' total exceeds the budget",
-    per_model=True, low=0.0, high=1.0,
+    per_model=True,
+    low=0.0,
+    high=1.0,
 )
 EXACT_SVD = ParamSpec(
-    "exact_svd", False,
+    "exact_svd",
+    False,
     "SVD hosts: full float32 SVDs as the papers' code (true), or the fast route (false): randomized top-k and Gram "
-    "eigendecompositions in float64, checked converged to float32 level (see docs/speed.md)", kind="bool",
+    "eigendecompositions in float64, checked converged to float32 level (see docs/speed.md)",
+    kind="bool",
 )
-COMMON_SPACE = ParamSpec("common_space_fraction", 0.8, "Iso-CTS: share of the rank given to the common subspace of the summed task matrices (paper: 0.8)", low=0.0, high=1.0)
-TALL_LAMBDA = ParamSpec("tall_mask_lambda", 0.4, "lambda_t of this task's TALL mask |tau_t| >= lambda_t |tau_MTL - tau_t| (paper tunes it in 0.2-0.6 on validation data; 0.4 is the middle)", per_model=True, low=0.0, high=10.0)
-CONSENSUS_K = ParamSpec("k", 2, "consensus: keep entries selected by the TALL masks of at least k tasks (paper: 2; 0 = no consensus, tau_MTL unchanged)", low=0.0, high=1000.0)
+COMMON_SPACE = ParamSpec(
+    "common_space_fraction",
+    0.8,
+    "Iso-CTS: share of the rank given to the common subspace of the summed task matrices (paper: 0.8)",
+    low=0.0,
+    high=1.0,
+)
+TALL_LAMBDA = ParamSpec(
+    "tall_mask_lambda",
+    0.4,
+    "lambda_t of this task's TALL mask |tau_t| >= lambda_t |tau_MTL - tau_t| (paper tunes it in 0.2-0.6 on validation data; 0.4 is the middle)",
+    per_model=True,
+    low=0.0,
+    high=10.0,
+)
+CONSENSUS_K = ParamSpec(
+    "k",
+    2,
+    "consensus: keep entries selected by the TALL masks of at least k tasks (paper: 2; 0 = no consensus, tau_MTL unchanged)",
+    low=0.0,
+    high=1000.0,
+)
 
 
 def _normalize(default: bool) -> ParamSpec:
@@ -334,7 +400,8 @@ def _normalize(default: bool) -> ParamSpec:
 
 def _rescale(default: bool) -> ParamSpec:
     return ParamSpec(
-        "rescale", default,
+        "rescale",
+        default,
         "after a drop, rescale survivors: true/paper = 1/density (the papers), l1/l2/linf = match that norm (mergekit), false",
         kind="rescale",
     )
@@ -347,41 +414,167 @@ def _gta_params(normalize: bool, rescale: bool, *extra: ParamSpec) -> tuple[Para
 METHODS: dict[str, MergeMethod] = {
     m.name: m
     for m in [
-        MergeMethod("linear", linear, "weighted average of the models (model soup)", "https://arxiv.org/abs/2203.05482",
-                    params=(WEIGHT, _normalize(True)), elementwise=True),
-        _gta_method("task_arithmetic", GtaSteps(None, None), "base + lambda * sum of weighted task vectors", "https://arxiv.org/abs/2212.04089",
-                    params=(WEIGHT, ParamSpec("density", 1.0, "ignored, as in mergekit (use magnitude_prune to trim)", per_model=True, low=0.0, high=1.0),
-                            _normalize(False), LAMBDA, INT8_MASK), elementwise=True),
-        _gta_method("magnitude_prune", GtaSteps("magnitude", None), "trim each task vector to its largest entries, then task arithmetic", "https://arxiv.org/abs/2306.01708",
-                    params=_gta_params(False, False), sliced_trims=True),
-        _gta_method("ties", GtaSteps("magnitude", "sum"), "trim, elect sign, disjoint mean (TIES-Merging)", "https://arxiv.org/abs/2306.01708",
-                    params=_gta_params(True, False), sliced_trims=True),
-        _gta_method("dare_linear", GtaSteps("random", None), "random drop and rescale (DARE), then task arithmetic", "https://arxiv.org/abs/2311.03099",
-                    params=_gta_params(False, True), sliced_trims=True),
-        _gta_method("dare_ties", GtaSteps("random", "sum"), "random drop and rescale (DARE), then TIES sign election", "https://arxiv.org/abs/2311.03099",
-                    params=_gta_params(False, True), sliced_trims=True),
-        _gta_method("breadcrumbs", GtaSteps("breadcrumbs", None), "drop outliers and small entries (Model Breadcrumbs), then task arithmetic", "https://arxiv.org/abs/2312.06795",
-                    params=_gta_params(False, False, GAMMA)),
-        _gta_method("breadcrumbs_ties", GtaSteps("breadcrumbs", "sum"), "Model Breadcrumbs with TIES sign election", "https://arxiv.org/abs/2312.06795",
-                    params=_gta_params(False, False, GAMMA)),
-        _gta_method("della", GtaSteps("della", "sum"), "magnitude-ranked random drop and rescale (DELLA MAGPRUNE), TIES sign election, disjoint mean", "https://arxiv.org/abs/2406.11617",
-                    params=_gta_params(True, True, EPSILON), sliced_trims=True, whole_rows=True),
-        _gta_method("della_linear", GtaSteps("della", None), "magnitude-ranked random drop and rescale (DELLA MAGPRUNE), then task arithmetic", "https://arxiv.org/abs/2406.11617",
-                    params=_gta_params(False, True, EPSILON), sliced_trims=True, whole_rows=True),
-        MergeMethod("tsv_m", _subspace(subspace.tsv_merge, True), "Task Singular Vectors: each task's top singular triplets, decorrelated (Procrustes), summed", "https://arxiv.org/abs/2412.00081",
-                    sparsifier="rank", params=(WEIGHT, RANK_SHARE, ALPHA, EXACT_SVD)),
-        MergeMethod("iso_c", _subspace(subspace.iso_c_merge, False), "Iso-C: sum of task vectors with a flat (isotropic) singular spectrum", "https://arxiv.org/abs/2502.04959",
-                    params=(WEIGHT, ALPHA, EXACT_SVD)),
-        MergeMethod("iso_cts", _subspace(subspace.iso_cts_merge, True), "Iso-CTS: common subspace of the sum plus task-specific directions, flat spectrum", "https://arxiv.org/abs/2502.04959",
-                    sparsifier="rank", params=(WEIGHT, RANK_SHARE, COMMON_SPACE, ALPHA, EXACT_SVD)),
-        MergeMethod("consensus_ta", _consensus(False), "Consensus merging: task arithmetic kept where the TALL masks of at least k tasks agree", "https://arxiv.org/abs/2405.07813",
-                    sparsifier="magnitude",
-                    params=(WEIGHT, ParamSpec("density", 1.0, "fraction of each task vector kept by a magnitude trim before the sum (1 = no trim, the paper)", per_model=True, low=0.0, high=1.0),
-                            TALL_LAMBDA, CONSENSUS_K, _normalize(False), LAMBDA), sliced_trims=True),
-        MergeMethod("consensus_ties", _consensus(True), "Consensus merging: TIES kept where the TALL masks of at least k tasks agree", "https://arxiv.org/abs/2405.07813",
-                    sparsifier="magnitude",
-                    params=(WEIGHT, ParamSpec("density", 0.2, "fraction of each task vector kept by the TIES trim (authors' code: top 20%)", per_model=True, low=0.0, high=1.0),
-                            TALL_LAMBDA, CONSENSUS_K,
-                            ParamSpec("normalize", False, "TIES disjoint mean instead of the authors' disjoint sum", kind="bool"), LAMBDA), sliced_trims=True),
+        MergeMethod(
+            "linear",
+            linear,
+            "weighted average of the models (model soup)",
+            "https://arxiv.org/abs/2203.05482",
+            params=(WEIGHT, _normalize(True)),
+            elementwise=True,
+        ),
+        _gta_method(
+            "task_arithmetic",
+            GtaSteps(None, None),
+            "base + lambda * sum of weighted task vectors",
+            "https://arxiv.org/abs/2212.04089",
+            params=(
+                WEIGHT,
+                ParamSpec(
+                    "density",
+                    1.0,
+                    "ignored, as in mergekit (use magnitude_prune to trim)",
+                    per_model=True,
+                    low=0.0,
+                    high=1.0,
+                ),
+                _normalize(False),
+                LAMBDA,
+                INT8_MASK,
+            ),
+            elementwise=True,
+        ),
+        _gta_method(
+            "magnitude_prune",
+            GtaSteps("magnitude", None),
+            "trim each task vector to its largest entries, then task arithmetic",
+            "https://arxiv.org/abs/2306.01708",
+            params=_gta_params(False, False),
+            sliced_trims=True,
+        ),
+        _gta_method(
+            "ties",
+            GtaSteps("magnitude", "sum"),
+            "trim, elect sign, disjoint mean (TIES-Merging)",
+            "https://arxiv.org/abs/2306.01708",
+            params=_gta_params(True, False),
+            sliced_trims=True,
+        ),
+        _gta_method(
+            "dare_linear",
+            GtaSteps("random", None),
+            "random drop and rescale (DARE), then task arithmetic",
+            "https://arxiv.org/abs/2311.03099",
+            params=_gta_params(False, True),
+            sliced_trims=True,
+        ),
+        _gta_method(
+            "dare_ties",
+            GtaSteps("random", "sum"),
+            "random drop and rescale (DARE), then TIES sign election",
+            "https://arxiv.org/abs/2311.03099",
+            params=_gta_params(False, True),
+            sliced_trims=True,
+        ),
+        _gta_method(
+            "breadcrumbs",
+            GtaSteps("breadcrumbs", None),
+            "drop outliers and small entries (Model Breadcrumbs), then task arithmetic",
+            "https://arxiv.org/abs/2312.06795",
+            params=_gta_params(False, False, GAMMA),
+        ),
+        _gta_method(
+            "breadcrumbs_ties",
+            GtaSteps("breadcrumbs", "sum"),
+            "Model Breadcrumbs with TIES sign election",
+            "https://arxiv.org/abs/2312.06795",
+            params=_gta_params(False, False, GAMMA),
+        ),
+        _gta_method(
+            "della",
+            GtaSteps("della", "sum"),
+            "magnitude-ranked random drop and rescale (DELLA MAGPRUNE), TIES sign election, disjoint mean",
+            "https://arxiv.org/abs/2406.11617",
+            params=_gta_params(True, True, EPSILON),
+            sliced_trims=True,
+            whole_rows=True,
+        ),
+        _gta_method(
+            "della_linear",
+            GtaSteps("della", None),
+            "magnitude-ranked random drop and rescale (DELLA MAGPRUNE), then task arithmetic",
+            "https://arxiv.org/abs/2406.11617",
+            params=_gta_params(False, True, EPSILON),
+            sliced_trims=True,
+            whole_rows=True,
+        ),
+        MergeMethod(
+            "tsv_m",
+            _subspace(subspace.tsv_merge, True),
+            "Task Singular Vectors: each task's top singular triplets, decorrelated (Procrustes), summed",
+            "https://arxiv.org/abs/2412.00081",
+            sparsifier="rank",
+            params=(WEIGHT, RANK_SHARE, ALPHA, EXACT_SVD),
+        ),
+        MergeMethod(
+            "iso_c",
+            _subspace(subspace.iso_c_merge, False),
+            "Iso-C: sum of task vectors with a flat (isotropic) singular spectrum",
+            "https://arxiv.org/abs/2502.04959",
+            params=(WEIGHT, ALPHA, EXACT_SVD),
+        ),
+        MergeMethod(
+            "iso_cts",
+            _subspace(subspace.iso_cts_merge, True),
+            "Iso-CTS: common subspace of the sum plus task-specific directions, flat spectrum",
+            "https://arxiv.org/abs/2502.04959",
+            sparsifier="rank",
+            params=(WEIGHT, RANK_SHARE, COMMON_SPACE, ALPHA, EXACT_SVD),
+        ),
+        MergeMethod(
+            "consensus_ta",
+            _consensus(False),
+            "Consensus merging: task arithmetic kept where the TALL masks of at least k tasks agree",
+            "https://arxiv.org/abs/2405.07813",
+            sparsifier="magnitude",
+            params=(
+                WEIGHT,
+                ParamSpec(
+                    "density",
+                    1.0,
+                    "fraction of each task vector kept by a magnitude trim before the sum (1 = no trim, the paper)",
+                    per_model=True,
+                    low=0.0,
+                    high=1.0,
+                ),
+                TALL_LAMBDA,
+                CONSENSUS_K,
+                _normalize(False),
+                LAMBDA,
+            ),
+            sliced_trims=True,
+        ),
+        MergeMethod(
+            "consensus_ties",
+            _consensus(True),
+            "Consensus merging: TIES kept where the TALL masks of at least k tasks agree",
+            "https://arxiv.org/abs/2405.07813",
+            sparsifier="magnitude",
+            params=(
+                WEIGHT,
+                ParamSpec(
+                    "density",
+                    0.2,
+                    "fraction of each task vector kept by the TIES trim (authors' code: top 20%)",
+                    per_model=True,
+                    low=0.0,
+                    high=1.0,
+                ),
+                TALL_LAMBDA,
+                CONSENSUS_K,
+                ParamSpec("normalize", False, "TIES disjoint mean instead of the authors' disjoint sum", kind="bool"),
+                LAMBDA,
+            ),
+            sliced_trims=True,
+        ),
     ]
 }

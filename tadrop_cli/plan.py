@@ -126,8 +126,10 @@ class Plan:
         return recipe_density if row.ratio == row.base_ratio else 1.0 - row.ratio
 
     def to_json(self) -> dict:
-        return {"models": [_without_unset(asdict(m)) for m in self.models],
-                "tensors": [_without_unset(asdict(r)) for r in self.rows]}
+        return {
+            "models": [_without_unset(asdict(m)) for m in self.models],
+            "tensors": [_without_unset(asdict(r)) for r in self.rows],
+        }
 
     @classmethod
     def from_json(cls, data: dict) -> "Plan":
@@ -158,8 +160,9 @@ def _rescale_cap(settings: TadropSettings, sparsifier: Optional[str], base_ratio
     return max(1.0 - 1.0 / settings.max_rescale, base_ratio)
 
 
-def _settings_for(settings: TadropSettings, name: str, numel: int, sparsifier: Optional[str] = None,
-                  base_ratio: float = 0.0) -> _TensorSettings:
+def _settings_for(
+    settings: TadropSettings, name: str, numel: int, sparsifier: Optional[str] = None, base_ratio: float = 0.0
+) -> _TensorSettings:
     override = next((o for o in settings.overrides if glob_matches(name, o.filter)), None)
     strength = settings.strength if override is None or override.strength is None else override.strength
     low = settings.min_ratio if override is None or override.min_ratio is None else override.min_ratio
@@ -188,7 +191,7 @@ def scope_group(name: str, scope: str) -> Optional[str]:
         return None
     match = LAYER_NUMBER.search(name)
     if scope == "kind":
-        return name if match is None else name[: match.start(1)] + "{}" + name[match.end(1):]
+        return name if match is None else name[: match.start(1)] + "{}" + name[match.end(1) :]
     if scope == "layer":
         return "no layer" if match is None else f"layer {int(match.group(1))}"
     raise ValueError(f"unknown scope {scope!r}")
@@ -209,8 +212,10 @@ def check_allocations(layout: Layout) -> None:
     method = layout.recipe.method
     for model in layout.models:
         if model.tadrop is not None and model.tadrop.allocation != "strength" and method.sparsifier == "rank":
-            raise BadInput(f"tadrop.allocation: {model.tadrop.allocation} sets kept entries, but {method.name} keeps "
-                           f"singular directions ({model.label}); use allocation: strength")
+            raise BadInput(
+                f"tadrop.allocation: {model.tadrop.allocation} sets kept entries, but {method.name} keeps "
+                f"singular directions ({model.label}); use allocation: strength"
+            )
 
 
 def build_plan(layout: Layout, device: str, on_tensor: Callable[[TensorJob], None] = lambda job: None) -> Plan:
@@ -329,14 +334,18 @@ def _count_ratios(entries: list[_Entry], settings: TadropSettings) -> dict:
         result = mass_allocation(profiles, sum(uniform), lows, highs)
         summary["mass_fraction"] = result.parameter
         raw = [kept_for_mass(p, result.parameter) for p in profiles]
-        how = (f"mass {settings.mass_norm}: the fewest entries holding f={result.parameter:.6g} "
-               f"of its {settings.mass_norm.upper()} mass")
+        how = (
+            f"mass {settings.mass_norm}: the fewest entries holding f={result.parameter:.6g} "
+            f"of its {settings.mass_norm.upper()} mass"
+        )
     elif settings.allocation == "mass_reverse":
         result = mass_reverse_allocation(profiles, uniform, lows, highs)
         summary["mass_fraction"] = result.parameter
         raw = result.kept
-        how = (f"mass_reverse {settings.mass_norm}: 2 x uniform - the entries holding f={result.parameter:.6g} of its "
-               f"{settings.mass_norm.upper()} mass, shift {result.shift:.4g}")
+        how = (
+            f"mass_reverse {settings.mass_norm}: 2 x uniform - the entries holding f={result.parameter:.6g} of its "
+            f"{settings.mass_norm.upper()} mass, shift {result.shift:.4g}"
+        )
     elif settings.allocation == "global":
         result = global_allocation(profiles, sum(uniform), lows, highs)
         summary["threshold"] = threshold_value(result.parameter)
@@ -362,8 +371,9 @@ def _check_finite(rows: list[RatioRow]) -> None:
         for key in ("score", "normalized", "ratio"):
             value = getattr(row, key)
             if value is not None and not math.isfinite(value):
-                raise BadInput(f"{row.model}: tensor {row.tensor}: its TADrop {key} is not finite ({value}); "
-                               "check the weights")
+                raise BadInput(
+                    f"{row.model}: tensor {row.tensor}: its TADrop {key} is not finite ({value}); check the weights"
+                )
 
 
 # Hoyer scores (the default statistic) are summed over slices of this many entries, so that
@@ -372,7 +382,9 @@ SCORE_SLICE_ELEMENTS = 1 << 20
 GPU_SCORE_SLICE_ELEMENTS = 1 << 24  # on a GPU, fewer launches and waits (see tensor_merge.GPU_CHUNK_ELEMENTS)
 
 
-def _scores(layout: Layout, job: TensorJob, device: str, models: list[tuple[int, ModelInput]]) -> dict[int, Optional[float]]:
+def _scores(
+    layout: Layout, job: TensorJob, device: str, models: list[tuple[int, ModelInput]]
+) -> dict[int, Optional[float]]:
     """Each model's score of this tensor's task vector (None: all zeros)."""
     scores: dict[int, Optional[float]] = {}
     sliced = {j: HoyerSums() for j, model in models if model.tadrop.statistic == "hoyer"}
@@ -391,15 +403,20 @@ def _scores(layout: Layout, job: TensorJob, device: str, models: list[tuple[int,
     if whole:
         base = read_float32(layout.reference, job.name, device)
         for j, model in whole:
-            scores[j] = tensor_score(read_float32(model.checkpoint, job.name, device).sub_(base), model.tadrop.statistic, model.tadrop.topmass_fraction)
+            scores[j] = tensor_score(
+                read_float32(model.checkpoint, job.name, device).sub_(base),
+                model.tadrop.statistic,
+                model.tadrop.topmass_fraction,
+            )
     for j, score in scores.items():
         if score is not None and not math.isfinite(score):  # finite inputs (the reads check) whose difference is not
             raise _overflow(layout, j, job)
     return scores
 
 
-def _profiles(layout: Layout, job: TensorJob, device: str,
-              models: list[tuple[int, ModelInput]]) -> dict[int, MagnitudeProfile]:
+def _profiles(
+    layout: Layout, job: TensorJob, device: str, models: list[tuple[int, ModelInput]]
+) -> dict[int, MagnitudeProfile]:
     """Each model's magnitude profile of this tensor's task vector, counted slice by slice: the
     histogram of |tau|'s top 16 bits (sparsify.magnitude_histogram's buckets), with the float64
     sum of |tau| (mass_norm l1) or tau^2 (l2) per bucket for the mass allocations. A model-wide
@@ -413,8 +430,9 @@ def _profiles(layout: Layout, job: TensorJob, device: str,
     step = SCORE_SLICE_ELEMENTS if on_cpu(device) else GPU_SCORE_SLICE_ELEMENTS
     for start in range(0, job.out.numel, step):
         stop = min(start + step, job.out.numel)
-        by_kernels = {j for j in counted
-                      if with_kernels and _count_with_kernels(layout, job.name, start, stop, j, counts[j])}
+        by_kernels = {
+            j for j in counted if with_kernels and _count_with_kernels(layout, job.name, start, stop, j, counts[j])
+        }
         in_torch = [j for j in powers if j not in by_kernels]
         if not in_torch:
             continue
@@ -459,7 +477,9 @@ def _count_with_kernels(layout: Layout, name: str, start: int, stop: int, j: int
     return True
 
 
-def _add_sums_with_kernels(checkpoints: list[Checkpoint], name: str, start: int, stop: int, sums: list[HoyerSums]) -> bool:
+def _add_sums_with_kernels(
+    checkpoints: list[Checkpoint], name: str, start: int, stop: int, sums: list[HoyerSums]
+) -> bool:
     """Add one slice's Hoyer sums of each model's task vector (checkpoints[0] is the base), from
     the stored entries; False (nothing added) when an entry is NaN or Inf, or a float32 sum
     overflowed: the caller's PyTorch path then names the input at fault, or sums scaled."""

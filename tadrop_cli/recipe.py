@@ -15,7 +15,17 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .checkpoint import read_text_file
 from .errors import BadInput
@@ -23,7 +33,15 @@ from .methods import METHODS, MergeMethod, ParamSpec
 from .tadrop import STATISTICS
 
 # the recipe's names for an output dtype, and safetensors' name for each
-DTYPES = {"float32": "F32", "fp32": "F32", "float16": "F16", "fp16": "F16", "half": "F16", "bfloat16": "BF16", "bf16": "BF16"}
+DTYPES = {
+    "float32": "F32",
+    "fp32": "F32",
+    "float16": "F16",
+    "fp16": "F16",
+    "half": "F16",
+    "bfloat16": "BF16",
+    "bf16": "BF16",
+}
 DTypeName = Literal["float32", "fp32", "float16", "fp16", "half", "bfloat16", "bf16"]
 Policy = Literal["error", "skip_model", "copy_base"]
 Number = Union[StrictInt, StrictFloat]
@@ -38,7 +56,17 @@ def parse_size(value: Union[int, str]) -> int:
         if not match:
             raise ValueError(f"not a size: {value!r} (e.g. 5GB, 500MB, 2GiB)")
         unit = match.group(2).upper().rstrip("B")
-        factor = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}[unit]
+        factor = {
+            "": 1,
+            "K": 10**3,
+            "M": 10**6,
+            "G": 10**9,
+            "T": 10**12,
+            "KI": 2**10,
+            "MI": 2**20,
+            "GI": 2**30,
+            "TI": 2**40,
+        }[unit]
         size = int(float(match.group(1)) * factor)
     if size <= 0:
         raise ValueError("must be positive")
@@ -99,7 +127,9 @@ class TadropSettings(_Strict):
         if self.min_ratio > self.max_ratio:
             raise ValueError(f"min_ratio ({self.min_ratio}) must not exceed max_ratio ({self.max_ratio})")
         if self.scope != "model" and self.allocation != "strength":
-            raise ValueError(f"scope: {self.scope} applies to allocation: strength only (got allocation: {self.allocation})")
+            raise ValueError(
+                f"scope: {self.scope} applies to allocation: strength only (got allocation: {self.allocation})"
+            )
         return self
 
 
@@ -237,7 +267,14 @@ def _format_loc(loc: tuple) -> str:
     for part in loc:
         if isinstance(part, int):
             text += f"[{part}]"
-        elif not (isinstance(part, str) and (part in ("list[ConditionalValue]", "list[union[int,float]]") or part[:1].isupper() or part.startswith(("function-", "constrained-", "literal[")))):
+        elif not (
+            isinstance(part, str)
+            and (
+                part in ("list[ConditionalValue]", "list[union[int,float]]")
+                or part[:1].isupper()
+                or part.startswith(("function-", "constrained-", "literal["))
+            )
+        ):
             text += f".{part}" if text else str(part)
     return text or "(top level)"
 
@@ -275,9 +312,13 @@ def check_method_parameters(recipe: Recipe) -> None:
             spec = method.param(key)
             if spec is None or (per_model_only and not spec.per_model):
                 allowed = [p.name for p in method.params if p.per_model or not per_model_only]
-                raise BadInput(f"{where}.{key}: not a parameter of {method.name}; {_suggest(key, allowed)}allowed: {', '.join(allowed)}")
+                raise BadInput(
+                    f"{where}.{key}: not a parameter of {method.name}; {_suggest(key, allowed)}allowed: {', '.join(allowed)}"
+                )
             if isinstance(value, list) and not value:
-                raise BadInput(f"{where}.{key}: an empty list is neither a value nor a gradient; give a number or a non-empty list")
+                raise BadInput(
+                    f"{where}.{key}: an empty list is neither a value nor a gradient; give a number or a non-empty list"
+                )
             values = value if isinstance(value, list) else [value]
             for v in values:
                 _check_value(f"{where}.{key}", spec, v.value if isinstance(v, ConditionalValue) else v)
@@ -325,7 +366,9 @@ def check_consistency(recipe: Recipe) -> None:
     if recipe.output.dtype and recipe.out_dtype and DTYPES[recipe.output.dtype] != DTYPES[recipe.out_dtype]:
         raise BadInput(f"output.dtype: {recipe.output.dtype} contradicts out_dtype: {recipe.out_dtype}; give one")
     if recipe.tadrop is not None and recipe.tadrop.enabled and method.sparsifier is None:
-        hint = " (use magnitude_prune: task arithmetic with a magnitude trim)" if method.name == "task_arithmetic" else ""
+        hint = (
+            " (use magnitude_prune: task arithmetic with a magnitude trim)" if method.name == "task_arithmetic" else ""
+        )
         raise BadInput(f"tadrop: {method.name} does not sparsify, so TADrop has nothing to adapt{hint}")
 
 
@@ -336,7 +379,9 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
         raise BadInput(f"{source}: a recipe must be a mapping of keys (got {kind})")
     method_name = data.get("merge_method")
     if isinstance(method_name, str) and method_name not in METHODS:
-        raise BadInput(f"{source}: merge_method: unknown method {method_name!r}; {_suggest(method_name, list(METHODS))}valid: {', '.join(METHODS)}")
+        raise BadInput(
+            f"{source}: merge_method: unknown method {method_name!r}; {_suggest(method_name, list(METHODS))}valid: {', '.join(METHODS)}"
+        )
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as error:
@@ -384,7 +429,9 @@ def load_recipe(path: str | Path) -> Recipe:
         text = read_text_file(path)
         data = yaml.load(text, Loader=_RecipeLoader)
     except _DuplicateKey as duplicate:
-        raise BadInput(f"{path}: key {duplicate.key!r} appears twice in one mapping (the second at line {duplicate.line})") from None
+        raise BadInput(
+            f"{path}: key {duplicate.key!r} appears twice in one mapping (the second at line {duplicate.line})"
+        ) from None
     except RecursionError:
         raise BadInput(f"{path}: nested too deeply to read") from None
     except yaml.YAMLError as error:

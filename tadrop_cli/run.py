@@ -23,9 +23,23 @@ from .plan import Plan, build_plan
 from .recipe import Recipe, recipe_digest
 from .tensor_merge import chunk_elements, kernels_merge, merge_tensor
 from .verify import verify_written_shard
-from .writer import (STAGING_SUFFIX, ExistingOutput, OutputTensor, StagingFolder, beside, changed_inputs,
-                     check_output_parents, check_output_path, check_work_names, existing_output, index_json,
-                     inputs_identity, plan_shards, recorded_recipe_digest, refuse_existing)
+from .writer import (
+    STAGING_SUFFIX,
+    ExistingOutput,
+    OutputTensor,
+    StagingFolder,
+    beside,
+    changed_inputs,
+    check_output_parents,
+    check_output_path,
+    check_work_names,
+    existing_output,
+    index_json,
+    inputs_identity,
+    plan_shards,
+    recorded_recipe_digest,
+    refuse_existing,
+)
 
 
 class Progress(Protocol):
@@ -146,8 +160,16 @@ def _peak_memory() -> dict[str, int]:
 
 def _ratio_summary(plan: Plan) -> list[dict]:
     return [
-        {"model": m.model, "statistic": m.statistic, "adaptive_tensors": m.adaptive_tensors, "mean_base_ratio": round(m.mean_base_ratio, 6),
-         "mean_ratio": round(m.mean_ratio, 6), "min_ratio": round(m.min_ratio, 6), "max_ratio": round(m.max_ratio, 6), "budget_met": m.budget_met}
+        {
+            "model": m.model,
+            "statistic": m.statistic,
+            "adaptive_tensors": m.adaptive_tensors,
+            "mean_base_ratio": round(m.mean_base_ratio, 6),
+            "mean_ratio": round(m.mean_ratio, 6),
+            "min_ratio": round(m.min_ratio, 6),
+            "max_ratio": round(m.max_ratio, 6),
+            "budget_met": m.budget_met,
+        }
         for m in plan.models
     ]
 
@@ -174,7 +196,11 @@ def reuse_freed_memory() -> None:
 
 
 def _input_files(layout: Layout) -> list[Path]:
-    return [info.file for checkpoint in [layout.reference, *(m.checkpoint for m in layout.models)] for info in checkpoint.tensors.values()]
+    return [
+        info.file
+        for checkpoint in [layout.reference, *(m.checkpoint for m in layout.models)]
+        for info in checkpoint.tensors.values()
+    ]
 
 
 def _sources(layout: Layout, device: str) -> dict:
@@ -229,8 +255,13 @@ def run_merge(recipe: Recipe, options: MergeOptions, progress: Progress = NoProg
                 raise
     finally:
         layout.close()
-    summary.update(output=str(target), seconds=round(time.perf_counter() - started, 3), device=str(device),
-                   cpu_kernels=on_cpu(device) and kernels.available(), **_peak_memory())
+    summary.update(
+        output=str(target),
+        seconds=round(time.perf_counter() - started, 3),
+        device=str(device),
+        cpu_kernels=on_cpu(device) and kernels.available(),
+        **_peak_memory(),
+    )
     return summary
 
 
@@ -243,16 +274,31 @@ def _already_complete(layout: Layout, target: Path) -> dict:
     """The summary of a --resume that finds the merge already published."""
     shards = plan_shards([job.out for job in layout.jobs], layout.recipe.output.shard_size)
     return {
-        "method": layout.recipe.merge_method, "tadrop": _needs_scores(layout), "tensors": len(layout.jobs),
-        "shards": len(shards), "shard_files": [s.file_name for s in shards], "resumed_shards": len(shards),
-        "bytes_written": 0, "copied_files": [], "ratios": [],
-        "notes": [*layout.notes, f"{target} is already complete: its recorded recipe SHA-256 is this recipe's; "
-                                 "nothing to do"],
+        "method": layout.recipe.merge_method,
+        "tadrop": _needs_scores(layout),
+        "tensors": len(layout.jobs),
+        "shards": len(shards),
+        "shard_files": [s.file_name for s in shards],
+        "resumed_shards": len(shards),
+        "bytes_written": 0,
+        "copied_files": [],
+        "ratios": [],
+        "notes": [
+            *layout.notes,
+            f"{target} is already complete: its recorded recipe SHA-256 is this recipe's; nothing to do",
+        ],
     }
 
 
-def _merge_into(layout: Layout, staging: StagingFolder, done: dict[str, dict], device: str, digest: str,
-                progress: Progress, options: MergeOptions) -> dict:
+def _merge_into(
+    layout: Layout,
+    staging: StagingFolder,
+    done: dict[str, dict],
+    device: str,
+    digest: str,
+    progress: Progress,
+    options: MergeOptions,
+) -> dict:
     shards = plan_shards([job.out for job in layout.jobs], layout.recipe.output.shard_size)
     metadata = _metadata(layout.recipe, digest)
     saved = staging.saved_plan() if done else None
@@ -263,8 +309,10 @@ def _merge_into(layout: Layout, staging: StagingFolder, done: dict[str, dict], d
     if not saved:
         staging.save_plan(plan.to_json())
     if finished and not options.resume:
-        staging.notes.append(f"resumed {len(finished)} finished shard(s) of an interrupted merge of this recipe "
-                             f"(same inputs, tadrop version and device; checksums verified)")
+        staging.notes.append(
+            f"resumed {len(finished)} finished shard(s) of an interrupted merge of this recipe "
+            f"(same inputs, tadrop version and device; checksums verified)"
+        )
 
     jobs = {job.name: job for job in layout.jobs}
     todo = [s for s in shards if s.file_name not in finished]
@@ -280,7 +328,9 @@ def _merge_into(layout: Layout, staging: StagingFolder, done: dict[str, dict], d
     progress.finish()
 
     if len(shards) > 1:
-        staging.write_json("model.safetensors.index.json", index_json(shards, {"tadrop_version": __version__, "recipe_sha256": digest}))
+        staging.write_json(
+            "model.safetensors.index.json", index_json(shards, {"tadrop_version": __version__, "recipe_sha256": digest})
+        )
     copied = []
     for file in layout.config_files:  # from the base, or the first model of a linear merge
         staging.copy_in(file)
@@ -303,7 +353,9 @@ def _merge_into(layout: Layout, staging: StagingFolder, done: dict[str, dict], d
     }
 
 
-def plan_only(recipe: Recipe, device_name: Optional[str] = None, progress: Progress = NoProgress()) -> tuple[Layout, Plan]:
+def plan_only(
+    recipe: Recipe, device_name: Optional[str] = None, progress: Progress = NoProgress()
+) -> tuple[Layout, Plan]:
     """Pass 1 alone, for `tadrop plan`."""
     device = choose_device(device_name or recipe.device)
     layout = build_layout(recipe)

@@ -83,7 +83,7 @@ def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     surplus = larger + equal - k
     if surplus > 0:  # entries equal to the threshold beyond k: drop the last ones
         tied = torch.nonzero(flat == threshold).reshape(-1)
-        mask[tied[tied.numel() - surplus:]] = False
+        mask[tied[tied.numel() - surplus :]] = False
     return mask.reshape(scores.shape)
 
 
@@ -126,7 +126,7 @@ def bucket_histogram(delta: torch.Tensor, bucket: int) -> torch.Tensor:
     """The entries of a float32 slice whose |delta| falls in `bucket`, counted per exact value:
     entry v counts those whose low 16 bits are v (int64, 2^16)."""
     low = (_magnitude_bits(delta) - (bucket << 16)).clamp_(-1, 1 << 16)  # -1 below, 2^16 above
-    return torch.bincount(low.add_(1), minlength=(1 << 16) + 2)[1:(1 << 16) + 1]
+    return torch.bincount(low.add_(1), minlength=(1 << 16) + 2)[1 : (1 << 16) + 1]
 
 
 @dataclass(frozen=True)
@@ -178,7 +178,7 @@ def cut_mask(delta: torch.Tensor, cut: TopKCut, offset: int = 0) -> torch.Tensor
         return sign.clamp_min_(0)
     tied = torch.nonzero(sign.reshape(-1) == 0).reshape(-1)
     mask = sign.add_(1).clamp_max_(1)
-    mask.view(-1)[tied[cut.tie_quota:]] = 0
+    mask.view(-1)[tied[cut.tie_quota :]] = 0
     return mask
 
 
@@ -192,7 +192,9 @@ def top_k_cut(deltas: list[torch.Tensor], k: int) -> TopKCut | None:
         return KEEP_NOTHING
     bucket, larger = boundary_bucket(sum(magnitude_histogram(d) for d in deltas).cpu().numpy(), k)
     starts = [sum(d.numel() for d in deltas[:i]) for i in range(len(deltas))]
-    return cut_from_bucket_counts(bucket, starts, torch.stack([bucket_histogram(d, bucket) for d in deltas]).cpu().numpy(), k - larger)
+    return cut_from_bucket_counts(
+        bucket, starts, torch.stack([bucket_histogram(d, bucket) for d in deltas]).cpu().numpy(), k - larger
+    )
 
 
 def rescale_kept(original: torch.Tensor, kept: torch.Tensor, density: float, how: Rescale) -> torch.Tensor:
@@ -219,7 +221,9 @@ def rescale_kept(original: torch.Tensor, kept: torch.Tensor, density: float, how
     return kept * (before / after)
 
 
-def _apply_mask(delta: torch.Tensor, mask: torch.Tensor, density: float, rescale: Rescale, in_place: bool) -> torch.Tensor:
+def _apply_mask(
+    delta: torch.Tensor, mask: torch.Tensor, density: float, rescale: Rescale, in_place: bool
+) -> torch.Tensor:
     """delta * mask, rescaled; the mask and the rescale are applied in place where allowed."""
     if rescale in (False, None, "none", True, "paper"):  # no norm of the original is needed
         kept = delta.mul_(mask) if in_place else delta * mask
@@ -237,8 +241,14 @@ def magnitude_mask(delta: torch.Tensor, density: float, cut: TopKCut | None = No
     return cut_mask(delta, cut, offset) if cut is not None else torch.ones_like(delta)
 
 
-def magnitude(delta: torch.Tensor, density: float, rescale: Rescale = False, in_place: bool = False,
-              cut: TopKCut | None = None, offset: int = 0) -> torch.Tensor:
+def magnitude(
+    delta: torch.Tensor,
+    density: float,
+    rescale: Rescale = False,
+    in_place: bool = False,
+    cut: TopKCut | None = None,
+    offset: int = 0,
+) -> torch.Tensor:
     """Keep the `density` fraction of entries with the largest |delta| (TIES trim).
 
     With in_place, `delta` itself is overwritten (saves a tensor-sized buffer). When delta is
@@ -303,8 +313,14 @@ def random_words(seed: int, start: int, stop: int, device: torch.device | str = 
     device = torch.device(device)
     first, last = start // 2, (stop + 1) // 2
     blocks = [_splitmix64(j, min(_STEP_BLOCK, last - j), seed, device) for j in range(first, last, _STEP_BLOCK)]
-    outputs = blocks[0] if len(blocks) == 1 else torch.cat(blocks) if blocks else torch.zeros(0, dtype=torch.int64, device=device)
-    return outputs.view(torch.int32)[start - 2 * first: stop - 2 * first]
+    outputs = (
+        blocks[0]
+        if len(blocks) == 1
+        else torch.cat(blocks)
+        if blocks
+        else torch.zeros(0, dtype=torch.int64, device=device)
+    )
+    return outputs.view(torch.int32)[start - 2 * first : stop - 2 * first]
 
 
 def _top_24_bits(numel: int, seed: int, device: torch.device | str, offset: int) -> torch.Tensor:
@@ -313,7 +329,9 @@ def _top_24_bits(numel: int, seed: int, device: torch.device | str, offset: int)
     return _shifted_right(random_words(seed, offset, offset + numel, device), 8)
 
 
-def random_keep_mask(numel: int, density: float, seed: int, device: torch.device | str = "cpu", offset: int = 0) -> torch.Tensor:
+def random_keep_mask(
+    numel: int, density: float, seed: int, device: torch.device | str = "cpu", offset: int = 0
+) -> torch.Tensor:
     """Bernoulli(density) keep mask of entries [offset, offset + numel) of a flattened tensor,
     as float32 1.0 (kept) / 0.0: entry i is kept where its uniform (see seeded_uniform) is
     below float32(density). Compared as integers: u = m * 2^-24 < d exactly when
@@ -328,7 +346,9 @@ def seeded_uniform(numel: int, seed: int, device: torch.device | str = "cpu", of
     return _top_24_bits(numel, seed, device, offset).to(torch.float32).mul_(2.0**-24)
 
 
-def random(delta: torch.Tensor, density: float, seed: int, rescale: Rescale = True, in_place: bool = False, offset: int = 0) -> torch.Tensor:
+def random(
+    delta: torch.Tensor, density: float, seed: int, rescale: Rescale = True, in_place: bool = False, offset: int = 0
+) -> torch.Tensor:
     """DARE: drop each entry with probability 1 - density, rescale the survivors. `offset`: the
     flat position of delta's first entry, when delta is a slice of the tensor."""
     if density >= 1:
@@ -344,7 +364,11 @@ def _della_rows(delta: torch.Tensor) -> torch.Tensor:
     """The rows DELLA ranks within: dim 0 indexes them; a 1-D tensor is one row; a tensor with
     more dimensions is flattened to shape[0] rows."""
     # the row length spelled out: reshape(0, -1) of a tensor without entries is ambiguous
-    return delta.reshape(1, delta.numel()) if delta.dim() < 2 else delta.reshape(delta.shape[0], math.prod(delta.shape[1:]))
+    return (
+        delta.reshape(1, delta.numel())
+        if delta.dim() < 2
+        else delta.reshape(delta.shape[0], math.prod(delta.shape[1:]))
+    )
 
 
 def _della_block_probabilities(rows: torch.Tensor, density: float, eps: float) -> torch.Tensor:
@@ -353,7 +377,9 @@ def _della_block_probabilities(rows: torch.Tensor, density: float, eps: float) -
     if n < 2 or eps == 0.0:
         return torch.full(rows.shape, float(density), dtype=torch.float32, device=rows.device)
     magnitudes = rows.abs()
-    if magnitudes.dtype == torch.float32:  # non-negative floats order like their bit patterns, and torch sorts int32 ~1.5x faster
+    if (
+        magnitudes.dtype == torch.float32
+    ):  # non-negative floats order like their bit patterns, and torch sorts int32 ~1.5x faster
         magnitudes = magnitudes.view(torch.int32)
     order = torch.argsort(magnitudes, dim=1, stable=True)
     ranks = torch.empty(rows.shape, dtype=torch.int32, device=rows.device)
@@ -390,8 +416,15 @@ def della_keep_probabilities(delta: torch.Tensor, density: float, epsilon: float
     return _della_block_probabilities(rows, density, eps).reshape(delta.shape)
 
 
-def della(delta: torch.Tensor, density: float, epsilon: float, seed: int, rescale: Rescale = True, in_place: bool = False,
-          offset: int = 0) -> torch.Tensor:
+def della(
+    delta: torch.Tensor,
+    density: float,
+    epsilon: float,
+    seed: int,
+    rescale: Rescale = True,
+    in_place: bool = False,
+    offset: int = 0,
+) -> torch.Tensor:
     """DELLA's MAGPRUNE: drop entries at random, larger magnitudes (within a row) less often.
 
     Entry i is kept where u_i < q_i, with u the (seed, model, tensor) stream of
@@ -430,7 +463,9 @@ def della(delta: torch.Tensor, density: float, epsilon: float, seed: int, rescal
     return rescale_kept(delta, delta * mask, density, rescale)
 
 
-def breadcrumbs(delta: torch.Tensor, density: float, gamma: float = 0.01, rescale: Rescale = False, in_place: bool = False) -> torch.Tensor:
+def breadcrumbs(
+    delta: torch.Tensor, density: float, gamma: float = 0.01, rescale: Rescale = False, in_place: bool = False
+) -> torch.Tensor:
     """Model Breadcrumbs: drop the largest `gamma` fraction (outliers) and the smallest
     entries, keeping `density` of the tensor in all (counts as in mergekit)."""
     if density >= 1:

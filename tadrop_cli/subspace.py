@@ -84,7 +84,7 @@ def _gram64(matrix: torch.Tensor) -> torch.Tensor:
     """M^T M in float64, a block of rows at a time."""
     gram = torch.zeros(matrix.shape[1], matrix.shape[1], dtype=torch.float64, device=matrix.device)
     for start in range(0, matrix.shape[0], _ROWS_PER_BLOCK):
-        block = matrix[start:start + _ROWS_PER_BLOCK].double()
+        block = matrix[start : start + _ROWS_PER_BLOCK].double()
         gram.addmm_(block.T, block)
     return gram
 
@@ -95,7 +95,7 @@ def _times64(matrix: torch.Tensor, right: torch.Tensor, dtype: Optional[torch.dt
     dtype = torch.float32 if dtype is None else dtype
     out = torch.empty(matrix.shape[0], right.shape[1], dtype=dtype, device=matrix.device)
     for start in range(0, matrix.shape[0], _ROWS_PER_BLOCK):
-        out[start:start + _ROWS_PER_BLOCK] = matrix[start:start + _ROWS_PER_BLOCK].double() @ right
+        out[start : start + _ROWS_PER_BLOCK] = matrix[start : start + _ROWS_PER_BLOCK].double() @ right
     return out
 
 
@@ -270,8 +270,12 @@ def _sum_of(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 @_scaled
-def tsv_merge(deltas: Sequence[torch.Tensor], densities: Sequence[float], exact_svd: bool = False,
-              seeds: Sequence[int] | None = None) -> torch.Tensor:
+def tsv_merge(
+    deltas: Sequence[torch.Tensor],
+    densities: Sequence[float],
+    exact_svd: bool = False,
+    seeds: Sequence[int] | None = None,
+) -> torch.Tensor:
     """TSV-M on one matrix: keep each task's top k_t singular triplets, concatenate the U's,
     singular values and V's, decorrelate U and V by orthogonal Procrustes, and return
     U_perp diag(S) V_perp^T.
@@ -299,8 +303,9 @@ def tsv_merge(deltas: Sequence[torch.Tensor], densities: Sequence[float], exact_
 
 
 @_scaled
-def iso_c_merge(deltas: Sequence[torch.Tensor], exact_svd: bool = False,
-                seeds: Sequence[int] | None = None) -> torch.Tensor:
+def iso_c_merge(
+    deltas: Sequence[torch.Tensor], exact_svd: bool = False, seeds: Sequence[int] | None = None
+) -> torch.Tensor:
     """Iso-C on one matrix: the sum of the task matrices with its singular spectrum replaced
     by its mean, sum(sigma) / min(m, n) (every direction of the sum gets the same weight).
     Numerically null directions of the sum (a low-rank sum) are left out, not lifted to the
@@ -362,8 +367,13 @@ def polar_extended(basis: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
 
 
 @_scaled
-def iso_cts_merge(deltas: Sequence[torch.Tensor], densities: Sequence[float], common_space_fraction: float = 0.8,
-                  exact_svd: bool = False, seeds: Sequence[int] | None = None) -> torch.Tensor:
+def iso_cts_merge(
+    deltas: Sequence[torch.Tensor],
+    densities: Sequence[float],
+    common_space_fraction: float = 0.8,
+    exact_svd: bool = False,
+    seeds: Sequence[int] | None = None,
+) -> torch.Tensor:
     """Iso-CTS on one matrix.
 
     Common subspace: the top `common` singular triplets of the summed task matrix. Each

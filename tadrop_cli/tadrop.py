@@ -285,8 +285,9 @@ class MagnitudeProfile:
         return float(self.above_masses[-1]) if self.above_masses.size else 0.0
 
 
-def magnitude_profile(counts_in: np.ndarray, masses: Optional[np.ndarray] = None,
-                      points: int = PROFILE_POINTS) -> MagnitudeProfile:
+def magnitude_profile(
+    counts_in: np.ndarray, masses: Optional[np.ndarray] = None, points: int = PROFILE_POINTS
+) -> MagnitudeProfile:
     """The MagnitudeProfile of a bucket histogram (`counts_in`, int) and its per-bucket sums of
     |tau|^q (`masses`, float64; None: counts only)."""
     counts = np.asarray(counts_in, dtype=np.int64)
@@ -296,8 +297,14 @@ def magnitude_profile(counts_in: np.ndarray, masses: Optional[np.ndarray] = None
         counts, masses, width = counts.reshape(-1, 2).sum(1), masses.reshape(-1, 2).sum(1), width * 2
     groups = np.flatnonzero(counts)[::-1]
     nonzero = int(np.asarray(counts_in, dtype=np.int64)[1:].sum())
-    return MagnitudeProfile(groups.astype(np.int64) * width, width, np.cumsum(counts[groups]),
-                            np.cumsum(masses[groups]), int(counts.sum()), nonzero)
+    return MagnitudeProfile(
+        groups.astype(np.int64) * width,
+        width,
+        np.cumsum(counts[groups]),
+        np.cumsum(masses[groups]),
+        int(counts.sum()),
+        nonzero,
+    )
 
 
 def kept_for_mass(profile: MagnitudeProfile, fraction: float) -> int:
@@ -342,8 +349,9 @@ class CountAllocation:
     shift: float = 0.0  # mass_reverse: the common shift that restored the budget after the bounds
 
 
-def allocate_counts(kept_at: Callable[[float], np.ndarray], target: int, low: float, high: float,
-                    iterations: int = 64) -> CountAllocation:
+def allocate_counts(
+    kept_at: Callable[[float], np.ndarray], target: int, low: float, high: float, iterations: int = 64
+) -> CountAllocation:
     """Kept counts that sum to `target`, from `kept_at(x)`: each tensor's count at parameter x,
     bounded and non-decreasing in x over [low, high].
 
@@ -378,8 +386,9 @@ def _bounded(counts: np.ndarray, lows: np.ndarray, highs: np.ndarray) -> np.ndar
     return np.minimum(highs, np.maximum(lows, counts))
 
 
-def mass_allocation(profiles: Sequence[MagnitudeProfile], target: int, lows: Sequence[int],
-                    highs: Sequence[int]) -> CountAllocation:
+def mass_allocation(
+    profiles: Sequence[MagnitudeProfile], target: int, lows: Sequence[int], highs: Sequence[int]
+) -> CountAllocation:
     """`allocation: mass`: tensor t keeps the fewest entries (largest |tau| first) that retain a
     common fraction f of its own mass (L1, or L2 squared: as the profiles were summed), bounded
     by [lows[t], highs[t]] entries; f is set so the counts sum to `target`."""
@@ -391,8 +400,9 @@ def mass_allocation(profiles: Sequence[MagnitudeProfile], target: int, lows: Seq
     return allocate_counts(kept_at, target, 0.0, 1.0)
 
 
-def mass_reverse_allocation(profiles: Sequence[MagnitudeProfile], uniform: Sequence[int], lows: Sequence[int],
-                            highs: Sequence[int]) -> CountAllocation:
+def mass_reverse_allocation(
+    profiles: Sequence[MagnitudeProfile], uniform: Sequence[int], lows: Sequence[int], highs: Sequence[int]
+) -> CountAllocation:
     """`allocation: mass_reverse`: the mass allocation mirrored about the uniform counts.
 
     With u_t the uniform kept count and m_t the unbounded mass allocation's (same budget), tensor
@@ -417,8 +427,9 @@ def mass_reverse_allocation(profiles: Sequence[MagnitudeProfile], uniform: Seque
     return CountAllocation(shifted.kept, mass.parameter, shifted.budget_met, shifted.parameter)
 
 
-def global_allocation(profiles: Sequence[MagnitudeProfile], target: int, lows: Sequence[int],
-                      highs: Sequence[int]) -> CountAllocation:
+def global_allocation(
+    profiles: Sequence[MagnitudeProfile], target: int, lows: Sequence[int], highs: Sequence[int]
+) -> CountAllocation:
     """`allocation: global`: one |tau| threshold over the model's whole task vector (the TIES
     authors' code, FusionBench); each tensor keeps its entries above it, bounded by
     [lows[t], highs[t]]. `parameter` is the threshold's level in buckets (see

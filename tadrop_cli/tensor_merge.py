@@ -27,7 +27,16 @@ from .lazy import torch
 from .layout import Layout, TensorJob, tensor_seed
 from .methods import TaskVector
 from .plan import Plan
-from .sparsify import KEEP_NOTHING, MAGNITUDE_BUCKETS, TopKCut, boundary_bucket, bucket_histogram, cut_from_bucket_counts, kept_count, magnitude_histogram
+from .sparsify import (
+    KEEP_NOTHING,
+    MAGNITUDE_BUCKETS,
+    TopKCut,
+    boundary_bucket,
+    bucket_histogram,
+    cut_from_bucket_counts,
+    kept_count,
+    magnitude_histogram,
+)
 
 # Large tensors are merged in slices of this many entries (flattened) where the method allows
 # (MergeMethod.sliceable): memory then grows with the slice, not the tensor, and each slice's
@@ -43,7 +52,9 @@ def chunk_elements(device: str) -> int:
     return CHUNK_ELEMENTS if on_cpu(device) else GPU_CHUNK_ELEMENTS
 
 
-def merge_tensor(layout: Layout, plan: Plan, job: TensorJob, device: str) -> torch.Tensor | Stored | Iterator[torch.Tensor | Stored]:
+def merge_tensor(
+    layout: Layout, plan: Plan, job: TensorJob, device: str
+) -> torch.Tensor | Stored | Iterator[torch.Tensor | Stored]:
     """The output tensor for one job, in its output dtype, on the CPU; for a large tensor that
     the method can merge in slices, its flattened slices one after another (an iterator). The
     CPU kernels give Stored entries (dtypes.Stored), the PyTorch code tensors."""
@@ -66,9 +77,13 @@ def merge_tensor(layout: Layout, plan: Plan, job: TensorJob, device: str) -> tor
         slices = [(start, min(start + step, numel)) for start in range(0, numel, step)]
         cuts = _magnitude_cuts(layout, plan, job, device, slices) if method.sparsifier == "magnitude" else {}
         settings = _task_settings(layout, plan, job)
-        return (_merge_entries(layout, job, inputs.in_rows(row), settings, cuts).reshape(-1)
-                for inputs in _read_slices(layout, job, device, slices, job.contributors))
-    return _merge_entries(layout, job, _read_inputs(layout, job, device, None, None, job.contributors), _task_settings(layout, plan, job))
+        return (
+            _merge_entries(layout, job, inputs.in_rows(row), settings, cuts).reshape(-1)
+            for inputs in _read_slices(layout, job, device, slices, job.contributors)
+        )
+    return _merge_entries(
+        layout, job, _read_inputs(layout, job, device, None, None, job.contributors), _task_settings(layout, plan, job)
+    )
 
 
 def _row_length(job: TensorJob) -> int:
@@ -97,13 +112,19 @@ class _Inputs:
             yield j, tensor.sub_(self.base)
 
 
-def _read_inputs(layout: Layout, job: TensorJob, device: str, start: Optional[int], stop: Optional[int], models: Iterable[int]) -> _Inputs:
+def _read_inputs(
+    layout: Layout, job: TensorJob, device: str, start: Optional[int], stop: Optional[int], models: Iterable[int]
+) -> _Inputs:
     models = list(models)
-    base, *tuned = read_all_float32([layout.reference, *(layout.models[j].checkpoint for j in models)], job.name, device, start, stop)
+    base, *tuned = read_all_float32(
+        [layout.reference, *(layout.models[j].checkpoint for j in models)], job.name, device, start, stop
+    )
     return _Inputs(start, base, dict(zip(models, tuned)))
 
 
-def _read_slices(layout: Layout, job: TensorJob, device: str, slices: list[tuple[int, int]], models: Iterable[int]) -> Iterator[_Inputs]:
+def _read_slices(
+    layout: Layout, job: TensorJob, device: str, slices: list[tuple[int, int]], models: Iterable[int]
+) -> Iterator[_Inputs]:
     """Each slice's inputs in turn. (Reading the next slice in a helper thread was tried: on
     two cores it competes with torch's own two threads and was ~15% slower.)"""
     models = list(models)
@@ -115,7 +136,12 @@ def kernels_merge(layout: Layout, job: TensorJob, device: str) -> bool:
     """Whether the compiled CPU kernels merge this tensor: a generalized-task-arithmetic host
     whose drop, mix and rescale they know, on the CPU, with inputs of one dtype."""
     steps = layout.recipe.method.gta
-    if not on_cpu(device) or steps is None or steps.sparsifier not in (None, "magnitude", "random") or steps.consensus not in (None, "sum"):
+    if (
+        not on_cpu(device)
+        or steps is None
+        or steps.sparsifier not in (None, "magnitude", "random")
+        or steps.consensus not in (None, "sum")
+    ):
         return False
     if not layout.recipe.method.sliceable(layout.method_parameters(job.name)):
         return False  # rescale l1/l2/linf: a norm of the whole tensor
@@ -124,15 +150,22 @@ def kernels_merge(layout: Layout, job: TensorJob, device: str) -> bool:
 
 
 @contextmanager
-def _stored_inputs(layout: Layout, job: TensorJob, start: int, stop: int, models: Iterable[int]) -> Iterator[tuple[Stored, dict[int, Stored]]]:
+def _stored_inputs(
+    layout: Layout, job: TensorJob, start: int, stop: int, models: Iterable[int]
+) -> Iterator[tuple[Stored, dict[int, Stored]]]:
     """Entries [start, stop) of the base's and some models' tensor, flattened, as stored: views
     of the files' pages (checkpoint.mapped_slices), let go of on leaving."""
     models = list(models)
-    with mapped_slices([layout.reference, *(layout.models[j].checkpoint for j in models)], job.name, start, stop) as (base, *tuned):
+    with mapped_slices([layout.reference, *(layout.models[j].checkpoint for j in models)], job.name, start, stop) as (
+        base,
+        *tuned,
+    ):
         yield base, dict(zip(models, tuned))
 
 
-def _merge_with_kernels(layout: Layout, plan: Plan, job: TensorJob, slices: list[tuple[int, int]]) -> Iterator[torch.Tensor | Stored]:
+def _merge_with_kernels(
+    layout: Layout, plan: Plan, job: TensorJob, slices: list[tuple[int, int]]
+) -> Iterator[torch.Tensor | Stored]:
     """The merge of one tensor by the CPU kernels, slice by slice (flattened, output dtype): the
     same bits as methods.generalized_task_arithmetic over the slices."""
     steps, params = layout.recipe.method.gta, layout.method_parameters(job.name)
@@ -144,24 +177,52 @@ def _merge_with_kernels(layout: Layout, plan: Plan, job: TensorJob, slices: list
     out_dtype = job.out.dtype if job.out.dtype in kernels.DTYPE_CODES else "F32"  # float64 outputs: cast below
     for start, stop in slices:
         with _stored_inputs(layout, job, start, stop, job.contributors) as (base, tuned):
-            models = [_model_slice(steps.sparsifier, settings[j], cuts.get(j), rescale, start, base, entries) for j, entries in tuned.items()]
-            merged, non_finite = kernels.merge_slice(base, models, start, steps.consensus is not None, bool(params["normalize"]),
-                                                     sum_of_weights, float(params.get("lambda", 1.0)), out_dtype)
-        if non_finite:  # NaN/Inf in an input or the result: PyTorch redoes the slice, and names the input or refuses the result
+            models = [
+                _model_slice(steps.sparsifier, settings[j], cuts.get(j), rescale, start, base, entries)
+                for j, entries in tuned.items()
+            ]
+            merged, non_finite = kernels.merge_slice(
+                base,
+                models,
+                start,
+                steps.consensus is not None,
+                bool(params["normalize"]),
+                sum_of_weights,
+                float(params.get("lambda", 1.0)),
+                out_dtype,
+            )
+        if (
+            non_finite
+        ):  # NaN/Inf in an input or the result: PyTorch redoes the slice, and names the input or refuses the result
             inputs = _read_inputs(layout, job, "cpu", start, stop, job.contributors)
             yield _merge_entries(layout, job, inputs, settings, cuts).reshape(-1)
             continue
         yield merged if merged.dtype == job.out.dtype else merged.to_torch().to(torch_dtype(job.out.dtype))
 
 
-def _model_slice(sparsifier: Optional[str], settings: dict, cut: Optional[TopKCut], rescale: bool, start: int,
-                 base: Stored, entries: Stored) -> kernels.ModelSlice:
+def _model_slice(
+    sparsifier: Optional[str],
+    settings: dict,
+    cut: Optional[TopKCut],
+    rescale: bool,
+    start: int,
+    base: Stored,
+    entries: Stored,
+) -> kernels.ModelSlice:
     """One model's part in a slice's kernel merge: its weight and its drop (as sparsify_task_vector)."""
     model, density = kernels.ModelSlice(entries, settings["weight"]), settings["density"]
     if sparsifier == "magnitude" and density < 1:
-        model.drop, model.threshold, model.ties_before = kernels.DROP_BY_MAGNITUDE, cut.threshold, kernels.ties_kept_before(cut, start, base, entries)
+        model.drop, model.threshold, model.ties_before = (
+            kernels.DROP_BY_MAGNITUDE,
+            cut.threshold,
+            kernels.ties_kept_before(cut, start, base, entries),
+        )
     elif sparsifier == "random" and density < 1:
-        model.drop, model.seed, model.limit = kernels.DROP_AT_RANDOM, settings["seed"], kernels.random_keep_limit(density)
+        model.drop, model.seed, model.limit = (
+            kernels.DROP_AT_RANDOM,
+            settings["seed"],
+            kernels.random_keep_limit(density),
+        )
     if model.drop != kernels.DROP_NOTHING and rescale and density > 0:
         model.rescale_by = density
     return model
@@ -170,12 +231,21 @@ def _model_slice(sparsifier: Optional[str], settings: dict, cut: Optional[TopKCu
 def _density(layout: Layout, plan: Plan, job: TensorJob, j: int) -> float:
     """Model j's kept fraction for this tensor: the recipe's, or TADrop's."""
     model = layout.models[j]
-    recipe_density = layout.recipe.method.density_value(layout.model_parameter(model, "density", job.name, missing=1.0), len(job.contributors))
+    recipe_density = layout.recipe.method.density_value(
+        layout.model_parameter(model, "density", job.name, missing=1.0), len(job.contributors)
+    )
     return plan.density(model.label, job.name, recipe_density)
 
 
-def _histograms(layout: Layout, job: TensorJob, device: str, slices: list[tuple[int, int]], models: Iterable[int],
-                buckets: Optional[dict[int, int]], stored: bool) -> Iterator[tuple[int, int, np.ndarray]]:
+def _histograms(
+    layout: Layout,
+    job: TensorJob,
+    device: str,
+    slices: list[tuple[int, int]],
+    models: Iterable[int],
+    buckets: Optional[dict[int, int]],
+    stored: bool,
+) -> Iterator[tuple[int, int, np.ndarray]]:
     """(slice, model, histogram of its task vector there) for every slice and model: the
     magnitude histogram, or with `buckets` the bucket histogram of each model's bucket. With
     `stored`, the CPU kernels count from the stored entries (one pass, no float32 copies)."""
@@ -183,7 +253,13 @@ def _histograms(layout: Layout, job: TensorJob, device: str, slices: list[tuple[
     if not stored:
         for s, inputs in enumerate(_read_slices(layout, job, device, slices, models)):
             for j, delta in inputs.task_vectors():
-                yield s, j, (magnitude_histogram(delta) if buckets is None else bucket_histogram(delta, buckets[j])).cpu().numpy()
+                yield (
+                    s,
+                    j,
+                    (magnitude_histogram(delta) if buckets is None else bucket_histogram(delta, buckets[j]))
+                    .cpu()
+                    .numpy(),
+                )
         return
     for s, (start, stop) in enumerate(slices):
         with _stored_inputs(layout, job, start, stop, models) as (base, tuned):
@@ -192,13 +268,16 @@ def _histograms(layout: Layout, job: TensorJob, device: str, slices: list[tuple[
             else:
                 counts = {j: kernels.magnitude_histogram(base, entries) for j, entries in tuned.items()}
         for j, model_counts in counts.items():
-            if buckets is None and kernels.has_non_finite(model_counts):  # NaN/Inf in an input (this names it), or an overflowed difference
+            if buckets is None and kernels.has_non_finite(
+                model_counts
+            ):  # NaN/Inf in an input (this names it), or an overflowed difference
                 read_all_float32([layout.reference, layout.models[j].checkpoint], job.name, "cpu", start, stop)
             yield s, j, model_counts
 
 
-def _magnitude_cuts(layout: Layout, plan: Plan, job: TensorJob, device: str, slices: list[tuple[int, int]],
-                    stored: bool = False) -> dict[int, TopKCut]:
+def _magnitude_cuts(
+    layout: Layout, plan: Plan, job: TensorJob, device: str, slices: list[tuple[int, int]], stored: bool = False
+) -> dict[int, TopKCut]:
     """Each trimmed model's top-k cut of this tensor, from two sweeps over its slices: a
     histogram of |delta|'s top 16 bits, then of the boundary bucket's low 16 bits (see
     sparsify.top_k_cut, which does the same on slices in memory). `stored`: see _histograms."""
@@ -215,7 +294,9 @@ def _magnitude_cuts(layout: Layout, plan: Plan, job: TensorJob, device: str, sli
         histograms[j] += counts
     buckets = {j: boundary_bucket(histograms[j], k) for j, k in todo.items()}
     bucket_counts = {j: np.zeros((len(slices), 1 << 16), dtype=np.int32) for j in todo}
-    for s, j, counts in _histograms(layout, job, device, slices, todo, {j: bucket for j, (bucket, _) in buckets.items()}, stored):
+    for s, j, counts in _histograms(
+        layout, job, device, slices, todo, {j: bucket for j, (bucket, _) in buckets.items()}, stored
+    ):
         bucket_counts[j][s] = counts
     for j, k in todo.items():
         bucket, larger = buckets[j]
@@ -240,12 +321,23 @@ def _task_settings(layout: Layout, plan: Plan, job: TensorJob) -> dict[int, dict
     return settings
 
 
-def _merge_entries(layout: Layout, job: TensorJob, inputs: _Inputs, settings: dict[int, dict], cuts: Optional[dict[int, TopKCut]] = None) -> torch.Tensor:
+def _merge_entries(
+    layout: Layout,
+    job: TensorJob,
+    inputs: _Inputs,
+    settings: dict[int, dict],
+    cuts: Optional[dict[int, TopKCut]] = None,
+) -> torch.Tensor:
     """The merge of one tensor, or of one slice of it (`cuts`: the trimmed models' whole-tensor
     cuts), cast to the output dtype, on the CPU."""
-    task_vectors = [TaskVector(delta=delta, offset=inputs.start or 0, cut=(cuts or {}).get(j), **settings[j]) for j, delta in inputs.task_vectors()]
+    task_vectors = [
+        TaskVector(delta=delta, offset=inputs.start or 0, cut=(cuts or {}).get(j), **settings[j])
+        for j, delta in inputs.task_vectors()
+    ]
     merged = layout.recipe.method.merge(inputs.base, task_vectors, **layout.method_parameters(job.name))
     result = merged.to(torch_dtype(job.out.dtype))
     if not all_finite(result):
-        raise BadInput(f"tensor {job.name}: the merge produced NaN or Inf (in {job.out.dtype}); check the weights and lambda")
+        raise BadInput(
+            f"tensor {job.name}: the merge produced NaN or Inf (in {job.out.dtype}); check the weights and lambda"
+        )
     return result.cpu()

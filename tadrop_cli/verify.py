@@ -25,7 +25,9 @@ def verify_tensors(checkpoint: Checkpoint) -> int:
     for name, info in checkpoint.tensors.items():
         if info.offset >= 0 and kernels.supports([info.dtype], 1):  # the kernels check the file's pages as they are
             for start in range(0, info.numel, VERIFY_SLICE_ELEMENTS):
-                with mapped_slices([checkpoint], name, start, min(start + VERIFY_SLICE_ELEMENTS, info.numel)) as (entries,):
+                with mapped_slices([checkpoint], name, start, min(start + VERIFY_SLICE_ELEMENTS, info.numel)) as (
+                    entries,
+                ):
                     if kernels.non_finite(entries):
                         raise BadInput(f"{info.file}: tensor {name} contains NaN or Inf")
         else:
@@ -36,12 +38,19 @@ def verify_tensors(checkpoint: Checkpoint) -> int:
 
 def _verify_with_torch(checkpoint: Checkpoint, name: str) -> None:
     info = checkpoint.tensors[name]
-    if info.offset >= 0 and info.numel > VERIFY_SLICE_ELEMENTS:  # safetensors: read straight from the file, a slice at a time
-        parts = (checkpoint.read(name, start, min(start + VERIFY_SLICE_ELEMENTS, info.numel)) for start in range(0, info.numel, VERIFY_SLICE_ELEMENTS))
+    if (
+        info.offset >= 0 and info.numel > VERIFY_SLICE_ELEMENTS
+    ):  # safetensors: read straight from the file, a slice at a time
+        parts = (
+            checkpoint.read(name, start, min(start + VERIFY_SLICE_ELEMENTS, info.numel))
+            for start in range(0, info.numel, VERIFY_SLICE_ELEMENTS)
+        )
     else:
         tensor = checkpoint.read(name)
         if tuple(tensor.shape) != info.shape or dtype_name(tensor.dtype) != info.dtype:
-            raise BadInput(f"{info.file}: tensor {name} reads back as {tensor.dtype} {tuple(tensor.shape)}, header says {info.dtype} {info.shape}")
+            raise BadInput(
+                f"{info.file}: tensor {name} reads back as {tensor.dtype} {tuple(tensor.shape)}, header says {info.dtype} {info.shape}"
+            )
         parts = (tensor,)
     for part in parts:  # every tensor is read, to find truncation; float ones are checked
         if info.dtype in FLOATS and not all_finite(part):

@@ -30,6 +30,7 @@ from .dtypes import ITEMSIZE, Stored, dtype_name
 from .errors import BadInput, WriteError
 from .lazy import is_torch_tensor, torch
 
+
 @dataclass(frozen=True)
 class OutputTensor:
     name: str
@@ -79,7 +80,11 @@ def safetensors_header(tensors: Iterable[OutputTensor], metadata: dict[str, str]
     header: dict[str, object] = {"__metadata__": metadata}
     offset = 0
     for tensor in tensors:
-        header[tensor.name] = {"dtype": tensor.dtype, "shape": list(tensor.shape), "data_offsets": [offset, offset + tensor.nbytes]}
+        header[tensor.name] = {
+            "dtype": tensor.dtype,
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + tensor.nbytes],
+        }
         offset += tensor.nbytes
     body = json.dumps(header, separators=(",", ":")).encode()
     body += b" " * (-len(body) % 8)  # the data starts 8-byte aligned
@@ -191,9 +196,11 @@ def check_output_path(target: Path) -> None:
         raise BadInput(f"{target}: the output must be a folder's name, not '.', '..' or '/'")
     name_bytes = len(os.fsencode(target.name)) + 1 + len(STAGING_SUFFIX)
     if any(len(os.fsencode(part)) > NAME_MAX for part in target.parts) or name_bytes > NAME_MAX:
-        raise BadInput(f"{str(target)[:80]}...: a name in the output path is too long "
-                       f"(at most {NAME_MAX - 1 - len(STAGING_SUFFIX)} "
-                       f"bytes for the output folder, {NAME_MAX} for the others)")
+        raise BadInput(
+            f"{str(target)[:80]}...: a name in the output path is too long "
+            f"(at most {NAME_MAX - 1 - len(STAGING_SUFFIX)} "
+            f"bytes for the output folder, {NAME_MAX} for the others)"
+        )
     try:
         staging = os.path.abspath(beside(target, STAGING_SUFFIX))
     except OSError as error:  # the current folder was removed
@@ -210,8 +217,9 @@ def check_output_parents(target: Path) -> None:
             info = os.stat(folder)
         except FileNotFoundError:
             if os.path.lexists(folder):
-                raise BadInput(f"{target}: {folder} is a link to nothing; "
-                               "tadrop will not create the output through it") from None
+                raise BadInput(
+                    f"{target}: {folder} is a link to nothing; tadrop will not create the output through it"
+                ) from None
             continue
         except NotADirectoryError:
             continue  # a file further up: refused when reached
@@ -235,7 +243,7 @@ def _made_by_tadrop(name: str, folder_fd: int) -> bool:
     try:
         data = _read_regular(name, folder_fd, 1 << 20)
         length = struct.unpack("<Q", data[:8])[0]
-        metadata = json.loads(data[8:8 + length]).get("__metadata__") or {}
+        metadata = json.loads(data[8 : 8 + length]).get("__metadata__") or {}
         return "tadrop_version" in metadata
     except (OSError, ValueError, struct.error, AttributeError, RecursionError):  # RecursionError: nested too deep
         return False
@@ -292,8 +300,10 @@ def existing_output(target: Path, parent_fd: Optional[int] = None) -> ExistingOu
     except OSError as error:
         raise BadInput(f"{target}: cannot reach the output ({error.strerror or error})") from None
     if stat.S_ISLNK(info.st_mode):
-        raise BadInput(f"{target}: the output is a link; tadrop never writes or replaces through a link "
-                       "(remove it or choose another output)")
+        raise BadInput(
+            f"{target}: the output is a link; tadrop never writes or replaces through a link "
+            "(remove it or choose another output)"
+        )
     if not stat.S_ISDIR(info.st_mode):
         raise BadInput(f"{target}: exists and is not a folder")
     try:
@@ -313,8 +323,10 @@ def refuse_existing(target: Path, existing: ExistingOutput, overwrite: bool) -> 
     if not existing.exists:
         return
     if existing.refusal:
-        raise BadInput(f"{target}: exists and {existing.refusal}; "
-                       "tadrop replaces only a model output or an empty folder: choose another output")
+        raise BadInput(
+            f"{target}: exists and {existing.refusal}; "
+            "tadrop replaces only a model output or an empty folder: choose another output"
+        )
     if not overwrite:
         raise BadInput(f"{target}: output exists (use --overwrite to replace it)")
 
@@ -334,8 +346,9 @@ def check_work_names(target: Path) -> None:
             raise BadInput(f"{path}: cannot reach ({error.strerror or error})") from None
         if not kind(info.st_mode):
             what = "a link" if stat.S_ISLNK(info.st_mode) else "not what tadrop leaves there"
-            raise BadInput(f"{path}: is {what}; tadrop will not use or remove it "
-                           "(remove it yourself, or choose another output)")
+            raise BadInput(
+                f"{path}: is {what}; tadrop will not use or remove it (remove it yourself, or choose another output)"
+            )
     staging = beside(target, STAGING_SUFFIX)
     if staging.exists():
         try:
@@ -352,8 +365,10 @@ def check_work_names(target: Path) -> None:
 
 
 def _not_ours(staging: Path) -> str:
-    return (f"{staging}: exists but is not a tadrop partial merge (no valid journal); "
-            "remove it yourself, or choose another output")
+    return (
+        f"{staging}: exists but is not a tadrop partial merge (no valid journal); "
+        "remove it yourself, or choose another output"
+    )
 
 
 def recorded_recipe_digest(folder: Path) -> Optional[str]:
@@ -369,7 +384,7 @@ def recorded_recipe_digest(folder: Path) -> Optional[str]:
             pass
         try:
             data = _read_regular("model.safetensors", fd, 1 << 20)
-            return json.loads(data[8:8 + struct.unpack("<Q", data[:8])[0]])["__metadata__"]["recipe_sha256"]
+            return json.loads(data[8 : 8 + struct.unpack("<Q", data[:8])[0]])["__metadata__"]["recipe_sha256"]
         except (OSError, ValueError, KeyError, TypeError, struct.error, RecursionError):
             return None
     finally:
@@ -414,8 +429,12 @@ def file_identity(path: Path) -> dict:
                 digest.update(block)
                 offset, length = offset + len(block), length - len(block)
         whole = info.st_size <= FULL_HASH_BYTES
-        return {"size": info.st_size, "mtime_ns": info.st_mtime_ns, "sha256": digest.hexdigest(),
-                "hashed": "whole" if whole else "sampled"}
+        return {
+            "size": info.st_size,
+            "mtime_ns": info.st_mtime_ns,
+            "sha256": digest.hexdigest(),
+            "hashed": "whole" if whole else "sampled",
+        }
     except OSError as error:
         raise BadInput(f"{path}: cannot read ({error.strerror or error})") from None
     finally:
@@ -493,7 +512,9 @@ class ShardWriter:
             raise RuntimeError(f"writer expected {expected} next, got {name}")
         written = 0
         for part in [tensor] if whole else tensor:
-            dtype, count = (part.dtype, part.numel) if isinstance(part, Stored) else (dtype_name(part.dtype), part.numel())
+            dtype, count = (
+                (part.dtype, part.numel) if isinstance(part, Stored) else (dtype_name(part.dtype), part.numel())
+            )
             if dtype != expected.dtype:
                 raise RuntimeError(f"writer expected {expected} next, got {name} in {dtype}")
             self._write(tensor_bytes(part))
@@ -514,7 +535,9 @@ class ShardWriter:
             self._file.flush()
         except OSError as error:
             raise WriteError(_describe_os_error(error, self.path)) from None
-        start_writing(self._file.fileno(), self._handed_to_disk, position - self._handed_to_disk, _SYNC_FILE_RANGE_WRITE)
+        start_writing(
+            self._file.fileno(), self._handed_to_disk, position - self._handed_to_disk, _SYNC_FILE_RANGE_WRITE
+        )
         self._handed_to_disk = position
 
     @property
@@ -535,8 +558,6 @@ class ShardWriter:
             raise WriteError(_describe_os_error(error, self.path)) from None
         if written != self._size:
             raise WriteError(f"{self.path}: wrote {written} bytes, expected {self._size}")
-
-
 
 
 # ---------------------------------------------------------------- the staging folder, its journal, the lock, publishing
@@ -621,8 +642,9 @@ class StagingFolder:
                 fd = os.open(path.name, flags, 0o644, dir_fd=self._parent)
             except OSError as error:
                 if error.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
-                    raise BadInput(f"{path}: is not tadrop's lock file (a link or not a file); "
-                                   "remove it yourself") from None
+                    raise BadInput(
+                        f"{path}: is not tadrop's lock file (a link or not a file); remove it yourself"
+                    ) from None
                 raise WriteError(_describe_os_error(error, path)) from None
             try:
                 if not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -664,8 +686,9 @@ class StagingFolder:
             if not created and _not_a_model_output(self._fd) is not None:
                 raise BadInput(_not_ours(self.path))
             if not created and os.listdir(self._fd):
-                self.notes.append(f"{self.path}: held an output without a journal (left by an interrupted publish); "
-                                  "it was removed")
+                self.notes.append(
+                    f"{self.path}: held an output without a journal (left by an interrupted publish); it was removed"
+                )
             self._start_over()
             return {}
         reason = self._why_not_resumable(journal)
@@ -676,8 +699,9 @@ class StagingFolder:
         if resume:
             raise BadInput(f"{self.target}: cannot resume: {reason}; run again without --resume to start over")
         if journal.get("shards"):
-            self.notes.append(f"started over: the {len(journal['shards'])} finished shard(s) in {self.path} "
-                              f"were discarded ({reason})")
+            self.notes.append(
+                f"started over: the {len(journal['shards'])} finished shard(s) in {self.path} were discarded ({reason})"
+            )
         self._start_over()
         return {}
 
@@ -701,8 +725,13 @@ class StagingFolder:
         """Empty the (tadrop's own) staging folder and start a new journal."""
         try:
             self._remove_all_but(set())
-            self._journal = {"format": JOURNAL_FORMAT, "recipe_sha256": self.digest, "sources": self.sources,
-                             "plan_sha256": None, "shards": {}}
+            self._journal = {
+                "format": JOURNAL_FORMAT,
+                "recipe_sha256": self.digest,
+                "sources": self.sources,
+                "plan_sha256": None,
+                "shards": {},
+            }
             self._write_journal()
         except BaseException:  # nothing of ours worth keeping yet
             self.discard()
@@ -784,12 +813,16 @@ class StagingFolder:
         """The shards an earlier run finished that are still exactly what it wrote: the size, the header
         planned now and the CRC-32 the journal recorded. Others are removed, to be redone, with a note."""
         listed = self._journal.get("shards", {})
-        good = {s.file_name for s in shards
-                if s.file_name in listed and self._shard_matches(s, metadata, listed[s.file_name])}
+        good = {
+            s.file_name
+            for s in shards
+            if s.file_name in listed and self._shard_matches(s, metadata, listed[s.file_name])
+        }
         damaged = [s.file_name for s in shards if s.file_name in listed and s.file_name not in good]
         if damaged:
-            self.notes.append(f"{len(damaged)} finished shard(s) changed since they were written and are redone: "
-                              f"{', '.join(damaged)}")
+            self.notes.append(
+                f"{len(damaged)} finished shard(s) changed since they were written and are redone: {', '.join(damaged)}"
+            )
         if set(listed) != good:
             for entry in os.scandir(self._fd):  # names as they are in the folder, never the journal's text
                 if entry.name in listed and entry.name not in good:
@@ -832,8 +865,10 @@ class StagingFolder:
                 if folder:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(name, dir_fd=folder_fd)  # a stale copy from an earlier run (a link: itself)
-                with os.fdopen(_open_input(source), "rb") as original, \
-                        open(name, "wb", opener=_creating_in(folder_fd)) as copy:
+                with (
+                    os.fdopen(_open_input(source), "rb") as original,
+                    open(name, "wb", opener=_creating_in(folder_fd)) as copy,
+                ):
                     shutil.copyfileobj(original, copy, 1 << 20)
                     copy.flush()
                     os.fsync(copy.fileno())
@@ -868,8 +903,9 @@ class StagingFolder:
         except OSError:
             here = None
         if here is None or not _same_file(here, ours):
-            raise WriteError(f"{self.path}: the staging folder was moved or replaced during the merge; "
-                             "nothing was published")
+            raise WriteError(
+                f"{self.path}: the staging folder was moved or replaced during the merge; nothing was published"
+            )
         existing = existing_output(self.target, self._parent)
         refuse_existing(self.target, existing, overwrite)
         old = beside(self.target, OLD_SUFFIX).name
@@ -903,8 +939,10 @@ class StagingFolder:
         except FileNotFoundError:
             return
         if not stat.S_ISDIR(info.st_mode):
-            raise BadInput(f"{beside(self.target, OLD_SUFFIX)}: is a link or not a folder; "
-                           "tadrop will not remove it (remove it yourself)")
+            raise BadInput(
+                f"{beside(self.target, OLD_SUFFIX)}: is a link or not a folder; "
+                "tadrop will not remove it (remove it yourself)"
+            )
         _remove_tree(old, self._parent)
 
     def _swap_in(self, old: str, ours: os.stat_result) -> None:

@@ -45,8 +45,15 @@ def fine_tune(base: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tenso
     return out
 
 
-def write_checkpoint(folder: Path, state: dict[str, torch.Tensor], *, shards: int = 1, fmt: str = "safetensors",
-                     dtype: torch.dtype | None = None, config: bool = True) -> Path:
+def write_checkpoint(
+    folder: Path,
+    state: dict[str, torch.Tensor],
+    *,
+    shards: int = 1,
+    fmt: str = "safetensors",
+    dtype: torch.dtype | None = None,
+    config: bool = True,
+) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: (v.to(dtype) if dtype is not None else v).contiguous() for k, v in state.items()}
     if fmt == "bin":
@@ -87,7 +94,9 @@ def basic_recipe(models: dict[str, Path], output: Path, method: str = "ties", **
     recipe = {
         "merge_method": method,
         "base_model": str(models["base"]),
-        "models": [{"model": str(p), "parameters": {"weight": 0.6, "density": 0.4}} for k, p in models.items() if k != "base"],
+        "models": [
+            {"model": str(p), "parameters": {"weight": 0.6, "density": 0.4}} for k, p in models.items() if k != "base"
+        ],
         "output": {"path": str(output)},
     }
     recipe.update(extra)
@@ -97,4 +106,11 @@ def basic_recipe(models: dict[str, Path], output: Path, method: str = "ties", **
 def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run `python -m tadrop_cli ARGS` as a user would, capturing stdout and stderr."""
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "tadrop_cli", *args], capture_output=True, text=True, env=full_env, timeout=timeout, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "tadrop_cli", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+        cwd=REPO,
+    )

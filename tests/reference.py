@@ -168,7 +168,9 @@ def sparsify(tv: TV, sparsifier: Optional[str], how) -> np.ndarray:
     raise ValueError(sparsifier)
 
 
-def generalized_task_arithmetic(base, tvs: Sequence[TV], sparsifier, consensus: bool, normalize: bool, lam: float, how) -> np.ndarray:
+def generalized_task_arithmetic(
+    base, tvs: Sequence[TV], sparsifier, consensus: bool, normalize: bool, lam: float, how
+) -> np.ndarray:
     base = np.asarray(base, dtype=np.float64)
     weights = np.array([tv.weight for tv in tvs], dtype=np.float64)
     weighted = np.stack([sparsify(tv, sparsifier, how) * tv.weight for tv in tvs])  # (m, ...)
@@ -321,7 +323,9 @@ def iso_cts_matrix(deltas, densities, fraction: float = 0.8) -> np.ndarray:
 SUBSPACE_MATRIX = {"tsv_m": tsv_m_matrix, "iso_c": iso_c_matrix, "iso_cts": iso_cts_matrix}
 
 
-def subspace_method(name: str, base, tvs: Sequence[TV], lam: float = 1.0, common_space_fraction: float = 0.8) -> np.ndarray:
+def subspace_method(
+    name: str, base, tvs: Sequence[TV], lam: float = 1.0, common_space_fraction: float = 0.8
+) -> np.ndarray:
     """base + lam * merged; the task matrices are the weighted task vectors; non-2-D tensors: their mean."""
     base = np.asarray(base, dtype=np.float64)
     deltas = [np.asarray(tv.delta, dtype=np.float64) * tv.weight for tv in tvs]
@@ -347,7 +351,9 @@ def consensus(base, tvs: Sequence[TV], ties: bool, normalize: bool, k: float = 2
     full = [np.asarray(tv.delta, dtype=np.float64) * tv.weight for tv in tvs]
     trimmed = [magnitude(tv.delta, tv.density) * tv.weight for tv in tvs]
     if ties:
-        mtl = generalized_task_arithmetic(np.zeros_like(base), [TV(t, 1.0) for t in trimmed], None, True, False, 1.0, False)
+        mtl = generalized_task_arithmetic(
+            np.zeros_like(base), [TV(t, 1.0) for t in trimmed], None, True, False, 1.0, False
+        )
         if normalize:  # disjoint mean: divide by the agreeing models' weights
             majority = np.where(np.sum(trimmed, axis=0) >= 0, 1.0, -1.0)
             divisor = sum(tv.weight * ((np.sign(t) == majority) & (t != 0)) for tv, t in zip(tvs, trimmed))
@@ -383,14 +389,23 @@ REFERENCES = {
     "consensus_ties": _consensus_ref(True),
 }
 DEFAULT_NORMALIZE = {
-    "linear": True, **{k: v[2] for k, v in GTA_METHODS.items()},
-    "tsv_m": None, "iso_c": None, "iso_cts": None,  # no such parameter
-    "consensus_ta": False, "consensus_ties": False,  # the authors' task arithmetic sum and TIES disjoint sum
+    "linear": True,
+    **{k: v[2] for k, v in GTA_METHODS.items()},
+    "tsv_m": None,
+    "iso_c": None,
+    "iso_cts": None,  # no such parameter
+    "consensus_ta": False,
+    "consensus_ties": False,  # the authors' task arithmetic sum and TIES disjoint sum
 }
 DEFAULT_RESCALE = {k: v[3] for k, v in GTA_METHODS.items()}
 SPARSIFIER = {
-    "linear": None, **{k: v[0] for k, v in GTA_METHODS.items()},
-    "tsv_m": "rank", "iso_c": None, "iso_cts": "rank", "consensus_ta": "magnitude", "consensus_ties": "magnitude",
+    "linear": None,
+    **{k: v[0] for k, v in GTA_METHODS.items()},
+    "tsv_m": "rank",
+    "iso_c": None,
+    "iso_cts": "rank",
+    "consensus_ta": "magnitude",
+    "consensus_ties": "magnitude",
 }
 
 
@@ -489,7 +504,9 @@ class Ratios:
     shift: float
 
 
-def adaptive_ratios(normalized, base_ratios, sizes, strength, min_ratio=0.0, max_ratio=0.99, preserve_budget=True) -> Ratios:
+def adaptive_ratios(
+    normalized, base_ratios, sizes, strength, min_ratio=0.0, max_ratio=0.99, preserve_budget=True
+) -> Ratios:
     """clip(p_t0 + g_t (1 - 2 s_t) + shift, lo_t, hi_t); with the budget, `shift` solves
     sum n_t ratio_t(shift) = sum n_t p_t0 exactly (piecewise-linear, via sorted breakpoints)."""
     s = np.asarray(normalized, dtype=np.float64)
@@ -583,7 +600,7 @@ def tensor_kind(name: str) -> str:
     parts = name.split(".")
     for i in range(len(parts) - 2):
         if parts[i] in ("layers", "h", "blocks", "layer") and parts[i + 1].isdigit():
-            return ".".join(parts[: i + 1] + ["{}"] + parts[i + 2:])
+            return ".".join(parts[: i + 1] + ["{}"] + parts[i + 2 :])
     return name
 
 

@@ -98,13 +98,17 @@ def test_recipe_is_a_folder(tmp_path):
     bad(tmp_path, "merge", tmp_path / "folder.yaml", culprits=("folder.yaml",))
 
 
-@pytest.mark.parametrize("text", [
-    "merge_method: ties\nmodels: [\n  - {model: a\n",
-    "merge_method: ties\n  models:\n - bad indent\n",
-    "merge_method: 'unterminated\n",
-    "\tmerge_method: ties\n",
-    "a: b: c\n",
-], ids=["unclosed-flow", "indent", "quote", "tab", "double-colon"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "merge_method: ties\nmodels: [\n  - {model: a\n",
+        "merge_method: ties\n  models:\n - bad indent\n",
+        "merge_method: 'unterminated\n",
+        "\tmerge_method: ties\n",
+        "a: b: c\n",
+    ],
+    ids=["unclosed-flow", "indent", "quote", "tab", "double-colon"],
+)
 def test_recipe_not_yaml(tmp_path, text):
     path = tmp_path / "recipe.yaml"
     path.write_text(text)
@@ -117,8 +121,11 @@ def test_recipe_binary(tmp_path):
     bad(tmp_path, "merge", path, culprits=("recipe.yaml",))
 
 
-@pytest.mark.parametrize("text", ["", "# only a comment\n", "- ties\n- dare\n", "just a string\n", "42\n", "~\n", "[1, 2]\n"],
-                         ids=["empty", "comment", "list", "string", "number", "null", "flow-list"])
+@pytest.mark.parametrize(
+    "text",
+    ["", "# only a comment\n", "- ties\n- dare\n", "just a string\n", "42\n", "~\n", "[1, 2]\n"],
+    ids=["empty", "comment", "list", "string", "number", "null", "flow-list"],
+)
 def test_recipe_not_a_mapping(tmp_path, text):
     path = tmp_path / "recipe.yaml"
     path.write_text(text)
@@ -258,7 +265,9 @@ def test_gamma_out_of_range(tmp_path, recipe):
     merge_bad(tmp_path, recipe, "gamma")
 
 
-@pytest.mark.parametrize("name,suggestion", [("tiez", "ties"), ("TIES", None), ("dare-ties", "dare_ties"), ("slerp", None)])
+@pytest.mark.parametrize(
+    "name,suggestion", [("tiez", "ties"), ("TIES", None), ("dare-ties", "dare_ties"), ("slerp", None)]
+)
 def test_unknown_method_lists_valid_ones(tmp_path, recipe, name, suggestion):
     recipe["merge_method"] = name
     line = merge_bad(tmp_path, recipe, name, *METHODS)
@@ -326,20 +335,23 @@ def _damage(path: Path, how: str) -> None:
         path.write_bytes(struct.pack("<Q", 2**40) + data[8:])
     elif how == "header-not-json":
         (length,) = struct.unpack("<Q", data[:8])
-        path.write_bytes(data[:8] + b"{" + b"x" * (length - 1) + data[8 + length:])
+        path.write_bytes(data[:8] + b"{" + b"x" * (length - 1) + data[8 + length :])
     elif how == "offsets-past-end":
         (length,) = struct.unpack("<Q", data[:8])
-        header = json.loads(data[8:8 + length])
+        header = json.loads(data[8 : 8 + length])
         name = next(k for k in header if k != "__metadata__")
         header[name]["data_offsets"][1] += 4096
         body = json.dumps(header).encode()
         body += b" " * (-len(body) % 8)
-        path.write_bytes(struct.pack("<Q", len(body)) + body + data[8 + length:])
+        path.write_bytes(struct.pack("<Q", len(body)) + body + data[8 + length :])
     else:
         raise AssertionError(how)
 
 
-@pytest.mark.parametrize("how", ["truncated", "truncated-header", "empty", "garbage", "huge-header-length", "header-not-json", "offsets-past-end"])
+@pytest.mark.parametrize(
+    "how",
+    ["truncated", "truncated-header", "empty", "garbage", "huge-header-length", "header-not-json", "offsets-past-end"],
+)
 @pytest.mark.parametrize("which", ["base", "ft1"])
 def test_corrupt_safetensors(tmp_path, recipe, tiny_models, how, which):
     _damage(tiny_models[which] / "model.safetensors", how)
@@ -369,7 +381,11 @@ def test_index_names_a_missing_shard(tmp_path, recipe):
 def test_index_path_outside_its_folder(tmp_path, recipe, tiny_models, escape):
     folder = _sharded(tmp_path)
     outside = tiny_models["ft2"] / "model.safetensors"
-    target = {"dotdot": "../ft2/model.safetensors", "absolute": str(outside), "nested-dotdot": "sub/../../ft2/model.safetensors"}[escape]
+    target = {
+        "dotdot": "../ft2/model.safetensors",
+        "absolute": str(outside),
+        "nested-dotdot": "sub/../../ft2/model.safetensors",
+    }[escape]
 
     def change(weight_map):
         for name, file in weight_map.items():
@@ -381,8 +397,11 @@ def test_index_path_outside_its_folder(tmp_path, recipe, tiny_models, escape):
     merge_bad(tmp_path, recipe, "model.safetensors.index.json", "outside")
 
 
-@pytest.mark.parametrize("content", ["{not json", "[]", '{"weight_map": ["a"]}', '{"metadata": {}}', '{"weight_map": {"x": 3}}'],
-                         ids=["not-json", "list", "map-is-list", "no-map", "non-string-file"])
+@pytest.mark.parametrize(
+    "content",
+    ["{not json", "[]", '{"weight_map": ["a"]}', '{"metadata": {}}', '{"weight_map": {"x": 3}}'],
+    ids=["not-json", "list", "map-is-list", "no-map", "non-string-file"],
+)
 def test_index_damaged(tmp_path, recipe, content):
     folder = _sharded(tmp_path)
     (folder / "model.safetensors.index.json").write_text(content)
@@ -456,7 +475,11 @@ def test_policies_merge_and_report(tmp_path, recipe, tiny_models, problem, polic
     if policy == "copy_base":
         assert torch.equal(merged[MISSING], base[MISSING])
     else:  # the tensor is the merge of the other two models alone
-        alone = dict(recipe, models=[m for i, m in enumerate(recipe["models"]) if i != 1], output={"path": str(tmp_path / "alone")})
+        alone = dict(
+            recipe,
+            models=[m for i, m in enumerate(recipe["models"]) if i != 1],
+            output={"path": str(tmp_path / "alone")},
+        )
         alone.pop("policies")
         ok("merge", write_recipe(tmp_path, alone, "alone.yaml"))
         expected = load_file(str(tmp_path / "alone" / "model.safetensors"))
@@ -489,13 +512,16 @@ def test_integer_tensor_where_the_base_is_float(tmp_path, recipe):
     merge_bad(tmp_path, recipe, "model.layers.0.attn.weight", "int-model")
 
 
-@pytest.mark.parametrize("which,tensor,value", [
-    ("base", "model.layers.0.mlp.weight", math.nan),
-    ("ft0", "model.layers.1.attn.weight", math.inf),
-    ("ft2", "model.layers.0.mlp.bias", -math.inf),
-    ("ft1", "model.layers.1.norm.weight", math.nan),
-    ("base", "model.embed.weight", -math.inf),
-])
+@pytest.mark.parametrize(
+    "which,tensor,value",
+    [
+        ("base", "model.layers.0.mlp.weight", math.nan),
+        ("ft0", "model.layers.1.attn.weight", math.inf),
+        ("ft2", "model.layers.0.mlp.bias", -math.inf),
+        ("ft1", "model.layers.1.norm.weight", math.nan),
+        ("base", "model.embed.weight", -math.inf),
+    ],
+)
 @pytest.mark.parametrize("method", ["ties", "linear"])
 def test_nan_or_inf_in_an_input(tmp_path, recipe, tiny_models, which, tensor, value, method):
     state = load_file(str(tiny_models[which] / "model.safetensors"))

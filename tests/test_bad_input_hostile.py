@@ -62,8 +62,11 @@ def test_safetensors_header_nested_deep(tmp_path, recipe, tiny_models):
 def test_index_nested_deep(tmp_path, recipe, deep):
     folder = write_checkpoint(tmp_path / "sharded", fine_tune(tiny_state(), 7), shards=2)
     nested = "[" * DEEP + "]" * DEEP
-    text = {"weight_map": '{"weight_map": ' + nested + "}", "metadata": '{"metadata": ' + nested + ', "weight_map": {}}',
-            "top": nested}[deep]
+    text = {
+        "weight_map": '{"weight_map": ' + nested + "}",
+        "metadata": '{"metadata": ' + nested + ', "weight_map": {}}',
+        "top": nested,
+    }[deep]
     (folder / "model.safetensors.index.json").write_text(text)
     recipe["models"][0]["model"] = str(folder)
     merge_bad(tmp_path, recipe, "model.safetensors.index.json", "nested")
@@ -219,12 +222,12 @@ def test_safetensors_header_duplicate_key(tmp_path, recipe, tiny_models):
     file = tiny_models["ft1"] / "model.safetensors"
     data = file.read_bytes()
     (length,) = struct.unpack("<Q", data[:8])
-    header = data[8:8 + length].rstrip(b" ")
+    header = data[8 : 8 + length].rstrip(b" ")
     first = json.loads(header)
     name = next(k for k in first if k != "__metadata__")
     again = json.dumps({name: first[name]})[1:-1].encode()
     body = header[:-1] + b"," + again + b"}"
-    file.write_bytes(_safetensors_bytes(body, data[8 + length:]))
+    file.write_bytes(_safetensors_bytes(body, data[8 + length :]))
     merge_bad(tmp_path, recipe, str(file), name, "twice")
 
 
@@ -232,10 +235,10 @@ def test_verify_duplicate_key(tmp_path, tiny_models):
     file = tiny_models["ft1"] / "model.safetensors"
     data = file.read_bytes()
     (length,) = struct.unpack("<Q", data[:8])
-    header = data[8:8 + length].rstrip(b" ")
+    header = data[8 : 8 + length].rstrip(b" ")
     name = next(k for k in json.loads(header) if k != "__metadata__")
     body = header[:-1] + b"," + json.dumps({name: json.loads(header)[name]})[1:-1].encode() + b"}"
-    file.write_bytes(_safetensors_bytes(body, data[8 + length:]))
+    file.write_bytes(_safetensors_bytes(body, data[8 + length :]))
     bad(tmp_path, "verify", file, culprits=(name, "twice"))
 
 
@@ -280,8 +283,9 @@ def _bin_model(tmp_path: Path, change) -> Path:
 ODD_TENSORS = {
     "meta": lambda s: s.__setitem__("model.layers.0.attn.weight", torch.empty(64, 64, device="meta")),
     "sparse": lambda s: s.__setitem__("model.layers.0.attn.weight", s["model.layers.0.attn.weight"].to_sparse()),
-    "qint8": lambda s: s.__setitem__("model.layers.0.attn.weight",
-                                     torch.quantize_per_tensor(s["model.layers.0.attn.weight"], 0.1, 0, torch.qint8)),
+    "qint8": lambda s: s.__setitem__(
+        "model.layers.0.attn.weight", torch.quantize_per_tensor(s["model.layers.0.attn.weight"], 0.1, 0, torch.qint8)
+    ),
     "not-a-tensor": lambda s: s.__setitem__("model.layers.0.attn.weight", {"nested": 1}),
 }
 
@@ -347,7 +351,12 @@ def test_old_torch_refuses_pickles(tmp_path, recipe, tiny_models, monkeypatch):
 
 
 def test_torch_version_parses_local_versions(monkeypatch):
-    for text, expected in [("2.6.0+cpu", (2, 6, 0)), ("2.13.0", (2, 13, 0)), ("2.5.1a0+git", (2, 5, 1)), ("2.7.0.dev20250101", (2, 7, 0))]:
+    for text, expected in [
+        ("2.6.0+cpu", (2, 6, 0)),
+        ("2.13.0", (2, 13, 0)),
+        ("2.5.1a0+git", (2, 5, 1)),
+        ("2.7.0.dev20250101", (2, 7, 0)),
+    ]:
         assert checkpoint_module.parse_version(text) == expected
 
 
@@ -374,8 +383,10 @@ def test_linear_weights_summing_to_zero_without_normalize_merges(tmp_path, recip
 # ---------------------------------------------------------------- zero-element tensors
 
 
-@pytest.mark.parametrize("method", ["della_linear", "della", "ties", "dare_ties", "breadcrumbs_ties", "magnitude_prune", "linear",
-                                    "task_arithmetic"])
+@pytest.mark.parametrize(
+    "method",
+    ["della_linear", "della", "ties", "dare_ties", "breadcrumbs_ties", "magnitude_prune", "linear", "task_arithmetic"],
+)
 @pytest.mark.parametrize("tadrop", [True, False], ids=["tadrop", "uniform"])
 def test_zero_element_tensors_merge(tmp_path, recipe, tiny_models, method, tadrop):
     """A tensor with no entries (shape (0, 64), say) is written as it is, whatever the method."""
@@ -414,12 +425,20 @@ def _sentence_transformers_folder(folder: Path, seed: int = 0) -> Path:
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
     BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=32)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+    )
     BertModel(config).save_pretrained(folder, safe_serialization=True)
-    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-               {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ]
     (folder / "modules.json").write_text(json.dumps(modules))
     (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 32, "do_lower_case": False}))
     versions = {"__version__": {"sentence_transformers": "2.0.0"}}
@@ -483,8 +502,13 @@ def test_sentence_transformers_output_loads(tmp_path):
 
     base = _sentence_transformers_folder(tmp_path / "st")
     fts = [_perturbed(base, tmp_path / f"ft{i}", i) for i in range(2)]
-    recipe = {"merge_method": "task_arithmetic", "base_model": str(base), "models": [{"model": str(f)} for f in fts],
-              "parameters": {"weight": 0.5}, "output": {"path": str(tmp_path / "merged")}}
+    recipe = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(base),
+        "models": [{"model": str(f)} for f in fts],
+        "parameters": {"weight": 0.5},
+        "output": {"path": str(tmp_path / "merged")},
+    }
     ok("merge", write_recipe(tmp_path, recipe))
     merged = tmp_path / "merged"
     assert not (merged / "1_Pooling" / "hook.py").exists()
@@ -508,8 +532,10 @@ def test_sentence_transformers_output_loads(tmp_path):
 def test_peft_adapter_as_a_model_is_refused(tmp_path, recipe):
     adapter = tmp_path / "my-adapter"
     adapter.mkdir()
-    lora = {"base_model.model.model.layers.0.attn.lora_A.weight": torch.randn(8, 64),
-            "base_model.model.model.layers.0.attn.lora_B.weight": torch.zeros(64, 8)}
+    lora = {
+        "base_model.model.model.layers.0.attn.lora_A.weight": torch.randn(8, 64),
+        "base_model.model.model.layers.0.attn.lora_B.weight": torch.zeros(64, 8),
+    }
     save_file(lora, str(adapter / "adapter_model.safetensors"))
     (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
     recipe["models"][1]["model"] = str(adapter)
@@ -518,8 +544,9 @@ def test_peft_adapter_as_a_model_is_refused(tmp_path, recipe):
 
 
 def test_model_sharing_no_tensor_with_the_base_is_refused(tmp_path, recipe):
-    other = write_checkpoint(tmp_path / "other-arch", {"transformer.h.0.w": torch.randn(4, 4),
-                                                       "transformer.wte": torch.randn(8, 4)})
+    other = write_checkpoint(
+        tmp_path / "other-arch", {"transformer.h.0.w": torch.randn(4, 4), "transformer.wte": torch.randn(8, 4)}
+    )
     recipe["models"][1]["model"] = str(other)
     recipe["policies"] = {"missing_tensor": "skip_model"}
     merge_bad(tmp_path, recipe, "other-arch", "no tensor", "transformer.h.0.w", "model.embed.weight")

@@ -69,8 +69,10 @@ def hostile(tmp_path: Path) -> tuple[Path, Path]:
     tuned = fine_tune(base, 0)
     tuned["extra.[/x].\x1b[2J.weight"] = torch.zeros(4)
     folder = tmp_path / "in[v2][/x]"
-    models = {"base": write_checkpoint(folder / "base", base),
-              "ft0": write_checkpoint(folder / "ft[v2]\x1b[31m0", tuned)}
+    models = {
+        "base": write_checkpoint(folder / "base", base),
+        "ft0": write_checkpoint(folder / "ft[v2]\x1b[31m0", tuned),
+    }
     output = tmp_path / "out[v2]"
     return write_recipe(tmp_path, basic_recipe(models, output, method="ties", tadrop={})), output
 
@@ -183,8 +185,10 @@ def test_methods_piped_is_a_whole_tab_separated_table():
 def test_plan_piped_keeps_long_tensor_names_whole(tmp_path):
     long_name = "model.layers.0." + "very_long_module_name_" * 6 + "weight"
     base = {long_name: torch.randn(64, 64, generator=torch.Generator().manual_seed(0))}
-    models = {"base": write_checkpoint(tmp_path / "base", base),
-              "ft0": write_checkpoint(tmp_path / "ft0", fine_tune(base, 0))}
+    models = {
+        "base": write_checkpoint(tmp_path / "base", base),
+        "ft0": write_checkpoint(tmp_path / "ft0", fine_tune(base, 0)),
+    }
     recipe = write_recipe(tmp_path, basic_recipe(models, tmp_path / "out", method="ties", tadrop={}))
     result = run_cli("plan", str(recipe), env={"COLUMNS": "80"})
     assert result.returncode == 0, result.stderr
@@ -216,8 +220,13 @@ def test_read_only_commands_with_stdout_closed_exit_1_in_one_line(recipe):
 
 
 def test_a_reader_that_stops_early_is_no_failure():
-    proc = subprocess.Popen([sys.executable, "-m", "tadrop_cli", "methods"], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tadrop_cli", "methods"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     proc.stdout.close()  # before tadrop writes: its write meets a broken pipe
     stderr = proc.stderr.read()
     assert proc.wait(timeout=60) == 0, stderr
@@ -259,18 +268,22 @@ def test_positional_out_dir_as_mergekit_takes_it(recipe, tmp_path):
     assert same.exit_code == 0, same.stderr
     both = invoke("merge", path, tmp_path / "a", "-o", tmp_path / "b")
     assert both.exit_code == 2
-    assert one_line(both.stderr) == (f"error: OUT_DIR {tmp_path / 'a'} and --output {tmp_path / 'b'} "
-                                     "name different folders: give one of them")
+    assert one_line(both.stderr) == (
+        f"error: OUT_DIR {tmp_path / 'a'} and --output {tmp_path / 'b'} name different folders: give one of them"
+    )
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
-@pytest.mark.parametrize("args,message", [
-    (["frob"], "error: No such command 'frob'."),
-    (["merge", "--bogus"], "error: No such option: --bogus"),
-    (["merge"], "error: Missing argument 'RECIPE'."),
-    (["merge", "a", "b", "c"], "error: Got unexpected extra argument(s) (c)"),
-    (["methods", "x\x1b[31m"], "error: Got unexpected extra argument(s) (x\\x1b[31m)"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["frob"], "error: No such command 'frob'."),
+        (["merge", "--bogus"], "error: No such option: --bogus"),
+        (["merge"], "error: Missing argument 'RECIPE'."),
+        (["merge", "a", "b", "c"], "error: Got unexpected extra argument(s) (c)"),
+        (["methods", "x\x1b[31m"], "error: Got unexpected extra argument(s) (x\\x1b[31m)"),
+    ],
+)
 def test_usage_errors_are_one_line_exit_2(args, message):
     result = run_cli(*args)
     assert result.returncode == 2, result.stderr
@@ -313,16 +326,20 @@ class Recorder:
 def test_a_large_tensor_moves_the_bar_slice_by_slice(tmp_path):
     """A tensor of 3 slices reports each slice before the tensor is done; the bytes add up."""
     rows = 3 * tensor_merge.CHUNK_ELEMENTS // 1024
-    base = {"big.weight": torch.randn(rows, 1024, generator=torch.Generator().manual_seed(0)),
-            "small.bias": torch.zeros(8)}
-    models = {"base": write_checkpoint(tmp_path / "base", base),
-              "ft0": write_checkpoint(tmp_path / "ft0", fine_tune(base, 0))}
+    base = {
+        "big.weight": torch.randn(rows, 1024, generator=torch.Generator().manual_seed(0)),
+        "small.bias": torch.zeros(8),
+    }
+    models = {
+        "base": write_checkpoint(tmp_path / "base", base),
+        "ft0": write_checkpoint(tmp_path / "ft0", fine_tune(base, 0)),
+    }
     from tadrop_cli.recipe import load_recipe
 
     recipe = load_recipe(write_recipe(tmp_path, basic_recipe(models, tmp_path / "out", method="ties")))
     recorder = Recorder()
     run.run_merge(recipe, run.MergeOptions(), recorder)
-    merging = recorder.calls[[c[0:2] for c in recorder.calls].index(("start", "merging")) + 1:]
+    merging = recorder.calls[[c[0:2] for c in recorder.calls].index(("start", "merging")) + 1 :]
     big = rows * 1024 * 4
     assert merging[:4] == [("part", big // 3)] * 3 + [("advance", big)], merging
 
@@ -363,8 +380,9 @@ def test_interrupt_while_scoring_says_no_shard_was_finished(tmp_path, models, mo
     monkeypatch.setattr(run, "build_plan", stop)
     result = invoke("merge", path, "-q")
     assert result.exit_code == 130
-    assert one_line(result.stderr) == ("interrupted: nothing was published, and no shard was finished; "
-                                       "run again to start over")
+    assert one_line(result.stderr) == (
+        "interrupted: nothing was published, and no shard was finished; run again to start over"
+    )
 
 
 def test_interrupt_after_two_shards_says_resume_keeps_them(tmp_path, models, monkeypatch):
@@ -383,8 +401,9 @@ def test_interrupt_after_two_shards_says_resume_keeps_them(tmp_path, models, mon
     monkeypatch.setattr(writer.StagingFolder, "mark_complete", mark_then_stop)
     result = invoke("merge", path, "-q")
     assert result.exit_code == 130
-    assert one_line(result.stderr) == ("interrupted: nothing was published; 2 finished shards kept: "
-                                       "run again with --resume to continue from them")
+    assert one_line(result.stderr) == (
+        "interrupted: nothing was published; 2 finished shards kept: run again with --resume to continue from them"
+    )
 
 
 def test_interrupt_of_plan_says_only_interrupted(tmp_path, models, monkeypatch):
@@ -398,8 +417,14 @@ def test_interrupt_of_plan_says_only_interrupted(tmp_path, models, monkeypatch):
 
 
 def _spawn(args: list[str], **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "tadrop_cli", *map(str, args)], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, "-m", "tadrop_cli", *map(str, args)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
 
 
 def _catches(pid: int, number: int) -> bool:
@@ -474,9 +499,15 @@ def _run_in_pty(args: list[str], tmp_path: Path, signal_after: str, sig: int = s
     script = tmp_path / "slow_tadrop.py"
     script.write_text(SLOW_WRAPPER.format(repo=str(REPO)))
     main_fd, child_fd = pty.openpty()
-    proc = subprocess.Popen([sys.executable, str(script), *map(str, args)], cwd=REPO, stdin=subprocess.DEVNULL,
-                            stdout=child_fd, stderr=child_fd, env={**os.environ, "COLUMNS": "120", "TERM": "xterm"},
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(
+        [sys.executable, str(script), *map(str, args)],
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+        stdout=child_fd,
+        stderr=child_fd,
+        env={**os.environ, "COLUMNS": "120", "TERM": "xterm"},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     os.close(child_fd)
     seen, sent, deadline = b"", False, time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -506,7 +537,7 @@ def test_interrupt_under_a_terminal_lands_below_the_stopped_bar(recipe, tmp_path
     assert "Traceback" not in screen
     screen = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen)  # colours, cursor moves
     message = screen.index("interrupted: nothing was published")
-    assert screen[message - 1] == "\n", repr(screen[message - 80:message + 20])
+    assert screen[message - 1] == "\n", repr(screen[message - 80 : message + 20])
     assert "merging" not in screen[message:], "the bar was drawn again after the message"
     assert screen.rstrip().endswith("run again with --resume to continue from them") or "no shard" in screen[message:]
     assert not output.exists()
@@ -528,9 +559,14 @@ def test_a_blocking_open_by_python_is_interrupted(tmp_path):
         "    except KeyboardInterrupt:\n"
         "        print('interrupted', flush=True)\n"
     )
-    proc = subprocess.Popen([sys.executable, str(script)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(
+        [sys.executable, str(script)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     assert proc.stdout.readline() == "opening\n"
     time.sleep(0.3)
     proc.send_signal(signal.SIGINT)
@@ -603,8 +639,11 @@ cli.main()
 """
 
 
-@pytest.mark.parametrize("where", [("writer", "_move_in"), ("cli", "merged_line")],
-                         ids=["right after the rename", "while printing the summary"])
+@pytest.mark.parametrize(
+    "where",
+    [("writer", "_move_in"), ("cli", "merged_line")],
+    ids=["right after the rename", "while printing the summary"],
+)
 def test_an_interrupt_after_publishing_says_the_output_is_complete(recipe, where):
     recipe_path, output = recipe
     script = _SIGNAL_AFTER.format(where=where, recipe=str(recipe_path))

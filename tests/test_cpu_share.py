@@ -43,7 +43,9 @@ class FakeMachine:
         self.wall, self.busy_ticks, self.own = 100.0, 0, 0.0
 
     def stat(self):
-        return f"cpu0 {self.busy_ticks // 2} 0 0 0 0 0 0 0\ncpu1 {self.busy_ticks - self.busy_ticks // 2} 0 0 0 0 0 0 0\n"
+        return (
+            f"cpu0 {self.busy_ticks // 2} 0 0 0 0 0 0 0\ncpu1 {self.busy_ticks - self.busy_ticks // 2} 0 0 0 0 0 0 0\n"
+        )
 
     def run(self, seconds, others_cores, own_cores):
         self.wall += seconds
@@ -94,8 +96,10 @@ def test_the_kernels_give_the_same_bits_with_one_thread_and_with_several():
     n = 3 * (1 << 16) + 17  # several blocks per thread, and a ragged end
     base = Stored("F32", rng.standard_normal(n).astype(np.float32))
     tuned = [Stored("F32", base.array + rng.standard_normal(n).astype(np.float32) * 0.01) for _ in range(3)]
-    models = [kernels.ModelSlice(t, 1.0, kernels.DROP_AT_RANDOM, seed=7 + j, limit=kernels.random_keep_limit(0.3))
-              for j, t in enumerate(tuned)]
+    models = [
+        kernels.ModelSlice(t, 1.0, kernels.DROP_AT_RANDOM, seed=7 + j, limit=kernels.random_keep_limit(0.3))
+        for j, t in enumerate(tuned)
+    ]
     library = kernels._library()
     results = []
     for threads in (1, 2, 3):

@@ -106,7 +106,11 @@ def test_written_bytes_are_handed_to_the_disk_as_the_merge_goes(tmp_path, monkey
     models.update({f"ft{i}": write_checkpoint(tmp_path / f"ft{i}", fine_tune(tiny_state(), i)) for i in range(2)})
     calls = []
     monkeypatch.setattr(writer, "WRITEBACK_BYTES", 10_000)
-    monkeypatch.setattr(writer, "_sync_file_range", lambda: lambda fd, start, length, flags: calls.append((os.fstat(fd).st_size, start, length, flags)))
+    monkeypatch.setattr(
+        writer,
+        "_sync_file_range",
+        lambda: lambda fd, start, length, flags: calls.append((os.fstat(fd).st_size, start, length, flags)),
+    )
     run_merge(parse_recipe(basic_recipe(models, tmp_path / "out")), MergeOptions())
     monkeypatch.setattr(writer, "_sync_file_range", lambda: None)
     run_merge(parse_recipe(basic_recipe(models, tmp_path / "plain")), MergeOptions())
@@ -116,7 +120,9 @@ def test_written_bytes_are_handed_to_the_disk_as_the_merge_goes(tmp_path, monkey
     for (size, start, length, flags), following in zip(calls, calls[1:] + [None]):
         assert length >= 10_000 and flags == 2 and size >= start + length  # flushed to the file before
         assert following is None or following[1] == start + length
-    assert len(written) - (calls[-1][1] + calls[-1][2]) < 10_000 + 96 * 64 * 4  # the rest: less than the threshold plus a tensor
+    assert (
+        len(written) - (calls[-1][1] + calls[-1][2]) < 10_000 + 96 * 64 * 4
+    )  # the rest: less than the threshold plus a tensor
 
 
 @pytest.mark.parametrize("in_dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -149,8 +155,14 @@ def test_mergekit_dtype_key_sets_the_output_dtype(tiny_models, tmp_path):
 
 def test_pytorch_bin_input_matches_safetensors_input(tmp_path):
     base = tiny_state()
-    st = {"base": write_checkpoint(tmp_path / "sbase", base), "ft0": write_checkpoint(tmp_path / "sft0", fine_tune(base, 0))}
-    pt = {"base": write_checkpoint(tmp_path / "bbase", base, fmt="bin"), "ft0": write_checkpoint(tmp_path / "bft0", fine_tune(base, 0), fmt="bin")}
+    st = {
+        "base": write_checkpoint(tmp_path / "sbase", base),
+        "ft0": write_checkpoint(tmp_path / "sft0", fine_tune(base, 0)),
+    }
+    pt = {
+        "base": write_checkpoint(tmp_path / "bbase", base, fmt="bin"),
+        "ft0": write_checkpoint(tmp_path / "bft0", fine_tune(base, 0), fmt="bin"),
+    }
     run_merge(parse_recipe(basic_recipe(st, tmp_path / "a")), MergeOptions())
     run_merge(parse_recipe(basic_recipe(pt, tmp_path / "b")), MergeOptions())
     a, b = load_output(tmp_path / "a"), load_output(tmp_path / "b")
@@ -161,10 +173,14 @@ def test_single_file_sources(tmp_path):
     base = tiny_state()
     write_checkpoint(tmp_path / "base", base)
     write_checkpoint(tmp_path / "ft0", fine_tune(base, 0))
-    recipe = {"merge_method": "linear", "models": [
-        {"model": str(tmp_path / "base" / "model.safetensors"), "parameters": {"weight": 1.0}},
-        {"model": str(tmp_path / "ft0" / "model.safetensors"), "parameters": {"weight": 3.0}}],
-        "output": {"path": str(tmp_path / "out")}}
+    recipe = {
+        "merge_method": "linear",
+        "models": [
+            {"model": str(tmp_path / "base" / "model.safetensors"), "parameters": {"weight": 1.0}},
+            {"model": str(tmp_path / "ft0" / "model.safetensors"), "parameters": {"weight": 3.0}},
+        ],
+        "output": {"path": str(tmp_path / "out")},
+    }
     run_merge(parse_recipe(recipe), MergeOptions())
     out = load_output(tmp_path / "out")
     ft = fine_tune(base, 0)
@@ -182,8 +198,12 @@ def test_hub_reference_resolves_offline_from_the_cache(tmp_path, monkeypatch):
         (repo_dir / "refs").mkdir(parents=True)
         (repo_dir / "refs" / "main").write_text(commit)
     env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
-    recipe = {"merge_method": "task_arithmetic", "base_model": "acme/tiny-base", "models": [{"model": "acme/tiny-ft@main", "parameters": {"weight": 1.0}}],
-              "output": {"path": str(tmp_path / "out")}}
+    recipe = {
+        "merge_method": "task_arithmetic",
+        "base_model": "acme/tiny-base",
+        "models": [{"model": "acme/tiny-ft@main", "parameters": {"weight": 1.0}}],
+        "output": {"path": str(tmp_path / "out")},
+    }
     result = run_cli("merge", str(write_recipe(tmp_path, recipe)), "--quiet", env=env)
     assert result.returncode == 0, result.stderr
     out = load_output(tmp_path / "out")
@@ -236,8 +256,12 @@ def test_tadrop_in_the_engine_keeps_budget_and_protects_concentrated_tensors(tin
     assert sparse_like and dense_like
     assert max(r["ratio"] for r in sparse_like) < min(r["ratio"] for r in dense_like)
     # the merge applies exactly these ratios: count surviving entries of ft0 via a one-model TIES
-    single = basic_recipe({"base": tiny_models["base"], "ft0": tiny_models["ft0"]}, tmp_path / "one", method="magnitude_prune",
-                          tadrop={"statistic": "kurtosis", "strength": 0.3})
+    single = basic_recipe(
+        {"base": tiny_models["base"], "ft0": tiny_models["ft0"]},
+        tmp_path / "one",
+        method="magnitude_prune",
+        tadrop={"statistic": "kurtosis", "strength": 0.3},
+    )
     single["models"][0]["parameters"] = {"weight": 1.0, "density": 0.4}
     run_merge(parse_recipe(single), MergeOptions())
     out = load_output(tmp_path / "one")
@@ -273,15 +297,23 @@ def test_tadrop_off_gives_mergekit_uniform_masks(tiny_models, tmp_path):
 
 def test_filtered_and_gradient_parameters(tiny_models, tmp_path):
     recipe = basic_recipe(tiny_models, tmp_path / "out", method="magnitude_prune")
-    recipe["models"] = [{"model": str(tiny_models["ft0"]), "parameters": {
-        "weight": [0.0, 1.0],  # gradient over layers 0..1
-        "density": [{"filter": "mlp", "value": 0.1}, {"value": 1.0}]}}]
+    recipe["models"] = [
+        {
+            "model": str(tiny_models["ft0"]),
+            "parameters": {
+                "weight": [0.0, 1.0],  # gradient over layers 0..1
+                "density": [{"filter": "mlp", "value": 0.1}, {"value": 1.0}],
+            },
+        }
+    ]
     run_merge(parse_recipe(recipe), MergeOptions())
     out = load_output(tmp_path / "out")
     base = load_file(str(tiny_models["base"] / "model.safetensors"))
     ft = load_file(str(tiny_models["ft0"] / "model.safetensors"))
     assert torch.equal(out["model.layers.0.attn.weight"], base["model.layers.0.attn.weight"])  # weight 0 at layer 0
-    torch.testing.assert_close(out["model.layers.1.attn.weight"], ft["model.layers.1.attn.weight"])  # weight 1, density 1
+    torch.testing.assert_close(
+        out["model.layers.1.attn.weight"], ft["model.layers.1.attn.weight"]
+    )  # weight 1, density 1
     changed = int((out["model.layers.1.mlp.weight"] != base["model.layers.1.mlp.weight"]).sum())
     nonzero = int((ft["model.layers.1.mlp.weight"] != base["model.layers.1.mlp.weight"]).sum())
     assert changed == min(nonzero, int(0.1 * 96 * 64)) and changed > 0
@@ -290,8 +322,15 @@ def test_filtered_and_gradient_parameters(tiny_models, tmp_path):
 
 def test_transformers_loads_the_merged_model(tmp_path):
     transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    config = transformers.LlamaConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     base_model = transformers.LlamaForCausalLM(config)
     base_model.save_pretrained(tmp_path / "base", safe_serialization=True)
@@ -301,9 +340,15 @@ def test_transformers_loads_the_merged_model(tmp_path):
             for p in base_model.parameters():
                 p.add_(torch.randn_like(p) * 0.01)
         base_model.save_pretrained(tmp_path / f"ft{i}", safe_serialization=True)
-    recipe = {"merge_method": "ties", "base_model": str(tmp_path / "base"),
-              "models": [{"model": str(tmp_path / f"ft{i}"), "parameters": {"weight": 0.5, "density": 0.5}} for i in range(2)],
-              "tadrop": {"min_numel": 512}, "output": {"path": str(tmp_path / "merged"), "dtype": "bfloat16", "shard_size": "40KB"}}
+    recipe = {
+        "merge_method": "ties",
+        "base_model": str(tmp_path / "base"),
+        "models": [
+            {"model": str(tmp_path / f"ft{i}"), "parameters": {"weight": 0.5, "density": 0.5}} for i in range(2)
+        ],
+        "tadrop": {"min_numel": 512},
+        "output": {"path": str(tmp_path / "merged"), "dtype": "bfloat16", "shard_size": "40KB"},
+    }
     result = run_cli("merge", str(write_recipe(tmp_path, recipe)), "--quiet")
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "merged" / "model.safetensors.index.json").exists()
@@ -318,7 +363,9 @@ def test_transformers_loads_the_merged_model(tmp_path):
 
 
 @pytest.mark.parametrize("method", ["task_arithmetic", "linear"])
-@pytest.mark.parametrize("fmt,dtype", [("safetensors", torch.float32), ("safetensors", torch.bfloat16), ("bin", torch.float32)])
+@pytest.mark.parametrize(
+    "fmt,dtype", [("safetensors", torch.float32), ("safetensors", torch.bfloat16), ("bin", torch.float32)]
+)
 def test_elementwise_methods_merge_in_slices_exactly_as_whole(tmp_path, monkeypatch, method, fmt, dtype):
     """Slicing a large tensor (tensor_merge.CHUNK_ELEMENTS) gives the bytes of the whole-tensor merge,
     including a last slice shorter than the others."""
@@ -326,8 +373,12 @@ def test_elementwise_methods_merge_in_slices_exactly_as_whole(tmp_path, monkeypa
 
     base = tiny_state()
     models = {"base": write_checkpoint(tmp_path / "base", base, fmt=fmt, dtype=dtype)}
-    models.update({f"ft{i}": write_checkpoint(tmp_path / f"ft{i}", fine_tune(base, i), fmt=fmt, dtype=dtype) for i in range(3)})
-    raw = basic_recipe(models, tmp_path / "whole", method=method, parameters={"lambda": 0.7} if method != "linear" else {})
+    models.update(
+        {f"ft{i}": write_checkpoint(tmp_path / f"ft{i}", fine_tune(base, i), fmt=fmt, dtype=dtype) for i in range(3)}
+    )
+    raw = basic_recipe(
+        models, tmp_path / "whole", method=method, parameters={"lambda": 0.7} if method != "linear" else {}
+    )
     for entry in raw["models"]:
         entry["parameters"].pop("density")
     recipe = parse_recipe(raw)
@@ -335,7 +386,9 @@ def test_elementwise_methods_merge_in_slices_exactly_as_whole(tmp_path, monkeypa
     monkeypatch.setattr(tensor_merge, "CHUNK_ELEMENTS", 1000)  # 96 x 64 = 6144 entries: 7 slices, the last of 144
     sliced = run_merge(recipe, MergeOptions(output=tmp_path / "sliced"))
     assert whole["tensors"] == sliced["tensors"] == 9
-    assert (tmp_path / "whole" / "model.safetensors").read_bytes() == (tmp_path / "sliced" / "model.safetensors").read_bytes()
+    assert (tmp_path / "whole" / "model.safetensors").read_bytes() == (
+        tmp_path / "sliced" / "model.safetensors"
+    ).read_bytes()
 
 
 def test_a_nan_in_a_later_slice_is_refused(tmp_path, monkeypatch):
@@ -346,7 +399,9 @@ def test_a_nan_in_a_later_slice_is_refused(tmp_path, monkeypatch):
     models = {"base": write_checkpoint(tmp_path / "base", base)}
     bad = fine_tune(base, 1)
     bad["model.layers.0.mlp.weight"].view(-1)[5000] = float("nan")
-    models.update({"ft0": write_checkpoint(tmp_path / "ft0", fine_tune(base, 0)), "ft1": write_checkpoint(tmp_path / "ft1", bad)})
+    models.update(
+        {"ft0": write_checkpoint(tmp_path / "ft0", fine_tune(base, 0)), "ft1": write_checkpoint(tmp_path / "ft1", bad)}
+    )
     monkeypatch.setattr(tensor_merge, "CHUNK_ELEMENTS", 1000)
     recipe = parse_recipe(basic_recipe(models, tmp_path / "out", method="task_arithmetic"))
     with pytest.raises(BadInput, match="model.layers.0.mlp.weight"):

@@ -39,7 +39,9 @@ from tadrop_cli import writer as writer_module
 from tadrop_cli.cli import app
 
 TESTS = Path(__file__).resolve().parent
-SHARD_SIZE = "30KB"  # the tiny models make 9 tensors in 5 shards: [embed] [attn, bias] [mlp, norm] [attn, bias] [mlp, norm]
+SHARD_SIZE = (
+    "30KB"  # the tiny models make 9 tensors in 5 shards: [embed] [attn, bias] [mlp, norm] [attn, bias] [mlp, norm]
+)
 
 
 # ---------------------------------------------------------------- helpers
@@ -59,7 +61,9 @@ def tree(root: Path) -> dict[str, str]:
 
 
 def looks_finished(folder: Path) -> bool:
-    return folder.is_dir() and ((folder / "model.safetensors").exists() or (folder / "model.safetensors.index.json").exists())
+    return folder.is_dir() and (
+        (folder / "model.safetensors").exists() or (folder / "model.safetensors.index.json").exists()
+    )
 
 
 def leftovers(parent: Path, name: str) -> list[str]:
@@ -170,8 +174,14 @@ def wrapper(tmp_path: Path) -> Path:
 
 def start(tmp_path: Path, args: list, point: str = "", sig: str = "SIGKILL", slow: float = 0.0) -> subprocess.Popen:
     env = {**os.environ, "FAULT_POINT": point, "FAULT_SIGNAL": sig, "FAULT_SLOW": str(slow)}
-    return subprocess.Popen([sys.executable, str(wrapper(tmp_path)), *map(str, args)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(wrapper(tmp_path)), *map(str, args)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def check_killed(returncode: int, stderr: str, sig: str) -> None:
@@ -188,9 +198,13 @@ def check_target_after_kill(target: Path, before: dict | None, reference: dict) 
     if target.exists() and tree(target) == reference:
         return
     if before is None:
-        assert not target.exists(), f"an interrupted merge left {sorted(p.name for p in target.iterdir())} at the target"
+        assert not target.exists(), (
+            f"an interrupted merge left {sorted(p.name for p in target.iterdir())} at the target"
+        )
     else:
-        assert target.exists() and tree(target) == before, "an interrupted --overwrite merge damaged or removed the previous output"
+        assert target.exists() and tree(target) == before, (
+            "an interrupted --overwrite merge damaged or removed the previous output"
+        )
 
 
 def resume_and_compare(recipe: Path, target: Path, reference: dict, *extra: str) -> None:
@@ -206,8 +220,18 @@ def interrupt() -> None:
 
 # ---------------------------------------------------------------- kills, in this process, at every point
 
-POINTS = ["score:1", "score:3", *(f"write:{i}" for i in range(1, 10)), "wrote:2", "wrote:4", "wrote:9",
-          *(f"marked:{i}" for i in range(1, 6)), "index:1", "copy:1", "publish:1"]
+POINTS = [
+    "score:1",
+    "score:3",
+    *(f"write:{i}" for i in range(1, 10)),
+    "wrote:2",
+    "wrote:4",
+    "wrote:9",
+    *(f"marked:{i}" for i in range(1, 6)),
+    "index:1",
+    "copy:1",
+    "publish:1",
+]
 
 
 @pytest.mark.parametrize("point", POINTS)
@@ -224,7 +248,9 @@ def test_interrupt_at_every_point_then_resume(setup, monkeypatch, point):
     resume_and_compare(recipe, target, reference)
 
 
-@pytest.mark.parametrize("point", ["write:1", "wrote:4", "marked:3", "index:1", "publish:1", "exchanged:1", "renamed-old:1"])
+@pytest.mark.parametrize(
+    "point", ["write:1", "wrote:4", "marked:3", "index:1", "publish:1", "exchanged:1", "renamed-old:1"]
+)
 def test_interrupted_overwrite_keeps_the_previous_output(setup, previous, monkeypatch, point):
     recipe, target, reference = setup
     with monkeypatch.context() as patch:
@@ -447,7 +473,9 @@ def check_write_failure(result, target: Path, before_parent: dict, words: tuple[
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:"), text
     assert any(word in lines[0] for word in words), text
-    assert tree(target.parent) == before_parent, f"temporary files left behind: {sorted(set(tree(target.parent)) ^ set(before_parent))}\n{text}"
+    assert tree(target.parent) == before_parent, (
+        f"temporary files left behind: {sorted(set(tree(target.parent)) ^ set(before_parent))}\n{text}"
+    )
 
 
 @pytest.mark.parametrize("overwrite", [False, True], ids=["fresh", "overwrite"])
@@ -516,7 +544,9 @@ def test_real_full_tmpfs(setup, tmp_path):
     mnt = tmp_path / "small-disk"
     mnt.mkdir()
     try:
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True, timeout=20)
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True, timeout=20
+        )
     except (OSError, subprocess.TimeoutExpired):
         pytest.skip("cannot run mount")
     if done.returncode != 0:
@@ -642,7 +672,9 @@ def test_dry_run_reports_without_writing(setup, tmp_path):
     shards = sorted(name for name in reference if name.startswith("model-"))
     assert sorted(summary["shard_files"]) == shards and summary["shards"] == len(shards)
     assert summary["tensors"] == 9 and summary["output"] == str(target) and summary["tadrop"] is True
-    data_bytes = sum(sum(t.numel() * t.element_size() for t in load_file(str(tmp_path / "reference" / s)).values()) for s in shards)
+    data_bytes = sum(
+        sum(t.numel() * t.element_size() for t in load_file(str(tmp_path / "reference" / s)).values()) for s in shards
+    )
     assert summary["bytes_to_write"] == data_bytes
     assert summary["bytes_to_read"] >= 4 * data_bytes  # base + three models, at least once
     assert summary["estimated_peak_memory_bytes"] > 0 and summary["estimated_seconds"] >= 0
@@ -666,7 +698,9 @@ def test_dry_run_reads_no_tensor_data(setup, monkeypatch):
     assert json.loads(result.stdout)["tensors"] == 9
 
 
-@pytest.mark.parametrize("problem", ["shape", "missing-shard", "truncated", "dtype", "bad-policy", "output-not-a-model"])
+@pytest.mark.parametrize(
+    "problem", ["shape", "missing-shard", "truncated", "dtype", "bad-policy", "output-not-a-model"]
+)
 def test_dry_run_validates(tiny_models, tmp_path, problem):
     target = tmp_path / "merged"
     recipe = fault_recipe(tiny_models, target)

@@ -59,7 +59,9 @@ def spectral(rng, shape, scale: float) -> np.ndarray:
     return (u * (scale * 3 * 0.8 ** np.arange(r))) @ v.T
 
 
-def make_inputs(seed: int, shape, count: int, densities=None, weights=None, epsilons=None, tall_lambdas=None, gaussian=True):
+def make_inputs(
+    seed: int, shape, count: int, densities=None, weights=None, epsilons=None, tall_lambdas=None, gaussian=True
+):
     """Random base and task vectors of different scales; per-model densities as TADrop gives them.
     gaussian=False: 2-D task vectors with well-separated spectra (for the SVD-based hosts)."""
     rng = np.random.default_rng(seed)
@@ -73,10 +75,21 @@ def make_inputs(seed: int, shape, count: int, densities=None, weights=None, epsi
     else:
         deltas = [spectral(rng, shape, rng.uniform(0.05, 0.5)).astype(np.float32) for _ in range(count)]
     seeds = [int(s) for s in rng.integers(0, 2**62, count)]
-    tvs = [TaskVector(torch.from_numpy(d.copy()), weight=float(w), density=float(p), seed=s, epsilon=float(e), tall_mask_lambda=float(t))
-           for d, w, p, s, e, t in zip(deltas, weights, densities, seeds, epsilons, tall_lambdas)]
-    refs = [ref.TV(d.astype(np.float64), float(w), float(p), s, 0.01, float(e), float(t))
-            for d, w, p, s, e, t in zip(deltas, weights, densities, seeds, epsilons, tall_lambdas)]
+    tvs = [
+        TaskVector(
+            torch.from_numpy(d.copy()),
+            weight=float(w),
+            density=float(p),
+            seed=s,
+            epsilon=float(e),
+            tall_mask_lambda=float(t),
+        )
+        for d, w, p, s, e, t in zip(deltas, weights, densities, seeds, epsilons, tall_lambdas)
+    ]
+    refs = [
+        ref.TV(d.astype(np.float64), float(w), float(p), s, 0.01, float(e), float(t))
+        for d, w, p, s, e, t in zip(deltas, weights, densities, seeds, epsilons, tall_lambdas)
+    ]
     return torch.from_numpy(base.copy()), tvs, base.astype(np.float64), refs
 
 
@@ -149,7 +162,7 @@ def orthogonal_tasks(rng, m, n, ranks):
     tasks, start = [], 0
     for k in ranks:
         s = rng.uniform(0.5, 2.0, k)
-        tasks.append((q_left[:, start:start + k] * s) @ q_right[:, start:start + k].T)
+        tasks.append((q_left[:, start : start + k] * s) @ q_right[:, start : start + k].T)
         start += k
     return [t.astype(np.float32) for t in tasks]
 
@@ -159,11 +172,15 @@ def test_tsv_m_orthogonal_tasks_come_back_as_their_exact_sum():
     rng = np.random.default_rng(0)
     tasks = orthogonal_tasks(rng, 30, 18, [4, 5, 3])  # each rank <= k = 18 // 3 = 6
     base = torch.zeros(30, 18)
-    got = METHODS["tsv_m"].merge(base, [TaskVector(torch.from_numpy(t), density=1 / 3) for t in tasks], **params_of("tsv_m"))
+    got = METHODS["tsv_m"].merge(
+        base, [TaskVector(torch.from_numpy(t), density=1 / 3) for t in tasks], **params_of("tsv_m")
+    )
     np.testing.assert_allclose(got.numpy(), np.sum(tasks, axis=0), atol=1e-5)
     # overlapping subspaces: the decorrelation moves them, so the result is not the sum
     overlapping = [t + 0.3 * tasks[0] for t in tasks]
-    got = METHODS["tsv_m"].merge(base, [TaskVector(torch.from_numpy(t), density=1 / 3) for t in overlapping], **params_of("tsv_m"))
+    got = METHODS["tsv_m"].merge(
+        base, [TaskVector(torch.from_numpy(t), density=1 / 3) for t in overlapping], **params_of("tsv_m")
+    )
     assert not np.allclose(got.numpy(), np.sum(overlapping, axis=0), atol=1e-2)
 
 
@@ -174,14 +191,17 @@ def test_tsv_m_output_has_orthonormal_factors_and_the_kept_spectrum():
     np.testing.assert_allclose(np.sort(singular_values(got)), np.sort(kept), atol=1e-5)
 
 
-@pytest.mark.parametrize("densities,expected_rank", [
-    ([0.25, 0.125], 6),   # 16 * 0.25 = 4, 16 * 0.125 = 2
-    ([0.5, 0.125], 10),   # TADrop gives the first model more of the rank
-    ([0.5, 0.5], 16),     # the default split, 1/T
-    ([1.0, 1.0], 16),     # 32 asked for: capped at r = 16 (8 each)
-    ([0.9, 0.05], 14),    # 14 + 0 (floor(0.8) = 0)
-    ([0.0, 0.0], 0),      # nothing kept: the base
-])
+@pytest.mark.parametrize(
+    "densities,expected_rank",
+    [
+        ([0.25, 0.125], 6),  # 16 * 0.25 = 4, 16 * 0.125 = 2
+        ([0.5, 0.125], 10),  # TADrop gives the first model more of the rank
+        ([0.5, 0.5], 16),  # the default split, 1/T
+        ([1.0, 1.0], 16),  # 32 asked for: capped at r = 16 (8 each)
+        ([0.9, 0.05], 14),  # 14 + 0 (floor(0.8) = 0)
+        ([0.0, 0.0], 0),  # nothing kept: the base
+    ],
+)
 def test_tsv_m_density_sets_the_kept_rank(densities, expected_rank):
     base, tvs, base_np, refs = make_inputs(5, (16, 32), 2, densities=densities)
     got = METHODS["tsv_m"].merge(base, tvs, **params_of("tsv_m"))
@@ -208,8 +228,14 @@ def test_low_rank_tasks_get_no_arbitrary_directions(name):
 
 
 def test_rank_budget_counts_and_cap():
-    assert subspace.rank_count(64, 1 / 3) == 21 and subspace.rank_count(49, 1 / 49) == 1  # int(49 * (1/49)) would give 0
-    assert subspace.rank_count(10, 0.29) == 2 and subspace.rank_count(100, 0.29) == 29 and subspace.rank_count(10, 1.5) == 10
+    assert (
+        subspace.rank_count(64, 1 / 3) == 21 and subspace.rank_count(49, 1 / 49) == 1
+    )  # int(49 * (1/49)) would give 0
+    assert (
+        subspace.rank_count(10, 0.29) == 2
+        and subspace.rank_count(100, 0.29) == 29
+        and subspace.rank_count(10, 1.5) == 10
+    )
     assert subspace.split_budget(16, [1.0, 1.0]) == [8, 8]
     assert subspace.split_budget(12, [1.0, 0.5, 0.25]) == [6, 3, 1]  # 12 + 6 + 3 = 21 > 12: k * 12 // 21
     assert sum(subspace.split_budget(97, [0.9, 0.8, 0.7])) <= 97
@@ -239,10 +265,18 @@ def test_iso_c_takes_no_tadrop():
         parse_recipe(recipe)
 
 
-@pytest.mark.parametrize("r,tasks,fraction,expected", [
-    (16, 4, 0.8, (12, 4)), (10, 4, 0.8, (10, 0)),  # round(0.5) == 0: all common
-    (14, 4, 0.8, (10, 4)), (768, 8, 0.8, (616, 152)), (64, 3, 0.8, (52, 12)), (20, 2, 0.0, (0, 20)), (20, 3, 1.0, (20, 0)),
-])
+@pytest.mark.parametrize(
+    "r,tasks,fraction,expected",
+    [
+        (16, 4, 0.8, (12, 4)),
+        (10, 4, 0.8, (10, 0)),  # round(0.5) == 0: all common
+        (14, 4, 0.8, (10, 4)),
+        (768, 8, 0.8, (616, 152)),
+        (64, 3, 0.8, (52, 12)),
+        (20, 2, 0.0, (0, 20)),
+        (20, 3, 1.0, (20, 0)),
+    ],
+)
 def test_iso_cts_sizes_follow_the_authors_code(r, tasks, fraction, expected):
     assert subspace.iso_cts_sizes(r, tasks, fraction) == expected
 
@@ -261,7 +295,9 @@ def test_iso_cts_is_isotropic_with_the_planned_rank():
 
 def test_iso_cts_with_only_a_common_space_is_iso_c():
     base, tvs, _, _ = make_inputs(19, (24, 30), 3)
-    iso_c = METHODS["iso_c"].merge(base, [TaskVector(tv.delta.clone(), weight=tv.weight) for tv in tvs], **params_of("iso_c"))
+    iso_c = METHODS["iso_c"].merge(
+        base, [TaskVector(tv.delta.clone(), weight=tv.weight) for tv in tvs], **params_of("iso_c")
+    )
     iso_cts = METHODS["iso_cts"].merge(base, tvs, **params_of("iso_cts", common_space_fraction=1.0))
     torch.testing.assert_close(iso_cts, iso_c, atol=1e-5, rtol=0)
 
@@ -275,10 +311,16 @@ def test_iso_cts_keeps_a_task_the_sum_drowns():
     deltas = strong + [weak]
 
     def merged(name, **p):
-        return METHODS[name].merge(base, [TaskVector(torch.from_numpy(d.copy()), density=0.25) for d in deltas], **params_of(name, **p)).numpy()
+        return (
+            METHODS[name]
+            .merge(base, [TaskVector(torch.from_numpy(d.copy()), density=0.25) for d in deltas], **params_of(name, **p))
+            .numpy()
+        )
 
     u_weak = np.linalg.svd(weak)[0][:, :1]
-    share = {name: np.linalg.norm(u_weak.T @ merged(name)) / np.linalg.norm(merged(name)) for name in ("iso_c", "iso_cts")}
+    share = {
+        name: np.linalg.norm(u_weak.T @ merged(name)) / np.linalg.norm(merged(name)) for name in ("iso_c", "iso_cts")
+    }
     assert share["iso_cts"] > share["iso_c"]
 
 
@@ -296,7 +338,11 @@ def test_consensus_hand_computed():
 
     def run(k, lam=1.0):
         tvs = [TaskVector(torch.tensor(d, dtype=torch.float32), tall_mask_lambda=0.4) for d in deltas]
-        return METHODS["consensus_ta"].merge(torch.zeros(5), tvs, **params_of("consensus_ta", k=k, **{"lambda": lam})).tolist()
+        return (
+            METHODS["consensus_ta"]
+            .merge(torch.zeros(5), tvs, **params_of("consensus_ta", k=k, **{"lambda": lam}))
+            .tolist()
+        )
 
     assert run(2) == [3, 0, 0, 0, 1.5]
     assert run(2, lam=0.5) == [1.5, 0, 0, 0, 0.75]
@@ -343,8 +389,12 @@ def test_della_keep_probabilities_rank_by_magnitude_within_rows():
     # 1-D: one row; N-D: rows along dim 0; ties by position; epsilon shrunk near 0 and 1
     vector = torch.tensor([1.0, 1.0, 1.0])
     np.testing.assert_allclose(sparsify.della_keep_probabilities(vector, 0.5, 0.1).numpy(), [0.4, 0.5, 0.6], atol=1e-7)
-    np.testing.assert_allclose(sparsify.della_keep_probabilities(vector, 0.05, 0.15).numpy(), [0.0, 0.05, 0.1], atol=1e-7)
-    np.testing.assert_allclose(sparsify.della_keep_probabilities(vector, 0.95, 0.15).numpy(), [0.9, 0.95, 1.0], atol=1e-7)
+    np.testing.assert_allclose(
+        sparsify.della_keep_probabilities(vector, 0.05, 0.15).numpy(), [0.0, 0.05, 0.1], atol=1e-7
+    )
+    np.testing.assert_allclose(
+        sparsify.della_keep_probabilities(vector, 0.95, 0.15).numpy(), [0.9, 0.95, 1.0], atol=1e-7
+    )
     cube = torch.randn(3, 4, 5)
     q = sparsify.della_keep_probabilities(cube, 0.3, 0.1).reshape(3, -1)
     np.testing.assert_allclose(q.mean(dim=1).numpy(), 0.3, atol=1e-6)
@@ -388,9 +438,13 @@ def test_della_seeding_and_rescale():
     assert bool(((total / runs - d.double()).abs() <= 5 * sd + 1e-9).all())
     # epsilon 0 is DARE: the same stream, the same mask
     for how in (True, False, "l1"):
-        torch.testing.assert_close(sparsify.della(d, 0.4, 0.0, 99, how), sparsify.random(d, 0.4, 99, how), atol=0, rtol=0)
+        torch.testing.assert_close(
+            sparsify.della(d, 0.4, 0.0, 99, how), sparsify.random(d, 0.4, 99, how), atol=0, rtol=0
+        )
     # in place or not: the same numbers; density 0 and 1
-    assert torch.equal(sparsify.della(d.clone(), 0.4, 0.15, 7, False, in_place=True), sparsify.della(d, 0.4, 0.15, 7, False))
+    assert torch.equal(
+        sparsify.della(d.clone(), 0.4, 0.15, 7, False, in_place=True), sparsify.della(d, 0.4, 0.15, 7, False)
+    )
     assert torch.equal(sparsify.della(d, 1.0, 0.15, 7), d) and not sparsify.della(d, 0.0, 0.15, 7).any()
 
 
@@ -402,7 +456,9 @@ def test_della_sparsifier_matches_reference(density, how):
         d = rng.normal(size=shape).astype(np.float32)
         for seed, eps in ((0, 0.15), (12345, 0.05), (2**40 + 3, 0.3)):
             got = sparsify.della(torch.from_numpy(d.copy()), density, eps, seed, how)
-            np.testing.assert_allclose(got.numpy().astype(np.float64), ref.della(d, density, eps, seed, how), atol=1e-6, rtol=1e-6)
+            np.testing.assert_allclose(
+                got.numpy().astype(np.float64), ref.della(d, density, eps, seed, how), atol=1e-6, rtol=1e-6
+            )
 
 
 @pytest.mark.parametrize("how", [True, False, "l2"])
@@ -412,7 +468,9 @@ def test_della_in_row_blocks_matches_reference(monkeypatch, how):
     d = np.random.default_rng(61).normal(size=(23, 12)).astype(np.float32)
     for in_place in (False, True):
         got = sparsify.della(torch.from_numpy(d.copy()), 0.35, 0.2, 777, how, in_place=in_place)
-        np.testing.assert_allclose(got.numpy().astype(np.float64), ref.della(d, 0.35, 0.2, 777, how), atol=1e-6, rtol=1e-6)
+        np.testing.assert_allclose(
+            got.numpy().astype(np.float64), ref.della(d, 0.35, 0.2, 777, how), atol=1e-6, rtol=1e-6
+        )
 
 
 def test_della_registry_matches_mergekit():
@@ -440,7 +498,10 @@ def test_host_leaves_the_base_alone(name):
 @pytest.mark.parametrize("name", HOSTS)
 def test_host_on_cuda_matches_cpu(name):
     base, tvs, _, _ = make_inputs(53, (64, 48), 4)
-    on_gpu = [TaskVector(tv.delta.cuda(), tv.weight, tv.density, tv.seed, tv.gamma, tv.epsilon, tv.tall_mask_lambda) for tv in tvs]
+    on_gpu = [
+        TaskVector(tv.delta.cuda(), tv.weight, tv.density, tv.seed, tv.gamma, tv.epsilon, tv.tall_mask_lambda)
+        for tv in tvs
+    ]
     gpu = METHODS[name].merge(base.cuda(), on_gpu, **params_of(name)).cpu()
     cpu = METHODS[name].merge(base, tvs, **params_of(name))
     if name.startswith("della"):  # the same random stream and keep probabilities: the same mask

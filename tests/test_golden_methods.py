@@ -41,7 +41,10 @@ def make_inputs(seed: int, densities, weights=WEIGHTS, shape=SHAPE):
         TaskVector(torch.from_numpy(d.copy()), weight=w, density=dens, seed=s, gamma=g)
         for d, w, dens, s, g in zip(deltas, weights, densities, SEEDS, GAMMAS)
     ]
-    refs = [ref.TV(d.astype(np.float64), w, dens, s, g) for d, w, dens, s, g in zip(deltas, weights, densities, SEEDS, GAMMAS)]
+    refs = [
+        ref.TV(d.astype(np.float64), w, dens, s, g)
+        for d, w, dens, s, g in zip(deltas, weights, densities, SEEDS, GAMMAS)
+    ]
     return torch.from_numpy(base.copy()), tvs, base.astype(np.float64), refs
 
 
@@ -146,7 +149,12 @@ def test_merge_leaves_the_base_alone_and_returns_a_new_tensor(name):
 def test_ties_hand_computed():
     """A 1-D TIES example worked by hand (density 1, weights 1, 1, -1)."""
     base = torch.zeros(4)
-    deltas = [torch.tensor([1.0, -2.0, 0.0, 3.0]), torch.tensor([2.0, 1.0, 0.0, -1.0]), torch.tensor([1.0, 1.0, 0.5, 1.0])]
+    deltas = [
+        torch.tensor([1.0, -2.0, 0.0, 3.0]),
+        torch.tensor([2.0, 1.0, 0.0, -1.0]),
+        torch.tensor([1.0, 1.0, 0.5, 1.0]),
+    ]
+
     def tvs():  # fresh each call: the deltas may be used as scratch space
         return [TaskVector(d.clone(), weight=w) for d, w in zip(deltas, [1.0, 1.0, -1.0])]
 
@@ -268,7 +276,9 @@ def test_norm_rescale_hand_computed(how):
     assert got.tolist() == pytest.approx([3 * factor, -4 * factor, 0, 0])
     # a norm below 1e-7: no rescale
     tiny = torch.tensor([1e-9, -2e-9, 5e-10, 0.0])
-    np.testing.assert_array_equal(sparsify.magnitude(tiny, 0.5, how).numpy(), np.array([1e-9, -2e-9, 0, 0], dtype=np.float32))
+    np.testing.assert_array_equal(
+        sparsify.magnitude(tiny, 0.5, how).numpy(), np.array([1e-9, -2e-9, 0, 0], dtype=np.float32)
+    )
 
 
 def test_paper_rescale_hand_computed():
@@ -304,7 +314,11 @@ def test_random_statistics():
 
 
 def test_sign_consensus_sum_and_count():
-    a, b, c = torch.tensor([1.0, -3.0, 0.0, 2.0]), torch.tensor([1.0, 1.0, 0.0, -1.0]), torch.tensor([-5.0, 1.0, 0.0, -1.0])
+    a, b, c = (
+        torch.tensor([1.0, -3.0, 0.0, 2.0]),
+        torch.tensor([1.0, 1.0, 0.0, -1.0]),
+        torch.tensor([-5.0, 1.0, 0.0, -1.0]),
+    )
     # sums: -3, -1, 0, 0 -> -1, -1, +1, +1; counts: 1, 1, 0, -1 -> +1, +1, +1, -1
     assert sparsify.sign_consensus([a, b, c], "sum").tolist() == [-1.0, -1.0, 1.0, 1.0]
     assert sparsify.sign_consensus([a, b, c], "count").tolist() == [1.0, 1.0, 1.0, -1.0]
@@ -341,7 +355,12 @@ def test_engine_uniform_density_matches_mergekit_count(tmp_path, name, density):
     for i, (d, w) in enumerate(zip(deltas, [0.7, 0.5])):
         write_checkpoint(tmp_path / f"ft{i}", {"w": torch.from_numpy(base + d)})
         models.append({"model": str(tmp_path / f"ft{i}"), "parameters": {"weight": w, "density": density}})
-    recipe = {"merge_method": name, "base_model": str(tmp_path / "base"), "models": models, "output": {"path": str(tmp_path / "out")}}
+    recipe = {
+        "merge_method": name,
+        "base_model": str(tmp_path / "base"),
+        "models": models,
+        "output": {"path": str(tmp_path / "out")},
+    }
     run_merge(parse_recipe(recipe), MergeOptions())
     got = load_file(str(tmp_path / "out" / "model.safetensors"))["w"]
     # the deltas the engine sees are (base + d) - base in float32

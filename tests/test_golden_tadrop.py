@@ -186,24 +186,55 @@ def assert_ratios_match(result, expected: ref.Ratios, sizes, base_ratios):
     assert result.budget_met == expected.reachable
     if expected.reachable:
         n = np.asarray(sizes, float)
-        assert float(np.dot(n, result.ratios)) / n.sum() == pytest.approx(float(np.dot(n, base_ratios)) / n.sum(), abs=1e-6)
+        assert float(np.dot(n, result.ratios)) / n.sum() == pytest.approx(
+            float(np.dot(n, base_ratios)) / n.sum(), abs=1e-6
+        )
 
 
 GOLDEN_RATIO_CASES = {
     "simple": dict(normalized=[0.0, 0.5, 1.0], base_ratios=[0.5] * 3, sizes=[100, 100, 100], strength=0.2),
-    "uneven_sizes": dict(normalized=[0.0, 0.25, 0.75, 1.0], base_ratios=[0.6] * 4, sizes=[4096, 100, 20000, 777], strength=0.3),
-    "clipped_top": dict(normalized=[0.0, 0.1, 0.9, 1.0], base_ratios=[0.9] * 4, sizes=[5000, 3000, 100, 2000], strength=0.5),
-    "clipped_both": dict(normalized=[0.0, 0.2, 0.4, 0.6, 1.0], base_ratios=[0.5] * 5, sizes=[10, 2000, 30, 4000, 500],
-                         strength=0.9, min_ratio=0.1, max_ratio=0.8),
-    "per_tensor_everything": dict(normalized=[0.1, 0.9, 0.5, 0.3], base_ratios=[0.7, 0.2, 0.5, 0.9], sizes=[100, 4000, 50, 3000],
-                                  strength=[0.2, 0.6, 0.0, 0.3], min_ratio=[0.0, 0.1, 0.2, 0.3], max_ratio=[0.99, 0.5, 0.9, 0.95]),
-    "unreachable_high": dict(normalized=[0.0, 1.0], base_ratios=[0.95, 0.95], sizes=[10, 10], strength=0.2, max_ratio=0.9),
-    "unreachable_low": dict(normalized=[0.0, 1.0], base_ratios=[0.05, 0.05], sizes=[10, 10], strength=0.2, min_ratio=0.1),
+    "uneven_sizes": dict(
+        normalized=[0.0, 0.25, 0.75, 1.0], base_ratios=[0.6] * 4, sizes=[4096, 100, 20000, 777], strength=0.3
+    ),
+    "clipped_top": dict(
+        normalized=[0.0, 0.1, 0.9, 1.0], base_ratios=[0.9] * 4, sizes=[5000, 3000, 100, 2000], strength=0.5
+    ),
+    "clipped_both": dict(
+        normalized=[0.0, 0.2, 0.4, 0.6, 1.0],
+        base_ratios=[0.5] * 5,
+        sizes=[10, 2000, 30, 4000, 500],
+        strength=0.9,
+        min_ratio=0.1,
+        max_ratio=0.8,
+    ),
+    "per_tensor_everything": dict(
+        normalized=[0.1, 0.9, 0.5, 0.3],
+        base_ratios=[0.7, 0.2, 0.5, 0.9],
+        sizes=[100, 4000, 50, 3000],
+        strength=[0.2, 0.6, 0.0, 0.3],
+        min_ratio=[0.0, 0.1, 0.2, 0.3],
+        max_ratio=[0.99, 0.5, 0.9, 0.95],
+    ),
+    "unreachable_high": dict(
+        normalized=[0.0, 1.0], base_ratios=[0.95, 0.95], sizes=[10, 10], strength=0.2, max_ratio=0.9
+    ),
+    "unreachable_low": dict(
+        normalized=[0.0, 1.0], base_ratios=[0.05, 0.05], sizes=[10, 10], strength=0.2, min_ratio=0.1
+    ),
     "zero_base": dict(normalized=[0.0, 0.3, 1.0], base_ratios=[0.0] * 3, sizes=[5, 6, 7], strength=0.4),
     "single": dict(normalized=[0.5], base_ratios=[0.3], sizes=[4096], strength=0.2),
-    "no_budget": dict(normalized=[0.0, 0.4, 1.0], base_ratios=[0.9] * 3, sizes=[1, 2, 3], strength=0.3, preserve_budget=False),
-    "no_budget_clipped": dict(normalized=[0.0, 0.5, 1.0], base_ratios=[0.1] * 3, sizes=[1, 2, 3], strength=0.3,
-                              min_ratio=0.05, max_ratio=0.3, preserve_budget=False),
+    "no_budget": dict(
+        normalized=[0.0, 0.4, 1.0], base_ratios=[0.9] * 3, sizes=[1, 2, 3], strength=0.3, preserve_budget=False
+    ),
+    "no_budget_clipped": dict(
+        normalized=[0.0, 0.5, 1.0],
+        base_ratios=[0.1] * 3,
+        sizes=[1, 2, 3],
+        strength=0.3,
+        min_ratio=0.05,
+        max_ratio=0.3,
+        preserve_budget=False,
+    ),
 }
 
 
@@ -212,7 +243,12 @@ def test_adaptive_ratios_match_reference(case):
     kwargs = GOLDEN_RATIO_CASES[case]
     result = adaptive_ratios(**kwargs)
     expected = ref.adaptive_ratios(**kwargs)
-    assert_ratios_match(result, expected, kwargs["sizes"], kwargs["base_ratios"] if kwargs.get("preserve_budget", True) else result.ratios)
+    assert_ratios_match(
+        result,
+        expected,
+        kwargs["sizes"],
+        kwargs["base_ratios"] if kwargs.get("preserve_budget", True) else result.ratios,
+    )
 
 
 def test_adaptive_ratios_hand_computed():
@@ -293,7 +329,9 @@ def test_adaptive_ratios_property_per_tensor_settings(inputs):
     if floor + 1e-9 < target < ceiling - 1e-9:
         assert result.budget_met
         assert float(np.dot(n, ratios)) / n.sum() == pytest.approx(target, abs=1e-6)
-        np.testing.assert_allclose(ratios, ref.adaptive_ratios(normalized, base, sizes, strength, lows, highs).ratios, atol=1e-6, rtol=0)
+        np.testing.assert_allclose(
+            ratios, ref.adaptive_ratios(normalized, base, sizes, strength, lows, highs).ratios, atol=1e-6, rtol=0
+        )
     if target < floor - 1e-6 or target > ceiling + 1e-6:
         assert not result.budget_met
         np.testing.assert_allclose(ratios, lows if target < floor else highs, atol=1e-12)
@@ -342,4 +380,6 @@ def test_concentrated_tensor_scores_higher_and_gets_lower_drop(statistic):
         assert all(result.ratios[2] < r for k, r in enumerate(result.ratios) if k != 2)
         assert result.ratios[2] < 0.7
         assert float(np.dot(sizes, result.ratios)) / sum(sizes) == pytest.approx(0.7, abs=1e-6)
-        np.testing.assert_allclose(result.ratios, ref.adaptive_ratios(normalized, [0.7] * 4, sizes, 0.2).ratios, atol=1e-6)
+        np.testing.assert_allclose(
+            result.ratios, ref.adaptive_ratios(normalized, [0.7] * 4, sizes, 0.2).ratios, atol=1e-6
+        )

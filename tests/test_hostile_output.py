@@ -25,8 +25,17 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from conftest import REPO, basic_recipe, fine_tune, tiny_state, write_checkpoint, write_recipe
-from test_faults import (TESTS, fault_recipe, install_hooks, interrupt, invoke, leftovers,  # noqa: F401
-                         previous, setup, tree)
+from test_faults import (
+    TESTS,
+    fault_recipe,
+    install_hooks,
+    interrupt,
+    invoke,
+    leftovers,  # noqa: F401
+    previous,
+    setup,
+    tree,
+)
 from tadrop_cli import run
 from tadrop_cli import writer as writer_module
 
@@ -90,8 +99,9 @@ def test_a_staging_folder_that_is_not_tadrops_is_refused_not_emptied(setup, tmp_
     assert not os.path.lexists(target)
 
 
-@pytest.mark.parametrize("planted", ["progress.json.tmp", "model-00004-of-00005.safetensors",
-                                     "model.safetensors.index.json", "config.json"])
+@pytest.mark.parametrize(
+    "planted", ["progress.json.tmp", "model-00004-of-00005.safetensors", "model.safetensors.index.json", "config.json"]
+)
 def test_files_in_the_staging_folder_are_never_opened_through_links(setup, tmp_path, monkeypatch, planted):
     """A link planted in the staging folder while the merge runs (a journal's temporary, a shard not
     written yet, the index, a config file) is never written through: each file is created new."""
@@ -198,7 +208,7 @@ def test_a_damaged_finished_shard_is_redone(setup, monkeypatch, damage):
     data = bytearray(shard.read_bytes())
     header = 8 + int.from_bytes(data[:8], "little")
     if damage == "nan":
-        data[header:header + 64] = torch.full((16,), math.nan).numpy().tobytes()
+        data[header : header + 64] = torch.full((16,), math.nan).numpy().tobytes()
     elif damage == "zeros":
         data[header:] = bytes(len(data) - header)
     else:
@@ -287,9 +297,14 @@ def test_a_second_merge_while_the_first_publishes_is_refused(setup, tmp_path):
     marker = tmp_path / "publishing"
     script = tmp_path / "race_wrapper.py"
     script.write_text(RACE_WRAPPER.format(tests=str(TESTS), marker=str(marker)))
-    first = subprocess.Popen([sys.executable, str(script), "merge", str(recipe), "--quiet"], cwd=REPO,
-                             env={**os.environ, "PUBLISH_DELAY": "4"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)
+    first = subprocess.Popen(
+        [sys.executable, str(script), "merge", str(recipe), "--quiet"],
+        cwd=REPO,
+        env={**os.environ, "PUBLISH_DELAY": "4"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 90
     while not marker.exists() and first.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -354,9 +369,23 @@ def _no_merge(*args, **kwargs):
 LONG = "x" * 300
 
 
-@pytest.mark.parametrize("case", ["dangling-parent", "dot", "old-is-a-link", "parent-is-a-file", "link-loop",
-                                  "output-is-a-link-loop", "long-name", "long-path", "nul", "no-such-user", "dotdot",
-                                  "name-too-long-for-staging"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "dangling-parent",
+        "dot",
+        "old-is-a-link",
+        "parent-is-a-file",
+        "link-loop",
+        "output-is-a-link-loop",
+        "long-name",
+        "long-path",
+        "nul",
+        "no-such-user",
+        "dotdot",
+        "name-too-long-for-staging",
+    ],
+)
 def test_an_unusable_output_is_refused_before_merging(setup, previous, tmp_path, monkeypatch, case):
     recipe, target, _ = setup
     extra = ["--overwrite"]
@@ -520,8 +549,13 @@ def test_an_input_cut_short_during_a_mapped_merge(tiny_models, tmp_path):
     script.write_text(SIGBUS_WRAPPER.format(tests=str(TESTS)))
     victim = tiny_models["ft1"] / "model.safetensors"
     original, stat = victim.read_bytes(), victim.stat()
-    proc = subprocess.Popen([sys.executable, str(script), "merge", str(recipe), "--quiet"], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), "merge", str(recipe), "--quiet"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     journal = staging_of(target) / "progress.json"
     deadline = time.monotonic() + 90
     while proc.poll() is None and time.monotonic() < deadline:

@@ -20,7 +20,9 @@ from tadrop_cli.recipe import parse_recipe
 
 from conftest import basic_recipe, fine_tune, tiny_state, write_checkpoint
 
-needs_kernels = pytest.mark.skipif(not kernels.available(), reason="the C kernels were not built (no C compiler at install)")
+needs_kernels = pytest.mark.skipif(
+    not kernels.available(), reason="the C kernels were not built (no C compiler at install)"
+)
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 KERNEL_METHODS = ["task_arithmetic", "magnitude_prune", "ties", "dare_linear", "dare_ties"]
 
@@ -33,7 +35,9 @@ def test_ci_builds_the_kernels():
 
 
 def test_the_kernel_hosts_are_the_generalized_task_arithmetic_ones():
-    assert {n for n, m in methods.METHODS.items() if m.gta is not None and m.gta.sparsifier in (None, "magnitude", "random")} == set(KERNEL_METHODS)
+    assert {
+        n for n, m in methods.METHODS.items() if m.gta is not None and m.gta.sparsifier in (None, "magnitude", "random")
+    } == set(KERNEL_METHODS)
 
 
 def _pair(dtype: torch.dtype, n: int, seed: int, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,7 +80,10 @@ def test_histograms_equal_pytorchs(dtype, kind):
     assert int(counts.sum()) == delta.numel() and not kernels.has_non_finite(counts)
     for k in (1, 777, 50_000, 100_002):  # the boundary buckets of several cuts
         bucket, _ = sparsify.boundary_bucket(counts, k)
-        assert np.array_equal(kernels.bucket_histogram(_stored(base), _stored(tuned), bucket), sparsify.bucket_histogram(delta, bucket).numpy())
+        assert np.array_equal(
+            kernels.bucket_histogram(_stored(base), _stored(tuned), bucket),
+            sparsify.bucket_histogram(delta, bucket).numpy(),
+        )
 
 
 @needs_kernels
@@ -101,7 +108,12 @@ def test_ties_kept_before_agrees_with_cut_mask(slice_size):
         cut = sparsify.top_k_cut(parts, k)
         for s, part in enumerate(parts):
             offset = s * slice_size
-            before = kernels.ties_kept_before(cut, offset, _stored(base[offset:offset + part.numel()]), _stored(tuned[offset:offset + part.numel()]))
+            before = kernels.ties_kept_before(
+                cut,
+                offset,
+                _stored(base[offset : offset + part.numel()]),
+                _stored(tuned[offset : offset + part.numel()]),
+            )
             tied = (part.abs() == cut.threshold).nonzero().reshape(-1)
             kept = sparsify.cut_mask(part.clone(), cut, offset)[tied] == 1
             assert torch.equal(kept, tied < before)
@@ -139,7 +151,7 @@ def test_hoyer_sums_flag_nan_and_inf_and_scores_match_pytorch():
     base, tuned = _pair(torch.bfloat16, 300_000, 7, "sparse")
     with_kernels, with_torch = HoyerSums(), HoyerSums()
     for part in range(0, 300_000, 65_536):
-        b, t = base[part:part + 65_536], tuned[part:part + 65_536]
+        b, t = base[part : part + 65_536], tuned[part : part + 65_536]
         [(l1, l2_squared)], _ = kernels.hoyer_sums(_stored(b), [_stored(t)])
         with_kernels.add_sums(b.numel(), l1, l2_squared)
         with_torch.add(_delta(b, t))
@@ -173,23 +185,39 @@ def _kernel_merge(base, tuned, steps, weights, densities, seeds, cuts, offset, n
     for t, w, d, seed, cut in zip(tuned, weights, densities, seeds, cuts):
         model = kernels.ModelSlice(_stored(t), w)
         if steps.sparsifier == "magnitude" and d < 1:
-            model.drop, model.threshold, model.ties_before = kernels.DROP_BY_MAGNITUDE, cut.threshold, kernels.ties_kept_before(cut, offset, _stored(base), _stored(t))
+            model.drop, model.threshold, model.ties_before = (
+                kernels.DROP_BY_MAGNITUDE,
+                cut.threshold,
+                kernels.ties_kept_before(cut, offset, _stored(base), _stored(t)),
+            )
         elif steps.sparsifier == "random" and d < 1:
             model.drop, model.seed, model.limit = kernels.DROP_AT_RANDOM, seed, kernels.random_keep_limit(d)
         if model.drop != kernels.DROP_NOTHING and rescale and d > 0:
             model.rescale_by = d
         models.append(model)
     total = sum(weights)
-    merged, non_finite = kernels.merge_slice(_stored(base), models, offset, steps.consensus is not None, normalize, total if abs(total) >= 1e-8 else 1.0, lambda_)
+    merged, non_finite = kernels.merge_slice(
+        _stored(base),
+        models,
+        offset,
+        steps.consensus is not None,
+        normalize,
+        total if abs(total) >= 1e-8 else 1.0,
+        lambda_,
+    )
     assert not non_finite and merged.dtype == "F32"
     return merged.to_torch()
 
 
 MERGE_CASES = {
     "plain": dict(weights=[0.6, 0.6, 0.6], densities=[0.4, 0.4, 0.4], normalize=True, lambda_=1.0, rescale=False),
-    "mixed weights": dict(weights=[1.0, -0.3, 2.5], densities=[0.1, 0.5, 0.9], normalize=True, lambda_=0.7, rescale=True),
+    "mixed weights": dict(
+        weights=[1.0, -0.3, 2.5], densities=[0.1, 0.5, 0.9], normalize=True, lambda_=0.7, rescale=True
+    ),
     "weights summing to 0": dict(weights=[0.5, -0.5], densities=[0.3, 0.6], normalize=True, lambda_=1.0, rescale=False),
-    "keep all, keep none": dict(weights=[1.0, 1.0, 0.2], densities=[1.0, 0.0, 0.5], normalize=False, lambda_=1.3, rescale=True),
+    "keep all, keep none": dict(
+        weights=[1.0, 1.0, 0.2], densities=[1.0, 0.0, 0.5], normalize=False, lambda_=1.3, rescale=True
+    ),
     "one model": dict(weights=[0.8], densities=[0.25], normalize=False, lambda_=2.0, rescale=True),
 }
 
@@ -208,16 +236,38 @@ def test_merge_slice_gives_the_bits_of_generalized_task_arithmetic(method, dtype
     tuned = tuned[: len(setting["weights"])]
     seeds = [2**63 - 1 - i for i in range(len(tuned))]
     whole_deltas = [_delta(base, t) for t in tuned]
-    cuts = [sparsify.top_k_cut(list(d.split(size)), sparsify.kept_count(n, density)) if density < 1 else None
-            for d, density in zip(whole_deltas, setting["densities"])]
+    cuts = [
+        sparsify.top_k_cut(list(d.split(size)), sparsify.kept_count(n, density)) if density < 1 else None
+        for d, density in zip(whole_deltas, setting["densities"])
+    ]
     for offset in range(0, n, size):
         part = slice(offset, offset + size)
-        task_vectors = [methods.TaskVector(delta=d[part].clone(), weight=w, density=density, seed=seed, offset=offset, cut=cut)
-                        for d, w, density, seed, cut in zip(whole_deltas, setting["weights"], setting["densities"], seeds, cuts)]
-        expected = methods.generalized_task_arithmetic(base[part].float(), task_vectors, sparsifier=steps.sparsifier, consensus=steps.consensus,
-                                                       normalize=setting["normalize"], lambda_=setting["lambda_"], rescale=setting["rescale"])
-        merged = _kernel_merge(base[part], [t[part] for t in tuned], steps, setting["weights"], setting["densities"], seeds, cuts, offset,
-                               setting["normalize"], setting["lambda_"], setting["rescale"])
+        task_vectors = [
+            methods.TaskVector(delta=d[part].clone(), weight=w, density=density, seed=seed, offset=offset, cut=cut)
+            for d, w, density, seed, cut in zip(whole_deltas, setting["weights"], setting["densities"], seeds, cuts)
+        ]
+        expected = methods.generalized_task_arithmetic(
+            base[part].float(),
+            task_vectors,
+            sparsifier=steps.sparsifier,
+            consensus=steps.consensus,
+            normalize=setting["normalize"],
+            lambda_=setting["lambda_"],
+            rescale=setting["rescale"],
+        )
+        merged = _kernel_merge(
+            base[part],
+            [t[part] for t in tuned],
+            steps,
+            setting["weights"],
+            setting["densities"],
+            seeds,
+            cuts,
+            offset,
+            setting["normalize"],
+            setting["lambda_"],
+            setting["rescale"],
+        )
         assert torch.equal(_bits(merged), _bits(expected)), f"slice at {offset}"
 
 
@@ -237,7 +287,9 @@ def test_merge_slice_rounds_to_the_output_dtype_as_torch_does(name, out_dtype):
     assert stored.dtype == name and stored.to_torch().dtype == out_dtype and not flagged
     assert torch.equal(stored.to_torch().view(torch.int16), as_float.to_torch().to(out_dtype).view(torch.int16))
     huge = torch.full((10,), 3.4e38 if out_dtype == torch.bfloat16 else 7e4)
-    assert kernels.merge_slice(_stored(huge), [kernels.ModelSlice(_stored(huge * 0.999), 1.0)], 0, False, False, 1.0, 1.0, name)[1]
+    assert kernels.merge_slice(
+        _stored(huge), [kernels.ModelSlice(_stored(huge * 0.999), 1.0)], 0, False, False, 1.0, 1.0, name
+    )[1]
 
 
 @needs_kernels
@@ -248,7 +300,9 @@ def test_merge_slice_flags_non_finite_task_vectors():
     for a, b in ((math.nan, 0.0), (math.inf, 0.0), (3e38, -3e38)):  # the last: finite inputs whose difference overflows
         spoiled_base, spoiled = base.clone(), tuned.clone()
         spoiled[7], spoiled_base[7] = a, b
-        model = kernels.ModelSlice(_stored(spoiled), drop=kernels.DROP_BY_MAGNITUDE, threshold=1e30)  # the bad entry is dropped, and still flagged
+        model = kernels.ModelSlice(
+            _stored(spoiled), drop=kernels.DROP_BY_MAGNITUDE, threshold=1e30
+        )  # the bad entry is dropped, and still flagged
         assert kernels.merge_slice(_stored(spoiled_base), [model], 0, False, False, 1.0, 1.0)[1]
 
 
@@ -265,9 +319,26 @@ def test_the_baseline_build_gives_the_same_bits(tmp_path, monkeypatch):
         pytest.skip("no C compiler")
     source = os.path.join(os.path.dirname(kernels.__file__), "_kernels.c")
     library = tmp_path / "baseline.so"
-    subprocess.run([compiler, "-O3", "-std=gnu11", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math",
-                    "-DTADROP_BASELINE_ONLY", "-shared", "-fPIC", f"-I{sysconfig.get_paths()['include']}", source, "-o", str(library)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            compiler,
+            "-O3",
+            "-std=gnu11",
+            "-fopenmp",
+            "-ffp-contract=off",
+            "-fno-math-errno",
+            "-fno-trapping-math",
+            "-DTADROP_BASELINE_ONLY",
+            "-shared",
+            "-fPIC",
+            f"-I{sysconfig.get_paths()['include']}",
+            source,
+            "-o",
+            str(library),
+        ],
+        check=True,
+        capture_output=True,
+    )
     base, tuned = _pair(torch.bfloat16, 50_000, 12, "ties")
     _, other = _pair(torch.bfloat16, 50_000, 13, "dense")
     deltas = [_delta(base, t) for t in (tuned, other)]
@@ -275,14 +346,37 @@ def test_the_baseline_build_gives_the_same_bits(tmp_path, monkeypatch):
 
     def results():
         counts = kernels.magnitude_histogram(_stored(base), _stored(tuned))
-        merged = [_kernel_merge(base, [tuned, other], methods.METHODS[m].gta, [0.7, 1.3], [0.3, 0.3], [5, 6], cuts, 0, True, 0.9, m == "dare_ties")
-                  for m in ("ties", "dare_ties", "task_arithmetic")]
-        return counts, kernels.bucket_histogram(_stored(base), _stored(tuned), 0x3E00), kernels.hoyer_sums(_stored(base), [_stored(tuned), _stored(other)]), merged
+        merged = [
+            _kernel_merge(
+                base,
+                [tuned, other],
+                methods.METHODS[m].gta,
+                [0.7, 1.3],
+                [0.3, 0.3],
+                [5, 6],
+                cuts,
+                0,
+                True,
+                0.9,
+                m == "dare_ties",
+            )
+            for m in ("ties", "dare_ties", "task_arithmetic")
+        ]
+        return (
+            counts,
+            kernels.bucket_histogram(_stored(base), _stored(tuned), 0x3E00),
+            kernels.hoyer_sums(_stored(base), [_stored(tuned), _stored(other)]),
+            merged,
+        )
 
     with_clones = results()
     monkeypatch.setattr(kernels, "_library", lambda: kernels.load_library(str(library)))
     baseline = results()
-    assert np.array_equal(baseline[0], with_clones[0]) and np.array_equal(baseline[1], with_clones[1]) and baseline[2] == with_clones[2]
+    assert (
+        np.array_equal(baseline[0], with_clones[0])
+        and np.array_equal(baseline[1], with_clones[1])
+        and baseline[2] == with_clones[2]
+    )
     for a, b in zip(baseline[3], with_clones[3]):
         assert torch.equal(_bits(a), _bits(b))
 
@@ -342,16 +436,24 @@ def _merge_without_kernels(monkeypatch, recipe, output):
 @pytest.mark.parametrize("method", KERNEL_METHODS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("chunk", [1000, 1 << 20])
-def test_the_engine_writes_the_same_bytes_with_and_without_kernels(tmp_path, monkeypatch, count_kernel_merges, method, dtype, chunk):
+def test_the_engine_writes_the_same_bytes_with_and_without_kernels(
+    tmp_path, monkeypatch, count_kernel_merges, method, dtype, chunk
+):
     monkeypatch.setattr(tensor_merge, "CHUNK_ELEMENTS", chunk)  # 1000: every weight in several slices, the last shorter
     models = _models(tmp_path, dtype)
     extra = {"tadrop": {"enabled": True, "min_numel": 1000}} if method != "task_arithmetic" else {}
-    recipe = parse_recipe(basic_recipe(models, tmp_path / "kernels", method=method, seed=5, parameters={"lambda": 0.9}, **extra))
-    with_kernels = run_merge(recipe, MergeOptions(device="cpu"))  # the kernels run on the CPU, even where there is a GPU
+    recipe = parse_recipe(
+        basic_recipe(models, tmp_path / "kernels", method=method, seed=5, parameters={"lambda": 0.9}, **extra)
+    )
+    with_kernels = run_merge(
+        recipe, MergeOptions(device="cpu")
+    )  # the kernels run on the CPU, even where there is a GPU
     assert len(count_kernel_merges) >= len(tiny_state())  # every tensor went through the kernels
     without = _merge_without_kernels(monkeypatch, recipe, tmp_path / "torch")
     assert with_kernels["ratios"] == without["ratios"]
-    assert (tmp_path / "kernels" / "model.safetensors").read_bytes() == (tmp_path / "torch" / "model.safetensors").read_bytes()
+    assert (tmp_path / "kernels" / "model.safetensors").read_bytes() == (
+        tmp_path / "torch" / "model.safetensors"
+    ).read_bytes()
 
 
 @needs_kernels
@@ -362,11 +464,15 @@ def test_tadrop_plans_from_the_kernels_equal_pytorchs(tmp_path, monkeypatch, dty
     from tadrop_cli.plan import build_plan
 
     monkeypatch.setattr("tadrop_cli.plan.SCORE_SLICE_ELEMENTS", 1000)
-    recipe = parse_recipe(basic_recipe(_models(tmp_path, dtype), tmp_path / "out", tadrop={"enabled": True, "min_numel": 1000}))
+    recipe = parse_recipe(
+        basic_recipe(_models(tmp_path, dtype), tmp_path / "out", tadrop={"enabled": True, "min_numel": 1000})
+    )
     layout = build_layout(recipe)
     try:
         calls = []
-        monkeypatch.setattr(kernels, "hoyer_sums", lambda *a, original=kernels.hoyer_sums: calls.append(1) or original(*a))
+        monkeypatch.setattr(
+            kernels, "hoyer_sums", lambda *a, original=kernels.hoyer_sums: calls.append(1) or original(*a)
+        )
         plan = build_plan(layout, "cpu")
         assert calls
         with monkeypatch.context() as patch:
@@ -376,8 +482,17 @@ def test_tadrop_plans_from_the_kernels_equal_pytorchs(tmp_path, monkeypatch, dty
         layout.close()
     assert any(row.reason == "adaptive" for row in plan.rows)
     for row, expected in zip(plan.rows, reference.rows):
-        assert (row.model, row.tensor, row.reason, row.ratio) == (expected.model, expected.tensor, expected.reason, expected.ratio)
-        assert row.score == expected.score if expected.score is None else row.score == pytest.approx(expected.score, rel=1e-6)
+        assert (row.model, row.tensor, row.reason, row.ratio) == (
+            expected.model,
+            expected.tensor,
+            expected.reason,
+            expected.ratio,
+        )
+        assert (
+            row.score == expected.score
+            if expected.score is None
+            else row.score == pytest.approx(expected.score, rel=1e-6)
+        )
 
 
 @needs_kernels
@@ -387,7 +502,9 @@ def test_inputs_of_different_dtypes_merge_without_the_kernels(tmp_path, monkeypa
     run_merge(recipe, MergeOptions(device="cpu"))
     assert count_kernel_merges == []
     _merge_without_kernels(monkeypatch, recipe, tmp_path / "torch")
-    assert (tmp_path / "mixed" / "model.safetensors").read_bytes() == (tmp_path / "torch" / "model.safetensors").read_bytes()
+    assert (tmp_path / "mixed" / "model.safetensors").read_bytes() == (
+        tmp_path / "torch" / "model.safetensors"
+    ).read_bytes()
 
 
 @needs_kernels
@@ -397,9 +514,11 @@ def test_nan_in_an_input_is_named_on_the_kernel_path(tmp_path, monkeypatch, meth
     base = tiny_state()
     spoiled = fine_tune(base, 1)
     spoiled["model.layers.1.mlp.weight"][50, 3] = math.nan  # in the 5th slice of that tensor
-    models = {"base": write_checkpoint(tmp_path / "base", base, dtype=torch.bfloat16),
-              "ft0": write_checkpoint(tmp_path / "ft0", fine_tune(base, 0), dtype=torch.bfloat16),
-              "ft1": write_checkpoint(tmp_path / "ft1", spoiled, dtype=torch.bfloat16)}
+    models = {
+        "base": write_checkpoint(tmp_path / "base", base, dtype=torch.bfloat16),
+        "ft0": write_checkpoint(tmp_path / "ft0", fine_tune(base, 0), dtype=torch.bfloat16),
+        "ft1": write_checkpoint(tmp_path / "ft1", spoiled, dtype=torch.bfloat16),
+    }
     recipe = parse_recipe(basic_recipe(models, tmp_path / "out", method=method))
     with pytest.raises(BadInput, match=r"ft1: tensor model\.layers\.1\.mlp\.weight contains NaN or Inf"):
         run_merge(recipe, MergeOptions(device="cpu"))
@@ -457,7 +576,9 @@ print(json.dumps({"torch_imported": "torch" in sys.modules, "cpu_kernels": summa
 
 
 @needs_kernels
-@pytest.mark.parametrize("method, tadrop", [("task_arithmetic", False), ("ties", True), ("dare_ties", True), ("magnitude_prune", False)])
+@pytest.mark.parametrize(
+    "method, tadrop", [("task_arithmetic", False), ("ties", True), ("dare_ties", True), ("magnitude_prune", False)]
+)
 def test_a_merge_by_the_kernels_never_imports_torch(tmp_path, monkeypatch, method, tadrop):
     """Importing torch takes 1-2 s, longer than such a merge of a small model: a CPU merge that
     the kernels do whole (the plan's scores, the cuts, the merge, the read-back check) runs
@@ -472,11 +593,18 @@ def test_a_merge_by_the_kernels_never_imports_torch(tmp_path, monkeypatch, metho
     extra = {"tadrop": {"enabled": True, "min_numel": 1000}} if tadrop else {}
     recipe = basic_recipe(models, tmp_path / "lean", method=method, seed=3, dtype="bfloat16", **extra)
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    done = subprocess.run([sys.executable, "-c", _MERGE_WITHOUT_TORCH, str(tmp_path / "recipe.yaml")], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", _MERGE_WITHOUT_TORCH, str(tmp_path / "recipe.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.splitlines()[-1]) == {"torch_imported": False, "cpu_kernels": True}
     _merge_without_kernels(monkeypatch, parse_recipe(recipe), tmp_path / "torch")
-    assert (tmp_path / "lean" / "model.safetensors").read_bytes() == (tmp_path / "torch" / "model.safetensors").read_bytes()
+    assert (tmp_path / "lean" / "model.safetensors").read_bytes() == (
+        tmp_path / "torch" / "model.safetensors"
+    ).read_bytes()
 
 
 @needs_kernels
@@ -489,8 +617,12 @@ def test_the_command_line_merges_without_importing_torch(tmp_path):
 
     recipe = basic_recipe(_models(tmp_path, torch.bfloat16), tmp_path / "out", method="ties", device="cpu")
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "tadrop_cli", "merge", str(tmp_path / "recipe.yaml"), "--quiet"],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "tadrop_cli", "merge", str(tmp_path / "recipe.yaml"), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     imported = [line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")]
     assert "tadrop_cli.kernels" in imported and "torch" not in imported
@@ -500,7 +632,9 @@ def test_the_command_line_merges_without_importing_torch(tmp_path):
 @needs_kernels
 def test_a_dry_run_counts_the_runtime_that_will_run(tmp_path, monkeypatch):
     """~100 MB for the process where the kernels merge every tensor (no torch), ~300 MB with torch."""
-    recipe = parse_recipe(basic_recipe(_models(tmp_path, torch.bfloat16), tmp_path / "out", method="ties", device="cpu"))
+    recipe = parse_recipe(
+        basic_recipe(_models(tmp_path, torch.bfloat16), tmp_path / "out", method="ties", device="cpu")
+    )
     lean = run.dry_run(recipe, MergeOptions())["estimated_peak_memory_bytes"]
     monkeypatch.setattr(kernels, "_library", lambda: None)
     assert run.dry_run(recipe, MergeOptions())["estimated_peak_memory_bytes"] - lean == 200 * 2**20

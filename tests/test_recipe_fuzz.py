@@ -18,17 +18,83 @@ from tadrop_cli.errors import BadInput
 from tadrop_cli.methods import METHODS
 from tadrop_cli.recipe import Recipe, load_recipe, parse_recipe, recipe_digest, value_for_tensor
 
-FUZZ = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much], derandomize=False)
+FUZZ = settings(
+    max_examples=250,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+    derandomize=False,
+)
 
 # Every key the schema knows, so that random documents often hit real fields.
 KEYS = [
-    "merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source", "name", "tadrop", "seed",
-    "device", "output", "policies", "model", "weight", "density", "gamma", "lambda", "normalize", "rescale", "int8_mask",
-    "filter", "value", "enabled", "statistic", "strength", "min_ratio", "max_ratio", "min_numel", "exclude", "excluded_ratio",
-    "topmass_fraction", "preserve_budget", "overrides", "path", "shard_size", "missing_tensor", "shape_mismatch",
+    "merge_method",
+    "base_model",
+    "models",
+    "parameters",
+    "dtype",
+    "out_dtype",
+    "tokenizer_source",
+    "name",
+    "tadrop",
+    "seed",
+    "device",
+    "output",
+    "policies",
+    "model",
+    "weight",
+    "density",
+    "gamma",
+    "lambda",
+    "normalize",
+    "rescale",
+    "int8_mask",
+    "filter",
+    "value",
+    "enabled",
+    "statistic",
+    "strength",
+    "min_ratio",
+    "max_ratio",
+    "min_numel",
+    "exclude",
+    "excluded_ratio",
+    "topmass_fraction",
+    "preserve_budget",
+    "overrides",
+    "path",
+    "shard_size",
+    "missing_tensor",
+    "shape_mismatch",
 ]
-WORDS = [*METHODS, "ties", "kurtosis", "rank", "minmax", "global", "none", "paper", "l1", "l2", "linf", "float16", "bf16",
-         "error", "skip_model", "copy_base", "cpu", "cuda", "cuda:0", "auto", "base", "5GB", "100KB", "2GiB", "*mlp*", "0", ""]
+WORDS = [
+    *METHODS,
+    "ties",
+    "kurtosis",
+    "rank",
+    "minmax",
+    "global",
+    "none",
+    "paper",
+    "l1",
+    "l2",
+    "linf",
+    "float16",
+    "bf16",
+    "error",
+    "skip_model",
+    "copy_base",
+    "cpu",
+    "cuda",
+    "cuda:0",
+    "auto",
+    "base",
+    "5GB",
+    "100KB",
+    "2GiB",
+    "*mlp*",
+    "0",
+    "",
+]
 
 scalars = st.one_of(
     st.none(),
@@ -39,7 +105,9 @@ scalars = st.one_of(
     st.text(max_size=12),
     st.sampled_from(WORDS),
 )
-keys = st.one_of(st.sampled_from(KEYS), st.text(max_size=8), st.integers(-3, 3), st.booleans(), st.none(), st.floats(allow_nan=False))
+keys = st.one_of(
+    st.sampled_from(KEYS), st.text(max_size=8), st.integers(-3, 3), st.booleans(), st.none(), st.floats(allow_nan=False)
+)
 documents = st.recursive(
     scalars,
     lambda children: st.one_of(st.lists(children, max_size=4), st.dictionaries(keys, children, max_size=6)),
@@ -53,12 +121,21 @@ def _valid_recipe(method: str = "ties") -> dict:
         "base_model": "base",
         "models": [
             {"model": "ft0", "parameters": {"weight": 0.6, "density": 0.4}},
-            {"model": "ft1", "parameters": {"weight": [0.2, 0.8], "density": [{"filter": "mlp", "value": 0.3}, {"value": 0.5}]},
-             "tadrop": {"strength": 0.4, "overrides": [{"filter": "*attn*", "max_ratio": 0.9}]}},
+            {
+                "model": "ft1",
+                "parameters": {"weight": [0.2, 0.8], "density": [{"filter": "mlp", "value": 0.3}, {"value": 0.5}]},
+                "tadrop": {"strength": 0.4, "overrides": [{"filter": "*attn*", "max_ratio": 0.9}]},
+            },
         ],
         "parameters": {"normalize": True, "lambda": 1.2, "rescale": "l2", "int8_mask": False},
-        "tadrop": {"statistic": "kurtosis", "strength": 0.3, "min_ratio": 0.05, "max_ratio": 0.95, "exclude": ["*norm*"],
-                   "overrides": [{"filter": "*embed*", "enabled": False}]},
+        "tadrop": {
+            "statistic": "kurtosis",
+            "strength": 0.3,
+            "min_ratio": 0.05,
+            "max_ratio": 0.95,
+            "exclude": ["*norm*"],
+            "overrides": [{"filter": "*embed*", "enabled": False}],
+        },
         "seed": 7,
         "device": "cpu",
         "dtype": "bfloat16",
@@ -83,8 +160,12 @@ def check(data) -> Recipe | None:
     # every parameter of an accepted recipe resolves for every tensor (the merge does this per tensor)
     for params in [recipe.parameters, *(m.parameters for m in recipe.models)]:
         for value in params.values():
-            for name, position in [("model.layers.0.mlp.weight", 0.0), ("model.layers.3.attn.weight", 0.5),
-                                   ("model.layers.7.mlp.weight", 1.0), ("model.embed.weight", None)]:
+            for name, position in [
+                ("model.layers.0.mlp.weight", 0.0),
+                ("model.layers.3.attn.weight", 0.5),
+                ("model.layers.7.mlp.weight", 1.0),
+                ("model.embed.weight", None),
+            ]:
                 resolved = value_for_tensor(value, name, position)
                 assert resolved is None or isinstance(resolved, (bool, int, float, str)), (value, resolved)
     return recipe
@@ -115,7 +196,9 @@ def test_the_valid_recipe_parses():
 @example({"merge_method": {"a": 1}, "models": []})
 @example({"merge_method": "ties", "base_model": "b", "models": [{"model": "a", "parameters": {"density": [[]]}}]})
 @example({"merge_method": "ties", "base_model": "b", "models": [{"model": "a", "parameters": {"weight": [0.5, "x"]}}]})
-@example({"models": [{"model": "a", "parameters": {"density": [{"filter": None, "value": [1]}]}}], "merge_method": "ties"})
+@example(
+    {"models": [{"model": "a", "parameters": {"density": [{"filter": None, "value": [1]}]}}], "merge_method": "ties"}
+)
 def test_random_documents(data):
     check(data)
 
@@ -183,16 +266,30 @@ def test_mutated_recipes(data):
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.one_of(
-    st.binary(max_size=200),
-    st.text(max_size=200).map(str.encode),
-    mutated_recipes().map(lambda d: yaml.safe_dump(d, allow_unicode=True).encode()),
-    st.sampled_from([
-        b"a: &x [*x]\n", b"!!python/object/apply:os.system ['true']\n", b"a: !!binary ZZZ\n", b"? [a, b]\n: c\n",
-        b"a: 1\na: 2\n", b"--- a\n--- b\n", b"merge_method: ties\nmodels: {<<: [1]}\n", b"\xef\xbb\xbfmerge_method: ties\n",
-        b"merge_method: !!float nan\n", b"seed: 0x10\n", b"seed: 1_000\n", b"models: !!set {a, b}\n", b"a: !!timestamp 2001-12-14\n",
-    ]),
-))
+@given(
+    st.one_of(
+        st.binary(max_size=200),
+        st.text(max_size=200).map(str.encode),
+        mutated_recipes().map(lambda d: yaml.safe_dump(d, allow_unicode=True).encode()),
+        st.sampled_from(
+            [
+                b"a: &x [*x]\n",
+                b"!!python/object/apply:os.system ['true']\n",
+                b"a: !!binary ZZZ\n",
+                b"? [a, b]\n: c\n",
+                b"a: 1\na: 2\n",
+                b"--- a\n--- b\n",
+                b"merge_method: ties\nmodels: {<<: [1]}\n",
+                b"\xef\xbb\xbfmerge_method: ties\n",
+                b"merge_method: !!float nan\n",
+                b"seed: 0x10\n",
+                b"seed: 1_000\n",
+                b"models: !!set {a, b}\n",
+                b"a: !!timestamp 2001-12-14\n",
+            ]
+        ),
+    )
+)
 def test_any_file_contents(tmp_path_factory, content):
     path = tmp_path_factory.mktemp("fuzz") / "recipe.yaml"
     path.write_bytes(content)

@@ -25,7 +25,10 @@ def invoke(*args: object):
 
 
 def tree(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir") for p in sorted(root.rglob("*"))}
+    return {
+        str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir")
+        for p in sorted(root.rglob("*"))
+    }
 
 
 def refused(result_code: int, stderr: str, stdout: str, *culprits: str) -> None:
@@ -75,8 +78,14 @@ def plant(folder: Path, marker: Path, how: str) -> Path:
         torch.save({"model": ExecPayload(marker), **state}, file)
     elif how == "bin-index":
         torch.save({k: v for k, v in state.items() if "layers.1" not in k}, folder / "pytorch_model-00001-of-00002.bin")
-        torch.save({**{k: v for k, v in state.items() if "layers.1" in k}, "x": Payload(f"touch {marker}")}, folder / "pytorch_model-00002-of-00002.bin")
-        weight_map = {k: ("pytorch_model-00002-of-00002.bin" if "layers.1" in k else "pytorch_model-00001-of-00002.bin") for k in state}
+        torch.save(
+            {**{k: v for k, v in state.items() if "layers.1" in k}, "x": Payload(f"touch {marker}")},
+            folder / "pytorch_model-00002-of-00002.bin",
+        )
+        weight_map = {
+            k: ("pytorch_model-00002-of-00002.bin" if "layers.1" in k else "pytorch_model-00001-of-00002.bin")
+            for k in state
+        }
         (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
         file = folder / "pytorch_model-00002-of-00002.bin"
     else:
@@ -105,7 +114,12 @@ def test_pickle_payload_is_refused(tiny_models, tmp_path, how, command):
     recipe["models"][1]["model"] = reference
     recipe["tadrop"] = {}
     path = write_recipe(tmp_path, recipe)
-    args = {"merge": ["merge", path], "dry-run": ["merge", path, "--dry-run"], "plan": ["plan", path], "verify": ["verify", reference]}[command]
+    args = {
+        "merge": ["merge", path],
+        "dry-run": ["merge", path, "--dry-run"],
+        "plan": ["plan", path],
+        "verify": ["verify", reference],
+    }[command]
     result = invoke(*args)
     assert not marker.exists(), "the pickle's code ran"
     refused(result.exit_code, result.stderr, result.stdout, str(file))
@@ -135,7 +149,9 @@ def _point_index(folder: Path, old: str, new: str, index_name: str = "model.safe
     index.write_text(json.dumps(data))
 
 
-@pytest.mark.parametrize("escape", ["../ft0/model.safetensors", "ABSOLUTE", "./../ft0/model.safetensors", "sub/../../ft0/model.safetensors"])
+@pytest.mark.parametrize(
+    "escape", ["../ft0/model.safetensors", "ABSOLUTE", "./../ft0/model.safetensors", "sub/../../ft0/model.safetensors"]
+)
 def test_index_path_cannot_escape(tiny_models, tmp_path, escape):
     folder = _sharded(tmp_path)
     escape = str(tiny_models["ft0"] / "model.safetensors") if escape == "ABSOLUTE" else escape
@@ -150,7 +166,9 @@ def test_index_path_cannot_escape(tiny_models, tmp_path, escape):
     assert tree(tmp_path) == before
 
 
-@pytest.mark.parametrize("layout", ["index-names-a-link", "weights-file-is-a-link", "link-in-a-subfolder", "link-chain"])
+@pytest.mark.parametrize(
+    "layout", ["index-names-a-link", "weights-file-is-a-link", "link-in-a-subfolder", "link-chain"]
+)
 def test_links_out_of_the_folder_are_refused(tiny_models, tmp_path, layout):
     outside = tmp_path / "elsewhere"
     write_checkpoint(outside, fine_tune(tiny_state(), 8))
@@ -191,7 +209,9 @@ def test_a_config_file_linked_out_of_the_base_is_not_copied(tiny_models, tmp_pat
     recipe = basic_recipe(tiny_models, tmp_path / "merged")
     result = invoke("merge", write_recipe(tmp_path, recipe), "--quiet")
     out = tmp_path / "merged"
-    leaked = [p.name for p in out.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()] if out.exists() else []
+    leaked = (
+        [p.name for p in out.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()] if out.exists() else []
+    )
     assert leaked == [], f"the secret behind a link was copied into the output: {leaked}"
     refused(result.exit_code, result.stderr, result.stdout, "tokenizer_config.json")
 
@@ -227,8 +247,12 @@ def test_hugging_face_cache_layout_loads(tmp_path):
         (repo_dir / "refs").mkdir()
         (repo_dir / "refs" / "main").write_text(commit)
     env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "HF_TOKEN": SECRET}
-    recipe = {"merge_method": "task_arithmetic", "base_model": "acme/tiny-base", "models": [{"model": "acme/tiny-ft", "parameters": {"weight": 1.0}}],
-              "output": {"path": str(tmp_path / "out")}}
+    recipe = {
+        "merge_method": "task_arithmetic",
+        "base_model": "acme/tiny-base",
+        "models": [{"model": "acme/tiny-ft", "parameters": {"weight": 1.0}}],
+        "output": {"path": str(tmp_path / "out")},
+    }
     proc = run_cli("merge", str(write_recipe(tmp_path, recipe)), "--json", env=env)
     assert SECRET not in proc.stdout + proc.stderr
     assert proc.returncode == 0, proc.stderr
@@ -272,8 +296,15 @@ def test_token_never_in_other_commands_or_partial_output(tiny_models, tmp_path, 
     recipe["output"]["shard_size"] = "40KB"
     path = write_recipe(tmp_path, recipe)
     texts = []
-    for args in (["merge", path, "--dry-run", "--json"], ["merge", path, "--dry-run"], ["plan", path, "--json"], ["plan", path, "--csv"],
-                 ["plan", path], ["methods", "--json"], ["verify", tiny_models["base"], "--json"]):
+    for args in (
+        ["merge", path, "--dry-run", "--json"],
+        ["merge", path, "--dry-run"],
+        ["plan", path, "--json"],
+        ["plan", path, "--csv"],
+        ["plan", path],
+        ["methods", "--json"],
+        ["verify", tiny_models["base"], "--json"],
+    ):
         result = invoke(*args)
         assert result.exit_code == 0, (args, result.stderr)
         texts += [result.stdout, result.stderr]

@@ -15,12 +15,28 @@ N = 200_003  # above sparsify._SMALL: the histogram path
 def _cases() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(7)
     gaussian = torch.randn(N, generator=g)
-    bf16_deltas = (torch.randn(N, generator=g).to(torch.bfloat16).float() - torch.randn(N, generator=g).to(torch.bfloat16).float()) * 1e-3
-    signed_zeros = torch.cat([torch.randn(N // 2, generator=g), torch.full((500,), -0.0), torch.zeros(500), -torch.randn(N // 2, generator=g)])
+    bf16_deltas = (
+        torch.randn(N, generator=g).to(torch.bfloat16).float() - torch.randn(N, generator=g).to(torch.bfloat16).float()
+    ) * 1e-3
+    signed_zeros = torch.cat(
+        [
+            torch.randn(N // 2, generator=g),
+            torch.full((500,), -0.0),
+            torch.zeros(500),
+            -torch.randn(N // 2, generator=g),
+        ]
+    )
     few_values = torch.randint(-3, 4, (N,), generator=g).float()
     heavy = torch.distributions.StudentT(1.5).sample((N,)) * 1e-4
-    return {"gaussian": gaussian, "magnitudes": gaussian.abs(), "bf16 deltas": bf16_deltas, "signed zeros": signed_zeros,
-            "seven values": few_values, "heavy tails": heavy, "constant": torch.full((N,), 0.25)}
+    return {
+        "gaussian": gaussian,
+        "magnitudes": gaussian.abs(),
+        "bf16 deltas": bf16_deltas,
+        "signed zeros": signed_zeros,
+        "seven values": few_values,
+        "heavy tails": heavy,
+        "constant": torch.full((N,), 0.25),
+    }
 
 
 CASES = _cases()

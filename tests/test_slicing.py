@@ -70,7 +70,9 @@ def test_the_stream_is_splitmix64():
     words = sparsify.random_words(0, 0, 2).numpy().view(np.uint32)
     assert (int(words[1]) << 32) | int(words[0]) == 0xE220A8397B1DCDAF
     for seed in (0, 7, 2**63 + 5, -1):
-        assert np.array_equal(sparsify.random_words(seed, 0, 3001).numpy().view(np.uint32), splitmix64_words(seed, 3001))
+        assert np.array_equal(
+            sparsify.random_words(seed, 0, 3001).numpy().view(np.uint32), splitmix64_words(seed, 3001)
+        )
 
 
 @pytest.mark.parametrize("start,stop", [(0, 1), (1, 2), (1, 1), (3, 1_048_583), (999_999, 1_100_000)])
@@ -83,8 +85,12 @@ def test_keep_mask_matches_the_reference_and_its_probability():
     mask = sparsify.random_keep_mask(200_000, 0.3, 42)
     assert np.array_equal(mask.numpy(), dare_keep((200_000,), 0.3, 42))
     assert abs(float(mask.float().mean()) - 0.3) < 0.005  # 4.9 standard deviations
-    assert np.array_equal(sparsify.random_keep_mask(1000, 0.3, 42, offset=5000).numpy(), dare_keep((6000,), 0.3, 42)[5000:])
-    assert not bool(sparsify.random_keep_mask(1000, 0.0, 1).any()) and bool(sparsify.random_keep_mask(1000, 1.0, 1).all())
+    assert np.array_equal(
+        sparsify.random_keep_mask(1000, 0.3, 42, offset=5000).numpy(), dare_keep((6000,), 0.3, 42)[5000:]
+    )
+    assert not bool(sparsify.random_keep_mask(1000, 0.0, 1).any()) and bool(
+        sparsify.random_keep_mask(1000, 1.0, 1).all()
+    )
 
 
 def test_streams_of_different_seeds_are_unrelated():
@@ -95,8 +101,14 @@ def test_streams_of_different_seeds_are_unrelated():
 # ---------------------------------------------------------------- scores over slices
 
 
-@pytest.mark.parametrize("values", [torch.randn(3_000_001), torch.distributions.StudentT(1.5).sample((2_000_000,)) * 1e-12,
-                                    torch.zeros(5000).index_fill_(0, torch.tensor([3, 4000]), 1e-30)])
+@pytest.mark.parametrize(
+    "values",
+    [
+        torch.randn(3_000_001),
+        torch.distributions.StudentT(1.5).sample((2_000_000,)) * 1e-12,
+        torch.zeros(5000).index_fill_(0, torch.tensor([3, 4000]), 1e-30),
+    ],
+)
 def test_hoyer_summed_over_slices_equals_hoyer_of_the_whole(values):
     sums = HoyerSums()
     for part in values.split(1 << 20):
@@ -113,7 +125,16 @@ def test_hoyer_sums_of_zeros_is_none():
 # ---------------------------------------------------------------- the engine
 
 
-SLICED_METHODS = ["ties", "magnitude_prune", "dare_ties", "dare_linear", "consensus_ta", "consensus_ties", "della", "della_linear"]
+SLICED_METHODS = [
+    "ties",
+    "magnitude_prune",
+    "dare_ties",
+    "dare_linear",
+    "consensus_ta",
+    "consensus_ties",
+    "della",
+    "della_linear",
+]
 
 
 def test_the_trimming_hosts_are_the_ones_sliced():
@@ -137,10 +158,14 @@ def test_trimming_hosts_merge_in_slices_exactly_as_whole(tmp_path, monkeypatch, 
     extra = {"tadrop": {"enabled": True, "min_numel": 1000}} if tadrop else {}
     recipe = parse_recipe(basic_recipe(models, tmp_path / "whole", method=method, seed=3, **extra))
     whole = run_merge(recipe, MergeOptions())
-    monkeypatch.setattr(tensor_merge, "CHUNK_ELEMENTS", 1000)  # 96 x 64 = 6144 entries: 7 slices, the last of 144 (DELLA: 15 rows of 64)
+    monkeypatch.setattr(
+        tensor_merge, "CHUNK_ELEMENTS", 1000
+    )  # 96 x 64 = 6144 entries: 7 slices, the last of 144 (DELLA: 15 rows of 64)
     sliced = run_merge(recipe, MergeOptions(output=tmp_path / "sliced"))
     assert whole["ratios"] == sliced["ratios"]
-    assert (tmp_path / "whole" / "model.safetensors").read_bytes() == (tmp_path / "sliced" / "model.safetensors").read_bytes()
+    assert (tmp_path / "whole" / "model.safetensors").read_bytes() == (
+        tmp_path / "sliced" / "model.safetensors"
+    ).read_bytes()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -161,7 +186,9 @@ def test_trimming_hosts_on_cuda_match_the_cpu(tmp_path, monkeypatch, method, pin
     base = tiny_state()
     models = {"base": write_checkpoint(tmp_path / "base", base)}
     models.update({f"ft{i}": write_checkpoint(tmp_path / f"ft{i}", fine_tune(base, i)) for i in range(3)})
-    recipe = parse_recipe(basic_recipe(models, tmp_path / "cpu", method=method, seed=3, tadrop={"enabled": True, "min_numel": 1000}))
+    recipe = parse_recipe(
+        basic_recipe(models, tmp_path / "cpu", method=method, seed=3, tadrop={"enabled": True, "min_numel": 1000})
+    )
     run_merge(recipe, MergeOptions(device="cpu"))
     run_merge(recipe, MergeOptions(output=tmp_path / "cuda", device="cuda"))
     on_cpu, on_gpu = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("cpu", "cuda"))

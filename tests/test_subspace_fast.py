@@ -33,7 +33,7 @@ def spectral(rng, shape, sigma) -> np.ndarray:
     u, _ = np.linalg.qr(rng.normal(size=(m, r)))
     v, _ = np.linalg.qr(rng.normal(size=(n, r)))
     s = np.zeros(r)
-    s[:len(sigma)] = sigma[:r]
+    s[: len(sigma)] = sigma[:r]
     return (u * s) @ v.T
 
 
@@ -71,7 +71,7 @@ def merged(method: str, tasks, exact: bool, densities=None, seeds=(11, 12, 13, 1
     densities = densities or [1 / len(tasks)] * len(tasks)
     merge = {"tsv_m": subspace.tsv_merge, "iso_c": subspace.iso_c_merge, "iso_cts": subspace.iso_cts_merge}[method]
     arguments = () if method == "iso_c" else (densities,)
-    return merge(deltas, *arguments, exact_svd=exact, seeds=list(seeds)[:len(tasks)])
+    return merge(deltas, *arguments, exact_svd=exact, seeds=list(seeds)[: len(tasks)])
 
 
 def reference_of(method: str, tasks, densities=None) -> np.ndarray:
@@ -175,8 +175,13 @@ def test_fast_route_is_seeded_and_independent_of_task_order(monkeypatch):
     again = merged("tsv_m", tasks, exact=False, densities=densities, seeds=(1, 2, 3))
     assert torch.equal(first, again)  # same seeds: the same bits
     order = [2, 0, 1]
-    shuffled = merged("tsv_m", [tasks[i] for i in order], exact=False, densities=[densities[i] for i in order],
-                      seeds=[(1, 2, 3)[i] for i in order])
+    shuffled = merged(
+        "tsv_m",
+        [tasks[i] for i in order],
+        exact=False,
+        densities=[densities[i] for i in order],
+        seeds=[(1, 2, 3)[i] for i in order],
+    )
     torch.testing.assert_close(shuffled, first, atol=1e-6, rtol=0)
 
 
@@ -245,8 +250,9 @@ def test_exact_svd_is_a_recipe_parameter_that_selects_the_float32_svds(method, m
     rng = np.random.default_rng(29)
 
     def tvs():
-        return [TaskVector(torch.from_numpy(rng.normal(size=(12, 10)).astype(np.float32)), density=0.5)
-                for _ in range(2)]
+        return [
+            TaskVector(torch.from_numpy(rng.normal(size=(12, 10)).astype(np.float32)), density=0.5) for _ in range(2)
+        ]
 
     METHODS[method].merge(torch.zeros(12, 10), tvs(), **{"lambda": 1.0, "exact_svd": False})
     assert used == []  # the fast route takes no SVD at all

@@ -13,6 +13,7 @@ quiet machine it keeps its speed.
 
 Each merge is a whole process (`python -m tadrop_cli merge ... --quiet`), timed by wall clock.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,11 @@ def busy_processes(count: int) -> Iterator[list[subprocess.Popen]]:
     try:
         for i in range(count):
             core = cores[i % len(cores)]
-            processes.append(subprocess.Popen([sys.executable, "-c", BUSY_LOOP],
-                                              preexec_fn=lambda core=core: os.sched_setaffinity(0, {core})))
+            processes.append(
+                subprocess.Popen(
+                    [sys.executable, "-c", BUSY_LOOP], preexec_fn=lambda core=core: os.sched_setaffinity(0, {core})
+                )
+            )
         time.sleep(0.5 if count else 0)
         yield processes
     finally:
@@ -63,33 +67,48 @@ def recipe(path: Path, method: str, checkpoints: Path, models: int, tadrop: bool
 
 def timed_merge(recipe_path: Path, env: dict[str, str]) -> float:
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "tadrop_cli", "merge", str(recipe_path), "--overwrite", "--quiet"], env=env, check=True)
+    subprocess.run(
+        [sys.executable, "-m", "tadrop_cli", "merge", str(recipe_path), "--overwrite", "--quiet"], env=env, check=True
+    )
     return time.perf_counter() - started
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--load", type=int, default=len(os.sched_getaffinity(0)), help="busy processes (default: one per core)")
+    parser.add_argument(
+        "--load", type=int, default=len(os.sched_getaffinity(0)), help="busy processes (default: one per core)"
+    )
     parser.add_argument("--size", default="168m", help="make_checkpoints.py preset")
     parser.add_argument("--models", type=int, default=4)
     parser.add_argument("--method", default="ties")
     parser.add_argument("--no-tadrop", dest="tadrop", action="store_false")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--compare-pythonpath", default=None, help="also time the tadrop found on this PYTHONPATH")
-    parser.add_argument("--quiet-too", action=argparse.BooleanOptionalAction, default=True, help="also measure with no load")
+    parser.add_argument(
+        "--quiet-too", action=argparse.BooleanOptionalAction, default=True, help="also measure with no load"
+    )
     args = parser.parse_args(argv)
 
-    subprocess.run([sys.executable, str(HERE / "make_checkpoints.py"), "--preset", args.size, "--n-models", str(args.models)], check=True)
+    subprocess.run(
+        [sys.executable, str(HERE / "make_checkpoints.py"), "--preset", args.size, "--n-models", str(args.models)],
+        check=True,
+    )
     work = CACHE / "busy"
     work.mkdir(parents=True, exist_ok=True)
-    recipe_path = recipe(work / "recipe.yaml", args.method, CACHE / "ckpt" / f"{args.size}-s0", args.models, args.tadrop, work / "out")
+    recipe_path = recipe(
+        work / "recipe.yaml", args.method, CACHE / "ckpt" / f"{args.size}-s0", args.models, args.tadrop, work / "out"
+    )
 
-    base_env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    base_env = {
+        k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+    }
     base_env["PYTHONPATH"] = str(REPO)
     variants = {"default threads": dict(base_env), "OMP_NUM_THREADS=1": dict(base_env, OMP_NUM_THREADS="1")}
     if args.compare_pythonpath:
         variants["compared, default threads"] = dict(base_env, PYTHONPATH=args.compare_pythonpath)
-        variants["compared, OMP_NUM_THREADS=1"] = dict(base_env, PYTHONPATH=args.compare_pythonpath, OMP_NUM_THREADS="1")
+        variants["compared, OMP_NUM_THREADS=1"] = dict(
+            base_env, PYTHONPATH=args.compare_pythonpath, OMP_NUM_THREADS="1"
+        )
 
     loads = [args.load] + ([0] if args.quiet_too and args.load else [])
     results: dict[str, dict[str, list[float]]] = {}
@@ -100,12 +119,18 @@ def main(argv: list[str] | None = None) -> int:
             for repeat in range(args.repeats):
                 for name, env in variants.items():
                     times[name].append(timed_merge(recipe_path, env))
-                    print(f"[busy] load {load} repeat {repeat + 1}: {name} {times[name][-1]:.2f} s "
-                          f"(loadavg {open('/proc/loadavg').read().split()[0]})", file=sys.stderr, flush=True)
+                    print(
+                        f"[busy] load {load} repeat {repeat + 1}: {name} {times[name][-1]:.2f} s "
+                        f"(loadavg {open('/proc/loadavg').read().split()[0]})",
+                        file=sys.stderr,
+                        flush=True,
+                    )
         results[f"load {load}"] = times
 
-    print(f"\n{args.method}{' + TADrop' if args.tadrop else ''}, {args.size}, {args.models} models, "
-          f"{len(os.sched_getaffinity(0))} cores, medians of {args.repeats} ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})\n")
+    print(
+        f"\n{args.method}{' + TADrop' if args.tadrop else ''}, {args.size}, {args.models} models, "
+        f"{len(os.sched_getaffinity(0))} cores, medians of {args.repeats} ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})\n"
+    )
     print("| load | " + " | ".join(variants) + " | default / one thread |")
     print("|---|" + "---|" * (len(variants) + 1))
     for load, times in results.items():

@@ -27,6 +27,7 @@ has, over all common tensors (or the ones named):
 
 Run it with an interpreter that has torch and safetensors (the main venv).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -82,8 +83,13 @@ def tie_mask(name: str, base: "Reader", fts: list["Reader"], density: float) -> 
     return mask
 
 
-def compare(a_dir: Path, b_dir: Path, names: list[str] | None = None,
-            inputs: list[Path] | None = None, density: float | None = None) -> dict:
+def compare(
+    a_dir: Path,
+    b_dir: Path,
+    names: list[str] | None = None,
+    inputs: list[Path] | None = None,
+    density: float | None = None,
+) -> dict:
     a, b = Reader(a_dir), Reader(b_dir)
     tie_base = Reader(inputs[0]) if inputs and density is not None else None
     tie_fts = [Reader(p) for p in inputs[1:]] if tie_base else []
@@ -126,8 +132,7 @@ def compare(a_dir: Path, b_dir: Path, names: list[str] | None = None,
             max_abs, worst = m, name
     extra = {}
     if tie_base is not None:
-        extra = {"frac_differ_outside_ties": n_out / n_tot if n_tot else 0.0,
-                 "max_abs_diff_outside_ties": max_out}
+        extra = {"frac_differ_outside_ties": n_out / n_tot if n_tot else 0.0, "max_abs_diff_outside_ties": max_out}
     return {
         **extra,
         "a": str(a_dir),
@@ -151,8 +156,13 @@ def main(argv=None) -> int:
     ap.add_argument("a", type=Path)
     ap.add_argument("b", type=Path)
     ap.add_argument("--tensors", nargs="*", default=None)
-    ap.add_argument("--inputs", nargs="+", type=Path, default=None,
-                    help="base and fine-tune folders of the merge, for the top-k tie analysis")
+    ap.add_argument(
+        "--inputs",
+        nargs="+",
+        type=Path,
+        default=None,
+        help="base and fine-tune folders of the merge, for the top-k tie analysis",
+    )
     ap.add_argument("--density", type=float, default=None, help="the merge's top-k density")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)

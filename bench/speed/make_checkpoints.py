@@ -31,6 +31,7 @@ Usage:
     python bench/speed/make_checkpoints.py --preset 168m --n-models 4
     python bench/speed/make_checkpoints.py --list
 """
+
 from __future__ import annotations
 
 import argparse
@@ -244,8 +245,13 @@ def write_model(out: Path, shape: Shape, model: int, seed: int, shard_bytes: int
 
 
 def _marker(shape: Shape, model: int, seed: int, shard_bytes: int) -> dict:
-    return {"version": GENERATOR_VERSION, "shape": asdict(shape), "model": model, "seed": seed,
-            "shard_bytes": shard_bytes}
+    return {
+        "version": GENERATOR_VERSION,
+        "shape": asdict(shape),
+        "model": model,
+        "seed": seed,
+        "shard_bytes": shard_bytes,
+    }
 
 
 def is_complete(out: Path, shape: Shape, model: int, seed: int, shard_bytes: int) -> bool:
@@ -261,8 +267,9 @@ def model_dirs(preset: str, n_models: int, seed: int = 0, cache: Path = DEFAULT_
     return root / "base", [root / f"ft{k}" for k in range(1, n_models + 1)]
 
 
-def ensure(preset: str, n_models: int, seed: int = 0, cache: Path = DEFAULT_CACHE,
-           shard_mb: int = 250, log=print) -> tuple[Path, list[Path]]:
+def ensure(
+    preset: str, n_models: int, seed: int = 0, cache: Path = DEFAULT_CACHE, shard_mb: int = 250, log=print
+) -> tuple[Path, list[Path]]:
     """Make (or reuse) the base and fine-tunes 1..n_models; return their folders."""
     shape = PRESETS[preset]
     shard_bytes = shard_mb * 1000 * 1000
@@ -284,8 +291,9 @@ def main(argv=None) -> int:
     ap.add_argument("--shard-mb", type=int, default=250)
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     ap.add_argument("--list", action="store_true", help="list presets and exit")
-    ap.add_argument("--describe", action="store_true",
-                    help="print the delta profile of each tensor of fine-tune 1 and exit")
+    ap.add_argument(
+        "--describe", action="store_true", help="print the delta profile of each tensor of fine-tune 1 and exit"
+    )
     a = ap.parse_args(argv)
     if a.list:
         for k, s in PRESETS.items():

@@ -7,6 +7,7 @@ engine's slice size for the device set to each value asked for, median of --repe
 
     python bench/speed/slice_sizes.py --device cuda --preset 168m --chunks 20,24,26
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,9 @@ def main() -> int:
     args = ap.parse_args()
 
     reuse_freed_memory()
-    base, fts = make_checkpoints.ensure(args.preset, args.n_models, 0, make_checkpoints.DEFAULT_CACHE, 250,
-                                        log=lambda m: print(m, file=sys.stderr))
+    base, fts = make_checkpoints.ensure(
+        args.preset, args.n_models, 0, make_checkpoints.DEFAULT_CACHE, 250, log=lambda m: print(m, file=sys.stderr)
+    )
     attribute = "CHUNK_ELEMENTS" if args.device == "cpu" else "GPU_CHUNK_ELEMENTS"
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -56,11 +58,19 @@ def main() -> int:
                 times, summary = [], {}
                 for _ in range(args.repeats + 1):  # the first is a warm-up
                     started = time.perf_counter()
-                    summary = run_merge(recipe, MergeOptions(output=Path(tmp) / "out", overwrite=True, device=args.device))
+                    summary = run_merge(
+                        recipe, MergeOptions(output=Path(tmp) / "out", overwrite=True, device=args.device)
+                    )
                     times.append(time.perf_counter() - started)
-                row = {"method": method, "tadrop": bool(tadrop), "slice": f"2^{log2}", "median_s": round(statistics.median(times[1:]), 3),
-                       "runs_s": [round(t, 3) for t in times[1:]], "peak_gpu_mb": round(summary.get("peak_gpu_bytes", 0) / 2**20),
-                       "peak_rss_mb": round(summary["peak_rss_bytes"] / 2**20)}
+                row = {
+                    "method": method,
+                    "tadrop": bool(tadrop),
+                    "slice": f"2^{log2}",
+                    "median_s": round(statistics.median(times[1:]), 3),
+                    "runs_s": [round(t, 3) for t in times[1:]],
+                    "peak_gpu_mb": round(summary.get("peak_gpu_bytes", 0) / 2**20),
+                    "peak_rss_mb": round(summary["peak_rss_bytes"] / 2**20),
+                }
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     if args.json:

@@ -78,8 +78,15 @@ def reference_merge(method: str, deltas):
 
 def projection(medians: dict, hidden: int, intermediate: int, layers: int, kv: int) -> dict:
     """Seconds for every 2-D matrix of `layers` decoder layers (embeddings left out: see the report)."""
-    per_layer = [(hidden, hidden), (kv, hidden), (kv, hidden), (hidden, hidden),
-                 (intermediate, hidden), (intermediate, hidden), (hidden, intermediate)]
+    per_layer = [
+        (hidden, hidden),
+        (kv, hidden),
+        (kv, hidden),
+        (hidden, hidden),
+        (intermediate, hidden),
+        (intermediate, hidden),
+        (hidden, intermediate),
+    ]
     result = {}
     for key, by_shape in medians.items():
         total = 0.0
@@ -113,13 +120,18 @@ def main() -> None:
             times = {True: [], False: []}
             outputs = {}
             for repeat in range(args.repeats):
-                for exact in ((True, False) if repeat % 2 == 0 else (False, True)):  # alternate who goes first
+                for exact in (True, False) if repeat % 2 == 0 else (False, True):  # alternate who goes first
                     seconds, outputs[exact] = timed(method, deltas, exact)
                     times[exact].append(seconds)
             row = {
-                "shape": shape_text, "method": method, "models": args.models, "spectrum": args.spectrum,
-                "exact_s": statistics.median(times[True]), "fast_s": statistics.median(times[False]),
-                "exact_runs": [round(t, 3) for t in times[True]], "fast_runs": [round(t, 3) for t in times[False]],
+                "shape": shape_text,
+                "method": method,
+                "models": args.models,
+                "spectrum": args.spectrum,
+                "exact_s": statistics.median(times[True]),
+                "fast_s": statistics.median(times[False]),
+                "exact_runs": [round(t, 3) for t in times[True]],
+                "fast_runs": [round(t, 3) for t in times[False]],
                 "fast_vs_exact": relative(outputs[False], outputs[True]),
             }
             row["speedup"] = row["exact_s"] / row["fast_s"]
@@ -134,9 +146,12 @@ def main() -> None:
     if args.project:
         hidden, intermediate, layers, kv = (int(x) for x in args.project.split(","))
         for key, seconds in projection(medians, hidden, intermediate, layers, kv).items():
-            print(f"projection ({layers} layers of hidden {hidden}, intermediate {intermediate}, "
-                  f"{args.models} models) {key}: "
-                  f"{seconds:.0f} s = {seconds / 3600:.2f} h", flush=True)
+            print(
+                f"projection ({layers} layers of hidden {hidden}, intermediate {intermediate}, "
+                f"{args.models} models) {key}: "
+                f"{seconds:.0f} s = {seconds / 3600:.2f} h",
+                flush=True,
+            )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 
