@@ -33,8 +33,8 @@ import sys
 
 import numpy as np
 import torch
-from torch import nn
 from safetensors.torch import load_file
+from torch import nn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DIGITS_DIR = os.path.join(HERE, "digits")

@@ -37,8 +37,8 @@ import sys
 
 import numpy as np
 import torch
-from torch import nn
 from safetensors.torch import save_file
+from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from evaluate_digits import (  # noqa: E402

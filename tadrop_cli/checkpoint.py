@@ -15,10 +15,11 @@ import re
 import stat
 import struct
 import warnings
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
@@ -62,9 +63,7 @@ class TensorInfo:
 class Checkpoint:
     """The tensors of one model, with their headers known up front and data read on demand."""
 
-    def __init__(
-        self, label: str, folder: Optional[Path], tensors: dict[str, TensorInfo], torch_state: dict[Path, dict]
-    ):
+    def __init__(self, label: str, folder: Path | None, tensors: dict[str, TensorInfo], torch_state: dict[Path, dict]):
         self.label = label
         self.folder = folder  # where config/tokenizer files live, if any
         self.tensors = tensors
@@ -75,9 +74,7 @@ class Checkpoint:
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
 
-    def read(
-        self, name: str, start: Optional[int] = None, stop: Optional[int] = None, pinned: bool = False
-    ) -> torch.Tensor:
+    def read(self, name: str, start: int | None = None, stop: int | None = None, pinned: bool = False) -> torch.Tensor:
         """The stored tensor as a fresh CPU tensor in its stored dtype; with `start`/`stop`, only
         entries [start, stop) of its flattened form, as a 1-D tensor. BadInput if the file is damaged.
         `pinned`: read safetensors data into page-locked memory, which a GPU copies from
@@ -300,7 +297,8 @@ def _safetensors_file(file: Path) -> dict[str, TensorInfo]:
         dtype = entry["dtype"]
         if dtype not in ITEMSIZE:
             raise BadInput(
-                f"{file}: tensor {name} has dtype {dtype}, which tadrop does not support (supported: {', '.join(ITEMSIZE)})"
+                f"{file}: tensor {name} has dtype {dtype}, which tadrop does not support "
+                f"(supported: {', '.join(ITEMSIZE)})"
             )
         infos[name] = TensorInfo(name, dtype, tuple(entry["shape"]), file, 8 + header_size + entry["data_offsets"][0])
     return infos
@@ -377,7 +375,7 @@ def load_torch_state(file: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _unusable(tensor: torch.Tensor) -> Optional[str]:
+def _unusable(tensor: torch.Tensor) -> str | None:
     """Why a tensor from a pickle cannot be merged as stored entries, or None."""
     if tensor.is_meta:
         return "is a meta tensor (a shape without data)"
@@ -504,7 +502,7 @@ def _download_from_hub(reference: str) -> Path:
     return folder
 
 
-def resolve_source(reference: str) -> tuple[Optional[Path], list[Path]]:
+def resolve_source(reference: str) -> tuple[Path | None, list[Path]]:
     """(folder for config files, weight files) for a recipe's model reference."""
     path = Path(reference).expanduser()
     if path.is_dir():
@@ -539,7 +537,7 @@ def open_checkpoint(reference: str) -> Checkpoint:
     return Checkpoint(reference, folder, tensors, torch_state)
 
 
-def config_files(folder: Optional[Path]) -> list[Path]:
+def config_files(folder: Path | None) -> list[Path]:
     """Config, tokenizer and generation files to copy from the base folder.
 
     A link that points out of the folder is refused: it could carry a secret (a token
@@ -554,7 +552,7 @@ def config_files(folder: Optional[Path]) -> list[Path]:
     return files
 
 
-def _module_folder(folder: Path, modules: Path, entry: Any) -> Optional[Path]:
+def _module_folder(folder: Path, modules: Path, entry: Any) -> Path | None:
     """The folder of one sentence-transformers module named in modules.json (None: the module
     lives in the base folder itself, or its folder is absent, as Normalize's often is)."""
     relative = entry.get("path") if isinstance(entry, dict) else None
@@ -577,7 +575,7 @@ def _module_folder(folder: Path, modules: Path, entry: Any) -> Optional[Path]:
     return candidate
 
 
-def module_files(folder: Optional[Path]) -> list[tuple[Path, str]]:
+def module_files(folder: Path | None) -> list[tuple[Path, str]]:
     """The files of the module folders a sentence-transformers model's modules.json names
     (1_Pooling/, 2_Dense/, ...), as (file, path in the output): without them the output does not
     load as a SentenceTransformer. Never code (*.py), never a link out of the base folder, never a
@@ -632,7 +630,7 @@ def shown_name(name: str, limit: int = 80) -> str:
     return name if len(name) <= limit else f"{name[:limit]}... ({len(name)} characters)"
 
 
-def layer_number(name: str) -> Optional[int]:
+def layer_number(name: str) -> int | None:
     """The number of the layer a tensor belongs to, or None; BadInput for a number no model has."""
     match = LAYER_NUMBER.search(name)
     if match is None:
@@ -645,7 +643,7 @@ def layer_number(name: str) -> Optional[int]:
     return int(match.group(1))
 
 
-def layer_positions(names: list[str]) -> dict[str, Optional[float]]:
+def layer_positions(names: list[str]) -> dict[str, float | None]:
     """Each tensor's relative layer position in [0, 1] (None outside numbered layers),
     for mergekit's gradient parameters."""
     layers = {name: layer_number(name) for name in names}
@@ -665,7 +663,7 @@ def all_finite(tensor: torch.Tensor) -> bool:
     return first_non_finite([tensor]) is None
 
 
-def first_non_finite(tensors: list[torch.Tensor]) -> Optional[int]:
+def first_non_finite(tensors: list[torch.Tensor]) -> int | None:
     """The index of the first tensor holding NaN or Inf, or None. A finite sum proves a tensor
     clean in one read; only a non-finite sum (NaN/Inf present, or an overflow) needs the exact
     check. The sums are looked at together: one wait for a GPU, not one per tensor."""
@@ -688,8 +686,8 @@ def read_float32(
     checkpoint: Checkpoint,
     name: str,
     device: str,
-    start: Optional[int] = None,
-    stop: Optional[int] = None,
+    start: int | None = None,
+    stop: int | None = None,
     check: bool = True,
 ) -> torch.Tensor:
     """A tensor (or entries [start, stop) of it, flattened) as a fresh float32 copy on `device`;
@@ -715,7 +713,7 @@ def read_float32(
 
 
 def read_all_float32(
-    checkpoints: list[Checkpoint], name: str, device: str, start: Optional[int] = None, stop: Optional[int] = None
+    checkpoints: list[Checkpoint], name: str, device: str, start: int | None = None, stop: int | None = None
 ) -> list[torch.Tensor]:
     """read_float32 of one tensor (or slice) from each checkpoint, all read before any is
     checked for NaN/Inf: a GPU then waits once, and the reads overlap the copies already on

@@ -13,9 +13,9 @@ import json
 import os
 import sys
 import traceback
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -23,10 +23,10 @@ from rich.text import Text
 from typer.core import TyperCommand, TyperGroup
 
 from . import __version__, interrupts
-from .run import MergeOptions, dry_run, plan_only, reuse_freed_memory, run_merge
 from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, BadInput, TadropError, printable
 from .methods import METHODS
 from .recipe import load_recipe
+from .run import MergeOptions, dry_run, plan_only, reuse_freed_memory, run_merge
 from .verify import verify_checkpoint
 
 try:  # typer >= 0.2x carries its own copy of click
@@ -240,22 +240,22 @@ def _run(action: Callable[[], None], merging: bool = False) -> None:
             action()
     except TadropError as error:
         say_error("error", error)
-        raise typer.Exit(error.exit_code)
+        raise typer.Exit(error.exit_code) from None
     except KeyboardInterrupt as stop:
         say(interrupted_message(stop, merging))
-        raise typer.Exit(EXIT_INTERRUPTED)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     except StdoutGone as gone:  # a reader that stopped early (`| head`) is no failure; a closed stdout is
         if gone.broken_pipe:
-            raise typer.Exit(EXIT_OK)
+            raise typer.Exit(EXIT_OK) from None
         say_error("error", f"{gone}: nothing was printed")
-        raise typer.Exit(EXIT_INTERNAL)
+        raise typer.Exit(EXIT_INTERNAL) from None
     except typer.Exit:
         raise
     except Exception as error:  # a bug: say so in one line; TADROP_DEBUG=1 shows the traceback
         if os.environ.get("TADROP_DEBUG"):
             traceback.print_exc()
         say_error("internal error", f"{type(error).__name__}: {error} (set TADROP_DEBUG=1 for the traceback)")
-        raise typer.Exit(EXIT_INTERNAL)
+        raise typer.Exit(EXIT_INTERNAL) from None
 
 
 # ---------------------------------------------------------------- typer/click adapted
@@ -326,7 +326,7 @@ app = typer.Typer(
 FLAG_VALUES = {"true", "false", "yes", "no", "on", "off", "1", "0"}
 
 
-def output_folder(out_dir: Optional[Path], output: Optional[Path]) -> Optional[Path]:
+def output_folder(out_dir: Path | None, output: Path | None) -> Path | None:
     """The output from the positional OUT_DIR (mergekit's habit) or --output; both must agree."""
     if out_dir is not None and str(out_dir).lower() in FLAG_VALUES:
         raise BadInput(
@@ -363,10 +363,10 @@ def _say_notes(notes: list[str]) -> None:
 @app.command(cls=PlainCommand)
 def merge(
     recipe: Path = typer.Argument(..., metavar="RECIPE", help="The YAML recipe."),
-    out_dir: Optional[Path] = typer.Argument(
+    out_dir: Path | None = typer.Argument(
         None, metavar="OUT_DIR", show_default=False, help="Output folder, as mergekit takes it (the same as --output)."
     ),
-    output: Optional[Path] = typer.Option(
+    output: Path | None = typer.Option(
         None, "--output", "-o", metavar="DIR", help="Output folder (overrides output.path)."
     ),
     overwrite: bool = typer.Option(
@@ -382,7 +382,7 @@ def merge(
     dry: bool = typer.Option(
         False, "--dry-run", help="Check the recipe and every input header, print what would be written, write nothing."
     ),
-    device: Optional[str] = typer.Option(
+    device: str | None = typer.Option(
         None, "--device", metavar="DEVICE", help="auto, cpu, cuda or cuda:N (overrides the recipe)."
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary on stderr."),
@@ -471,7 +471,7 @@ def plan(
     recipe: Path = typer.Argument(..., metavar="RECIPE", help="The YAML recipe."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON on stdout."),
     as_csv: bool = typer.Option(False, "--csv", help="Print the plan as CSV on stdout."),
-    device: Optional[str] = typer.Option(None, "--device", metavar="DEVICE", help="auto, cpu, cuda or cuda:N."),
+    device: str | None = typer.Option(None, "--device", metavar="DEVICE", help="auto, cpu, cuda or cuda:N."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Run pass 1 only: show each tensor's TADrop score and drop ratio, per model."""

@@ -4,9 +4,10 @@ The kernels' OpenMP threads wait for each other at the end of every parallel loo
 where other processes keep the cores busy, a thread that the scheduler does not run holds up
 the others (which spin, taking the cores from it): merges ran 3-7x slower with two threads
 than with one (docs/speed.md, "A busy machine"). So before each kernel call kernels.py asks
-`CpuShare.threads()` (and before each tensor PyTorch computes on the CPU, fit_torch_threads()). At most every `interval` seconds it looks at how busy the cores this
-process may run on were since its last look (/proc/stat), less this process's own CPU time,
-and gives the number of cores left idle: at least 1, at most `limit`.
+`CpuShare.threads()` (and before each tensor PyTorch computes on the CPU, fit_torch_threads()).
+At most every `interval` seconds it looks at how busy the cores this process may run on were
+since its last look (/proc/stat), less this process's own CPU time, and gives the number of
+cores left idle: at least 1, at most `limit`.
 
 Where /proc/stat cannot be read (not Linux), the count stays at `limit`. The result of every
 kernel is the same whatever the count (the reductions are over fixed blocks, in order).
@@ -16,8 +17,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from functools import lru_cache
-from typing import Callable, Optional
 
 from .lazy import torch, torch_imported
 
@@ -51,7 +52,7 @@ def idle_cores(others_busy_seconds: float, wall_seconds: float, cores: int) -> i
     return max(1, min(cores, int(cores - others + 0.5)))
 
 
-def runnable_others() -> Optional[int]:
+def runnable_others() -> int | None:
     """The tasks that are runnable right now, less the one asking (/proc/loadavg's 4th field)."""
     try:
         with open("/proc/loadavg") as handle:
@@ -61,7 +62,7 @@ def runnable_others() -> Optional[int]:
     return max(0, running - 1)
 
 
-def _read_stat() -> Optional[str]:
+def _read_stat() -> str | None:
     try:
         with open("/proc/stat") as handle:
             return handle.read()
@@ -77,17 +78,17 @@ class CpuShare:
         limit: int,
         interval: float = 0.2,
         clock: Callable[[], float] = time.monotonic,
-        read_stat: Callable[[], Optional[str]] = _read_stat,
+        read_stat: Callable[[], str | None] = _read_stat,
         own_cpu: Callable[[], float] = time.process_time,
     ) -> None:
         self.limit = max(1, limit)
         self._interval, self._clock, self._read_stat, self._own_cpu = interval, clock, read_stat, own_cpu
         self._cpus = allowed_cpus()
         self._ticks = float(os.sysconf("SC_CLK_TCK")) if hasattr(os, "sysconf") else 100.0
-        self._last: Optional[tuple[float, float, float]] = None  # (wall, cores' busy, own CPU) seconds
-        self._threads: Optional[int] = None
+        self._last: tuple[float, float, float] | None = None  # (wall, cores' busy, own CPU) seconds
+        self._threads: int | None = None
 
-    def _sample(self) -> Optional[tuple[float, float, float]]:
+    def _sample(self) -> tuple[float, float, float] | None:
         text = self._read_stat()
         if text is None:
             return None
@@ -106,7 +107,7 @@ class CpuShare:
         now = self._sample()
         if now is None:
             return self._threads
-        wall, busy, own = (b - a for a, b in zip(self._last, now))
+        wall, busy, own = (b - a for a, b in zip(self._last, now, strict=True))
         self._last = now
         if wall > 0:
             self._threads = min(self.limit, idle_cores(busy - own, wall, len(self._cpus)))
@@ -114,7 +115,7 @@ class CpuShare:
 
 
 @lru_cache(maxsize=1)
-def _torch_share() -> Optional[CpuShare]:
+def _torch_share() -> CpuShare | None:
     """What sets PyTorch's CPU thread count: None where the user fixed it with OMP_NUM_THREADS."""
     limit = torch.get_num_threads()
     return None if os.environ.get("OMP_NUM_THREADS") or limit <= 1 else CpuShare(limit)

@@ -75,7 +75,7 @@ class Stored:
         return self.array.size
 
     @classmethod
-    def from_torch(cls, tensor) -> "Stored":
+    def from_torch(cls, tensor) -> Stored:
         """A CPU tensor's entries, flattened, without a copy where it is contiguous."""
         name = dtype_name(tensor.dtype)
         flat = tensor.contiguous().reshape(-1)

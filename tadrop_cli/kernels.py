@@ -20,7 +20,6 @@ import math
 import os
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Optional
 
 import numpy as np
 
@@ -51,7 +50,7 @@ class _ModelSlice(ctypes.Structure):
 
 
 @lru_cache(maxsize=1)
-def _library() -> Optional[ctypes.CDLL]:
+def _library() -> ctypes.CDLL | None:
     if os.environ.get("TADROP_KERNELS", "").lower() == "torch":
         return None
     try:
@@ -65,7 +64,7 @@ def _library() -> Optional[ctypes.CDLL]:
 
 
 @lru_cache(maxsize=1)
-def _cpu_share() -> Optional[CpuShare]:
+def _cpu_share() -> CpuShare | None:
     """What sets the kernels' thread count: None where it is fixed (OMP_NUM_THREADS set by the
     user, or one core), else the idle cores (cpu_share.py)."""
     limit = _library().tadrop_max_threads()
@@ -242,7 +241,7 @@ class ModelSlice:
     ties_before: int = 0  # ... or equal to it at a slice position below this (ties_kept_before)
     seed: int = 0  # DROP_AT_RANDOM: the stream's seed ...
     limit: int = 0  # ... and random_keep_limit(density)
-    rescale_by: Optional[float] = None  # divide the kept entries by this (DARE's 1 / density rescale)
+    rescale_by: float | None = None  # divide the kept entries by this (DARE's 1 / density rescale)
 
 
 def merge_slice(
@@ -263,7 +262,7 @@ def merge_slice(
     by the agreeing weights (TIES) or by `sum_of_weights`.
     """
     settings = (_ModelSlice * len(models))()
-    for setting, model in zip(settings, models):
+    for setting, model in zip(settings, models, strict=True):
         setting.tuned = _pair(base, model.tuned)[2]
         setting.weight = model.weight
         setting.drop = model.drop

@@ -9,7 +9,7 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -33,7 +33,7 @@ class ModelInput:
     index: int  # position in the recipe's models list
     entry: ModelEntry
     checkpoint: Checkpoint
-    tadrop: Optional[TadropSettings]  # the settings in force for this model; None when TADrop is off
+    tadrop: TadropSettings | None  # the settings in force for this model; None when TADrop is off
 
     @property
     def label(self) -> str:
@@ -60,7 +60,7 @@ class Layout:
     reference: Checkpoint  # the base (or, for linear without a base, the first model)
     models: list[ModelInput]
     jobs: list[TensorJob]
-    positions: dict[str, Optional[float]]
+    positions: dict[str, float | None]
     notes: list[str] = field(default_factory=list)
     config_files: list[Path] = field(default_factory=list)  # copied from the reference into the output
     # files of a sentence-transformers model's module folders: (file, its path in the output, "1_Pooling/config.json")
@@ -105,7 +105,7 @@ def tensor_seed(recipe_seed: int, model_label: str, tensor_name: str) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def model_tadrop(recipe: Recipe, entry: ModelEntry) -> Optional[TadropSettings]:
+def model_tadrop(recipe: Recipe, entry: ModelEntry) -> TadropSettings | None:
     """The recipe's TADrop settings with this model's own settings laid over them."""
     if recipe.tadrop is None:
         return None

@@ -12,8 +12,9 @@ in `METHODS`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Literal
 
 from . import sparsify, subspace
 from .lazy import torch
@@ -24,7 +25,7 @@ from .lazy import torch
 #   breadcrumbs the kept fraction between the outliers and the small entries
 #   della       the mean keep probability of DELLA's magnitude-ranked drop
 #   rank        a task's share of a rank budget (SVD-based methods; 2-D tensors only)
-Sparsifier = Optional[Literal["magnitude", "random", "breadcrumbs", "della", "rank"]]
+Sparsifier = Literal["magnitude", "random", "breadcrumbs", "della", "rank"] | None
 
 
 @dataclass
@@ -41,7 +42,7 @@ class TaskVector:
     # When delta is a slice of the tensor (flattened entries from `offset` on): the whole
     # tensor's magnitude trim, found beforehand (see sparsify.top_k_cut)
     offset: int = 0
-    cut: Optional[sparsify.TopKCut] = None
+    cut: sparsify.TopKCut | None = None
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ class GtaSteps:
     (consensus "sum": TIES's sign election and disjoint sum; None: the plain sum)."""
 
     sparsifier: Sparsifier
-    consensus: Optional[Literal["sum", "count"]]
+    consensus: Literal["sum", "count"] | None
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,7 @@ class MergeMethod:
     whole_rows: bool = False
     # merge() is generalized_task_arithmetic with these steps: on a CPU the engine may run it
     # with the compiled kernels (kernels.merge_slice), which give the same bits
-    gta: Optional[GtaSteps] = None
+    gta: GtaSteps | None = None
 
     def sliceable(self, method_parameters: dict[str, Any]) -> bool:
         """Whether the engine may merge a tensor in slices with these parameters."""
@@ -146,7 +147,7 @@ def disjoint_mean(
     majority = sparsify.sign_consensus(weighted, consensus)
     mixed = torch.zeros_like(weighted[0])
     divisor = torch.zeros_like(weighted[0]) if with_divisor else None
-    for weight, delta in zip(weights, weighted):
+    for weight, delta in zip(weights, weighted, strict=True):
         # delta * majority is > 0 exactly where the signs agree; relu keeps those entries'
         # magnitudes, and multiplying back by the (+-1) majority restores them exactly
         aligned = (delta.mul_(majority) if in_place else delta * majority).relu_()
@@ -300,7 +301,7 @@ def consensus(
     ]
     weighted = [_weighted(tv) for tv in task_vectors]
     # new tensors: the TIES steps below overwrite them, and the TALL masks need `weighted` intact
-    trimmed = [delta.clone() if keep is None else delta * keep for delta, keep in zip(weighted, keeps)]
+    trimmed = [delta.clone() if keep is None else delta * keep for delta, keep in zip(weighted, keeps, strict=True)]
     del keeps
     if ties:
         mixed, divisor = disjoint_mean(trimmed, weights, "sum", with_divisor=normalize, in_place=True)
@@ -315,7 +316,7 @@ def consensus(
             mixed /= divisor if abs(divisor) >= 1e-8 else 1.0
     del trimmed
     votes = torch.zeros(base.shape, dtype=torch.int32, device=base.device)
-    for tv, delta in zip(task_vectors, weighted):
+    for tv, delta in zip(task_vectors, weighted, strict=True):
         votes += delta.abs() >= (mixed - delta).abs_().mul_(tv.tall_mask_lambda)
     mixed *= votes >= k
     if lambda_ != 1:
@@ -348,7 +349,8 @@ INT8_MASK = ParamSpec(
 EPSILON = ParamSpec(
     "epsilon",
     0.15,
-    "DELLA: keep probabilities run from density - epsilon (smallest |delta| of a row) to density + epsilon (largest), as in mergekit",
+    "DELLA: keep probabilities run from density - epsilon (smallest |delta| of a row) "
+    "to density + epsilon (largest), as in mergekit",
     per_model=True,
     low=0.0,
     high=0.5,
@@ -357,8 +359,10 @@ ALPHA = ParamSpec("lambda", 1.0, "scale of the merged task vector (the papers' a
 RANK_SHARE = ParamSpec(
     "density",
     EQUAL_SPLIT,
-    "fraction of the rank budget this task keeps in each 2-D tensor (TSV-M: of min(m, n); Iso-CTS: of the task-specific budget); "
-    "default 1/T (T = models merged into the tensor), the papers' equal split; scaled down if the tasks' total exceeds the budget",
+    "fraction of the rank budget this task keeps in each 2-D tensor "
+    "(TSV-M: of min(m, n); Iso-CTS: of the task-specific budget); "
+    "default 1/T (T = models merged into the tensor), the papers' equal split; "
+    "scaled down if the tasks' total exceeds the budget",
     per_model=True,
     low=0.0,
     high=1.0,
@@ -380,7 +384,8 @@ COMMON_SPACE = ParamSpec(
 TALL_LAMBDA = ParamSpec(
     "tall_mask_lambda",
     0.4,
-    "lambda_t of this task's TALL mask |tau_t| >= lambda_t |tau_MTL - tau_t| (paper tunes it in 0.2-0.6 on validation data; 0.4 is the middle)",
+    "lambda_t of this task's TALL mask |tau_t| >= lambda_t |tau_MTL - tau_t| "
+    "(paper tunes it in 0.2-0.6 on validation data; 0.4 is the middle)",
     per_model=True,
     low=0.0,
     high=10.0,
@@ -388,7 +393,8 @@ TALL_LAMBDA = ParamSpec(
 CONSENSUS_K = ParamSpec(
     "k",
     2,
-    "consensus: keep entries selected by the TALL masks of at least k tasks (paper: 2; 0 = no consensus, tau_MTL unchanged)",
+    "consensus: keep entries selected by the TALL masks of at least k tasks "
+    "(paper: 2; 0 = no consensus, tau_MTL unchanged)",
     low=0.0,
     high=1000.0,
 )
@@ -402,7 +408,8 @@ def _rescale(default: bool) -> ParamSpec:
     return ParamSpec(
         "rescale",
         default,
-        "after a drop, rescale survivors: true/paper = 1/density (the papers), l1/l2/linf = match that norm (mergekit), false",
+        "after a drop, rescale survivors: true/paper = 1/density (the papers), "
+        "l1/l2/linf = match that norm (mergekit), false",
         kind="rescale",
     )
 

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import fnmatch
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional
 
 import numpy as np
 
@@ -62,10 +62,10 @@ class RatioRow:
     base_ratio: float  # the host's ratio p = 1 - density
     ratio: float  # the ratio applied
     reason: str  # adaptive[: how] | uniform | excluded | small | zero delta | no sparsification
-    score: Optional[float] = None
-    normalized: Optional[float] = None
-    group: Optional[str] = None  # the scope group its score was normalised in (scope kind or layer)
-    kept: Optional[int] = None  # entries kept, where an allocation set a count (mass, mass_reverse, global)
+    score: float | None = None
+    normalized: float | None = None
+    group: str | None = None  # the scope group its score was normalised in (scope kind or layer)
+    kept: int | None = None  # entries kept, where an allocation set a count (mass, mass_reverse, global)
 
 
 # RatioRow and ModelSummary fields left out of the JSON while None (plans of the default family read as before)
@@ -75,7 +75,7 @@ _OPTIONAL_FIELDS = ("group", "kept", "allocation", "scope", "mass_fraction", "th
 @dataclass
 class ModelSummary:
     model: str
-    statistic: Optional[str]
+    statistic: str | None
     tensors: int
     adaptive_tensors: int
     mean_base_ratio: float  # element-weighted, over every merged tensor
@@ -84,10 +84,10 @@ class ModelSummary:
     max_ratio: float
     shift: float
     budget_met: bool
-    allocation: Optional[str] = None  # with TADrop: strength | mass | mass_reverse | global
-    scope: Optional[str] = None  # strength allocation: model | kind | layer
-    mass_fraction: Optional[float] = None  # mass, mass_reverse: the common fraction f of each tensor's mass
-    threshold: Optional[float] = None  # global: the model-wide |tau| threshold (at bucket resolution)
+    allocation: str | None = None  # with TADrop: strength | mass | mass_reverse | global
+    scope: str | None = None  # strength allocation: model | kind | layer
+    mass_fraction: float | None = None  # mass, mass_reverse: the common fraction f of each tensor's mass
+    threshold: float | None = None  # global: the model-wide |tau| threshold (at bucket resolution)
 
 
 def _without_unset(record: dict) -> dict:
@@ -132,7 +132,7 @@ class Plan:
         }
 
     @classmethod
-    def from_json(cls, data: dict) -> "Plan":
+    def from_json(cls, data: dict) -> Plan:
         return cls([RatioRow(**r) for r in data["tensors"]], [ModelSummary(**m) for m in data["models"]])
 
 
@@ -143,7 +143,7 @@ class _TensorSettings:
     strength: float
     min_ratio: float
     max_ratio: float
-    rescale_cap: Optional[float] = None  # a random host's max_rescale bound where it is below max_ratio
+    rescale_cap: float | None = None  # a random host's max_rescale bound where it is below max_ratio
 
 
 def glob_matches(name: str, pattern: str) -> bool:
@@ -152,7 +152,7 @@ def glob_matches(name: str, pattern: str) -> bool:
     return fnmatch.fnmatchcase(name.lower(), pattern.lower())
 
 
-def _rescale_cap(settings: TadropSettings, sparsifier: Optional[str], base_ratio: float) -> Optional[float]:
+def _rescale_cap(settings: TadropSettings, sparsifier: str | None, base_ratio: float) -> float | None:
     """The highest ratio a random host may get: 1 - 1 / max_rescale, but never below the host's own
     ratio (the user chose that rescale for every tensor). None for other hosts."""
     if sparsifier not in RANDOM_SPARSIFIERS:
@@ -161,7 +161,7 @@ def _rescale_cap(settings: TadropSettings, sparsifier: Optional[str], base_ratio
 
 
 def _settings_for(
-    settings: TadropSettings, name: str, numel: int, sparsifier: Optional[str] = None, base_ratio: float = 0.0
+    settings: TadropSettings, name: str, numel: int, sparsifier: str | None = None, base_ratio: float = 0.0
 ) -> _TensorSettings:
     override = next((o for o in settings.overrides if glob_matches(name, o.filter)), None)
     strength = settings.strength if override is None or override.strength is None else override.strength
@@ -179,11 +179,11 @@ def _settings_for(
     return _TensorSettings(True, "adaptive", strength, low, high, cap)
 
 
-def _fixed_ratio(settings: Optional[TadropSettings], base_ratio: float) -> float:
+def _fixed_ratio(settings: TadropSettings | None, base_ratio: float) -> float:
     return 0.0 if settings is not None and settings.excluded_ratio == "none" else base_ratio
 
 
-def scope_group(name: str, scope: str) -> Optional[str]:
+def scope_group(name: str, scope: str) -> str | None:
     """The group a tensor's score is normalised in: None (the whole model), its kind (the name with
     its layer number as {}: every layer's query matrices together), or its layer ("layer 3";
     tensors outside numbered layers form one group, "no layer")."""
@@ -204,7 +204,7 @@ class _Entry:
     row: RatioRow
     settings: _TensorSettings
     density: float  # the host's kept fraction, as the recipe gives it
-    profile: Optional[MagnitudeProfile] = None
+    profile: MagnitudeProfile | None = None
 
 
 def check_allocations(layout: Layout) -> None:
@@ -253,7 +253,7 @@ def build_plan(layout: Layout, device: str, on_tensor: Callable[[TensorJob], Non
         profiled = [(j, model, entry) for j, model, entry in to_measure if model.tadrop.allocation != "strength"]
         if scored:
             scores = _scores(layout, job, device, [(j, model) for j, model, _ in scored])
-            for j, model, entry in scored:
+            for j, _, entry in scored:
                 entry.row.score = scores[j]
                 if entry.row.score is None:
                     entry.row.reason = "zero delta"
@@ -261,7 +261,7 @@ def build_plan(layout: Layout, device: str, on_tensor: Callable[[TensorJob], Non
                     pending[j].append(entry)
         if profiled:
             profiles = _profiles(layout, job, device, [(j, model) for j, model, _ in profiled])
-            for j, model, entry in profiled:
+            for j, _, entry in profiled:
                 entry.profile = profiles[j]
                 if entry.profile.nonzero == 0:
                     entry.row.reason = "zero delta"
@@ -297,7 +297,9 @@ def _strength_ratios(entries: list[_Entry], settings: TadropSettings) -> dict:
     normalized = [0.0] * len(entries)
     for group in dict.fromkeys(groups):
         members = [i for i, g in enumerate(groups) if g == group]
-        for i, s in zip(members, normalize_scores([entries[i].row.score for i in members], settings.normalize)):
+        for i, s in zip(
+            members, normalize_scores([entries[i].row.score for i in members], settings.normalize), strict=True
+        ):
             normalized[i] = s
     result = adaptive_ratios(
         normalized,
@@ -308,7 +310,7 @@ def _strength_ratios(entries: list[_Entry], settings: TadropSettings) -> dict:
         max_ratio=[e.settings.max_ratio for e in entries],
         preserve_budget=settings.preserve_budget,
     )
-    for entry, group, s, ratio in zip(entries, groups, normalized, result.ratios):
+    for entry, group, s, ratio in zip(entries, groups, normalized, result.ratios, strict=True):
         entry.row.normalized, entry.row.ratio, entry.row.group = s, ratio, group
         how = [] if group is None else [f"normalised within {settings.scope} {group}"]
         if entry.settings.rescale_cap is not None and ratio >= entry.settings.rescale_cap:
@@ -328,7 +330,7 @@ def _count_ratios(entries: list[_Entry], settings: TadropSettings) -> dict:
     profiles = [e.profile for e in entries]
     uniform = [kept_count(e.row.numel, e.density) for e in entries]
     highs = [kept_count(e.row.numel, 1.0 - e.settings.min_ratio) for e in entries]
-    lows = [min(h, _fewest_kept(e.row.numel, e.settings.max_ratio)) for e, h in zip(entries, highs)]
+    lows = [min(h, _fewest_kept(e.row.numel, e.settings.max_ratio)) for e, h in zip(entries, highs, strict=True)]
     summary = _family(settings)
     if settings.allocation == "mass":
         result = mass_allocation(profiles, sum(uniform), lows, highs)
@@ -353,7 +355,7 @@ def _count_ratios(entries: list[_Entry], settings: TadropSettings) -> dict:
         how = f"global: entries with |tau| above the model-wide threshold {summary['threshold']:.6g}"
     else:
         raise ValueError(f"unknown allocation {settings.allocation!r}")
-    for entry, kept, wanted, low, high in zip(entries, result.kept, raw, lows, highs):
+    for entry, kept, wanted, low, high in zip(entries, result.kept, raw, lows, highs, strict=True):
         entry.row.kept, entry.row.ratio = kept, 1.0 - kept / entry.row.numel
         bound = ""
         if kept == low and wanted < low:
@@ -384,9 +386,9 @@ GPU_SCORE_SLICE_ELEMENTS = 1 << 24  # on a GPU, fewer launches and waits (see te
 
 def _scores(
     layout: Layout, job: TensorJob, device: str, models: list[tuple[int, ModelInput]]
-) -> dict[int, Optional[float]]:
+) -> dict[int, float | None]:
     """Each model's score of this tensor's task vector (None: all zeros)."""
-    scores: dict[int, Optional[float]] = {}
+    scores: dict[int, float | None] = {}
     sliced = {j: HoyerSums() for j, model in models if model.tadrop.statistic == "hoyer"}
     step = SCORE_SLICE_ELEMENTS if on_cpu(device) else GPU_SCORE_SLICE_ELEMENTS
     checkpoints = [layout.reference, *(layout.models[j].checkpoint for j in sliced)]
@@ -396,7 +398,7 @@ def _scores(
         if with_kernels and _add_sums_with_kernels(checkpoints, job.name, start, stop, list(sliced.values())):
             continue
         base, *tuned = read_all_float32(checkpoints, job.name, device, start, stop)
-        for sums, tensor in zip(sliced.values(), tuned):
+        for sums, tensor in zip(sliced.values(), tuned, strict=True):
             sums.add(tensor.sub_(base))
     scores.update({j: sums.score() for j, sums in sliced.items()})
     whole = [(j, model) for j, model in models if j not in sliced]
@@ -438,7 +440,7 @@ def _profiles(
             continue
         checkpoints_read = [layout.reference, *(layout.models[j].checkpoint for j in in_torch)]
         base, *tuned = read_all_float32(checkpoints_read, job.name, device, start, stop)
-        for j, tensor in zip(in_torch, tuned):
+        for j, tensor in zip(in_torch, tuned, strict=True):
             delta = tensor.sub_(base).reshape(-1)
             buckets = (delta.view(torch.int32) & 0x7FFFFFFF) >> 16
             slice_counts = _bincount(buckets)
@@ -451,7 +453,7 @@ def _profiles(
     return {j: magnitude_profile(counts[j], masses.get(j)) for j in powers}
 
 
-def _mass_power(settings: TadropSettings) -> Optional[int]:
+def _mass_power(settings: TadropSettings) -> int | None:
     """The power q of a profile's mass sum |tau|^q: none for a model-wide trim (counts only)."""
     return None if settings.allocation == "global" else 1 if settings.mass_norm == "l1" else 2
 
@@ -460,7 +462,7 @@ def _overflow(layout: Layout, j: int, job: TensorJob) -> BadInput:
     return BadInput(f"{layout.models[j].label}: tensor {job.name}: the task vector (model - base) overflows float32")
 
 
-def _bincount(buckets: torch.Tensor, weights: Optional[torch.Tensor] = None) -> np.ndarray:
+def _bincount(buckets: torch.Tensor, weights: torch.Tensor | None = None) -> np.ndarray:
     """Entries (or the float64 sum of `weights`) per magnitude bucket, as numpy."""
     return torch.bincount(buckets, weights=weights, minlength=MAGNITUDE_BUCKETS).cpu().numpy()
 
@@ -487,12 +489,12 @@ def _add_sums_with_kernels(
         results, non_finite = kernels.hoyer_sums(base, tuned)
     if non_finite or not all(math.isfinite(l1) and math.isfinite(l2) for l1, l2 in results):  # float32 sums overflowed
         return False
-    for model_sums, (l1, l2_squared) in zip(sums, results):
+    for model_sums, (l1, l2_squared) in zip(sums, results, strict=True):
         model_sums.add_sums(stop - start, l1, l2_squared)
     return True
 
 
-def _sparsifies(sparsifier: Optional[str], job: TensorJob) -> bool:
+def _sparsifies(sparsifier: str | None, job: TensorJob) -> bool:
     """Whether the method's drop (its `sparsifier`) applies to this tensor: a rank budget
     only to 2-D tensors (the SVD-based methods average every other tensor)."""
     if sparsifier == "rank":

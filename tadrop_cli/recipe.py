@@ -12,7 +12,7 @@ import hashlib
 import re
 import typing
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
@@ -44,10 +44,10 @@ DTYPES = {
 }
 DTypeName = Literal["float32", "fp32", "float16", "fp16", "half", "bfloat16", "bf16"]
 Policy = Literal["error", "skip_model", "copy_base"]
-Number = Union[StrictInt, StrictFloat]
+Number = StrictInt | StrictFloat
 
 
-def parse_size(value: Union[int, str]) -> int:
+def parse_size(value: int | str) -> int:
     """'5GB', '500MB', '2GiB' or a byte count -> bytes."""
     if isinstance(value, int):
         size = value
@@ -80,21 +80,21 @@ class _Strict(BaseModel):
 class ConditionalValue(_Strict):
     """mergekit's filtered parameter value: applies to tensors whose name contains `filter`."""
 
-    filter: Optional[str] = None
-    value: Union[StrictBool, Number, str]
+    filter: str | None = None
+    value: StrictBool | Number | str
 
 
-ParamValue = Union[StrictBool, Number, str, list[ConditionalValue], list[Number]]
+ParamValue = StrictBool | Number | str | list[ConditionalValue] | list[Number]
 
 
 class TadropOverride(_Strict):
     """TADrop settings for the tensors whose name matches `filter` (a glob, e.g. '*mlp*')."""
 
     filter: str
-    enabled: Optional[bool] = None
-    strength: Optional[float] = Field(None, ge=-1.0, le=1.0)
-    min_ratio: Optional[float] = Field(None, ge=0.0, le=1.0)
-    max_ratio: Optional[float] = Field(None, ge=0.0, le=1.0)
+    enabled: bool | None = None
+    strength: float | None = Field(None, ge=-1.0, le=1.0)
+    min_ratio: float | None = Field(None, ge=0.0, le=1.0)
+    max_ratio: float | None = Field(None, ge=0.0, le=1.0)
 
 
 class TadropSettings(_Strict):
@@ -123,7 +123,7 @@ class TadropSettings(_Strict):
     max_rescale: float = Field(10.0, ge=1.0)
 
     @model_validator(mode="after")
-    def _ratios_ordered(self) -> "TadropSettings":
+    def _ratios_ordered(self) -> TadropSettings:
         if self.min_ratio > self.max_ratio:
             raise ValueError(f"min_ratio ({self.min_ratio}) must not exceed max_ratio ({self.max_ratio})")
         if self.scope != "model" and self.allocation != "strength":
@@ -136,38 +136,38 @@ class TadropSettings(_Strict):
 class ModelTadropSettings(_Strict):
     """Per-model TADrop settings: any field given replaces the recipe-level one for this model."""
 
-    enabled: Optional[bool] = None
-    statistic: Optional[Literal[STATISTICS]] = None  # type: ignore[valid-type]
-    normalize: Optional[Literal["rank", "minmax"]] = None
-    strength: Optional[float] = Field(None, ge=-1.0, le=1.0)
-    min_ratio: Optional[float] = Field(None, ge=0.0, le=1.0)
-    max_ratio: Optional[float] = Field(None, ge=0.0, le=1.0)
-    min_numel: Optional[int] = Field(None, ge=0)
-    exclude: Optional[list[str]] = None
-    excluded_ratio: Optional[Literal["global", "none"]] = None
-    topmass_fraction: Optional[float] = Field(None, gt=0.0, le=1.0)
-    preserve_budget: Optional[bool] = None
-    overrides: Optional[list[TadropOverride]] = None
-    scope: Optional[Literal["model", "kind", "layer"]] = None
-    allocation: Optional[Literal["strength", "mass", "mass_reverse", "global"]] = None
-    mass_norm: Optional[Literal["l1", "l2"]] = None
-    max_rescale: Optional[float] = Field(None, ge=1.0)
+    enabled: bool | None = None
+    statistic: Literal[STATISTICS] | None = None  # type: ignore[valid-type]
+    normalize: Literal["rank", "minmax"] | None = None
+    strength: float | None = Field(None, ge=-1.0, le=1.0)
+    min_ratio: float | None = Field(None, ge=0.0, le=1.0)
+    max_ratio: float | None = Field(None, ge=0.0, le=1.0)
+    min_numel: int | None = Field(None, ge=0)
+    exclude: list[str] | None = None
+    excluded_ratio: Literal["global", "none"] | None = None
+    topmass_fraction: float | None = Field(None, gt=0.0, le=1.0)
+    preserve_budget: bool | None = None
+    overrides: list[TadropOverride] | None = None
+    scope: Literal["model", "kind", "layer"] | None = None
+    allocation: Literal["strength", "mass", "mass_reverse", "global"] | None = None
+    mass_norm: Literal["l1", "l2"] | None = None
+    max_rescale: float | None = Field(None, ge=1.0)
 
 
 class ModelEntry(_Strict):
     model: str = Field(min_length=1)
     parameters: dict[str, ParamValue] = {}
-    tadrop: Optional[ModelTadropSettings] = None
+    tadrop: ModelTadropSettings | None = None
 
 
 class OutputSettings(_Strict):
-    path: Optional[str] = None
-    dtype: Optional[DTypeName] = None
-    shard_size: Union[StrictInt, str] = Field("5GB", validate_default=True)
+    path: str | None = None
+    dtype: DTypeName | None = None
+    shard_size: StrictInt | str = Field("5GB", validate_default=True)
 
     @field_validator("shard_size")
     @classmethod
-    def _parse_size(cls, value: Union[int, str]) -> int:
+    def _parse_size(cls, value: int | str) -> int:
         return parse_size(value)
 
 
@@ -180,14 +180,14 @@ class Policies(_Strict):
 
 class Recipe(_Strict):
     merge_method: str
-    base_model: Optional[str] = None
+    base_model: str | None = None
     models: list[ModelEntry] = Field(min_length=1)
     parameters: dict[str, ParamValue] = {}
-    dtype: Optional[DTypeName] = None
-    out_dtype: Optional[DTypeName] = None
-    tokenizer_source: Optional[Literal["base"]] = None
-    name: Optional[str] = None
-    tadrop: Optional[TadropSettings] = None
+    dtype: DTypeName | None = None
+    out_dtype: DTypeName | None = None
+    tokenizer_source: Literal["base"] | None = None
+    name: str | None = None
+    tadrop: TadropSettings | None = None
     seed: int = Field(0, ge=0, lt=2**63)
     device: str = "auto"
     output: OutputSettings = OutputSettings()
@@ -205,7 +205,7 @@ class Recipe(_Strict):
         return METHODS[self.merge_method]
 
     @property
-    def output_dtype(self) -> Optional[str]:
+    def output_dtype(self) -> str | None:
         """The dtype to write, as safetensors names it ("BF16"), or None to keep each tensor's dtype in the base."""
         name = self.output.dtype or self.out_dtype or self.dtype
         return DTYPES[name] if name else None
@@ -214,7 +214,7 @@ class Recipe(_Strict):
 # ---------------------------------------------------------------- values
 
 
-def value_for_tensor(value: ParamValue, tensor_name: str, layer_position: Optional[float]) -> Any:
+def value_for_tensor(value: ParamValue, tensor_name: str, layer_position: float | None) -> Any:
     """Resolve a mergekit parameter value for one tensor.
 
     Scalars apply everywhere; a list of {filter, value} takes the first entry whose
@@ -241,8 +241,8 @@ def value_for_tensor(value: ParamValue, tensor_name: str, layer_position: Option
 # ---------------------------------------------------------------- loading
 
 
-def _unwrap_model(annotation: Any) -> Optional[type]:
-    """The BaseModel class inside Optional[...] / list[...] annotations, if any."""
+def _unwrap_model(annotation: Any) -> type | None:
+    """The BaseModel class inside `X | None` / list[...] annotations, if any."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     for arg in typing.get_args(annotation):
@@ -253,7 +253,7 @@ def _unwrap_model(annotation: Any) -> Optional[type]:
 
 
 def _allowed_keys(loc: tuple) -> list[str]:
-    cls: Optional[type] = Recipe
+    cls: type | None = Recipe
     for part in loc:
         if isinstance(part, int) or cls is None:
             continue
@@ -313,7 +313,8 @@ def check_method_parameters(recipe: Recipe) -> None:
             if spec is None or (per_model_only and not spec.per_model):
                 allowed = [p.name for p in method.params if p.per_model or not per_model_only]
                 raise BadInput(
-                    f"{where}.{key}: not a parameter of {method.name}; {_suggest(key, allowed)}allowed: {', '.join(allowed)}"
+                    f"{where}.{key}: not a parameter of {method.name}; "
+                    f"{_suggest(key, allowed)}allowed: {', '.join(allowed)}"
                 )
             if isinstance(value, list) and not value:
                 raise BadInput(
@@ -380,7 +381,8 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     method_name = data.get("merge_method")
     if isinstance(method_name, str) and method_name not in METHODS:
         raise BadInput(
-            f"{source}: merge_method: unknown method {method_name!r}; {_suggest(method_name, list(METHODS))}valid: {', '.join(METHODS)}"
+            f"{source}: merge_method: unknown method {method_name!r}; "
+            f"{_suggest(method_name, list(METHODS))}valid: {', '.join(METHODS)}"
         )
     try:
         recipe = Recipe.model_validate(data)

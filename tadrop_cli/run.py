@@ -9,16 +9,17 @@ from __future__ import annotations
 import ctypes
 import resource
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Protocol
+from typing import Protocol
 
 from . import __version__, interrupts, kernels
 from .devices import choose_device, on_cpu
 from .dtypes import Stored
 from .errors import BadInput
-from .lazy import is_torch_tensor, torch, torch_imported
 from .layout import Layout, build_layout
+from .lazy import is_torch_tensor, torch, torch_imported
 from .plan import Plan, build_plan
 from .recipe import Recipe, recipe_digest
 from .tensor_merge import chunk_elements, kernels_merge, merge_tensor
@@ -65,6 +66,9 @@ class NoProgress:
         pass
 
 
+NO_PROGRESS = NoProgress()  # the default: report nothing
+
+
 def reporting_slices(merged: torch.Tensor | Stored | Iterator[torch.Tensor | Stored], progress: Progress):
     """merge_tensor's result, where it comes in slices with each slice reported to `progress` as it
     is made: the bar then moves through a large tensor instead of standing still."""
@@ -81,10 +85,10 @@ def _reported(slices: Iterator[torch.Tensor | Stored], progress: Progress) -> It
 
 @dataclass
 class MergeOptions:
-    output: Optional[Path] = None  # overrides the recipe's output.path
+    output: Path | None = None  # overrides the recipe's output.path
     overwrite: bool = False
     resume: bool = False
-    device: Optional[str] = None  # overrides the recipe's device
+    device: str | None = None  # overrides the recipe's device
 
 
 def output_path(recipe: Recipe, options: MergeOptions) -> Path:
@@ -216,7 +220,7 @@ def _check_inputs_unchanged(layout: Layout, recorded: dict) -> None:
         raise BadInput(f"input {changes[0]} during the merge; nothing was published: run the merge again")
 
 
-def run_merge(recipe: Recipe, options: MergeOptions, progress: Progress = NoProgress()) -> dict:
+def run_merge(recipe: Recipe, options: MergeOptions, progress: Progress = NO_PROGRESS) -> dict:
     """Merge as the recipe says; returns the summary. The output appears only when complete.
 
     A partial merge left by an interrupted run of the same recipe, inputs, tadrop version and device
@@ -353,9 +357,7 @@ def _merge_into(
     }
 
 
-def plan_only(
-    recipe: Recipe, device_name: Optional[str] = None, progress: Progress = NoProgress()
-) -> tuple[Layout, Plan]:
+def plan_only(recipe: Recipe, device_name: str | None = None, progress: Progress = NO_PROGRESS) -> tuple[Layout, Plan]:
     """Pass 1 alone, for `tadrop plan`."""
     device = choose_device(device_name or recipe.device)
     layout = build_layout(recipe)

@@ -10,13 +10,13 @@ from __future__ import annotations
 import math
 import struct
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Literal
 
 import numpy as np
 
 from .lazy import torch
 
-Rescale = Union[bool, Literal["none", "paper", "l1", "l2", "linf"]]
+Rescale = bool | Literal["none", "paper", "l1", "l2", "linf"]
 
 
 def kept_count(numel: int, density: float) -> int:

@@ -30,10 +30,9 @@ Papers:
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from .lazy import torch
-
 
 _TOLERANCE = 1e-9  # density * n is a float: 1/3 * 3 must count as 1, not 0.999...
 _EPS32 = 2.0**-23  # torch.finfo(torch.float32).eps
@@ -89,7 +88,7 @@ def _gram64(matrix: torch.Tensor) -> torch.Tensor:
     return gram
 
 
-def _times64(matrix: torch.Tensor, right: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+def _times64(matrix: torch.Tensor, right: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """matrix @ right in float64 (right: float64), returned in `dtype` (float32 by default), a block of
     rows at a time. (The default is looked up here, not in the signature: that would import torch.)"""
     dtype = torch.float32 if dtype is None else dtype
@@ -289,7 +288,7 @@ def tsv_merge(
     r = min(deltas[0].shape)
     ranks = split_budget(r, densities)
     us, ss, vhs = [], [], []
-    for delta, k, seed in zip(deltas, ranks, _seeds(seeds, len(deltas))):
+    for delta, k, seed in zip(deltas, ranks, _seeds(seeds, len(deltas)), strict=True):
         if k > 0:
             tolerance = null_tolerance(delta)
             u, s, vh = _top(delta, k, tolerance) if exact_svd else top_fast(delta, k, tolerance, seed)
@@ -394,7 +393,7 @@ def iso_cts_merge(
     del total
     us, ss, vhs = [u], [s], [vh]
     asked = common
-    for delta, k, seed in zip(deltas, split_budget(budget, densities), _seeds(seeds, len(deltas))):
+    for delta, k, seed in zip(deltas, split_budget(budget, densities), _seeds(seeds, len(deltas)), strict=True):
         if k > 0:
             specific = delta - u @ (u.T @ delta)
             tolerance = null_tolerance(delta)

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Literal, Optional, Sequence
+from typing import Literal
 
 import numpy as np
 
 from .lazy import torch
 from .sparsify import MAGNITUDE_BUCKETS
-
 
 Statistic = Literal["kurtosis", "hoyer", "cv", "gini", "topmass"]
 Normalization = Literal["rank", "minmax"]
@@ -220,19 +220,19 @@ def adaptive_ratios(
         return RatioResult([], 0.0, True)
     strengths = _per_tensor(strength, count)
     lows, highs = _per_tensor(min_ratio, count), _per_tensor(max_ratio, count)
-    raw = [p + g * (1.0 - 2.0 * s) for p, g, s in zip(base_ratios, strengths, normalized)]
+    raw = [p + g * (1.0 - 2.0 * s) for p, g, s in zip(base_ratios, strengths, normalized, strict=True)]
 
     def ratios_for(shift: float) -> list[float]:
-        return [_clip(r + shift, lo, hi) for r, lo, hi in zip(raw, lows, highs)]
+        return [_clip(r + shift, lo, hi) for r, lo, hi in zip(raw, lows, highs, strict=True)]
 
     if not preserve_budget:
         return RatioResult(ratios_for(0.0), 0.0, True)
 
     total = float(sum(sizes))
-    target = sum(n * p for n, p in zip(sizes, base_ratios)) / total
+    target = sum(n * p for n, p in zip(sizes, base_ratios, strict=True)) / total
 
     def mean_drop(shift: float) -> float:
-        return sum(n * r for n, r in zip(sizes, ratios_for(shift))) / total
+        return sum(n * r for n, r in zip(sizes, ratios_for(shift), strict=True)) / total
 
     reach = 2.0 + max(abs(g) for g in strengths)  # signed strengths: |shift| this wide reaches both clip bounds
     low, high = -reach, reach
@@ -286,7 +286,7 @@ class MagnitudeProfile:
 
 
 def magnitude_profile(
-    counts_in: np.ndarray, masses: Optional[np.ndarray] = None, points: int = PROFILE_POINTS
+    counts_in: np.ndarray, masses: np.ndarray | None = None, points: int = PROFILE_POINTS
 ) -> MagnitudeProfile:
     """The MagnitudeProfile of a bucket histogram (`counts_in`, int) and its per-bucket sums of
     |tau|^q (`masses`, float64; None: counts only)."""

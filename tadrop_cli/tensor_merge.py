@@ -11,9 +11,9 @@ whole merge (the output folder, staging, publishing, the summary) is run.py's.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
@@ -23,8 +23,8 @@ from .cpu_share import fit_torch_threads
 from .devices import on_cpu
 from .dtypes import Stored, torch_dtype
 from .errors import BadInput
-from .lazy import torch
 from .layout import Layout, TensorJob, tensor_seed
+from .lazy import torch
 from .methods import TaskVector
 from .plan import Plan
 from .sparsify import (
@@ -96,11 +96,11 @@ class _Inputs:
     """The base's and some models' entries [start, stop) of one tensor (all of it when start is
     None), in float32; `tuned` is model j's fine-tuned tensor until `task_vectors` subtracts."""
 
-    start: Optional[int]
+    start: int | None
     base: torch.Tensor
     tuned: dict[int, torch.Tensor]
 
-    def in_rows(self, length: int) -> "_Inputs":
+    def in_rows(self, length: int) -> _Inputs:
         """The same entries as rows of `length` (a slice of whole rows, for row-wise methods)."""
         if length <= 1:
             return self
@@ -113,13 +113,13 @@ class _Inputs:
 
 
 def _read_inputs(
-    layout: Layout, job: TensorJob, device: str, start: Optional[int], stop: Optional[int], models: Iterable[int]
+    layout: Layout, job: TensorJob, device: str, start: int | None, stop: int | None, models: Iterable[int]
 ) -> _Inputs:
     models = list(models)
     base, *tuned = read_all_float32(
         [layout.reference, *(layout.models[j].checkpoint for j in models)], job.name, device, start, stop
     )
-    return _Inputs(start, base, dict(zip(models, tuned)))
+    return _Inputs(start, base, dict(zip(models, tuned, strict=True)))
 
 
 def _read_slices(
@@ -160,7 +160,7 @@ def _stored_inputs(
         base,
         *tuned,
     ):
-        yield base, dict(zip(models, tuned))
+        yield base, dict(zip(models, tuned, strict=True))
 
 
 def _merge_with_kernels(
@@ -201,9 +201,9 @@ def _merge_with_kernels(
 
 
 def _model_slice(
-    sparsifier: Optional[str],
+    sparsifier: str | None,
     settings: dict,
-    cut: Optional[TopKCut],
+    cut: TopKCut | None,
     rescale: bool,
     start: int,
     base: Stored,
@@ -243,7 +243,7 @@ def _histograms(
     device: str,
     slices: list[tuple[int, int]],
     models: Iterable[int],
-    buckets: Optional[dict[int, int]],
+    buckets: dict[int, int] | None,
     stored: bool,
 ) -> Iterator[tuple[int, int, np.ndarray]]:
     """(slice, model, histogram of its task vector there) for every slice and model: the
@@ -326,7 +326,7 @@ def _merge_entries(
     job: TensorJob,
     inputs: _Inputs,
     settings: dict[int, dict],
-    cuts: Optional[dict[int, TopKCut]] = None,
+    cuts: dict[int, TopKCut] | None = None,
 ) -> torch.Tensor:
     """The merge of one tensor, or of one slice of it (`cuts`: the trimmed models' whole-tensor
     cuts), cast to the output dtype, on the CPU."""

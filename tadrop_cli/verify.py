@@ -10,7 +10,6 @@ from .dtypes import FLOATS, dtype_name
 from .errors import BadInput, WriteError
 from .writer import Shard
 
-
 # Large safetensors tensors are read back in slices of this many entries: memory stays at a
 # slice whatever the tensor
 VERIFY_SLICE_ELEMENTS = 1 << 22
@@ -49,7 +48,8 @@ def _verify_with_torch(checkpoint: Checkpoint, name: str) -> None:
         tensor = checkpoint.read(name)
         if tuple(tensor.shape) != info.shape or dtype_name(tensor.dtype) != info.dtype:
             raise BadInput(
-                f"{info.file}: tensor {name} reads back as {tensor.dtype} {tuple(tensor.shape)}, header says {info.dtype} {info.shape}"
+                f"{info.file}: tensor {name} reads back as {tensor.dtype} {tuple(tensor.shape)}, "
+                f"header says {info.dtype} {info.shape}"
             )
         parts = (tensor,)
     for part in parts:  # every tensor is read, to find truncation; float ones are checked

@@ -22,9 +22,9 @@ import shutil
 import stat
 import struct
 import zlib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Optional
 
 from .dtypes import ITEMSIZE, Stored, dtype_name
 from .errors import BadInput, WriteError
@@ -122,7 +122,7 @@ def _creating_in(folder_fd: int) -> Callable[[str, int], int]:
     return lambda name, flags: os.open(name, flags | os.O_EXCL | _NOFOLLOW | _CLOEXEC, 0o644, dir_fd=folder_fd)
 
 
-def _open_regular(name: str | Path, folder_fd: Optional[int] = None) -> int:
+def _open_regular(name: str | Path, folder_fd: int | None = None) -> int:
     """A read-only descriptor of a regular file, never through a link; OSError otherwise."""
     fd = os.open(name, os.O_RDONLY | _NOFOLLOW | _CLOEXEC | os.O_NONBLOCK, dir_fd=folder_fd)
     if not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -141,7 +141,7 @@ def _open_input(path: Path) -> int:
     return fd
 
 
-def _read_regular(name: str, folder_fd: Optional[int] = None, limit: int = 64 << 20) -> bytes:
+def _read_regular(name: str, folder_fd: int | None = None, limit: int = 64 << 20) -> bytes:
     fd = _open_regular(name, folder_fd)
     try:
         with os.fdopen(fd, "rb", closefd=False) as handle:
@@ -235,7 +235,7 @@ class ExistingOutput:
     """What is at the output path now: nothing, or a folder that --overwrite may replace, or one it may not."""
 
     exists: bool
-    refusal: Optional[str] = None  # why --overwrite may not replace it
+    refusal: str | None = None  # why --overwrite may not replace it
 
 
 def _made_by_tadrop(name: str, folder_fd: int) -> bool:
@@ -263,7 +263,7 @@ def _module_folder(name: str, folder_fd: int) -> bool:
         os.close(fd)
 
 
-def _not_a_model_output(folder_fd: int) -> Optional[str]:
+def _not_a_model_output(folder_fd: int) -> str | None:
     """Why the opened folder does not look like a model output that may be replaced; None where it does:
     an empty folder, or regular files only (and module folders of them) among which safetensors with an
     index or tadrop's metadata."""
@@ -285,11 +285,11 @@ def _not_a_model_output(folder_fd: int) -> Optional[str]:
     return "holds no model (no safetensors with an index or tadrop's metadata)"
 
 
-def _open_folder(name: str | Path, folder_fd: Optional[int] = None) -> int:
+def _open_folder(name: str | Path, folder_fd: int | None = None) -> int:
     return os.open(name, os.O_RDONLY | _DIRECTORY | _NOFOLLOW | _CLOEXEC, dir_fd=folder_fd)
 
 
-def existing_output(target: Path, parent_fd: Optional[int] = None) -> ExistingOutput:
+def existing_output(target: Path, parent_fd: int | None = None) -> ExistingOutput:
     """What is at the target (looked up in the opened parent folder where given). A link or anything but
     a folder is refused: tadrop never writes or replaces through a link it did not create."""
     name = target.name if parent_fd is not None else target
@@ -371,7 +371,7 @@ def _not_ours(staging: Path) -> str:
     )
 
 
-def recorded_recipe_digest(folder: Path) -> Optional[str]:
+def recorded_recipe_digest(folder: Path) -> str | None:
     """The recipe SHA-256 that tadrop wrote into an output (index metadata, or the single shard's header)."""
     try:
         fd = _open_folder(folder)
@@ -465,7 +465,7 @@ WRITEBACK_BYTES = 32 << 20
 
 
 @functools.lru_cache(maxsize=1)
-def _sync_file_range() -> Optional[Callable[[int, int, int, int], int]]:
+def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
     """Linux's sync_file_range, or None where the C library has none."""
     try:
         function = ctypes.CDLL(None, use_errno=True).sync_file_range
@@ -483,7 +483,7 @@ class ShardWriter:
     created new (never through a link, never over a file already there), in `folder_fd` when given,
     and the CRC-32 of every byte written is kept (`crc32`) for the journal."""
 
-    def __init__(self, path: Path, shard: Shard, metadata: dict[str, str], folder_fd: Optional[int] = None):
+    def __init__(self, path: Path, shard: Shard, metadata: dict[str, str], folder_fd: int | None = None):
         self.path = path
         self._expected = list(shard.tensors)
         self._size = shard_file_size(shard, metadata)
@@ -567,7 +567,7 @@ PLAN = "plan.json"
 JOURNAL_FORMAT = "tadrop-journal-2"
 
 
-def _read_journal(folder_fd: int) -> Optional[dict]:
+def _read_journal(folder_fd: int) -> dict | None:
     """The journal in an opened staging folder; {"format": "older"} for an older tadrop's (no checksums);
     None where there is none, or it is not tadrop's."""
     try:
@@ -606,9 +606,9 @@ class StagingFolder:
         self.digest = digest
         self.sources = sources  # what a resume must find unchanged: tadrop's version, device, inputs' identities
         self.notes: list[str] = []
-        self._parent: Optional[int] = None  # the target's parent folder
-        self._fd: Optional[int] = None  # the staging folder
-        self._lock: Optional[int] = None
+        self._parent: int | None = None  # the target's parent folder
+        self._fd: int | None = None  # the staging folder
+        self._lock: int | None = None
         self._journal: dict = {}
         self._writers: dict[str, ShardWriter] = {}
 
@@ -705,7 +705,7 @@ class StagingFolder:
         self._start_over()
         return {}
 
-    def _why_not_resumable(self, journal: dict) -> Optional[str]:
+    def _why_not_resumable(self, journal: dict) -> str | None:
         """Why the partial merge in the staging folder is not this merge's; None where it is."""
         if journal.get("format") != JOURNAL_FORMAT:
             return "it was made by an older tadrop, whose journal has no checksums"
@@ -787,7 +787,7 @@ class StagingFolder:
         self._journal["plan_sha256"] = hashlib.sha256(text).hexdigest()
         self._write_journal()
 
-    def saved_plan(self) -> Optional[object]:
+    def saved_plan(self) -> object | None:
         """The plan an earlier run saved, if the journal vouches for it."""
         try:
             text = _read_regular(PLAN, self._fd)
@@ -852,7 +852,7 @@ class StagingFolder:
     def write_json(self, name: str, data: object) -> None:
         self._write_file(name, json.dumps(data, indent=2).encode())
 
-    def copy_in(self, source: Path, relative: Optional[str] = None) -> None:
+    def copy_in(self, source: Path, relative: str | None = None) -> None:
         """Copy a config file of the inputs into the output (created new, never through a link); `relative`:
         its path in the output where that is a folder one level down ("1_Pooling/config.json", a
         sentence-transformers module's; layout.module_files checked the name)."""

@@ -9,11 +9,10 @@ mix(s + (j + 1) * 0x9E3779B97F4A7C15), and 32-bit word 2j / 2j+1 is its low / hi
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import numpy as np
-import torch
 
 # ---------------------------------------------------------------- sparsifiers
 
@@ -153,7 +152,7 @@ class TV:
     tall_mask_lambda: float = 0.4
 
 
-def sparsify(tv: TV, sparsifier: Optional[str], how) -> np.ndarray:
+def sparsify(tv: TV, sparsifier: str | None, how) -> np.ndarray:
     d = np.asarray(tv.delta, dtype=np.float64)
     if sparsifier is None:
         return d.copy()
@@ -277,7 +276,9 @@ def tsv_m_matrix(deltas, densities) -> np.ndarray:
     """TSV-M: per task the top k_t triplets; U_perp = polar([U_1..U_T]), V_perp likewise;
     merged = U_perp diag([S_1..S_T]) V_perp^T."""
     r = min(deltas[0].shape)
-    parts = [top_triplets(d, k, null_tolerance(d)) for d, k in zip(deltas, split_budget(r, densities)) if k > 0]
+    parts = [
+        top_triplets(d, k, null_tolerance(d)) for d, k in zip(deltas, split_budget(r, densities), strict=True) if k > 0
+    ]
     if sum(p[1].size for p in parts) == 0:
         return np.zeros_like(deltas[0])
     u = np.concatenate([p[0] for p in parts], axis=1)
@@ -309,7 +310,7 @@ def iso_cts_matrix(deltas, densities, fraction: float = 0.8) -> np.ndarray:
     uc, sc, vtc = top_triplets(total, common, null_tolerance(total))
     us, ss, vs = [uc], [sc], [vtc.T]
     asked = common  # the flat level: kept singular values over the directions asked for
-    for d, k in zip(deltas, split_budget(budget, densities)):
+    for d, k in zip(deltas, split_budget(budget, densities), strict=True):
         if k > 0:
             u, s, vt = top_triplets(d - uc @ (uc.T @ d), k, null_tolerance(d))
             us.append(u), ss.append(s), vs.append(vt.T)
@@ -356,14 +357,16 @@ def consensus(base, tvs: Sequence[TV], ties: bool, normalize: bool, k: float = 2
         )
         if normalize:  # disjoint mean: divide by the agreeing models' weights
             majority = np.where(np.sum(trimmed, axis=0) >= 0, 1.0, -1.0)
-            divisor = sum(tv.weight * ((np.sign(t) == majority) & (t != 0)) for tv, t in zip(tvs, trimmed))
+            divisor = sum(tv.weight * ((np.sign(t) == majority) & (t != 0)) for tv, t in zip(tvs, trimmed, strict=True))
             mtl = mtl / np.where(divisor == 0, 1.0, divisor)
     else:
         mtl = np.sum(trimmed, axis=0)
         if normalize:
             total = sum(tv.weight for tv in tvs)
             mtl = mtl / (total if abs(total) >= 1e-8 else 1.0)
-    votes = sum((np.abs(f) >= tv.tall_mask_lambda * np.abs(mtl - f)).astype(np.int64) for tv, f in zip(tvs, full))
+    votes = sum(
+        (np.abs(f) >= tv.tall_mask_lambda * np.abs(mtl - f)).astype(np.int64) for tv, f in zip(tvs, full, strict=True)
+    )
     return base + lam * mtl * (votes >= k)
 
 
@@ -463,7 +466,7 @@ def topmass(tau, fraction: float = 0.01) -> float:
 STATISTICS = {"kurtosis": excess_kurtosis, "hoyer": hoyer, "cv": cv, "gini": gini, "topmass": topmass}
 
 
-def score(tau, statistic: str, fraction: float = 0.01) -> Optional[float]:
+def score(tau, statistic: str, fraction: float = 0.01) -> float | None:
     if not np.any(_values(tau) != 0):
         return None
     if statistic == "topmass":
@@ -592,7 +595,7 @@ def mass_reverse_counts(taus, uniform: Sequence[int], q: int = 1) -> list[int]:
     """`allocation: mass_reverse` where no bound binds: 2 u_t - m_t, the mass allocation's counts
     m_t (at the same budget) mirrored about the uniform counts u_t."""
     mass = mass_allocation_counts(taus, int(sum(uniform)), q)
-    return [2 * u - m for u, m in zip(uniform, mass)]
+    return [2 * u - m for u, m in zip(uniform, mass, strict=True)]
 
 
 def tensor_kind(name: str) -> str:
@@ -604,7 +607,7 @@ def tensor_kind(name: str) -> str:
     return name
 
 
-def tensor_layer(name: str) -> Optional[int]:
+def tensor_layer(name: str) -> int | None:
     parts = name.split(".")
     for i in range(len(parts) - 2):
         if parts[i] in ("layers", "h", "blocks", "layer") and parts[i + 1].isdigit():

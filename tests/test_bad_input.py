@@ -12,16 +12,16 @@ import hashlib
 import json
 import math
 import struct
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
 import yaml
+from conftest import basic_recipe, fine_tune, run_cli, tiny_state, write_checkpoint, write_recipe
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from conftest import basic_recipe, fine_tune, run_cli, tiny_state, write_checkpoint, write_recipe
 from tadrop_cli.cli import app
 from tadrop_cli.methods import METHODS
 
@@ -49,7 +49,10 @@ def snapshot(root: Path) -> dict[str, str]:
 
 def assert_clean_bad_input(result, *culprits: str, before: dict, root: Path) -> str:
     """Exit 2, one line on stderr naming every culprit, no traceback, nothing on disk changed."""
-    described = f"exit {result.exit_code}\nstdout: {result.stdout!r}\nstderr: {result.stderr!r}\nexception: {result.exception!r}"
+    described = (
+        f"exit {result.exit_code}\nstdout: {result.stdout!r}\nstderr: {result.stderr!r}\n"
+        f"exception: {result.exception!r}"
+    )
     assert result.exit_code == 2, described
     assert result.exception is None or isinstance(result.exception, SystemExit), described
     assert "Traceback" not in result.output, described
@@ -541,7 +544,7 @@ def test_nan_in_a_base_tensor_kept_by_a_policy(tmp_path, recipe, tiny_models, po
     state = load_file(str(tiny_models["base"] / "model.safetensors"))
     state[MISSING].view(-1)[3] = math.nan
     save_file(state, str(tiny_models["base"] / "model.safetensors"))
-    for i, entry in enumerate(recipe["models"]):  # every model lacks the tensor: nothing is merged into it
+    for entry in recipe["models"]:  # every model lacks the tensor: nothing is merged into it
         state = load_file(str(Path(entry["model"]) / "model.safetensors"))
         del state[MISSING]
         save_file(state, str(Path(entry["model"]) / "model.safetensors"))

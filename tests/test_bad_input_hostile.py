@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
-
 from conftest import basic_recipe, fine_tune, run_cli, tiny_state, write_checkpoint, write_recipe
+from safetensors.torch import load_file, save_file
 from test_bad_input import bad, invoke, merge_bad, ok
+
 from tadrop_cli import checkpoint as checkpoint_module
 
 DEEP = 100_000

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, basic_recipe, fine_tune, run_cli, tiny_state, write_checkpoint, write_recipe
 from typer.testing import CliRunner
 
-from conftest import REPO, basic_recipe, fine_tune, run_cli, tiny_state, write_checkpoint, write_recipe
 from tadrop_cli import cli, run, tensor_merge, writer
 from tadrop_cli.cli import app
 from tadrop_cli.errors import BadInput, printable

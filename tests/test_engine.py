@@ -8,15 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import basic_recipe, fine_tune, run_cli, tiny_state, write_checkpoint, write_recipe
+from reference import dare_keep
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from tadrop_cli.run import MergeOptions, run_merge
 from tadrop_cli.layout import tensor_seed
 from tadrop_cli.recipe import parse_recipe
-
-from conftest import basic_recipe, fine_tune, run_cli, tiny_state, write_checkpoint, write_recipe
-from reference import dare_keep
+from tadrop_cli.run import MergeOptions, run_merge
 
 
 def load_output(folder: Path) -> dict[str, torch.Tensor]:
@@ -117,7 +116,7 @@ def test_written_bytes_are_handed_to_the_disk_as_the_merge_goes(tmp_path, monkey
     written = (tmp_path / "out" / "model.safetensors").read_bytes()
     assert written == (tmp_path / "plain" / "model.safetensors").read_bytes()
     assert len(calls) >= 3 and calls[0][1] == 0
-    for (size, start, length, flags), following in zip(calls, calls[1:] + [None]):
+    for (size, start, length, flags), following in zip(calls, calls[1:] + [None], strict=True):
         assert length >= 10_000 and flags == 2 and size >= start + length  # flushed to the file before
         assert following is None or following[1] == start + length
     assert (

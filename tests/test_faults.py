@@ -25,15 +25,15 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
+from conftest import REPO, basic_recipe, fine_tune, tiny_state, write_checkpoint, write_recipe
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from conftest import REPO, basic_recipe, fine_tune, tiny_state, write_checkpoint, write_recipe
 from tadrop_cli import kernels
 from tadrop_cli import writer as writer_module
 from tadrop_cli.cli import app
@@ -459,7 +459,7 @@ def _write_points(recipe: Path, target: Path, monkeypatch) -> list[int]:
     starts = [offset for _, offset in disk.events]
     ends = starts[1:] + [disk.written]
     points = set(starts)
-    points |= {(a + b) // 2 for (name, a), b in zip(disk.events, ends) if name.endswith(".safetensors")}
+    points |= {(a + b) // 2 for (name, a), b in zip(disk.events, ends, strict=True) if name.endswith(".safetensors")}
     points.add(disk.written - 1)
     shutil.rmtree(target.parent / "probe")
     return sorted(points)

@@ -29,17 +29,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import reference as ref
 import torch
+from conftest import basic_recipe, run_cli, write_recipe
 from safetensors.torch import load_file
 
-import reference as ref
-from conftest import basic_recipe, run_cli, write_recipe
 from tadrop_cli import sparsify, subspace
-from tadrop_cli.run import MergeOptions, plan_only, run_merge
 from tadrop_cli.errors import BadInput
 from tadrop_cli.layout import tensor_seed
 from tadrop_cli.methods import METHODS, TaskVector, resolved_density
 from tadrop_cli.recipe import parse_recipe
+from tadrop_cli.run import MergeOptions, plan_only, run_merge
 
 HOSTS = ["tsv_m", "iso_c", "iso_cts", "consensus_ta", "consensus_ties", "della", "della_linear"]
 SPARSIFYING_HOSTS = [h for h in HOSTS if h != "iso_c"]
@@ -84,11 +84,11 @@ def make_inputs(
             epsilon=float(e),
             tall_mask_lambda=float(t),
         )
-        for d, w, p, s, e, t in zip(deltas, weights, densities, seeds, epsilons, tall_lambdas)
+        for d, w, p, s, e, t in zip(deltas, weights, densities, seeds, epsilons, tall_lambdas, strict=True)
     ]
     refs = [
         ref.TV(d.astype(np.float64), float(w), float(p), s, 0.01, float(e), float(t))
-        for d, w, p, s, e, t in zip(deltas, weights, densities, seeds, epsilons, tall_lambdas)
+        for d, w, p, s, e, t in zip(deltas, weights, densities, seeds, epsilons, tall_lambdas, strict=True)
     ]
     return torch.from_numpy(base.copy()), tvs, base.astype(np.float64), refs
 

@@ -17,9 +17,9 @@ import zlib
 
 import numpy as np
 import pytest
+import reference as ref
 import torch
 
-import reference as ref
 from tadrop_cli import sparsify
 from tadrop_cli.methods import METHODS, TaskVector
 
@@ -39,11 +39,11 @@ def make_inputs(seed: int, densities, weights=WEIGHTS, shape=SHAPE):
     deltas = [(rng.normal(size=shape) * rng.uniform(0.05, 0.5)).astype(np.float32) for _ in weights]
     tvs = [
         TaskVector(torch.from_numpy(d.copy()), weight=w, density=dens, seed=s, gamma=g)
-        for d, w, dens, s, g in zip(deltas, weights, densities, SEEDS, GAMMAS)
+        for d, w, dens, s, g in zip(deltas, weights, densities, SEEDS, GAMMAS, strict=True)
     ]
     refs = [
         ref.TV(d.astype(np.float64), w, dens, s, g)
-        for d, w, dens, s, g in zip(deltas, weights, densities, SEEDS, GAMMAS)
+        for d, w, dens, s, g in zip(deltas, weights, densities, SEEDS, GAMMAS, strict=True)
     ]
     return torch.from_numpy(base.copy()), tvs, base.astype(np.float64), refs
 
@@ -156,7 +156,7 @@ def test_ties_hand_computed():
     ]
 
     def tvs():  # fresh each call: the deltas may be used as scratch space
-        return [TaskVector(d.clone(), weight=w) for d, w in zip(deltas, [1.0, 1.0, -1.0])]
+        return [TaskVector(d.clone(), weight=w) for d, w in zip(deltas, [1.0, 1.0, -1.0], strict=True)]
 
     # weighted: [1,-2,0,3], [2,1,0,-1], [-1,-1,-0.5,-1]; sums: [2,-2,-0.5,1] -> signs [+,-,-,+]
     # entry 0: agree models 0,1 -> (1+2)/(1+1) = 1.5
@@ -341,18 +341,18 @@ def test_engine_uniform_density_matches_mergekit_count(tmp_path, name, density):
     A 40 x 25 tensor (n = 1000) makes density * n an exact integer, so any round trip
     through the drop ratio (1 - (1 - density)) that loses an ulp shows as one entry fewer.
     """
+    from conftest import write_checkpoint
     from safetensors.torch import load_file
 
-    from conftest import write_checkpoint
-    from tadrop_cli.run import MergeOptions, run_merge
     from tadrop_cli.recipe import parse_recipe
+    from tadrop_cli.run import MergeOptions, run_merge
 
     rng = np.random.default_rng(41)
     base = rng.normal(size=(40, 25)).astype(np.float32)
     deltas = [(rng.normal(size=(40, 25)) * 0.1).astype(np.float32) for _ in range(2)]
     write_checkpoint(tmp_path / "base", {"w": torch.from_numpy(base)})
     models = []
-    for i, (d, w) in enumerate(zip(deltas, [0.7, 0.5])):
+    for i, (d, w) in enumerate(zip(deltas, [0.7, 0.5], strict=True)):
         write_checkpoint(tmp_path / f"ft{i}", {"w": torch.from_numpy(base + d)})
         models.append({"model": str(tmp_path / f"ft{i}"), "parameters": {"weight": w, "density": density}})
     recipe = {
@@ -365,7 +365,7 @@ def test_engine_uniform_density_matches_mergekit_count(tmp_path, name, density):
     got = load_file(str(tmp_path / "out" / "model.safetensors"))["w"]
     # the deltas the engine sees are (base + d) - base in float32
     seen = [((base + d) - base).astype(np.float64) for d in deltas]
-    refs = [ref.TV(s, w, density) for s, w in zip(seen, [0.7, 0.5])]
+    refs = [ref.TV(s, w, density) for s, w in zip(seen, [0.7, 0.5], strict=True)]
     expected = ref.REFERENCES[name](base.astype(np.float64), refs)
     assert_close(got, expected)
 
@@ -373,7 +373,8 @@ def test_engine_uniform_density_matches_mergekit_count(tmp_path, name, density):
 @pytest.mark.parametrize("how", [False, True, "l1", "l2", "linf"])
 @pytest.mark.parametrize("which", ["magnitude", "random", "breadcrumbs"])
 def test_sparsifiers_in_place_variant_matches_reference(which, how):
-    """Where a sparsifier offers `in_place` (overwrite the delta to save a buffer), both ways agree with the reference."""
+    """Where a sparsifier offers `in_place` (overwrite the delta to save a buffer), both ways agree
+    with the reference."""
     import inspect
 
     function = getattr(sparsify, which)

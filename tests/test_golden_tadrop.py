@@ -14,11 +14,11 @@ import math
 
 import numpy as np
 import pytest
+import reference as ref
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import reference as ref
 from tadrop_cli import tadrop
 from tadrop_cli.tadrop import STATISTICS, adaptive_ratios, normalize_scores, tensor_score
 

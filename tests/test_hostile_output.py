@@ -22,9 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
-
 from conftest import REPO, basic_recipe, fine_tune, tiny_state, write_checkpoint, write_recipe
+from safetensors.torch import save_file
 from test_faults import (
     TESTS,
     fault_recipe,
@@ -36,6 +35,7 @@ from test_faults import (
     setup,
     tree,
 )
+
 from tadrop_cli import run
 from tadrop_cli import writer as writer_module
 

@@ -11,14 +11,13 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import basic_recipe, fine_tune, tiny_state, write_checkpoint
 
 from tadrop_cli import kernels, methods, run, sparsify, tensor_merge
 from tadrop_cli.dtypes import Stored
-from tadrop_cli.run import MergeOptions, run_merge
 from tadrop_cli.errors import BadInput
 from tadrop_cli.recipe import parse_recipe
-
-from conftest import basic_recipe, fine_tune, tiny_state, write_checkpoint
+from tadrop_cli.run import MergeOptions, run_merge
 
 needs_kernels = pytest.mark.skipif(
     not kernels.available(), reason="the C kernels were not built (no C compiler at install)"
@@ -182,7 +181,7 @@ def _bits(tensor: torch.Tensor) -> torch.Tensor:
 
 def _kernel_merge(base, tuned, steps, weights, densities, seeds, cuts, offset, normalize, lambda_, rescale):
     models = []
-    for t, w, d, seed, cut in zip(tuned, weights, densities, seeds, cuts):
+    for t, w, d, seed, cut in zip(tuned, weights, densities, seeds, cuts, strict=True):
         model = kernels.ModelSlice(_stored(t), w)
         if steps.sparsifier == "magnitude" and d < 1:
             model.drop, model.threshold, model.ties_before = (
@@ -238,13 +237,15 @@ def test_merge_slice_gives_the_bits_of_generalized_task_arithmetic(method, dtype
     whole_deltas = [_delta(base, t) for t in tuned]
     cuts = [
         sparsify.top_k_cut(list(d.split(size)), sparsify.kept_count(n, density)) if density < 1 else None
-        for d, density in zip(whole_deltas, setting["densities"])
+        for d, density in zip(whole_deltas, setting["densities"], strict=True)
     ]
     for offset in range(0, n, size):
         part = slice(offset, offset + size)
         task_vectors = [
             methods.TaskVector(delta=d[part].clone(), weight=w, density=density, seed=seed, offset=offset, cut=cut)
-            for d, w, density, seed, cut in zip(whole_deltas, setting["weights"], setting["densities"], seeds, cuts)
+            for d, w, density, seed, cut in zip(
+                whole_deltas, setting["weights"], setting["densities"], seeds, cuts, strict=True
+            )
         ]
         expected = methods.generalized_task_arithmetic(
             base[part].float(),
@@ -377,7 +378,7 @@ def test_the_baseline_build_gives_the_same_bits(tmp_path, monkeypatch):
         and np.array_equal(baseline[1], with_clones[1])
         and baseline[2] == with_clones[2]
     )
-    for a, b in zip(baseline[3], with_clones[3]):
+    for a, b in zip(baseline[3], with_clones[3], strict=True):
         assert torch.equal(_bits(a), _bits(b))
 
 
@@ -481,7 +482,7 @@ def test_tadrop_plans_from_the_kernels_equal_pytorchs(tmp_path, monkeypatch, dty
     finally:
         layout.close()
     assert any(row.reason == "adaptive" for row in plan.rows)
-    for row, expected in zip(plan.rows, reference.rows):
+    for row, expected in zip(plan.rows, reference.rows, strict=True):
         assert (row.model, row.tensor, row.reason, row.ratio) == (
             expected.model,
             expected.tensor,

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import basic_recipe, fine_tune, run_cli, tiny_state, write_checkpoint, write_recipe
 from typer.testing import CliRunner
 
-from conftest import basic_recipe, fine_tune, run_cli, tiny_state, write_checkpoint, write_recipe
 from tadrop_cli.cli import app
 
 SECRET = "secret-value-7d1f9c"

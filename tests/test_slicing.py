@@ -9,16 +9,15 @@ import math
 import numpy as np
 import pytest
 import torch
-
+from conftest import basic_recipe, fine_tune, tiny_state, write_checkpoint
 from reference import dare_keep, splitmix64_words
-from tadrop_cli import sparsify
-from tadrop_cli.run import MergeOptions, run_merge
-from tadrop_cli.methods import METHODS
-from tadrop_cli.recipe import parse_recipe
-from tadrop_cli.tadrop import HoyerSums, hoyer
 from test_selection import CASES
 
-from conftest import basic_recipe, fine_tune, tiny_state, write_checkpoint
+from tadrop_cli import sparsify
+from tadrop_cli.methods import METHODS
+from tadrop_cli.recipe import parse_recipe
+from tadrop_cli.run import MergeOptions, run_merge
+from tadrop_cli.tadrop import HoyerSums, hoyer
 
 # ---------------------------------------------------------------- the top-k cut over slices
 
@@ -29,7 +28,7 @@ def _masks_from_cut(values: torch.Tensor, k: int, slice_size: int) -> torch.Tens
     if cut is None:
         return torch.ones(values.numel(), dtype=torch.bool)
     starts = np.cumsum([0] + [p.numel() for p in parts])
-    masks = [sparsify.cut_mask(p, cut, int(s)) for p, s in zip(parts, starts)]
+    masks = [sparsify.cut_mask(p, cut, int(s)) for p, s in zip(parts, starts[:-1], strict=True)]
     assert all(m.dtype == torch.float32 and bool(((m == 0) | (m == 1)).all()) for m in masks)  # 1.0 kept, 0.0 dropped
     return torch.cat(masks).bool()
 

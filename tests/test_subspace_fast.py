@@ -14,11 +14,10 @@ import zlib
 
 import numpy as np
 import pytest
-import torch
-from safetensors.torch import load_file
-
 import reference as ref
+import torch
 from conftest import basic_recipe, run_cli, tiny_state, write_checkpoint, write_recipe
+
 from tadrop_cli import subspace
 from tadrop_cli.methods import METHODS, TaskVector
 

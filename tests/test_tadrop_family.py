@@ -12,20 +12,19 @@ import json
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
 import reference as ref
 import torch
 from conftest import basic_recipe, run_cli, tiny_state, write_checkpoint, write_recipe
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file
-from tadrop_cli.run import MergeOptions, plan_only, run_merge
-from tadrop_cli.errors import BadInput
+
 from tadrop_cli import plan as plan_module
-from tadrop_cli.plan import _settings_for, scope_group
-from tadrop_cli.recipe import TadropSettings
 from tadrop_cli import tadrop
-from tadrop_cli.recipe import parse_recipe
+from tadrop_cli.errors import BadInput
+from tadrop_cli.plan import _settings_for, scope_group
+from tadrop_cli.recipe import TadropSettings, parse_recipe
+from tadrop_cli.run import MergeOptions, plan_only, run_merge
 from tadrop_cli.tadrop import adaptive_ratios
 
 # ---------------------------------------------------------------- 1. signed strength
@@ -195,7 +194,7 @@ def test_mass_allocation_respects_bounds_and_reports_an_unreachable_budget():
     highs = [n // 2 for n in sizes]
     result = tadrop.mass_allocation(profiles, sum(sizes) // 3, lows, highs)
     assert result.budget_met and sum(result.kept) == sum(sizes) // 3
-    assert all(lo <= k <= hi for k, lo, hi in zip(result.kept, lows, highs))
+    assert all(lo <= k <= hi for k, lo, hi in zip(result.kept, lows, highs, strict=True))
     too_many = tadrop.mass_allocation(profiles, sum(highs) + 1, lows, highs)
     assert not too_many.budget_met and too_many.kept == highs
 
@@ -257,7 +256,9 @@ def test_mass_reverse_mirrors_the_mass_allocation_about_uniform():
     assert result.budget_met and sum(result.kept) == sum(uniform)
     assert result.kept == ref.mass_reverse_counts(taus, uniform)
     mass = ref.mass_allocation_counts(taus, sum(uniform))
-    for k, m, u in zip(result.kept, mass, uniform):  # fewer than uniform under mass <=> more under its reverse
+    for k, m, u in zip(
+        result.kept, mass, uniform, strict=True
+    ):  # fewer than uniform under mass <=> more under its reverse
         assert (k - u) == -(m - u)
 
 
@@ -269,7 +270,7 @@ def test_mass_reverse_restores_the_budget_when_bounds_clip():
     highs = [int(0.35 * n) for n in sizes]
     result = tadrop.mass_reverse_allocation(profiles, uniform, [0] * 4, highs)
     assert result.budget_met and sum(result.kept) == sum(uniform)
-    assert all(0 <= k <= h for k, h in zip(result.kept, highs))
+    assert all(0 <= k <= h for k, h in zip(result.kept, highs, strict=True))
 
 
 # ---------------------------------------------------------------- plans: helpers
@@ -403,12 +404,12 @@ def test_count_allocations_in_the_plan_match_the_references(tmp_path, allocation
         elif allocation == "mass_reverse":
             expected = ref.mass_reverse_counts(taus, uniform, q)
             if ref.mass_boundary_is_tied(taus, sum(uniform), q) or any(
-                k < 0 or k > r.numel for k, r in zip(expected, rows)
+                k < 0 or k > r.numel for k, r in zip(expected, rows, strict=True)
             ):
                 continue
         else:  # whole numbers tie at the threshold: which tied entries are kept is a tie-break
             threshold = np.sort(np.abs(np.concatenate(taus)))[::-1][sum(uniform) - 1]
-            for row, tau in zip(rows, taus):
+            for row, tau in zip(rows, taus, strict=True):
                 assert int((np.abs(tau) > threshold).sum()) <= row.kept <= int((np.abs(tau) >= threshold).sum())
             expected = [r.kept for r in rows]
         assert [r.kept for r in rows] == expected

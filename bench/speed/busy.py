@@ -23,9 +23,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(
         f"\n{args.method}{' + TADrop' if args.tadrop else ''}, {args.size}, {args.models} models, "
-        f"{len(os.sched_getaffinity(0))} cores, medians of {args.repeats} ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})\n"
+        f"{len(os.sched_getaffinity(0))} cores, medians of {args.repeats} "
+        f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})\n"
     )
     print("| load | " + " | ".join(variants) + " | default / one thread |")
     print("|---|" + "---|" * (len(variants) + 1))

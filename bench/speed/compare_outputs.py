@@ -70,7 +70,7 @@ def bf16_spacing(x: torch.Tensor) -> torch.Tensor:
     return torch.exp2(torch.floor(torch.log2(ax)) - 7)
 
 
-def tie_mask(name: str, base: "Reader", fts: list["Reader"], density: float) -> torch.Tensor:
+def tie_mask(name: str, base: Reader, fts: list[Reader], density: float) -> torch.Tensor:
     """Entries where some fine-tune's |delta| sits exactly at its top-k threshold."""
     bt = base.get(name).float()
     n = bt.numel()

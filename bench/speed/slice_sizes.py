@@ -25,8 +25,8 @@ import make_checkpoints  # noqa: E402
 import run as runner  # noqa: E402  (recipe_text)
 
 from tadrop_cli import tensor_merge  # noqa: E402
-from tadrop_cli.run import MergeOptions, reuse_freed_memory, run_merge  # noqa: E402
 from tadrop_cli.recipe import load_recipe  # noqa: E402
+from tadrop_cli.run import MergeOptions, reuse_freed_memory, run_merge  # noqa: E402
 
 
 def main() -> int:
