@@ -246,6 +246,12 @@ def _weighted(tv: TaskVector) -> torch.Tensor:
     return tv.delta if tv.weight == 1 else tv.delta.mul_(tv.weight)
 
 
+# The fast SVD route pays from this many rows and columns on (1.9-2.8x at 128 x 1024, docs/speed.md); on
+# smaller matrices the full SVDs are faster (2 ms vs 12 ms at 40 x 30) and their entries closer to a
+# float64 merge (a 16 x 24 Iso-CTS merge: 6e-6 vs 2e-5 at most).
+FAST_SVD_MIN_SIDE = 128
+
+
 def _subspace(merge_matrix: Callable[..., torch.Tensor], uses_density: bool) -> Callable[..., torch.Tensor]:
     """An SVD-based method: `merge_matrix` on 2-D tensors; the mean of the weighted task vectors
     on every other tensor (biases, norms: what the papers' code does); then base + lambda * delta."""
@@ -256,6 +262,8 @@ def _subspace(merge_matrix: Callable[..., torch.Tensor], uses_density: bool) -> 
         deltas = [_weighted(tv) for tv in task_vectors]
         extra = {k: v for k, v in params.items() if k != "lambda"}  # the method's own (e.g. common_space_fraction)
         extra["seeds"] = [tv.seed for tv in task_vectors]  # the fast SVD route's random starts
+        if base.dim() == 2 and min(base.shape) < FAST_SVD_MIN_SIDE:
+            extra["exact_svd"] = True  # there the full SVDs are faster, and closer to float64 (golden tests)
         if base.dim() != 2:
             merged = subspace.mean_of(deltas)
         elif uses_density:

@@ -18,6 +18,7 @@ import reference as ref
 import torch
 from conftest import basic_recipe, run_cli, tiny_state, write_checkpoint, write_recipe
 
+from tadrop_cli import methods as methods_module
 from tadrop_cli import subspace
 from tadrop_cli.methods import METHODS, TaskVector
 
@@ -253,6 +254,10 @@ def test_exact_svd_is_a_recipe_parameter_that_selects_the_float32_svds(method, m
             TaskVector(torch.from_numpy(rng.normal(size=(12, 10)).astype(np.float32)), density=0.5) for _ in range(2)
         ]
 
+    METHODS[method].merge(torch.zeros(12, 10), tvs(), **{"lambda": 1.0, "exact_svd": False})
+    assert used  # below methods.FAST_SVD_MIN_SIDE the full SVDs serve (faster there, and closer to float64)
+    used.clear()
+    monkeypatch.setattr(methods_module, "FAST_SVD_MIN_SIDE", 10)
     METHODS[method].merge(torch.zeros(12, 10), tvs(), **{"lambda": 1.0, "exact_svd": False})
     assert used == []  # the fast route takes no SVD at all
     METHODS[method].merge(torch.zeros(12, 10), tvs(), **{"lambda": 1.0, "exact_svd": True})
