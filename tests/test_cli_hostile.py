@@ -13,6 +13,7 @@ import os
 import pty
 import re
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -473,9 +474,16 @@ def test_signal_at_any_moment_from_spawn_exits_130_in_one_line(recipe, sig):
         if not installed:  # Python's own start, or the few lines before tadrop's install(): the system's default
             continue
         assert "Traceback" not in stderr, (delay, stderr)
+        if proc.returncode == 0:  # the merge (~1 s) was done and gone before the signal came
+            assert stderr == "" and (output / "model.safetensors").is_file(), (delay, stderr)
+            shutil.rmtree(output)
+            continue
         assert proc.returncode == 130, (delay, proc.returncode, stderr)
-        assert one_line(stderr).startswith("interrupted"), (delay, stderr)
-        assert not output.exists()
+        line = one_line(stderr)
+        assert line.startswith("interrupted"), (delay, stderr)
+        if output.exists():  # the signal came once the output was in place: said so, never "nothing was published"
+            assert "complete" in line and "nothing was published" not in line, (delay, line)
+            shutil.rmtree(output)
 
 
 SLOW_WRAPPER = """\
