@@ -26,7 +26,7 @@ from . import __version__, interrupts
 from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, BadInput, TadropError, printable
 from .methods import METHODS
 from .recipe import load_recipe
-from .run import MergeOptions, dry_run, plan_only, reuse_freed_memory, run_merge
+from .run import MergeOptions, NoProgress, dry_run, plan_only, reuse_freed_memory, run_merge
 from .verify import verify_checkpoint
 
 try:  # typer >= 0.2x carries its own copy of click
@@ -185,25 +185,11 @@ class RichProgress:
             self._bar = None
 
 
-class SilentProgress:
-    def start(self, phase: str, total_tensors: int, total_bytes: int) -> None:
-        pass
-
-    def advance(self, nbytes: int) -> None:
-        pass
-
-    def part(self, nbytes: int) -> None:
-        pass
-
-    def finish(self) -> None:
-        pass
-
-
 @contextmanager
-def progress_bar(quiet: bool) -> Iterator[RichProgress | SilentProgress]:
+def progress_bar(quiet: bool) -> Iterator[RichProgress | NoProgress]:
     """A bar on a terminal's stderr unless quiet; stopped on the way out, so that whatever is printed
     next (an interrupt, an error) lands below it, on a line of its own."""
-    progress = RichProgress() if (not quiet and is_terminal(sys.stderr)) else SilentProgress()
+    progress = RichProgress() if (not quiet and is_terminal(sys.stderr)) else NoProgress()
     try:
         yield progress
     finally:
