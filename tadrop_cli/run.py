@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from . import __version__, interrupts, kernels
+from . import __version__, estimate, interrupts, kernels
 from .devices import choose_device, on_cpu
 from .dtypes import Stored
 from .errors import BadInput
-from .layout import Layout, build_layout
+from .layout import Layout, TensorJob, build_layout
 from .lazy import is_torch_tensor, torch, torch_imported
 from .plan import Plan, build_plan
 from .recipe import Recipe, recipe_digest
@@ -367,6 +367,16 @@ def plan_only(recipe: Recipe, device_name: str | None = None, progress: Progress
         layout.close()
 
 
+def _estimate_path(layout: Layout, job: TensorJob, device: str) -> str:
+    """Which of estimate.PATHS merges this tensor (copies of the base count as the kernels' reads)."""
+    method = layout.recipe.method
+    if job.copy_base or not job.contributors or kernels_merge(layout, job, device):
+        return "kernels"
+    if method.param("exact_svd") is not None:
+        return "svd"
+    return "ranked_rows" if method.whole_rows else "torch"
+
+
 def _runtime_bytes(layout: Layout, device: str) -> int:
     """The process's own memory: ~100 MB where the CPU kernels merge every tensor (torch is then
     never imported), ~300 MB with torch."""
@@ -397,10 +407,11 @@ def dry_run(recipe: Recipe, options: MergeOptions) -> dict:
         shards = plan_shards(outputs, recipe.output.shard_size)
         method = layout.recipe.method
         passes = 2 if _needs_scores(layout) else 1
-        bytes_to_read, peak_entries, work = 0, 0, 0
+        bytes_to_read, peak_entries, work, seconds, uses_torch = 0, 0, 0, 0.0, False
         for job in layout.jobs:
             if not job.mergeable:  # copied from the reference as stored
                 bytes_to_read += layout.reference.tensors[job.name].nbytes
+                seconds += estimate.tensor_seconds("kernels", layout.reference.tensors[job.name].nbytes, (), 1)
                 continue
             models = [layout.reference, *(layout.models[i].checkpoint for i in job.contributors)]
             nbytes = sum(c.tensors[job.name].nbytes for c in models if job.name in c)
@@ -411,6 +422,13 @@ def dry_run(recipe: Recipe, options: MergeOptions) -> dict:
             # tensor or of one slice of it
             peak_entries = max(peak_entries, (len(models) + 4) * (chunk_elements(device) if sliced else job.out.numel))
             work += 4 * job.out.numel * len(models) * sweeps
+            path = _estimate_path(layout, job, device)
+            uses_torch = uses_torch or path != "kernels"
+            exact_svd = bool(layout.method_parameters(job.name).get("exact_svd", False))
+            scoring = nbytes * (passes - 1)  # TADrop's pass 1: Hoyer sums, by the kernels where they are built
+            seconds += estimate.tensor_seconds("kernels" if kernels.available() else "torch", scoring, (), 1)
+            merging = nbytes * sweeps - scoring
+            seconds += estimate.tensor_seconds(path, merging, job.out.shape, len(job.contributors), exact_svd)
         return {
             "output": str(target),
             "method": recipe.merge_method,
@@ -422,8 +440,11 @@ def dry_run(recipe: Recipe, options: MergeOptions) -> dict:
             "bytes_to_write": sum(s.nbytes for s in shards),
             "bytes_to_read": bytes_to_read,
             "estimated_peak_memory_bytes": 4 * peak_entries + _runtime_bytes(layout, device),
-            # a rough figure: reading from cache at ~2 GB/s and the float32 arithmetic at ~2 GB/s per pass
-            "estimated_seconds": round(bytes_to_read / 2e9 + work / 2e9, 1),
+            # on a CPU, the rates bench/speed measured per path (estimate.py); on a GPU a rough figure:
+            # reading from cache at ~2 GB/s and the float32 arithmetic at ~2 GB/s per pass
+            "estimated_seconds": estimate.rounded(estimate.merge_seconds(seconds, uses_torch))
+            if on_cpu(device)
+            else round(bytes_to_read / 2e9 + work / 2e9, 1),
             "notes": [*layout.notes, *notes],
         }
     finally:

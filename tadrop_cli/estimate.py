@@ -1,0 +1,57 @@
+"""How long a merge will take on an idle CPU, from what the dry run counts: rates, no I/O.
+
+The rates were measured with bench/speed on this project's 2-core machine (docs/speed.md), each
+merge as a whole process, 168M-parameter bf16 model, 4 fine-tunes:
+- the compiled kernels (task arithmetic, TIES, DARE...): about 2.5 GB of input per second per
+  sweep (TIES: a 1.69 GB input swept three times in ~2.1 s);
+- PyTorch's element-wise hosts (Consensus TIES): about 0.5 GB/s per sweep (9.7 s);
+- hosts that rank within rows (DELLA): about 0.12 GB/s (16.2 s);
+- the SVD hosts: about 5.2e-10 s per model per m * n^2 of each (m >= n) matrix on the exact
+  route (4096 x 4096, 4 models: 143 s on one core), the fast route ~1.5x less, two cores ~1.6x.
+Plus starting the process, and importing torch where PyTorch runs. A busy machine, a cold page
+cache or another CPU can take several times longer: the figure is for planning, not a promise.
+"""
+
+from __future__ import annotations
+
+import math
+
+KERNEL_BYTES_PER_SECOND = 2.5e9
+TORCH_BYTES_PER_SECOND = 0.5e9
+RANKED_ROWS_BYTES_PER_SECOND = 0.12e9
+SVD_SECONDS_PER_MODEL_MN2 = 5.2e-10
+FAST_SVD_SPEEDUP = 1.5
+TWO_CORES_SPEEDUP = 1.6
+START_SECONDS = 0.3  # Python and tadrop's imports
+TORCH_IMPORT_SECONDS = 1.5
+
+PATHS = ("kernels", "torch", "ranked_rows", "svd")
+
+
+def tensor_seconds(path: str, read_bytes: int, shape: tuple[int, ...], models: int, exact_svd: bool = False) -> float:
+    """Seconds to merge one tensor whose inputs take `read_bytes` over all its sweeps, by `path`
+    (one of PATHS: the compiled kernels, PyTorch element-wise, ranking within rows, the SVD hosts)."""
+    if path == "kernels":
+        return read_bytes / KERNEL_BYTES_PER_SECOND
+    if path == "ranked_rows":
+        return read_bytes / RANKED_ROWS_BYTES_PER_SECOND
+    if path == "svd" and len(shape) == 2:
+        m, n = max(shape), min(shape)
+        seconds = SVD_SECONDS_PER_MODEL_MN2 * models * m * n * n / TWO_CORES_SPEEDUP
+        return read_bytes / TORCH_BYTES_PER_SECOND + seconds / (1.0 if exact_svd else FAST_SVD_SPEEDUP)
+    if path not in PATHS:
+        raise ValueError(f"unknown path {path!r}")
+    return read_bytes / TORCH_BYTES_PER_SECOND  # PyTorch element-wise, and an SVD host's 1-D tensors
+
+
+def merge_seconds(tensor_seconds_total: float, uses_torch: bool) -> float:
+    """The whole merge: the tensors, the process's start and torch's import where it is needed."""
+    return tensor_seconds_total + START_SECONDS + (TORCH_IMPORT_SECONDS if uses_torch else 0.0)
+
+
+def rounded(seconds: float) -> float:
+    """Two significant figures (at least 0.1 s): the estimate is no more precise than that."""
+    if seconds <= 0.1:
+        return 0.1
+    digits = 1 - int(math.floor(math.log10(seconds)))
+    return round(seconds, digits)
