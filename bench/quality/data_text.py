@@ -4,6 +4,7 @@ Each .deb is fetched with `apt-get download` into the cache and unpacked with `d
 (nothing is installed). Eight classification tasks are derived; every task has balanced
 classes and a fixed train/val/test split (seeded), with no text in two splits.
 """
+
 from __future__ import annotations
 
 import random
@@ -18,21 +19,50 @@ DEBS = ["wordnet-base", "fortunes", "fortunes-de", "fortunes-es", "fortunes-it"]
 
 # WordNet lexicographer file numbers -> supersense names (lexnames(5WN)).
 LEXNAMES = {
-    "03": "noun.Tops", "04": "noun.act", "05": "noun.animal", "06": "noun.artifact",
-    "07": "noun.attribute", "08": "noun.body", "09": "noun.cognition", "10": "noun.communication",
-    "11": "noun.event", "12": "noun.feeling", "13": "noun.food", "14": "noun.group",
-    "15": "noun.location", "16": "noun.motive", "17": "noun.object", "18": "noun.person",
-    "19": "noun.phenomenon", "20": "noun.plant", "21": "noun.possession", "22": "noun.process",
-    "23": "noun.quantity", "24": "noun.relation", "25": "noun.shape", "26": "noun.state",
-    "27": "noun.substance", "28": "noun.time", "29": "verb.body", "30": "verb.change",
-    "31": "verb.cognition", "32": "verb.communication", "33": "verb.competition",
-    "34": "verb.consumption", "35": "verb.contact", "36": "verb.creation", "37": "verb.emotion",
-    "38": "verb.motion", "39": "verb.perception", "40": "verb.possession", "41": "verb.social",
-    "42": "verb.stative", "43": "verb.weather",
+    "03": "noun.Tops",
+    "04": "noun.act",
+    "05": "noun.animal",
+    "06": "noun.artifact",
+    "07": "noun.attribute",
+    "08": "noun.body",
+    "09": "noun.cognition",
+    "10": "noun.communication",
+    "11": "noun.event",
+    "12": "noun.feeling",
+    "13": "noun.food",
+    "14": "noun.group",
+    "15": "noun.location",
+    "16": "noun.motive",
+    "17": "noun.object",
+    "18": "noun.person",
+    "19": "noun.phenomenon",
+    "20": "noun.plant",
+    "21": "noun.possession",
+    "22": "noun.process",
+    "23": "noun.quantity",
+    "24": "noun.relation",
+    "25": "noun.shape",
+    "26": "noun.state",
+    "27": "noun.substance",
+    "28": "noun.time",
+    "29": "verb.body",
+    "30": "verb.change",
+    "31": "verb.cognition",
+    "32": "verb.communication",
+    "33": "verb.competition",
+    "34": "verb.consumption",
+    "35": "verb.contact",
+    "36": "verb.creation",
+    "37": "verb.emotion",
+    "38": "verb.motion",
+    "39": "verb.perception",
+    "40": "verb.possession",
+    "41": "verb.social",
+    "42": "verb.stative",
+    "43": "verb.weather",
 }
 
-FORTUNE_TOPICS = ["computers", "science", "politics", "art", "work", "men-women", "songs-poems",
-                  "definitions"]
+FORTUNE_TOPICS = ["computers", "science", "politics", "art", "work", "men-women", "songs-poems", "definitions"]
 
 # name -> short description, in the order used everywhere (quick mode takes the first 3 of QUICK)
 TASKS = {
@@ -64,13 +94,18 @@ def fetch_debs(log=print) -> Path:
         have = list(debs.glob(f"{name}_*.deb"))
         if not have:
             log(f"apt-get download {name}")
-            got = subprocess.run(["apt-get", "download", name], cwd=debs,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            got = subprocess.run(
+                ["apt-get", "download", name], cwd=debs, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
             if got.returncode != 0:  # a fresh machine may have no package lists yet
-                subprocess.run(["apt-get", "update"], check=True, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-                subprocess.run(["apt-get", "download", name], cwd=debs, check=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                subprocess.run(["apt-get", "update"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                subprocess.run(
+                    ["apt-get", "download", name],
+                    cwd=debs,
+                    check=True,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
             have = list(debs.glob(f"{name}_*.deb"))
         target.mkdir(parents=True, exist_ok=True)
         subprocess.run(["dpkg-deb", "-x", str(have[0]), str(target)], check=True)
@@ -79,6 +114,7 @@ def fetch_debs(log=print) -> Path:
 
 
 # ---------------------------------------------------------------- parsing
+
 
 def _clean(s: str) -> str:
     return re.sub(r"\s+", " ", s).strip()
@@ -96,13 +132,21 @@ def parse_wordnet(raw: Path) -> list[dict]:
                 fields = head.split()
                 offset, lex, sstype = fields[0], fields[1], fields[2]
                 nw = int(fields[3], 16)
-                lemmas = [re.sub(r"\(.*\)$", "", fields[4 + 2 * i]).replace("_", " ")
-                          for i in range(nw)]
+                lemmas = [re.sub(r"\(.*\)$", "", fields[4 + 2 * i]).replace("_", " ") for i in range(nw)]
                 gloss = gloss.strip()
                 examples = [_clean(e) for e in re.findall(r'"([^"]+)"', gloss)]
                 definition = _clean(gloss.split('"')[0].strip().rstrip(";").strip())
-                out.append(dict(id=f"{pos}:{offset}", pos=pos, lex=lex, sstype=sstype,
-                                lemmas=lemmas, definition=definition, examples=examples))
+                out.append(
+                    dict(
+                        id=f"{pos}:{offset}",
+                        pos=pos,
+                        lex=lex,
+                        sstype=sstype,
+                        lemmas=lemmas,
+                        definition=definition,
+                        examples=examples,
+                    )
+                )
     return out
 
 
@@ -119,9 +163,17 @@ def read_fortune_file(path: Path) -> list[str]:
 def _fortune_files(pkgdir: Path) -> list[Path]:
     files = []
     for p in sorted(pkgdir.rglob("*")):
-        if (p.is_file() and not p.is_symlink() and p.suffix not in (".dat", ".u8")
-                and "/off/" not in str(p) and "ascii" not in p.name and "banner" not in p.name
-                and "/doc/" not in str(p) and "/man/" not in str(p) and "/lintian/" not in str(p)):
+        if (
+            p.is_file()
+            and not p.is_symlink()
+            and p.suffix not in (".dat", ".u8")
+            and "/off/" not in str(p)
+            and "ascii" not in p.name
+            and "banner" not in p.name
+            and "/doc/" not in str(p)
+            and "/man/" not in str(p)
+            and "/lintian/" not in str(p)
+        ):
             files.append(p)
     return files
 
@@ -130,8 +182,7 @@ def parse_fortunes(raw: Path) -> dict:
     en_dir = raw / "fortunes" / "usr" / "share" / "games" / "fortunes"
     topics = {t: read_fortune_file(en_dir / t) for t in FORTUNE_TOPICS}
     langs = {}
-    for lang, pkg in [("en", "fortunes"), ("de", "fortunes-de"), ("es", "fortunes-es"),
-                      ("it", "fortunes-it")]:
+    for lang, pkg in [("en", "fortunes"), ("de", "fortunes-de"), ("es", "fortunes-es"), ("it", "fortunes-it")]:
         seen, items = set(), []
         for p in _fortune_files(raw / pkg / "usr" / "share" / "games"):
             for t in read_fortune_file(p):
@@ -144,29 +195,31 @@ def parse_fortunes(raw: Path) -> dict:
 
 # ---------------------------------------------------------------- tasks
 
+
 def _build_items(name: str, wn: list[dict], fo: dict) -> list[tuple[str, str, str]]:
     """(group, text, label) triples; items of one group always fall in the same split."""
     items = []
     if name == "noun_def":
         items = [(s["id"], s["definition"], LEXNAMES[s["lex"]]) for s in wn if s["pos"] == "noun"]
     elif name == "noun_lemma":
-        items = [(s["id"], ", ".join(s["lemmas"]), LEXNAMES[s["lex"]]) for s in wn
-                 if s["pos"] == "noun"]
+        items = [(s["id"], ", ".join(s["lemmas"]), LEXNAMES[s["lex"]]) for s in wn if s["pos"] == "noun"]
     elif name == "verb_def":
         items = [(s["id"], s["definition"], LEXNAMES[s["lex"]]) for s in wn if s["pos"] == "verb"]
     elif name == "verb_ex":
-        items = [(s["id"], e, LEXNAMES[s["lex"]]) for s in wn if s["pos"] == "verb"
-                 for e in s["examples"]]
+        items = [(s["id"], e, LEXNAMES[s["lex"]]) for s in wn if s["pos"] == "verb" for e in s["examples"]]
     elif name == "pos_def":
         items = [(s["id"], s["definition"], s["pos"]) for s in wn]
     elif name == "adj_kind":
         kind = {("00", "a"): "head", ("00", "s"): "satellite", ("01", "a"): "relational"}
-        items = [(s["id"], s["definition"], kind[(s["lex"], s["sstype"])]) for s in wn
-                 if s["pos"] == "adj" and (s["lex"], s["sstype"]) in kind]
+        items = [
+            (s["id"], s["definition"], kind[(s["lex"], s["sstype"])])
+            for s in wn
+            if s["pos"] == "adj" and (s["lex"], s["sstype"]) in kind
+        ]
     elif name == "fortune_topic":
         items = [(f"{t}:{i}", x, t) for t, xs in fo["topics"].items() for i, x in enumerate(xs)]
     elif name == "fortune_lang":
-        items = [(f"{l}:{i}", x, l) for l, xs in fo["langs"].items() for i, x in enumerate(xs)]
+        items = [(f"{lang}:{i}", x, lang) for lang, xs in fo["langs"].items() for i, x in enumerate(xs)]
     else:
         raise KeyError(name)
     return [(g, t, y) for g, t, y in items if len(t) >= 3]
@@ -179,7 +232,7 @@ def build_task(name: str, wn, fo, n_train: int, n_val: int, n_test: int, seed: i
     items = _build_items(name, wn, fo)
     # a text seen with two labels is ambiguous: drop it; duplicates collapse to one group
     labels_of = defaultdict(set)
-    for g, t, y in items:
+    for _, t, y in items:
         labels_of[t.lower()].add(y)
     first_group = {}
     clean = []
@@ -222,9 +275,10 @@ def build_task(name: str, wn, fo, n_train: int, n_val: int, n_test: int, seed: i
     splits["test"] = splits["test"][:n_test]
     splits["val"] = splits["val"][:n_val]
     return {
-        "name": name, "description": TASKS[name], "classes": classes,
-        "splits": {k: {"text": [t for t, _ in v], "label": [y for _, y in v]}
-                   for k, v in splits.items()},
+        "name": name,
+        "description": TASKS[name],
+        "classes": classes,
+        "splits": {k: {"text": [t for t, _ in v], "label": [y for _, y in v]} for k, v in splits.items()},
         "short": short,
     }
 
@@ -242,9 +296,11 @@ def load_tasks(names: list[str], n_train: int, n_val: int, n_test: int, log=prin
         if n not in cached:
             cached[n] = build_task(n, wn, fo, n_train, n_val, n_test)
             sp = cached[n]["splits"]
-            log(f"task {n}: {len(cached[n]['classes'])} classes, train/val/test = "
+            log(
+                f"task {n}: {len(cached[n]['classes'])} classes, train/val/test = "
                 f"{len(sp['train']['label'])}/{len(sp['val']['label'])}/{len(sp['test']['label'])}"
-                + (f" (short: {cached[n]['short']})" if cached[n]["short"] else ""))
+                + (f" (short: {cached[n]['short']})" if cached[n]["short"] else "")
+            )
     write_json(path, cached)
     return {n: cached[n] for n in names}
 

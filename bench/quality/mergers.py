@@ -6,6 +6,7 @@ exactly as a user would; every reported number comes from it (`TADROP_CMD`, if s
 in-process stand-in, used only to test this pipeline while the CLI did not exist
 (`run.py --merger reference`); its numbers are never reported.
 """
+
 from __future__ import annotations
 
 import json
@@ -55,21 +56,20 @@ class CliMerger:
 
     def version(self) -> str:
         try:
-            p = subprocess.run(self.exe + ["--version"], capture_output=True, text=True, env=_env(),
-                               timeout=120)
+            p = subprocess.run(self.exe + ["--version"], capture_output=True, text=True, env=_env(), timeout=120)
             return (p.stdout or p.stderr).strip().splitlines()[-1] if (p.stdout or p.stderr) else "?"
         except Exception as e:  # noqa: BLE001
             return f"? ({e})"
 
     def merge(self, recipe_path: Path, out_dir: Path) -> dict:
-        cmd = self.exe + ["merge", str(recipe_path), "--output", str(out_dir), "--overwrite",
-                          "--quiet", "--json"]
+        cmd = self.exe + ["merge", str(recipe_path), "--output", str(out_dir), "--overwrite", "--quiet", "--json"]
         t0 = time.time()
         p = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=self.timeout)
         dt = time.time() - t0
         if p.returncode != 0:
-            raise MergeError(f"exit {p.returncode}: {' '.join(cmd)}\nstdout: {p.stdout[-2000:]}\n"
-                             f"stderr: {p.stderr[-4000:]}")
+            raise MergeError(
+                f"exit {p.returncode}: {' '.join(cmd)}\nstdout: {p.stdout[-2000:]}\nstderr: {p.stderr[-4000:]}"
+            )
         info = _parse_json(p.stdout)
         return {"seconds": dt, "cli": info, "cmd": " ".join(cmd)}
 

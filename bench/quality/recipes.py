@@ -1,4 +1,5 @@
 """Recipe generation (mergekit's YAML form plus the `tadrop:` block) for the sweep."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,10 +29,17 @@ METHODS = {
 }
 RANK_HOSTS = ("tsv_m", "iso_cts")
 LABELS = {
-    "magnitude_prune": "TA + magnitude drop (magnitude_prune)", "ties": "TIES", "dare": "DARE", "dare_ties": "DARE-TIES",
-    "breadcrumbs": "Breadcrumbs", "breadcrumbs_ties": "Breadcrumbs-TIES",
-    "della": "DELLA", "consensus_ta": "Consensus TA (TALL)", "consensus_ties": "Consensus TIES (TALL)",
-    "tsv_m": "TSV-M (rank share)", "iso_cts": "Iso-CTS (rank share)",
+    "magnitude_prune": "TA + magnitude drop (magnitude_prune)",
+    "ties": "TIES",
+    "dare": "DARE",
+    "dare_ties": "DARE-TIES",
+    "breadcrumbs": "Breadcrumbs",
+    "breadcrumbs_ties": "Breadcrumbs-TIES",
+    "della": "DELLA",
+    "consensus_ta": "Consensus TA (TALL)",
+    "consensus_ties": "Consensus TIES (TALL)",
+    "tsv_m": "TSV-M (rank share)",
+    "iso_cts": "Iso-CTS (rank share)",
 }
 BREADCRUMBS_GAMMA = 0.01  # fraction of the largest entries breadcrumbs also removes
 
@@ -44,9 +52,18 @@ def scale_start(method: str) -> float:
     return 1.0 if METHODS[method][2] else 0.5
 
 
-def make_recipe(method: str, base: Path, models: list[Path], *, density: float | None,
-                lam: float, seed: int = 0, tadrop: dict | None = None, out: Path | None = None,
-                weight: float = 1.0) -> dict:
+def make_recipe(
+    method: str,
+    base: Path,
+    models: list[Path],
+    *,
+    density: float | None,
+    lam: float,
+    seed: int = 0,
+    tadrop: dict | None = None,
+    out: Path | None = None,
+    weight: float = 1.0,
+) -> dict:
     """One merge recipe. `density` = kept fraction (1 - drop ratio p); None = no sparsification."""
     mm = METHODS[method][0] if method in METHODS else method
     params = {"weight": float(weight)}

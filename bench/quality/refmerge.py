@@ -3,6 +3,7 @@
 It follows mergekit's semantics loosely and a minimal TADrop (no streaming, no plan details).
 Nothing reported in docs/ comes from here: the report refuses results made with it.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -23,10 +24,10 @@ def _score(t, stat):
     if stat == "kurtosis":
         m = x.mean()
         v = ((x - m) ** 2).mean()
-        return float(((x - m) ** 4).mean() / (v ** 2 + 1e-30) - 3)
+        return float(((x - m) ** 4).mean() / (v**2 + 1e-30) - 3)
     if stat == "hoyer":
         n = x.numel()
-        return float((n ** 0.5 - a.sum() / (a.norm() + 1e-30)) / (n ** 0.5 - 1))
+        return float((n**0.5 - a.sum() / (a.norm() + 1e-30)) / (n**0.5 - 1))
     if stat == "cv":
         return float(a.std() / (a.mean() + 1e-30))
     raise ValueError(stat)
@@ -101,7 +102,7 @@ def merge(recipe, out_dir: Path):
                     a = tau.abs().flatten()
                     if mm.startswith("breadcrumbs"):
                         top = max(0, round(0.01 * n))
-                        idx = a.argsort(descending=True)[top: top + kk]
+                        idx = a.argsort(descending=True)[top : top + kk]
                     else:
                         idx = a.topk(kk).indices
                     mask = torch.zeros(n, dtype=torch.bool)
@@ -109,7 +110,7 @@ def merge(recipe, out_dir: Path):
                     tau = tau * mask.view(tau.shape)
             taus.append(tau)
             ws.append(w)
-        T = torch.stack([w * t for w, t in zip(ws, taus)])
+        T = torch.stack([w * t for w, t in zip(ws, taus, strict=True)])
         if mm == "linear":
             merged[k] = (b.float() + T.sum(0)).to(b.dtype)
             continue

@@ -1,11 +1,11 @@
 """Summaries (JSON) and the generated report (markdown tables + PNG plot)."""
+
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
 import numpy as np
-
 from common import paired_bootstrap, read_json, write_json
 from recipes import LABELS, is_random
 
@@ -45,20 +45,29 @@ def summarize(sw, sweep_cfg: dict, ablation=None, tadrop_cfg=None, extra=None) -
         }
 
     out = {
-        "kind": b.kind, "quick": b.quick, "merger": sw.m.name, "merger_version": sw.m.version(),
-        "tasks": tasks, "task_desc": {t: b.task_description(t) for t in tasks},
+        "kind": b.kind,
+        "quick": b.quick,
+        "merger": sw.m.name,
+        "merger_version": sw.m.version(),
+        "tasks": tasks,
+        "task_desc": {t: b.task_description(t) for t in tasks},
         "n": {t: {s: b.n_items(t, s) for s in ("train", "val", "test")} for t in tasks},
-        "bench_cfg": b.cfg, "sweep_cfg": sweep_cfg, "tadrop_cfg": tadrop_cfg,
+        "bench_cfg": b.cfg,
+        "sweep_cfg": sweep_cfg,
+        "tadrop_cfg": tadrop_cfg,
         "refs": {
             "finetuned": {"test": ft, "avg": float(np.mean(list(ft.values()))), "norm_avg": 1.0},
             "base": row([sw.test_result(refs["base"]["test_key"])]),
             "average": row([sw.test_result(refs["average"]["test_key"])]),
-            "ta_dense": dict(row([sw.test_result(refs["ta_dense"]["test_key"])]),
-                             lam=refs["ta_dense"]["lam"]),
-            **({"iso_c": dict(row([sw.test_result(refs["iso_c"]["test_key"])]), lam=refs["iso_c"]["lam"])}
-               if "iso_c" in refs else {}),
+            "ta_dense": dict(row([sw.test_result(refs["ta_dense"]["test_key"])]), lam=refs["ta_dense"]["lam"]),
+            **(
+                {"iso_c": dict(row([sw.test_result(refs["iso_c"]["test_key"])]), lam=refs["iso_c"]["lam"])}
+                if "iso_c" in refs
+                else {}
+            ),
         },
-        "cells": [], "comparisons": [],
+        "cells": [],
+        "comparisons": [],
     }
     cells = sw.records.get("cells", {})
     want_td = tadrop_cfg
@@ -66,21 +75,34 @@ def summarize(sw, sweep_cfg: dict, ablation=None, tadrop_cfg=None, extra=None) -
         for d in sorted({c["density"] for c in cells.values() if c["method"] == method}):
             pair = {}
             for arm in ("uniform", "tadrop"):
-                cand = [c for c in cells.values() if c["method"] == method and c["density"] == d
-                        and c["arm"] == arm and (arm == "uniform" or c["tadrop"] == want_td)]
+                cand = [
+                    c
+                    for c in cells.values()
+                    if c["method"] == method
+                    and c["density"] == d
+                    and c["arm"] == arm
+                    and (arm == "uniform" or c["tadrop"] == want_td)
+                ]
                 if not cand:
                     continue
                 c = cand[0]
                 seeds = sorted(c["seeds"], key=int)[: sweep_cfg["seeds"] if is_random(method) else 1]
                 res = [sw.test_result(c["seeds"][s]["test_key"]) for s in seeds]
                 r = row(res)
-                r.update(method=method, density=d, arm=arm, lam=c["lam"], val=c.get("val"),
-                         val_grid=c["val_grid"], seeds=len(seeds),
-                         consistency_maxabs=c.get("consistency_maxabs"))
+                r.update(
+                    method=method,
+                    density=d,
+                    arm=arm,
+                    lam=c["lam"],
+                    val=c.get("val"),
+                    val_grid=c["val_grid"],
+                    seeds=len(seeds),
+                    consistency_maxabs=c.get("consistency_maxabs"),
+                )
                 out["cells"].append(r)
                 pair[arm] = res
             if len(pair) == 2:
-                pairs = list(zip(pair["uniform"], pair["tadrop"]))
+                pairs = list(zip(pair["uniform"], pair["tadrop"], strict=True))
                 a = paired_bootstrap(pairs, tasks)
                 n_ = paired_bootstrap(pairs, tasks, norm=norm)
                 out["comparisons"].append({"method": method, "density": d, "abs": a, "norm": n_})
@@ -100,6 +122,7 @@ def summarize(sw, sweep_cfg: dict, ablation=None, tadrop_cfg=None, extra=None) -
 
 # ---------------------------------------------------------------- markdown
 
+
 def _f(x, nd=1):
     return "–" if x is None else f"{100 * x:.{nd}f}"
 
@@ -113,9 +136,11 @@ def markdown(s: dict) -> str:
     L = []
     kind = "Text (all-MiniLM-L6-v2)" if s["kind"] == "text" else "Images (small CNN pretrained on Fashion-MNIST)"
     L.append(f"## {kind}{' — QUICK MODE' if s['quick'] else ''}\n")
-    L.append(f"Merges by `{s['merger']}` ({s['merger_version']}). Accuracy in %, on the test split; "
-             "*norm.* = accuracy divided by the task's own fine-tuned accuracy, averaged over tasks. "
-             "λ chosen on the validation split.\n")
+    L.append(
+        f"Merges by `{s['merger']}` ({s['merger_version']}). Accuracy in %, on the test split; "
+        "*norm.* = accuracy divided by the task's own fine-tuned accuracy, averaged over tasks. "
+        "λ chosen on the validation split.\n"
+    )
     L.append("| task | classes / description | train / val / test |\n|---|---|---|")
     for t in tasks:
         n = s["n"][t]
@@ -126,23 +151,37 @@ def markdown(s: dict) -> str:
     L.append("### References (test accuracy per task)\n")
     L.append("| model | " + " | ".join(tasks) + " | avg | norm. |")
     L.append("|---|" + "---|" * (len(tasks) + 2))
-    L.append("| each task's own fine-tune | " + " | ".join(_f(r["finetuned"]["test"][t]) for t in tasks)
-             + f" | {_f(r['finetuned']['avg'])} | 100.0 |")
-    for k, name in (("base", "base + frozen heads"), ("average", "plain average of weights"),
-                    ("ta_dense", f"task arithmetic, no drop (λ={r['ta_dense']['lam']:g})"),
-                    ("iso_c", f"Iso-C, no budget (λ={r['iso_c']['lam']:g})" if "iso_c" in r else "")):
+    L.append(
+        "| each task's own fine-tune | "
+        + " | ".join(_f(r["finetuned"]["test"][t]) for t in tasks)
+        + f" | {_f(r['finetuned']['avg'])} | 100.0 |"
+    )
+    for k, name in (
+        ("base", "base + frozen heads"),
+        ("average", "plain average of weights"),
+        ("ta_dense", f"task arithmetic, no drop (λ={r['ta_dense']['lam']:g})"),
+        ("iso_c", f"Iso-C, no budget (λ={r['iso_c']['lam']:g})" if "iso_c" in r else ""),
+    ):
         if k not in r:
             continue
         x = r[k]
-        L.append(f"| {name} | " + " | ".join(_f(x["test"][t]) for t in tasks)
-                 + f" | {_f(x['avg'])} ± {_f(1.96 * x['se'])} | {_f(x['norm_avg'])} |")
+        L.append(
+            f"| {name} | "
+            + " | ".join(_f(x["test"][t]) for t in tasks)
+            + f" | {_f(x['avg'])} ± {_f(1.96 * x['se'])} | {_f(x['norm_avg'])} |"
+        )
     L.append("")
     # main comparison
     L.append("### Uniform ratio vs TADrop at the same kept-entry budget\n")
-    L.append(f"TADrop settings: `{s.get('tadrop_cfg')}`. Δ = TADrop − uniform, paired on the same "
-             "test items (95% bootstrap CI over items; for random methods averaged over seeds, "
-             "with the per-seed Δ listed).\n")
-    L.append("| method | kept | uniform: λ | avg | norm. | TADrop: λ | avg | norm. | Δ avg [95% CI] | Δ norm. | seeds (Δ per seed) |")
+    L.append(
+        f"TADrop settings: `{s.get('tadrop_cfg')}`. Δ = TADrop − uniform, paired on the same "
+        "test items (95% bootstrap CI over items; for random methods averaged over seeds, "
+        "with the per-seed Δ listed).\n"
+    )
+    L.append(
+        "| method | kept | uniform: λ | avg | norm. | TADrop: λ | avg | norm. "
+        "| Δ avg [95% CI] | Δ norm. | seeds (Δ per seed) |"
+    )
     L.append("|---|---|---|---|---|---|---|---|---|---|---|")
     cells = {(c["method"], c["density"], c["arm"]): c for c in s["cells"]}
     for cmp in s["comparisons"]:
@@ -151,57 +190,72 @@ def markdown(s: dict) -> str:
         a, n = cmp["abs"], cmp["norm"]
         sig = "**" if a["lo"] > 0 or a["hi"] < 0 else ""
         ps = " ".join(_d(x, 1) for x in a["per_seed"]) if len(a["per_seed"]) > 1 else ""
-        L.append(f"| {LABELS[m]} | {d:g} | {u['lam']:g} | {_f(u['avg'])} | {_f(u['norm_avg'])} | "
-                 f"{t['lam']:g} | {_f(t['avg'])} | {_f(t['norm_avg'])} | "
-                 f"{sig}{_d(a['diff'])}{sig} [{_d(a['lo'])}, {_d(a['hi'])}] | {_d(n['diff'])} | "
-                 f"{u['seeds']} {('(' + ps + ')') if ps else ''} |")
+        L.append(
+            f"| {LABELS[m]} | {d:g} | {u['lam']:g} | {_f(u['avg'])} | {_f(u['norm_avg'])} | "
+            f"{t['lam']:g} | {_f(t['avg'])} | {_f(t['norm_avg'])} | "
+            f"{sig}{_d(a['diff'])}{sig} [{_d(a['lo'])}, {_d(a['hi'])}] | {_d(n['diff'])} | "
+            f"{u['seeds']} {('(' + ps + ')') if ps else ''} |"
+        )
     if s["comparisons"]:
         allg = [c["abs"]["diff"] for c in s["comparisons"]]
         wins = sum(c["abs"]["lo"] > 0 for c in s["comparisons"])
         losses = sum(c["abs"]["hi"] < 0 for c in s["comparisons"])
-        L.append(f"\nOver {len(allg)} method × budget pairs: mean Δ {_d(float(np.mean(allg)))} points; "
-                 f"CI above 0 in {wins}, below 0 in {losses}, overlapping 0 in {len(allg) - wins - losses}.\n")
+        L.append(
+            f"\nOver {len(allg)} method × budget pairs: mean Δ {_d(float(np.mean(allg)))} points; "
+            f"CI above 0 in {wins}, below 0 in {losses}, overlapping 0 in {len(allg) - wins - losses}.\n"
+        )
     # per task
     L.append("### Per-task test accuracy (mean over seeds)\n")
     L.append("| method | kept | arm | " + " | ".join(tasks) + " | avg | norm. |")
     L.append("|---|---|---|" + "---|" * (len(tasks) + 2))
     for c in s["cells"]:
-        L.append(f"| {LABELS[c['method']]} | {c['density']:g} | {c['arm']} | "
-                 + " | ".join(_f(c["test"][t]) for t in tasks)
-                 + f" | {_f(c['avg'])} | {_f(c['norm_avg'])} |")
+        L.append(
+            f"| {LABELS[c['method']]} | {c['density']:g} | {c['arm']} | "
+            + " | ".join(_f(c["test"][t]) for t in tasks)
+            + f" | {_f(c['avg'])} | {_f(c['norm_avg'])} |"
+        )
     L.append("")
     L.append("### Per-task Δ (TADrop − uniform, points)\n")
     L.append("| method | kept | " + " | ".join(tasks) + " | avg |")
     L.append("|---|---|" + "---|" * (len(tasks) + 1))
     for cmp in s["comparisons"]:
-        L.append(f"| {LABELS[cmp['method']]} | {cmp['density']:g} | "
-                 + " | ".join(_d(cmp["abs"]["per_task"][t], 1) for t in tasks)
-                 + f" | {_d(cmp['abs']['diff'], 2)} |")
+        L.append(
+            f"| {LABELS[cmp['method']]} | {cmp['density']:g} | "
+            + " | ".join(_d(cmp["abs"]["per_task"][t], 1) for t in tasks)
+            + f" | {_d(cmp['abs']['diff'], 2)} |"
+        )
     L.append("")
     if s.get("ablation"):
         ab = s["ablation"]
         L.append("### Ablation of TADrop's settings (validation split only)\n")
-        L.append(f"Hosts: {', '.join(f'{LABELS[m]} @ kept {d:g}' for m, d in ab['hosts'])}. "
-                 "One factor at a time; each configuration and uniform get the best of the same "
-                 "three λ values (the uniform arm's tuned λ and its √2 neighbours). Gain = validation "
-                 "accuracy minus uniform's, averaged over hosts.\n")
+        L.append(
+            f"Hosts: {', '.join(f'{LABELS[m]} @ kept {d:g}' for m, d in ab['hosts'])}. "
+            "One factor at a time; each configuration and uniform get the best of the same "
+            "three λ values (the uniform arm's tuned λ and its √2 neighbours). Gain = validation "
+            "accuracy minus uniform's, averaged over hosts.\n"
+        )
         hosts = [f"{m}@{d}" for m, d in ab["hosts"]]
         L.append("| statistic | normalize | strength | " + " | ".join(hosts) + " | mean gain |")
         L.append("|---|---|---|" + "---|" * (len(hosts) + 1))
         for row in ab["rows"]:
             c = row["config"]
-            L.append(f"| {c['statistic']} | {c['normalize']} | {c['strength']:g} | "
-                     + " | ".join(_d(row["per_host"][h]["val"] - row["per_host"][h]["uniform"])
-                                  for h in hosts) + f" | {_d(row['gain'])} |")
+            L.append(
+                f"| {c['statistic']} | {c['normalize']} | {c['strength']:g} | "
+                + " | ".join(_d(row["per_host"][h]["val"] - row["per_host"][h]["uniform"]) for h in hosts)
+                + f" | {_d(row['gain'])} |"
+            )
         L.append(f"\nChosen: `{ab['chosen']}`.\n")
     tm = s.get("timing", {})
     if tm.get("consistency_maxabs") is not None:
-        L.append(f"Check: the CLI's merge at the chosen λ matched base + λ·(its λ=1 merge − base) "
-                 f"to max |Δw| = {tm['consistency_maxabs']:.2e}.\n")
+        L.append(
+            f"Check: the CLI's merge at the chosen λ matched base + λ·(its λ=1 merge − base) "
+            f"to max |Δw| = {tm['consistency_maxabs']:.2e}.\n"
+        )
     return "\n".join(L)
 
 
 # ---------------------------------------------------------------- plot
+
 
 def plot(s: dict, path: Path) -> bool:
     try:
@@ -229,12 +283,20 @@ def plot(s: dict, path: Path) -> bool:
                 xs.append(i - 0.4 + w * (2 * j + a) + w / 2)
                 ys.append(100 * c["norm_avg"])
                 es.append(100 * 1.96 * c["se_norm"])
-            ax.bar(xs, ys, w, yerr=es, capsize=2, color=colors[arm],
-                   alpha=0.45 + 0.55 * (j + 1) / len(dens),
-                   label=f"{arm} (kept {d:g})", edgecolor="black", linewidth=0.3)
+            ax.bar(
+                xs,
+                ys,
+                w,
+                yerr=es,
+                capsize=2,
+                color=colors[arm],
+                alpha=0.45 + 0.55 * (j + 1) / len(dens),
+                label=f"{arm} (kept {d:g})",
+                edgecolor="black",
+                linewidth=0.3,
+            )
     r = s["refs"]
-    for k, ls, name in (("base", ":", "base"), ("average", "--", "plain average"),
-                        ("ta_dense", "-.", "TA, no drop")):
+    for k, ls, name in (("base", ":", "base"), ("average", "--", "plain average"), ("ta_dense", "-.", "TA, no drop")):
         ax.axhline(100 * r[k]["norm_avg"], ls=ls, color="black", lw=1, label=name)
     ax.set_xticks(range(len(methods)))
     ax.set_xticklabels([LABELS[m] for m in methods], rotation=15)

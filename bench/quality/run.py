@@ -10,6 +10,7 @@ bench/.cache/quality/ (git-ignored); a re-run only redoes what is missing. The f
 docs/quality_results.md and docs/quality_{text,images}.png; --quick writes its report into the
 cache folder. Merges are made by `tadrop merge` (subprocess), never in-process.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,26 +25,42 @@ from common import CACHE, DOCS, Log, set_threads  # noqa: E402
 
 # "task arithmetic with a drop" is magnitude_prune (see recipes.py); plain task arithmetic is a
 # reference row (it has no drop ratio, so TADrop cannot enter it).
-ALL_METHODS = ["magnitude_prune", "ties", "dare", "dare_ties", "breadcrumbs", "breadcrumbs_ties",
-               "della", "consensus_ta", "consensus_ties", "tsv_m", "iso_cts"]
+ALL_METHODS = [
+    "magnitude_prune",
+    "ties",
+    "dare",
+    "dare_ties",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "della",
+    "consensus_ta",
+    "consensus_ties",
+    "tsv_m",
+    "iso_cts",
+]
 QUICK_METHODS = ["magnitude_prune", "ties", "dare", "della", "consensus_ties", "tsv_m"]
 
 # TADrop settings used when no ablation is run (quick mode, --no-ablation); set from the full
 # run's validation ablation (docs/quality.md explains the choice).
-DEFAULT_TADROP = {"statistic": "hoyer", "normalize": "rank", "strength": 0.2,
-                  "preserve_budget": True}
+DEFAULT_TADROP = {"statistic": "hoyer", "normalize": "rank", "strength": 0.2, "preserve_budget": True}
 
 SWEEPS = {
-    ("text", False): dict(methods=ALL_METHODS, densities=[0.1, 0.3], seeds=3,
-                          ablation_hosts=[["ties", 0.1], ["dare", 0.1]]),
+    ("text", False): dict(
+        methods=ALL_METHODS, densities=[0.1, 0.3], seeds=3, ablation_hosts=[["ties", 0.1], ["dare", 0.1]]
+    ),
     # quick (CI smoke test, < 5 min): three classic hosts and three of the stronger ones
     ("text", True): dict(methods=QUICK_METHODS, densities=[0.2], seeds=1, ablation_hosts=None),
-    ("images", False): dict(methods=ALL_METHODS, densities=[0.05, 0.1, 0.2, 0.4], seeds=3,
-                            ablation_hosts=[["ties", 0.1], ["dare", 0.1], ["magnitude_prune", 0.1]]),
+    ("images", False): dict(
+        methods=ALL_METHODS,
+        densities=[0.05, 0.1, 0.2, 0.4],
+        seeds=3,
+        ablation_hosts=[["ties", 0.1], ["dare", 0.1], ["magnitude_prune", 0.1]],
+    ),
     ("images", True): dict(methods=QUICK_METHODS, densities=[0.1], seeds=1, ablation_hosts=None),
 }
-ABLATION = dict(stats=["kurtosis", "hoyer", "cv", "gini", "topmass"], norms=["rank", "minmax"],
-                strengths=[0.1, 0.2, 0.35, 0.5])
+ABLATION = dict(
+    stats=["kurtosis", "hoyer", "cv", "gini", "topmass"], norms=["rank", "minmax"], strengths=[0.1, 0.2, 0.35, 0.5]
+)
 
 
 def _cpu_seconds():
@@ -104,8 +121,7 @@ def run_one(kind, args, log):
     ablation = None
     td = dict(DEFAULT_TADROP)
     if cfg["ablation_hosts"] and not args.no_ablation:
-        chosen, rows = sw.ablate([tuple(h) for h in cfg["ablation_hosts"]], DEFAULT_TADROP,
-                                 **ABLATION)
+        chosen, rows = sw.ablate([tuple(h) for h in cfg["ablation_hosts"]], DEFAULT_TADROP, **ABLATION)
         ablation = {"hosts": cfg["ablation_hosts"], "rows": rows, "chosen": chosen}
         if kind == "text" and not args.keep_default:
             td = dict(chosen)  # the text ablation picks the settings for both benchmarks
@@ -122,34 +138,50 @@ def run_one(kind, args, log):
     s = report.summarize(sw, cfg, ablation=ablation, tadrop_cfg=td, extra=extra)
     spath = bench.root / f"summary_{merger.name}.json"
     report.save_summary(s, spath)
-    log(f"[{kind}] done in {time.time() - t0:.0f}s wall, {_cpu_seconds() - c0:.0f}s CPU "
-        f"(this process + tadrop subprocesses); summary {spath}")
+    log(
+        f"[{kind}] done in {time.time() - t0:.0f}s wall, {_cpu_seconds() - c0:.0f}s CPU "
+        f"(this process + tadrop subprocesses); summary {spath}"
+    )
     return s
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="3 text tasks, few steps, 1 budget, 1 seed")
-    ap.add_argument("--bench", choices=["text", "images", "all", "zeroshot"], default=None,
-                    help="default: all (full) / text (quick); zeroshot = zero-shot heads (zeroshot.py)")
-    ap.add_argument("--merger", choices=["tadrop", "reference"], default="tadrop",
-                    help="'reference' = in-process stand-in, only to test this pipeline")
+    ap.add_argument(
+        "--bench",
+        choices=["text", "images", "all", "zeroshot"],
+        default=None,
+        help="default: all (full) / text (quick); zeroshot = zero-shot heads (zeroshot.py)",
+    )
+    ap.add_argument(
+        "--merger",
+        choices=["tadrop", "reference"],
+        default="tadrop",
+        help="'reference' = in-process stand-in, only to test this pipeline",
+    )
     ap.add_argument("--seeds", type=int, default=None)
     ap.add_argument("--no-ablation", action="store_true")
-    ap.add_argument("--keep-default", action="store_true",
-                    help="use DEFAULT_TADROP even when the ablation prefers other settings")
+    ap.add_argument(
+        "--keep-default", action="store_true", help="use DEFAULT_TADROP even when the ablation prefers other settings"
+    )
     ap.add_argument("--tadrop-json", default=None, help="override the TADrop block (JSON)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--report", default=None, help="markdown path (default: docs/ or cache)")
-    ap.add_argument("--check", action="store_true",
-                    help="exit 1 unless the loose sanity checks hold (the CI smoke test)")
+    ap.add_argument(
+        "--check", action="store_true", help="exit 1 unless the loose sanity checks hold (the CI smoke test)"
+    )
     args, rest = ap.parse_known_args(argv)
     if args.bench == "zeroshot":  # its own options: python bench/quality/zeroshot.py --help
         import zeroshot
 
-        return zeroshot.main(rest + (["--quick"] if args.quick else []) + ["--threads", str(args.threads)]
-                             + (["--seeds", str(args.seeds)] if args.seeds else [])
-                             + (["--report", args.report] if args.report else []))
+        return zeroshot.main(
+            rest
+            + (["--quick"] if args.quick else [])
+            + ["--threads", str(args.threads)]
+            + (["--seeds", str(args.seeds)] if args.seeds else [])
+            + (["--report", args.report] if args.report else [])
+        )
     if rest:
         ap.error(f"unrecognized arguments: {' '.join(rest)}")
     set_threads(args.threads)
@@ -158,7 +190,8 @@ def main(argv=None):
     except OSError:
         pass
     kinds = {"text": ["text"], "images": ["images"], "all": ["images", "text"]}[
-        args.bench or ("text" if args.quick else "all")]
+        args.bench or ("text" if args.quick else "all")
+    ]
     log = Log(CACHE / "logs" / f"run{'_quick' if args.quick else ''}.log")
     import report
 
@@ -178,9 +211,11 @@ def main(argv=None):
         md = CACHE / "report" / ("quality_quick.md" if args.quick else "quality_results.md")
     else:
         md = DOCS / "quality_results.md"
-    header = ("# TADrop quality benchmark — generated results\n\nGenerated by "
-              f"`python bench/quality/run.py{' --quick' if args.quick else ''}`; the reading and "
-              "the choice of defaults are in [quality.md](quality.md).\n")
+    header = (
+        "# TADrop quality benchmark — generated results\n\nGenerated by "
+        f"`python bench/quality/run.py{' --quick' if args.quick else ''}`; the reading and "
+        "the choice of defaults are in [quality.md](quality.md).\n"
+    )
     if args.merger != "tadrop":
         header += "\n**PIPELINE TEST ONLY: merges by the in-process reference stand-in, not tadrop.**\n"
     report.write_report(summaries, md, md.with_name("quality"), header=header)
@@ -191,7 +226,10 @@ def main(argv=None):
             log("CHECK FAILED", p)
         if problems:
             raise SystemExit(1)
-        log(f"checks passed: {sum(len(s['cells']) for k, s in summaries.items() if k in kinds)} merges all beat the base; TIES within 3 points of task arithmetic")
+        log(
+            f"checks passed: {sum(len(s['cells']) for k, s in summaries.items() if k in kinds)} merges all beat "
+            "the base; TIES within 3 points of task arithmetic"
+        )
     return summaries
 
 

@@ -8,6 +8,7 @@ merged again by `tadrop merge` and *that* checkpoint is scored on the test split
 difference between the two is recorded as a check of the CLI). Both arms get exactly the same
 procedure. Random methods are tuned on seed 0; every seed is scored on test.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,7 +17,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from common import read_json, stable_hash, write_json
 from recipes import is_random, linear_recipe, make_recipe, scale_start, write_recipe
 
@@ -73,8 +73,7 @@ class Sweep:
         self.tmp = bench.root / "tmp"
         self.ft = bench.finetune_all()
         self.models = [self.ft[t] for t in bench.tasks]
-        self.fingerprint = stable_hash([bench.cfg, [read_json(Path(d) / "finetune.json")
-                                                    for d in self.models]])
+        self.fingerprint = stable_hash([bench.cfg, [read_json(Path(d) / "finetune.json") for d in self.models]])
         self.rec_path = self.root / f"records_{tag}.json"
         self.records = read_json(self.rec_path, {})
         self.merge_seconds = []
@@ -129,8 +128,7 @@ class Sweep:
     # ------------------------------------------------------------ scale tuning
     def val_at(self, r1, lazy, k):
         lam = lam_of(k)
-        res = self.evaluate(["interp", _strip(r1), lam], "val",
-                            lambda: self.interp(lazy.state(), lam))
+        res = self.evaluate(["interp", _strip(r1), lam], "val", lambda: self.interp(lazy.state(), lam))
         return self.avg(res)
 
     def tune(self, recipe_fn, start: float, ks=None):
@@ -139,7 +137,7 @@ class Sweep:
         lazy = LazyMerge(self, r1)
         vals = {}
         k0 = k_of(start)
-        for k in (ks if ks is not None else (k0 - 1, k0, k0 + 1)):
+        for k in ks if ks is not None else (k0 - 1, k0, k0 + 1):
             vals[k] = self.val_at(r1, lazy, k)
         if ks is None:
             while len(vals) < self.max_evals:
@@ -168,8 +166,7 @@ class Sweep:
         cons = None
         if lz is not lazy1 and lz.loaded and first and lazy1.loaded:
             a, b = lz.state(), self.interp(lazy1.state(), lam)
-            cons = max(float((a[k].float() - b[k].float()).abs().max()) for k in a
-                       if a[k].is_floating_point())
+            cons = max(float((a[k].float() - b[k].float()).abs().max()) for k in a if a[k].is_floating_point())
             self.consistency.append(cons)
         if lz is not lazy1:
             lz.drop()
@@ -180,7 +177,7 @@ class Sweep:
         b = self.b
         out = self.records.setdefault("refs", {})
         base_val = self.evaluate(["base"], "val", lambda: b.base_state)
-        base_test = self.evaluate(["base"], "test", lambda: b.base_state)
+        self.evaluate(["base"], "test", lambda: b.base_state)  # scored and cached for the report
         out["base"] = {"val": self.avg(base_val), "test_key": ["base"]}
         ft = {}
         for t in b.tasks:
@@ -189,8 +186,12 @@ class Sweep:
             self.evaluate(["ft", t], "test", st, tasks=[t])
             ft[t] = {"val": float(v[t].mean())}
         out["finetuned"] = ft
-        self.log("references: base val", f"{out['base']['val']:.3f}", "| fine-tuned val",
-                 {t: round(x["val"], 3) for t, x in ft.items()})
+        self.log(
+            "references: base val",
+            f"{out['base']['val']:.3f}",
+            "| fine-tuned val",
+            {t: round(x["val"], 3) for t, x in ft.items()},
+        )
         # plain averaging of the fine-tuned weights
         rl = linear_recipe(b.base_dir, self.models)
         lz = LazyMerge(self, rl)
@@ -198,9 +199,11 @@ class Sweep:
         self.evaluate(["cli", _strip(rl)], "test", lz.state)
         out["average"] = {"val": self.avg(v), "test_key": ["cli", _strip(rl)]}
         lz.drop()
+
         # task arithmetic without any drop (tuned lambda)
-        fn = lambda lam: make_recipe("task_arithmetic", b.base_dir, self.models, density=None,  # noqa: E731
-                                     lam=lam)
+        def fn(lam):
+            return make_recipe("task_arithmetic", b.base_dir, self.models, density=None, lam=lam)
+
         lam, vals, lazy1 = self.tune(fn, 0.5)
         _, _, _, key = self.test_at(fn, lam, None, lazy1)
         lazy1.drop()
@@ -211,8 +214,10 @@ class Sweep:
         _, _, _, key = self.test_at(fn, lam, None, lazy1)
         lazy1.drop()
         out["iso_c"] = {"lam": lam, "val_grid": vals, "val": dict(vals)[lam], "test_key": key}
-        self.log(f"references: average val {out['average']['val']:.3f}, TA dense val "
-                 f"{out['ta_dense']['val']:.3f} at lambda {lam}")
+        self.log(
+            f"references: average val {out['average']['val']:.3f}, TA dense val "
+            f"{out['ta_dense']['val']:.3f} at lambda {lam}"
+        )
         self.save()
 
     def test_result(self, key):
@@ -231,8 +236,8 @@ class Sweep:
         b = self.b
 
         def fn(lam, seed=0):
-            return make_recipe(method, b.base_dir, self.models, density=density, lam=lam,
-                               seed=seed, tadrop=td)
+            return make_recipe(method, b.base_dir, self.models, density=density, lam=lam, seed=seed, tadrop=td)
+
         return fn
 
     def run_cell(self, method, density, arm, td, seeds):
@@ -243,8 +248,15 @@ class Sweep:
         fn = self.recipe_fn(method, density, td)
         t0 = time.time()
         lam, vals, lazy1 = self.tune(fn, scale_start(method))
-        rec = {"method": method, "density": density, "arm": arm, "tadrop": td, "lam": lam,
-               "val_grid": vals, "seeds": {}}
+        rec = {
+            "method": method,
+            "density": density,
+            "arm": arm,
+            "tadrop": td,
+            "lam": lam,
+            "val_grid": vals,
+            "seeds": {},
+        }
         rec["val"] = dict(vals)[lam]
         for s in seeds:
             res, _, cons, tkey = self.test_at(fn, lam, s, lazy1)
@@ -254,9 +266,11 @@ class Sweep:
         lazy1.drop()
         self.records["cells"][key] = rec
         self.save()
-        self.log(f"{method:16s} d={density:<5} {arm:8s} lambda={lam:<6} val={rec['val']:.4f} test="
-                 + " ".join(f"{v['test']:.4f}" for v in rec["seeds"].values())
-                 + f"  ({time.time() - t0:.0f}s)")
+        self.log(
+            f"{method:16s} d={density:<5} {arm:8s} lambda={lam:<6} val={rec['val']:.4f} test="
+            + " ".join(f"{v['test']:.4f}" for v in rec["seeds"].values())
+            + f"  ({time.time() - t0:.0f}s)"
+        )
         return rec
 
     def main(self, methods, densities, arms: dict, n_seeds: int, densities_by_method=None):
@@ -276,8 +290,7 @@ class Sweep:
         for method, d in hosts:
             ru = self.run_cell(method, d, "uniform", None, [0])
             k = k_of(ru["lam"])
-            uni[(method, d)] = (k, max(self._val_grid_point(method, d, None, j)
-                                       for j in (k - 1, k, k + 1)))
+            uni[(method, d)] = (k, max(self._val_grid_point(method, d, None, j) for j in (k - 1, k, k + 1)))
 
         def score(cfg):
             gains = []
@@ -333,8 +346,10 @@ class Sweep:
         path = self.root / "plans" / f"{h}.json"
         p = read_json(path)
         if p is None:
-            rp = write_recipe(dict(r, output={"path": str(self.tmp / 'plan'), "dtype": "float32"}),
-                              self.root / "recipes" / f"{h}.yaml")
+            rp = write_recipe(
+                dict(r, output={"path": str(self.tmp / "plan"), "dtype": "float32"}),
+                self.root / "recipes" / f"{h}.yaml",
+            )
             p = self.m.plan(rp)
             write_json(path, p)
         return p

@@ -11,6 +11,7 @@ tadrop accepts it) strength -0.2, each with lambda hill-climbed on validation by
 procedure (sweep.Sweep.tune), then merged by `tadrop merge` at that lambda and scored on test;
 random hosts on every seed. Differences are paired on the same test items (common.paired_bootstrap).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,13 +50,13 @@ def tadrop_accepts(settings: dict) -> bool:
         py = exe[:-2]
     else:
         py = [sys.executable]
-    code = ("import json, sys; from tadrop_cli.recipe import TadropSettings; "
-            "TadropSettings(**json.loads(sys.argv[1]))")
+    code = "import json, sys; from tadrop_cli.recipe import TadropSettings; TadropSettings(**json.loads(sys.argv[1]))"
     p = subprocess.run(py + ["-c", code, json.dumps(settings)], capture_output=True, env=_env(), timeout=120)
     return p.returncode == 0
 
 
 # ---------------------------------------------------------------- references
+
 
 def regime_references(sw, log) -> dict:
     """Base + heads, each fine-tune on its own task, and dense task arithmetic (tuned lambda)."""
@@ -83,6 +84,7 @@ def regime_references(sw, log) -> dict:
 
 # ---------------------------------------------------------------- cells
 
+
 def run_direction(sw, hosts, densities, arms: dict, seeds: int, log) -> None:
     from recipes import is_random
 
@@ -93,6 +95,7 @@ def run_direction(sw, hosts, densities, arms: dict, seeds: int, log) -> None:
 
 
 # ---------------------------------------------------------------- the wider family (validation)
+
 
 def family_grid() -> dict:
     """Candidate TADrop settings (TADROP.md 2b): direction x scope for the strength allocation, the
@@ -127,8 +130,15 @@ def run_family_search(sw, hosts_budgets, grid: dict, log) -> dict:
             fn = sw.recipe_fn(method, d, td)
             lam, vals, lazy = sw.tune(fn, lam_of(k), ks=(k - 1, k, k + 1))
             lazy.drop()
-            fam[key] = {"method": method, "density": d, "arm": name, "tadrop": td, "lam": lam,
-                        "val_grid": vals, "val": max(v for _, v in vals)}
+            fam[key] = {
+                "method": method,
+                "density": d,
+                "arm": name,
+                "tadrop": td,
+                "lam": lam,
+                "val_grid": vals,
+                "val": max(v for _, v in vals),
+            }
             sw.save()
             log(f"family {key}: val {fam[key]['val']:.4f} at lambda {lam}")
     return fam
@@ -153,8 +163,13 @@ def family_table(fam: dict) -> str:
     hb = sorted({(c["method"], c["density"]) for c in fam.values()})
     arms = sorted({c["arm"] for c in fam.values()}, key=lambda a: (a != "uniform", a))
     _, mean = family_choice(fam)
-    out = ("| arm | " + " | ".join(f"{m} {d}" for m, d in hb) + " | mean gain over uniform (points) |\n|---|"
-           + "---|" * (len(hb) + 1) + "\n")
+    out = (
+        "| arm | "
+        + " | ".join(f"{m} {d}" for m, d in hb)
+        + " | mean gain over uniform (points) |\n|---|"
+        + "---|" * (len(hb) + 1)
+        + "\n"
+    )
     for a in arms:
         cells = []
         for m, d in hb:
@@ -166,6 +181,7 @@ def family_table(fam: dict) -> str:
 
 
 # ---------------------------------------------------------------- report
+
 
 def load_records(root: Path) -> dict:
     """All shares' records merged (each share writes records_zeroshot_<tag>.json)."""
@@ -184,8 +200,10 @@ def _pct(x):
 
 def regime_table(sw, recs) -> tuple[str, dict]:
     tasks = sw.b.tasks
-    rows = {"base + zero-shot heads": sw.test_result(recs["refs"]["base"]["test_key"]),
-            "each task's fine-tune": {t: sw.ft_test(t) for t in tasks}}
+    rows = {
+        "base + zero-shot heads": sw.test_result(recs["refs"]["base"]["test_key"]),
+        "each task's fine-tune": {t: sw.ft_test(t) for t in tasks},
+    }
     ta = recs["refs"].get("ta_dense")
     if ta:
         rows[f"task arithmetic (λ={ta['lam']:g})"] = sw.test_result(ta["test_key"])
@@ -198,8 +216,11 @@ def regime_table(sw, recs) -> tuple[str, dict]:
     means = {}
     for name, res in rows.items():
         means[name] = float(np.mean([res[t].mean() for t in tasks]))
-        body += (f"| {name} | " + " | ".join(_pct(res[t].mean()) for t in tasks)
-                 + f" | **{_pct(means[name])}** | {100 * acc_se([res[t] for t in tasks]):.1f} |\n")
+        body += (
+            f"| {name} | "
+            + " | ".join(_pct(res[t].mean()) for t in tasks)
+            + f" | **{_pct(means[name])}** | {100 * acc_se([res[t] for t in tasks]):.1f} |\n"
+        )
     return head + body, means
 
 
@@ -207,14 +228,15 @@ def search_table(recs) -> str:
     """Validation: each cell's lambda grid and its best value, beside uniform's."""
     cells = recs["cells"].values()
     uni = {(c["method"], c["density"]): c["val"] for c in cells if c["arm"] == "uniform"}
-    out = ("| host | kept | arm | λ grid tried (validation mean accuracy, %) | chosen λ | val | val − uniform |\n"
-           "|---|---|---|---|---|---|---|\n")
+    out = (
+        "| host | kept | arm | λ grid tried (validation mean accuracy, %) | chosen λ | val | val − uniform |\n"
+        "|---|---|---|---|---|---|---|\n"
+    )
     for c in sorted(cells, key=lambda c: (c["method"], c["density"], c["arm"] != "uniform", c["arm"])):
         grid = ", ".join(f"{lam:g}: {_pct(v)}" for lam, v in c["val_grid"])
         u = uni.get((c["method"], c["density"]))
         diff = f"{100 * (c['val'] - u):+.2f}" if u is not None and c["arm"] != "uniform" else ""
-        out += (f"| {c['method']} | {c['density']} | {c['arm']} | {grid} | {c['lam']:g} | {_pct(c['val'])} | "
-                f"{diff} |\n")
+        out += f"| {c['method']} | {c['density']} | {c['arm']} | {grid} | {c['lam']:g} | {_pct(c['val'])} | {diff} |\n"
     return out
 
 
@@ -223,50 +245,74 @@ def test_table(sw, recs) -> tuple[str, list]:
     cells = list(recs["cells"].values())
     uni = {(c["method"], c["density"]): c for c in cells if c["arm"] == "uniform"}
     rows = []
-    out = ("| host | kept | arm | seeds | uniform test | arm test | arm − uniform [95% paired CI] | per seed |\n"
-           "|---|---|---|---|---|---|---|---|\n")
+    out = (
+        "| host | kept | arm | seeds | uniform test | arm test | arm − uniform [95% paired CI] | per seed |\n"
+        "|---|---|---|---|---|---|---|---|\n"
+    )
     for c in sorted(cells, key=lambda c: (c["method"], c["density"], c["arm"])):
         u = uni.get((c["method"], c["density"]))
         if c["arm"] == "uniform" or u is None:
             continue
         seeds = sorted(set(c["seeds"]) & set(u["seeds"]), key=int)
-        pairs = [(sw.test_result(u["seeds"][s]["test_key"]), sw.test_result(c["seeds"][s]["test_key"]))
-                 for s in seeds]
+        pairs = [(sw.test_result(u["seeds"][s]["test_key"]), sw.test_result(c["seeds"][s]["test_key"])) for s in seeds]
         bs = paired_bootstrap(pairs, tasks)
         ut = np.mean([u["seeds"][s]["test"] for s in seeds])
         at = np.mean([c["seeds"][s]["test"] for s in seeds])
-        rows.append(dict(method=c["method"], density=c["density"], arm=c["arm"], seeds=len(seeds),
-                         uniform=float(ut), arm_test=float(at), **bs))
+        rows.append(
+            dict(
+                method=c["method"],
+                density=c["density"],
+                arm=c["arm"],
+                seeds=len(seeds),
+                uniform=float(ut),
+                arm_test=float(at),
+                **bs,
+            )
+        )
         per_seed = ", ".join(f"{100 * x:+.2f}" for x in bs["per_seed"]) if len(seeds) > 1 else ""
-        out += (f"| {c['method']} | {c['density']} | {c['arm']} | {len(seeds)} | {_pct(ut)} | {_pct(at)} | "
-                f"**{100 * bs['diff']:+.2f}** [{100 * bs['lo']:+.2f}, {100 * bs['hi']:+.2f}] | {per_seed} |\n")
+        out += (
+            f"| {c['method']} | {c['density']} | {c['arm']} | {len(seeds)} | {_pct(ut)} | {_pct(at)} | "
+            f"**{100 * bs['diff']:+.2f}** [{100 * bs['lo']:+.2f}, {100 * bs['hi']:+.2f}] | {per_seed} |\n"
+        )
     return out, rows
 
 
 def direction_table(sw, recs, a="plus0.2", b="minus0.2") -> str:
     """The two directions against each other, paired on the same test items and seeds."""
     by = {(c["method"], c["density"], c["arm"]): c for c in recs["cells"].values()}
-    out = (f"\n### {b} against {a} on test (points)\n\n| host | kept | seeds | {b} − {a} [95% paired CI] |\n"
-           "|---|---|---|---|\n")
+    out = (
+        f"\n### {b} against {a} on test (points)\n\n| host | kept | seeds | {b} − {a} [95% paired CI] |\n"
+        "|---|---|---|---|\n"
+    )
     for (m, d, arm), ca in sorted(by.items()):
         cb = by.get((m, d, b))
         if arm != a or cb is None:
             continue
         seeds = sorted(set(ca["seeds"]) & set(cb["seeds"]), key=int)
-        pairs = [(sw.test_result(ca["seeds"][s]["test_key"]), sw.test_result(cb["seeds"][s]["test_key"]))
-                 for s in seeds]
+        pairs = [
+            (sw.test_result(ca["seeds"][s]["test_key"]), sw.test_result(cb["seeds"][s]["test_key"])) for s in seeds
+        ]
         bs = paired_bootstrap(pairs, sw.b.tasks)
-        out += f"| {m} | {d} | {len(seeds)} | **{100 * bs['diff']:+.2f}** [{100 * bs['lo']:+.2f}, {100 * bs['hi']:+.2f}] |\n"
+        interval = f"[{100 * bs['lo']:+.2f}, {100 * bs['hi']:+.2f}]"
+        out += f"| {m} | {d} | {len(seeds)} | **{100 * bs['diff']:+.2f}** {interval} |\n"
     return out
 
 
 def per_task_table(tasks, rows) -> str:
     """Arm − uniform on test, per task (points), from the paired comparisons."""
-    out = ("\n### Per task: arm − uniform on test (points)\n\n| host | kept | arm | " + " | ".join(tasks)
-           + " |\n|---|---|---|" + "---|" * len(tasks) + "\n")
+    out = (
+        "\n### Per task: arm − uniform on test (points)\n\n| host | kept | arm | "
+        + " | ".join(tasks)
+        + " |\n|---|---|---|"
+        + "---|" * len(tasks)
+        + "\n"
+    )
     for r in rows:
-        out += (f"| {r['method']} | {r['density']} | {r['arm']} | "
-                + " | ".join(f"{100 * r['per_task'][t]:+.1f}" for t in tasks) + " |\n")
+        out += (
+            f"| {r['method']} | {r['density']} | {r['arm']} | "
+            + " | ".join(f"{100 * r['per_task'][t]:+.1f}" for t in tasks)
+            + " |\n"
+        )
     return out
 
 
@@ -274,24 +320,31 @@ def write_report(sw, path: Path, log) -> dict:
     recs = load_records(sw.root)
     regime, means = regime_table(sw, recs)
     test_md, rows = test_table(sw, recs)
-    md = ("# Zero-shot-head text benchmark — generated tables\n\n"
-          f"Generated by `python bench/quality/zeroshot.py --report-only` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
-          f" ({sw.m.version()}, commit {os.environ.get('TADROP_COMMIT', 'working tree')}).\n\n## Regime (test, accuracy %)\n\n" + regime
-          + "\n## Validation search (λ tuned per arm)\n\n" + search_table(recs)
-          + "\n## Validation search over the wider family (3-point λ neighbourhood of uniform's)\n\n"
-          + family_table(recs.get("family", {}))
-          + "\n## Test: each arm against uniform at the same kept fraction (points)\n\n" + test_md)
+    md = (
+        "# Zero-shot-head text benchmark — generated tables\n\n"
+        "Generated by `python bench/quality/zeroshot.py --report-only` on "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+        f" ({sw.m.version()}, commit {os.environ.get('TADROP_COMMIT', 'working tree')})."
+        "\n\n## Regime (test, accuracy %)\n\n"
+        + regime
+        + "\n## Validation search (λ tuned per arm)\n\n"
+        + search_table(recs)
+        + "\n## Validation search over the wider family (3-point λ neighbourhood of uniform's)\n\n"
+        + family_table(recs.get("family", {}))
+        + "\n## Test: each arm against uniform at the same kept fraction (points)\n\n"
+        + test_md
+    )
     md += direction_table(sw, recs)
     md += per_task_table(sw.b.tasks, rows)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(md)
-    write_json(path.with_suffix(".json"), {"means": means, "test": rows, "cells": recs["cells"],
-                                           "refs": recs["refs"]})
+    write_json(path.with_suffix(".json"), {"means": means, "test": rows, "cells": recs["cells"], "refs": recs["refs"]})
     log(f"report: {path}")
     return {"means": means, "test": rows}
 
 
 # ---------------------------------------------------------------- main
+
 
 def make_sweep(quick, tag, log, max_evals=8):
     from bench_zeroshot import ZeroShotBench
@@ -299,8 +352,7 @@ def make_sweep(quick, tag, log, max_evals=8):
     from sweep import Sweep
 
     bench = ZeroShotBench(quick=quick, log=log)
-    return Sweep(bench, make_merger("tadrop", log), log=log, tag=f"zeroshot_{tag}", remerge=True,
-                 max_evals=max_evals)
+    return Sweep(bench, make_merger("tadrop", log), log=log, tag=f"zeroshot_{tag}", remerge=True, max_evals=max_evals)
 
 
 def main(argv=None):
@@ -312,15 +364,23 @@ def main(argv=None):
     ap.add_argument("--arms", nargs="*", default=None, help="among uniform, plus0.2, minus0.2")
     ap.add_argument("--tag", default="main", help="records file of this share (run shares in parallel)")
     ap.add_argument("--no-refs", action="store_true")
-    ap.add_argument("--family", action="store_true",
-                    help="validation search over family_grid() on --hosts x --densities (default ties, "
-                         "magnitude_prune x 0.1, 0.2) instead of the direction cells")
+    ap.add_argument(
+        "--family",
+        action="store_true",
+        help="validation search over family_grid() on --hosts x --densities (default ties, "
+        "magnitude_prune x 0.1, 0.2) instead of the direction cells",
+    )
     ap.add_argument("--family-arms", nargs="*", default=None, help="a subset of family_grid()'s names")
-    ap.add_argument("--test-arm", default=None,
-                    help="a family_grid() name: test it against uniform on --hosts x --densities")
+    ap.add_argument(
+        "--test-arm", default=None, help="a family_grid() name: test it against uniform on --hosts x --densities"
+    )
     ap.add_argument("--report-only", action="store_true")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (1: on a shared 2-core machine, 2 threads ran 3-5x slower)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1: on a shared 2-core machine, 2 threads ran 3-5x slower)",
+    )
     ap.add_argument("--report", default=None)
     args = ap.parse_args(argv)
     set_threads(args.threads)
@@ -331,16 +391,25 @@ def main(argv=None):
         if not args.no_refs:
             regime_references(sw, log)
         if args.family:
-            grid = {k: v for k, v in family_grid().items()
-                    if (not args.family_arms or k in args.family_arms) and tadrop_accepts(v)}
+            grid = {
+                k: v
+                for k, v in family_grid().items()
+                if (not args.family_arms or k in args.family_arms) and tadrop_accepts(v)
+            }
             log(f"family grid: {sorted(grid)}")
             hb = [(h, d) for h in (args.hosts or HOSTS) for d in (args.densities or [0.1, 0.2])]
             run_family_search(sw, hb, grid, log)
             return write_report(sw, report_path, log)
         if args.test_arm:
             td = family_grid()[args.test_arm]
-            run_direction(sw, args.hosts or HOSTS, args.densities or DENSITIES,
-                          {"uniform": None, args.test_arm: td}, args.seeds, log)
+            run_direction(
+                sw,
+                args.hosts or HOSTS,
+                args.densities or DENSITIES,
+                {"uniform": None, args.test_arm: td},
+                args.seeds,
+                log,
+            )
             return write_report(sw, report_path, log)
         arms = {"uniform": None}
         for name, g in STRENGTHS.items():
