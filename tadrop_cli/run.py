@@ -277,20 +277,31 @@ def _already_published(target: Path, digest: str) -> bool:
 def _already_complete(layout: Layout, target: Path) -> dict:
     """The summary of a --resume that finds the merge already published."""
     shards = plan_shards([job.out for job in layout.jobs], layout.recipe.output.shard_size)
+    note = f"{target} is already complete: its recorded recipe SHA-256 is this recipe's; nothing to do"
+    return _summary(layout, shards, resumed=len(shards), bytes_written=0, copied=[], ratios=[], notes=[note])
+
+
+def _summary(
+    layout: Layout,
+    shards: list,
+    resumed: int,
+    bytes_written: int,
+    copied: list[str],
+    ratios: list[dict],
+    notes: list[str],
+) -> dict:
+    """A merge's summary (the CLI's line and --json), before the timings run_merge adds."""
     return {
         "method": layout.recipe.merge_method,
         "tadrop": _needs_scores(layout),
         "tensors": len(layout.jobs),
         "shards": len(shards),
         "shard_files": [s.file_name for s in shards],
-        "resumed_shards": len(shards),
-        "bytes_written": 0,
-        "copied_files": [],
-        "ratios": [],
-        "notes": [
-            *layout.notes,
-            f"{target} is already complete: its recorded recipe SHA-256 is this recipe's; nothing to do",
-        ],
+        "resumed_shards": resumed,
+        "bytes_written": bytes_written,
+        "copied_files": copied,
+        "ratios": ratios,
+        "notes": [*layout.notes, *notes],
     }
 
 
@@ -343,18 +354,15 @@ def _merge_into(
         staging.copy_in(file, relative)
         copied.append(relative)
 
-    return {
-        "method": layout.recipe.merge_method,
-        "tadrop": _needs_scores(layout),
-        "tensors": len(layout.jobs),
-        "shards": len(shards),
-        "shard_files": [s.file_name for s in shards],
-        "resumed_shards": len(shards) - len(todo),
-        "bytes_written": sum(s.nbytes for s in shards),
-        "copied_files": copied,
-        "ratios": _ratio_summary(plan),
-        "notes": [*layout.notes, *staging.notes],
-    }
+    return _summary(
+        layout,
+        shards,
+        resumed=len(shards) - len(todo),
+        bytes_written=sum(s.nbytes for s in shards),
+        copied=copied,
+        ratios=_ratio_summary(plan),
+        notes=staging.notes,
+    )
 
 
 def plan_only(recipe: Recipe, device_name: str | None = None, progress: Progress = NO_PROGRESS) -> tuple[Layout, Plan]:
