@@ -61,10 +61,22 @@ def split_budget(budget: int, densities: Sequence[float]) -> list[int]:
     return ranks
 
 
+def thin_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """torch.linalg.svd(matrix, full_matrices=False). LAPACK's float32 divide-and-conquer SVD
+    can fail to converge on an ill-conditioned matrix ("linalg.svd: The algorithm failed to
+    converge"), which would end a whole merge: there the same SVD is taken in float64 (which
+    converges where float32 does not) and rounded back, once."""
+    try:
+        return torch.linalg.svd(matrix, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
+        return u.to(matrix.dtype), s.to(matrix.dtype), vh.to(matrix.dtype)
+
+
 def orthogonalize(matrix: torch.Tensor) -> torch.Tensor:
     """The nearest matrix with orthonormal columns (or rows, for a wide matrix): the orthogonal
     Procrustes / polar factor P Q^T of matrix = P S Q^T."""
-    p, _, qh = torch.linalg.svd(matrix, full_matrices=False)
+    p, _, qh = thin_svd(matrix)
     return p @ qh
 
 
@@ -214,7 +226,7 @@ def mean_of(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
 
 def _top(matrix: torch.Tensor, k: int, tolerance: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The top k singular triplets, less those whose singular value is <= tolerance (numerically null)."""
-    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    u, s, vh = thin_svd(matrix)
     k = min(k, int((s > tolerance).sum()))
     return u[:, :k], s[:k], vh[:k, :]
 
@@ -313,7 +325,7 @@ def iso_c_merge(
     total = _sum_of(deltas)
     tolerance = null_tolerance(total)
     if exact_svd:
-        u, s, vh = torch.linalg.svd(total, full_matrices=False)
+        u, s, vh = thin_svd(total)
         k = int((s > tolerance).sum())
         return (u[:, :k] @ vh[:k, :]).mul_(s.mean())
     tall = total if total.shape[0] >= total.shape[1] else total.T

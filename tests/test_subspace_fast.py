@@ -287,3 +287,25 @@ def test_polar_keeps_small_real_singular_values():
     matrix = ((u * np.logspace(0, -5, 120)) @ v.T).astype(np.float32)
     got = subspace.polar(torch.from_numpy(matrix)).double().numpy()
     np.testing.assert_allclose(got, ref.polar(matrix.astype(np.float64)), atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["tsv_m", "iso_c", "iso_cts"])
+def test_exact_route_survives_a_float32_svd_that_fails_to_converge(method, monkeypatch):
+    """LAPACK's float32 SVD can fail to converge on an ill-conditioned matrix (seen once on a
+    512 x 512 Iso-CTS merge): the exact route then takes that SVD in float64 instead of ending
+    the merge, and its result still matches the float64 reference."""
+    real_svd = torch.linalg.svd
+    failures = []
+
+    def svd_that_fails_in_float32(matrix, *args, **kwargs):
+        if matrix.dtype == torch.float32:
+            failures.append(tuple(matrix.shape))
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge (simulated)")
+        return real_svd(matrix, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "svd", svd_that_fails_in_float32)
+    tasks = tasks_for("square", np.random.default_rng(7))
+    got = merged(method, tasks, exact=True)
+    assert failures, "the exact route took no float32 SVD: the test checks nothing"
+    assert got.dtype == torch.float32
+    assert relative(got, reference_of(method, tasks)) < FAST_VS_FLOAT64
