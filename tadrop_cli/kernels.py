@@ -178,6 +178,22 @@ def magnitude_histogram(base: Stored, tuned: Stored) -> np.ndarray:
     return _histogram(base, tuned, MAGNITUDE_BUCKETS, _ready().tadrop_magnitude_histogram)
 
 
+def float32_entries(entries: Stored) -> np.ndarray:
+    """Stored entries as float32 (exactly: bf16 is float32's top half, and fp16 converts exactly),
+    as the kernels' loads give them."""
+    if entries.dtype == "BF16":
+        return (entries.array.astype(np.uint32) << 16).view(np.float32)
+    return entries.array.astype(np.float32, copy=False)
+
+
+def magnitude_keys(base: Stored, tuned: Stored) -> np.ndarray:
+    """The bit patterns of |tuned.float() - base.float()| (uint32), which the magnitude histograms
+    count: numpy, for slices too small to be worth a kernel call's fixed cost."""
+    _pair(base, tuned)
+    delta = np.subtract(float32_entries(tuned), float32_entries(base), dtype=np.float32)
+    return delta.view(np.uint32) & np.uint32(0x7FFFFFFF)
+
+
 def has_non_finite(counts: np.ndarray) -> bool:
     """Whether a magnitude histogram counted NaN or Inf."""
     return bool(counts[NON_FINITE_BUCKET:].any())

@@ -18,9 +18,10 @@ model's tensors get their ratios together, by its `allocation`:
 from __future__ import annotations
 
 import fnmatch
+import functools
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
@@ -90,8 +91,16 @@ class ModelSummary:
     threshold: float | None = None  # global: the model-wide |tau| threshold (at bucket resolution)
 
 
-def _without_unset(record: dict) -> dict:
-    return {k: v for k, v in record.items() if not (k in _OPTIONAL_FIELDS and v is None)}
+def _without_unset(record: RatioRow | ModelSummary) -> dict:
+    """The record's fields as a dict, those of _OPTIONAL_FIELDS left out while None. (Its fields
+    are scalars: dataclasses.asdict's deep copy of each took most of the time of saving a plan.)"""
+    values = ((name, getattr(record, name)) for name in _field_names(type(record)))
+    return {name: value for name, value in values if not (value is None and name in _OPTIONAL_FIELDS)}
+
+
+@functools.cache
+def _field_names(kind: type) -> tuple[str, ...]:
+    return tuple(field.name for field in fields(kind))
 
 
 def density_for_count(kept: int, numel: int) -> float:
@@ -127,8 +136,8 @@ class Plan:
 
     def to_json(self) -> dict:
         return {
-            "models": [_without_unset(asdict(m)) for m in self.models],
-            "tensors": [_without_unset(asdict(r)) for r in self.rows],
+            "models": [_without_unset(m) for m in self.models],
+            "tensors": [_without_unset(r) for r in self.rows],
         }
 
     @classmethod

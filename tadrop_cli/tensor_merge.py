@@ -34,6 +34,7 @@ from .sparsify import (
     boundary_bucket,
     bucket_histogram,
     cut_from_bucket_counts,
+    cut_of_keys,
     kept_count,
     magnitude_histogram,
 )
@@ -46,6 +47,11 @@ CHUNK_ELEMENTS = 1 << 20
 # memory is plentiful: 64 MB per float32 input keeps most tensors whole, and then a trim reads
 # its inputs once instead of three times (two sweeps for the cut, then the merge).
 GPU_CHUNK_ELEMENTS = 1 << 24
+# A magnitude trim of a tensor of at most this many entries (one slice) finds its cut by one
+# selection (sparsify.cut_of_keys) instead of two histogram sweeps, whose fixed cost (tables
+# of 2^15 and 2^16 counts) is ~50x a tiny tensor's merge.
+SMALL_CUT = 1 << 14
+NON_FINITE_KEYS = 0x7F800000  # magnitude keys from here on are Inf and NaN
 
 
 def chunk_elements(device: str) -> int:
@@ -287,6 +293,8 @@ def _magnitude_cuts(
     todo = {j: k for j, k in kept.items() if k > 0}
     if not todo:
         return cuts
+    if stored and len(slices) == 1 and numel <= SMALL_CUT:
+        return cuts | {j: cut_of_keys(keys, todo[j]) for j, keys in _magnitude_keys(layout, job, todo)}
     # the counts are allocated before the sweeps: small buffers kept from inside a sweep would
     # sit between the slices' freed temporaries and fragment the heap (it grew by ~600 MB)
     histograms = {j: np.zeros(MAGNITUDE_BUCKETS, dtype=np.int64) for j in todo}
@@ -302,6 +310,17 @@ def _magnitude_cuts(
         bucket, larger = buckets[j]
         cuts[j] = cut_from_bucket_counts(bucket, [start for start, _ in slices], bucket_counts[j], k - larger)
     return cuts
+
+
+def _magnitude_keys(layout: Layout, job: TensorJob, models: Iterable[int]) -> Iterator[tuple[int, np.ndarray]]:
+    """(j, the magnitude keys of model j's whole task vector: kernels.magnitude_keys) of a tensor
+    of one slice. NaN/Inf in an input is named, as by _histograms."""
+    with _stored_inputs(layout, job, 0, job.out.numel, models) as (base, tuned):
+        for j, entries in tuned.items():
+            keys = kernels.magnitude_keys(base, entries)
+            if np.count_nonzero(keys >= NON_FINITE_KEYS):  # NaN/Inf in an input (this names it), or an overflow
+                read_all_float32([layout.reference, layout.models[j].checkpoint], job.name, "cpu", 0, job.out.numel)
+            yield j, keys
 
 
 def _task_settings(layout: Layout, plan: Plan, job: TensorJob) -> dict[int, dict]:
