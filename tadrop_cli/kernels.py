@@ -278,8 +278,11 @@ def merge_slice(
     by the agreeing weights (TIES) or by `sum_of_weights`.
     """
     settings = (_ModelSlice * len(models))()
+    base_address = _address(base)
     for setting, model in zip(settings, models, strict=True):
-        setting.tuned = _pair(base, model.tuned)[2]
+        if model.tuned.dtype != base.dtype or model.tuned.numel != base.numel:
+            raise ValueError("base and tuned differ in dtype or size")
+        setting.tuned = _address(model.tuned)
         setting.weight = model.weight
         setting.drop = model.drop
         setting.threshold = model.threshold
@@ -291,7 +294,7 @@ def merge_slice(
     out = Stored(out_dtype, np.empty(base.numel, dtype=numpy_dtype(out_dtype)))
     flag = _ready().tadrop_merge_slice(
         DTYPE_CODES[base.dtype],
-        _address(base),
+        base_address,
         settings,
         len(models),
         base.numel,
