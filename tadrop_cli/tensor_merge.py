@@ -176,13 +176,17 @@ def _merge_with_kernels(
     same bits as methods.generalized_task_arithmetic over the slices."""
     steps, params = layout.recipe.method.gta, layout.method_parameters(job.name)
     settings = _task_settings(layout, plan, job)
-    cuts = _magnitude_cuts(layout, plan, job, "cpu", slices, stored=True) if steps.sparsifier == "magnitude" else {}
+    by_selection = steps.sparsifier == "magnitude" and len(slices) == 1 and job.out.numel <= SMALL_CUT
+    trim_in_sweeps = steps.sparsifier == "magnitude" and not by_selection
+    cuts = _magnitude_cuts(layout, plan, job, "cpu", slices, stored=True) if trim_in_sweeps else {}
     rescale = params.get("rescale", False) in (True, "paper")
     sum_of_weights = sum(settings[j]["weight"] for j in job.contributors)
     sum_of_weights = sum_of_weights if abs(sum_of_weights) >= 1e-8 else 1.0  # as generalized_task_arithmetic
     out_dtype = job.out.dtype if job.out.dtype in kernels.DTYPE_CODES else "F32"  # float64 outputs: cast below
     for start, stop in slices:
         with _stored_inputs(layout, job, start, stop, job.contributors) as (base, tuned):
+            if by_selection:  # one small slice: the cuts from the entries at hand, with no second mapping
+                cuts = _cuts_by_selection(layout, job, settings, base, tuned)
             models = [
                 _model_slice(steps.sparsifier, settings[j], cuts.get(j), rescale, start, base, entries)
                 for j, entries in tuned.items()
@@ -293,8 +297,6 @@ def _magnitude_cuts(
     todo = {j: k for j, k in kept.items() if k > 0}
     if not todo:
         return cuts
-    if stored and len(slices) == 1 and numel <= SMALL_CUT:
-        return cuts | {j: cut_of_keys(keys, todo[j]) for j, keys in _magnitude_keys(layout, job, todo)}
     # the counts are allocated before the sweeps: small buffers kept from inside a sweep would
     # sit between the slices' freed temporaries and fragment the heap (it grew by ~600 MB)
     histograms = {j: np.zeros(MAGNITUDE_BUCKETS, dtype=np.int64) for j in todo}
@@ -312,15 +314,26 @@ def _magnitude_cuts(
     return cuts
 
 
-def _magnitude_keys(layout: Layout, job: TensorJob, models: Iterable[int]) -> Iterator[tuple[int, np.ndarray]]:
-    """(j, the magnitude keys of model j's whole task vector: kernels.magnitude_keys) of a tensor
-    of one slice. NaN/Inf in an input is named, as by _histograms."""
-    with _stored_inputs(layout, job, 0, job.out.numel, models) as (base, tuned):
-        for j, entries in tuned.items():
-            keys = kernels.magnitude_keys(base, entries)
-            if np.count_nonzero(keys >= NON_FINITE_KEYS):  # NaN/Inf in an input (this names it), or an overflow
-                read_all_float32([layout.reference, layout.models[j].checkpoint], job.name, "cpu", 0, job.out.numel)
-            yield j, keys
+def _cuts_by_selection(
+    layout: Layout, job: TensorJob, settings: dict[int, dict], base: Stored, tuned: dict[int, Stored]
+) -> dict[int, TopKCut]:
+    """Each trimmed model's top-k cut of a tensor of one small slice, whose stored entries are at
+    hand: by one selection over its magnitudes (sparsify.cut_of_keys), the cut _magnitude_cuts
+    finds in two histogram sweeps. NaN/Inf in an input is named, as by _histograms."""
+    cuts = {}
+    for j, entries in tuned.items():
+        density = settings[j]["density"]
+        if density >= 1:
+            continue  # nothing dropped
+        k = kept_count(job.out.numel, density)
+        if k <= 0:
+            cuts[j] = KEEP_NOTHING
+            continue
+        keys = kernels.magnitude_keys(base, entries)
+        if np.count_nonzero(keys >= NON_FINITE_KEYS):  # NaN/Inf in an input (this names it), or an overflow
+            read_all_float32([layout.reference, layout.models[j].checkpoint], job.name, "cpu", 0, job.out.numel)
+        cuts[j] = cut_of_keys(keys, k)
+    return cuts
 
 
 def _task_settings(layout: Layout, plan: Plan, job: TensorJob) -> dict[int, dict]:
