@@ -339,6 +339,9 @@ def _cuts_by_selection(
 def _task_settings(layout: Layout, plan: Plan, job: TensorJob) -> dict[int, dict]:
     """Each contributing model's TaskVector parameters for this tensor (looked up once per tensor,
     not once per slice)."""
+    method = layout.recipe.method
+    # the optional parameters the method has (the others are 0.0): looked up only where they can be set
+    optional = [name for name in ("gamma", "epsilon", "tall_mask_lambda") if method.param(name) is not None]
     settings = {}
     for j in job.contributors:
         model = layout.models[j]
@@ -346,10 +349,12 @@ def _task_settings(layout: Layout, plan: Plan, job: TensorJob) -> dict[int, dict
             weight=float(layout.model_parameter(model, "weight", job.name)),
             density=_density(layout, plan, job, j),
             seed=tensor_seed(layout.recipe.seed, model.label, job.name),
-            gamma=float(layout.model_parameter(model, "gamma", job.name, missing=0.0)),
-            epsilon=float(layout.model_parameter(model, "epsilon", job.name, missing=0.0)),
-            tall_mask_lambda=float(layout.model_parameter(model, "tall_mask_lambda", job.name, missing=0.0)),
+            gamma=0.0,
+            epsilon=0.0,
+            tall_mask_lambda=0.0,
         )
+        for name in optional:
+            settings[j][name] = float(layout.model_parameter(model, name, job.name, missing=0.0))
     return settings
 
 
