@@ -189,9 +189,13 @@ def float32_entries(entries: Stored) -> np.ndarray:
 def magnitude_keys(base: Stored, tuned: Stored) -> np.ndarray:
     """The bit patterns of |tuned.float() - base.float()| (uint32), which the magnitude histograms
     count: numpy, for slices too small to be worth a kernel call's fixed cost."""
-    _pair(base, tuned)
+    if base.dtype != tuned.dtype or base.numel != tuned.numel:
+        raise ValueError("base and tuned differ in dtype or size")
     delta = np.subtract(float32_entries(tuned), float32_entries(base), dtype=np.float32)
-    return delta.view(np.uint32) & np.uint32(0x7FFFFFFF)
+    return delta.view(np.uint32) & _MAGNITUDE_BITS
+
+
+_MAGNITUDE_BITS = np.uint32(0x7FFFFFFF)  # all but the sign bit
 
 
 def has_non_finite(counts: np.ndarray) -> bool:

@@ -174,7 +174,7 @@ def cut_of_keys(keys: np.ndarray, k: int) -> TopKCut:
     selection (O(n)) instead of two histograms of 2^15 and 2^16 values, which cost more than a
     small tensor's whole merge.
     """
-    threshold = keys[np.argpartition(keys, keys.size - k)[keys.size - k]]
+    threshold = np.partition(keys, keys.size - k)[keys.size - k]
     above, tied = int(np.count_nonzero(keys > threshold)), int(np.count_nonzero(keys == threshold))
     value = _float32_of_bits(int(threshold))
     return TopKCut(value, math.inf) if k - above == tied else TopKCut(value, 0, k - above)
