@@ -69,6 +69,7 @@ class Checkpoint:
         self.tensors = tensors
         self._fds: dict[Path, int] = {}  # open safetensors files
         self._maps: dict[Path, mmap.mmap] = {}  # the same, mapped (see mapped())
+        self._to_release: dict[Path, tuple[int, int]] = {}  # pages done with, not yet let go of (see unmap())
         self._torch_state = torch_state  # lazily loaded (mmapped) PyTorch state dicts, per file
 
     def __contains__(self, name: str) -> bool:
@@ -138,7 +139,12 @@ class Checkpoint:
 
     def unmap(self, name: str, start: int, stop: int) -> None:
         """Let go of the pages of entries [start, stop) that mapped() brought in (they stay in
-        the page cache; a view still in use reads them again)."""
+        the page cache; a view still in use reads them again).
+
+        Pages are let go of in runs of RELEASE_BYTES: the ranges of consecutive calls that
+        touch or overlap are joined first, so that a model of many small tensors makes one
+        madvise per run instead of one per tensor (and does not fault each page in again
+        for every tensor it holds)."""
         info = self.tensors[name]
         mapping = self._maps.get(info.file)
         if mapping is None or not hasattr(mapping, "madvise"):
@@ -146,8 +152,15 @@ class Checkpoint:
         itemsize = ITEMSIZE[info.dtype]
         first = (info.offset + start * itemsize) // mmap.PAGESIZE * mmap.PAGESIZE
         end = min(len(mapping), -(-(info.offset + stop * itemsize) // mmap.PAGESIZE) * mmap.PAGESIZE)
-        if end > first:
-            mapping.madvise(mmap.MADV_DONTNEED, first, end - first)
+        pending = self._to_release.pop(info.file, None)
+        if pending is not None and first <= pending[1] and end >= pending[0]:
+            first, end = min(first, pending[0]), max(end, pending[1])
+        elif pending is not None:
+            _release(mapping, *pending)
+        if end - first >= RELEASE_BYTES:
+            _release(mapping, first, end)
+        elif end > first:
+            self._to_release[info.file] = (first, end)
 
     def _torch_file(self, file: Path) -> dict:
         if file not in self._torch_state:
@@ -158,6 +171,9 @@ class Checkpoint:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+        for file, (first, end) in self._to_release.items():
+            _release(self._maps[file], first, end)
+        self._to_release.clear()
         for mapping in self._maps.values():
             try:
                 mapping.close()
@@ -165,6 +181,15 @@ class Checkpoint:
                 pass
         self._maps.clear()
         self._torch_state.clear()
+
+
+# Checkpoint.unmap lets go of mapped pages in runs of at least this many bytes (or at close).
+RELEASE_BYTES = 1 << 20
+
+
+def _release(mapping: mmap.mmap, first: int, end: int) -> None:
+    """Drop the mapped pages [first, end) from this process (they stay in the page cache)."""
+    mapping.madvise(mmap.MADV_DONTNEED, first, end - first)
 
 
 @contextmanager

@@ -178,6 +178,26 @@ def magnitude_histogram(base: Stored, tuned: Stored) -> np.ndarray:
     return _histogram(base, tuned, MAGNITUDE_BUCKETS, _ready().tadrop_magnitude_histogram)
 
 
+def float32_entries(entries: Stored) -> np.ndarray:
+    """Stored entries as float32 (exactly: bf16 is float32's top half, and fp16 converts exactly),
+    as the kernels' loads give them."""
+    if entries.dtype == "BF16":
+        return (entries.array.astype(np.uint32) << 16).view(np.float32)
+    return entries.array.astype(np.float32, copy=False)
+
+
+def magnitude_keys(base: Stored, tuned: Stored) -> np.ndarray:
+    """The bit patterns of |tuned.float() - base.float()| (uint32), which the magnitude histograms
+    count: numpy, for slices too small to be worth a kernel call's fixed cost."""
+    if base.dtype != tuned.dtype or base.numel != tuned.numel:
+        raise ValueError("base and tuned differ in dtype or size")
+    delta = np.subtract(float32_entries(tuned), float32_entries(base), dtype=np.float32)
+    return delta.view(np.uint32) & _MAGNITUDE_BITS
+
+
+_MAGNITUDE_BITS = np.uint32(0x7FFFFFFF)  # all but the sign bit
+
+
 def has_non_finite(counts: np.ndarray) -> bool:
     """Whether a magnitude histogram counted NaN or Inf."""
     return bool(counts[NON_FINITE_BUCKET:].any())
@@ -262,8 +282,11 @@ def merge_slice(
     by the agreeing weights (TIES) or by `sum_of_weights`.
     """
     settings = (_ModelSlice * len(models))()
+    base_address = _address(base)
     for setting, model in zip(settings, models, strict=True):
-        setting.tuned = _pair(base, model.tuned)[2]
+        if model.tuned.dtype != base.dtype or model.tuned.numel != base.numel:
+            raise ValueError("base and tuned differ in dtype or size")
+        setting.tuned = _address(model.tuned)
         setting.weight = model.weight
         setting.drop = model.drop
         setting.threshold = model.threshold
@@ -275,7 +298,7 @@ def merge_slice(
     out = Stored(out_dtype, np.empty(base.numel, dtype=numpy_dtype(out_dtype)))
     flag = _ready().tadrop_merge_slice(
         DTYPE_CODES[base.dtype],
-        _address(base),
+        base_address,
         settings,
         len(models),
         base.numel,

@@ -25,7 +25,7 @@ from .checkpoint import (
 from .dtypes import FLOATS
 from .errors import BadInput
 from .recipe import ModelEntry, Recipe, TadropSettings, source_identity, value_for_tensor
-from .writer import OutputTensor
+from .shards import OutputTensor
 
 
 @dataclass

@@ -18,9 +18,11 @@ model's tensors get their ratios together, by its `allocation`:
 from __future__ import annotations
 
 import fnmatch
+import functools
 import math
+import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
@@ -90,8 +92,16 @@ class ModelSummary:
     threshold: float | None = None  # global: the model-wide |tau| threshold (at bucket resolution)
 
 
-def _without_unset(record: dict) -> dict:
-    return {k: v for k, v in record.items() if not (k in _OPTIONAL_FIELDS and v is None)}
+def _without_unset(record: RatioRow | ModelSummary) -> dict:
+    """The record's fields as a dict, those of _OPTIONAL_FIELDS left out while None. (Its fields
+    are scalars: dataclasses.asdict's deep copy of each took most of the time of saving a plan.)"""
+    values = ((name, getattr(record, name)) for name in _field_names(type(record)))
+    return {name: value for name, value in values if not (value is None and name in _OPTIONAL_FIELDS)}
+
+
+@functools.cache
+def _field_names(kind: type) -> tuple[str, ...]:
+    return tuple(field.name for field in fields(kind))
 
 
 def density_for_count(kept: int, numel: int) -> float:
@@ -127,8 +137,8 @@ class Plan:
 
     def to_json(self) -> dict:
         return {
-            "models": [_without_unset(asdict(m)) for m in self.models],
-            "tensors": [_without_unset(asdict(r)) for r in self.rows],
+            "models": [_without_unset(m) for m in self.models],
+            "tensors": [_without_unset(r) for r in self.rows],
         }
 
     @classmethod
@@ -152,6 +162,13 @@ def glob_matches(name: str, pattern: str) -> bool:
     return fnmatch.fnmatchcase(name.lower(), pattern.lower())
 
 
+@functools.lru_cache(maxsize=64)
+def _any_glob(patterns: tuple[str, ...]) -> re.Pattern:
+    """One compiled pattern that matches a lowercased name where glob_matches does for any of
+    `patterns`: one match per tensor instead of one per pattern."""
+    return re.compile("|".join(f"(?:{fnmatch.translate(pattern.lower())})" for pattern in patterns) or "(?!)")
+
+
 def _rescale_cap(settings: TadropSettings, sparsifier: str | None, base_ratio: float) -> float | None:
     """The highest ratio a random host may get: 1 - 1 / max_rescale, but never below the host's own
     ratio (the user chose that rescale for every tensor). None for other hosts."""
@@ -172,7 +189,7 @@ def _settings_for(
         high, low = cap, min(low, cap)
     else:
         cap = None
-    if (override is not None and override.enabled is False) or any(glob_matches(name, p) for p in settings.exclude):
+    if (override is not None and override.enabled is False) or _any_glob(tuple(settings.exclude)).match(name.lower()):
         return _TensorSettings(False, "excluded", strength, low, high, cap)
     if numel < settings.min_numel:
         return _TensorSettings(False, "small", strength, low, high, cap)
@@ -295,8 +312,10 @@ def _strength_ratios(entries: list[_Entry], settings: TadropSettings) -> dict:
     """p_t = p + strength * (1 - 2 s_t) + shift, s_t normalised within each scope group."""
     groups = [scope_group(e.row.tensor, settings.scope) for e in entries]
     normalized = [0.0] * len(entries)
-    for group in dict.fromkeys(groups):
-        members = [i for i, g in enumerate(groups) if g == group]
+    members_of: dict[str | None, list[int]] = {}  # each group's entries, in order (one pass, not one per group)
+    for i, group in enumerate(groups):
+        members_of.setdefault(group, []).append(i)
+    for members in members_of.values():
         for i, s in zip(
             members, normalize_scores([entries[i].row.score for i in members], settings.normalize), strict=True
         ):

@@ -1,7 +1,7 @@
 """Running a merge: the output's place, pass 1 (the plan), pass 2 into a staging folder with
 its journal, the checks before publishing, the publish, and the summary; also `tadrop plan`
 (plan_only) and the dry run. Each tensor's merge is tensor_merge.py's (merge_tensor); the shards,
-the staging folder and the atomic publish are writer.py's.
+the staging folder and the atomic publish are shards.py's and staging.py's.
 """
 
 from __future__ import annotations
@@ -18,29 +18,26 @@ from . import __version__, estimate, interrupts, kernels
 from .devices import choose_device, on_cpu
 from .dtypes import Stored
 from .errors import BadInput
+from .journal import changed_inputs, inputs_identity
 from .layout import Layout, TensorJob, build_layout
 from .lazy import is_torch_tensor, torch, torch_imported
-from .plan import Plan, build_plan
-from .recipe import Recipe, recipe_digest
-from .tensor_merge import chunk_elements, kernels_merge, merge_tensor
-from .verify import verify_written_shard
-from .writer import (
+from .output_location import (
     STAGING_SUFFIX,
     ExistingOutput,
-    OutputTensor,
-    StagingFolder,
     beside,
-    changed_inputs,
     check_output_parents,
     check_output_path,
     check_work_names,
     existing_output,
-    index_json,
-    inputs_identity,
-    plan_shards,
     recorded_recipe_digest,
     refuse_existing,
 )
+from .plan import Plan, build_plan
+from .recipe import Recipe, recipe_digest
+from .shards import OutputTensor, index_json, plan_shards
+from .staging import StagingFolder
+from .tensor_merge import chunk_elements, kernels_merge, merge_tensor
+from .verify import verify_written_shard
 
 
 class Progress(Protocol):
@@ -209,7 +206,7 @@ def _input_files(layout: Layout) -> list[Path]:
 
 def _sources(layout: Layout, device: str) -> dict:
     """What a merge's shards depend on besides the recipe: tadrop's version, the device and the inputs'
-    identities (size, modification time, content hash: writer.file_identity)."""
+    identities (size, modification time, content hash: journal.file_identity)."""
     return {"tadrop_version": __version__, "device": str(device), "inputs": inputs_identity(_input_files(layout))}
 
 

@@ -34,6 +34,7 @@ from .sparsify import (
     boundary_bucket,
     bucket_histogram,
     cut_from_bucket_counts,
+    cut_of_keys,
     kept_count,
     magnitude_histogram,
 )
@@ -46,6 +47,11 @@ CHUNK_ELEMENTS = 1 << 20
 # memory is plentiful: 64 MB per float32 input keeps most tensors whole, and then a trim reads
 # its inputs once instead of three times (two sweeps for the cut, then the merge).
 GPU_CHUNK_ELEMENTS = 1 << 24
+# A magnitude trim of a tensor of at most this many entries (one slice) finds its cut by one
+# selection (sparsify.cut_of_keys) instead of two histogram sweeps, whose fixed cost (tables
+# of 2^15 and 2^16 counts) is ~50x a tiny tensor's merge.
+SMALL_CUT = 1 << 14
+NON_FINITE_KEYS = 0x7F800000  # magnitude keys from here on are Inf and NaN
 
 
 def chunk_elements(device: str) -> int:
@@ -170,13 +176,17 @@ def _merge_with_kernels(
     same bits as methods.generalized_task_arithmetic over the slices."""
     steps, params = layout.recipe.method.gta, layout.method_parameters(job.name)
     settings = _task_settings(layout, plan, job)
-    cuts = _magnitude_cuts(layout, plan, job, "cpu", slices, stored=True) if steps.sparsifier == "magnitude" else {}
+    by_selection = steps.sparsifier == "magnitude" and len(slices) == 1 and job.out.numel <= SMALL_CUT
+    trim_in_sweeps = steps.sparsifier == "magnitude" and not by_selection
+    cuts = _magnitude_cuts(layout, plan, job, "cpu", slices, stored=True) if trim_in_sweeps else {}
     rescale = params.get("rescale", False) in (True, "paper")
     sum_of_weights = sum(settings[j]["weight"] for j in job.contributors)
     sum_of_weights = sum_of_weights if abs(sum_of_weights) >= 1e-8 else 1.0  # as generalized_task_arithmetic
     out_dtype = job.out.dtype if job.out.dtype in kernels.DTYPE_CODES else "F32"  # float64 outputs: cast below
     for start, stop in slices:
         with _stored_inputs(layout, job, start, stop, job.contributors) as (base, tuned):
+            if by_selection:  # one small slice: the cuts from the entries at hand, with no second mapping
+                cuts = _cuts_by_selection(layout, job, settings, base, tuned)
             models = [
                 _model_slice(steps.sparsifier, settings[j], cuts.get(j), rescale, start, base, entries)
                 for j, entries in tuned.items()
@@ -304,9 +314,34 @@ def _magnitude_cuts(
     return cuts
 
 
+def _cuts_by_selection(
+    layout: Layout, job: TensorJob, settings: dict[int, dict], base: Stored, tuned: dict[int, Stored]
+) -> dict[int, TopKCut]:
+    """Each trimmed model's top-k cut of a tensor of one small slice, whose stored entries are at
+    hand: by one selection over its magnitudes (sparsify.cut_of_keys), the cut _magnitude_cuts
+    finds in two histogram sweeps. NaN/Inf in an input is named, as by _histograms."""
+    cuts = {}
+    for j, entries in tuned.items():
+        density = settings[j]["density"]
+        if density >= 1:
+            continue  # nothing dropped
+        k = kept_count(job.out.numel, density)
+        if k <= 0:
+            cuts[j] = KEEP_NOTHING
+            continue
+        keys = kernels.magnitude_keys(base, entries)
+        if np.count_nonzero(keys >= NON_FINITE_KEYS):  # NaN/Inf in an input (this names it), or an overflow
+            read_all_float32([layout.reference, layout.models[j].checkpoint], job.name, "cpu", 0, job.out.numel)
+        cuts[j] = cut_of_keys(keys, k)
+    return cuts
+
+
 def _task_settings(layout: Layout, plan: Plan, job: TensorJob) -> dict[int, dict]:
     """Each contributing model's TaskVector parameters for this tensor (looked up once per tensor,
     not once per slice)."""
+    method = layout.recipe.method
+    # the optional parameters the method has (the others are 0.0): looked up only where they can be set
+    optional = [name for name in ("gamma", "epsilon", "tall_mask_lambda") if method.param(name) is not None]
     settings = {}
     for j in job.contributors:
         model = layout.models[j]
@@ -314,10 +349,12 @@ def _task_settings(layout: Layout, plan: Plan, job: TensorJob) -> dict[int, dict
             weight=float(layout.model_parameter(model, "weight", job.name)),
             density=_density(layout, plan, job, j),
             seed=tensor_seed(layout.recipe.seed, model.label, job.name),
-            gamma=float(layout.model_parameter(model, "gamma", job.name, missing=0.0)),
-            epsilon=float(layout.model_parameter(model, "epsilon", job.name, missing=0.0)),
-            tall_mask_lambda=float(layout.model_parameter(model, "tall_mask_lambda", job.name, missing=0.0)),
+            gamma=0.0,
+            epsilon=0.0,
+            tall_mask_lambda=0.0,
         )
+        for name in optional:
+            settings[j][name] = float(layout.model_parameter(model, name, job.name, missing=0.0))
     return settings
 
 

@@ -8,7 +8,7 @@ from . import kernels
 from .checkpoint import Checkpoint, all_finite, mapped_slices, open_checkpoint
 from .dtypes import FLOATS, dtype_name
 from .errors import BadInput, WriteError
-from .writer import Shard
+from .shards import Shard
 
 # Large safetensors tensors are read back in slices of this many entries: memory stays at a
 # slice whatever the tensor

@@ -605,15 +605,15 @@ def test_existing_output_with_a_deeply_nested_header(tmp_path, recipe):
 def test_staging_journal_nested_deep_is_not_tadrops(tmp_path, recipe):
     """A journal beside the output nested too deep is treated as not tadrop's, never an internal error."""
     ok("merge", write_recipe(tmp_path, recipe), "--dry-run")
-    from tadrop_cli import writer
+    from tadrop_cli import journal, output_location
 
     folder = tmp_path / "journal-here"
     folder.mkdir()
-    (folder / writer.JOURNAL).write_text("[" * DEEP + "]" * DEEP)
+    (folder / journal.JOURNAL).write_text("[" * DEEP + "]" * DEEP)
     fd = os.open(folder, os.O_RDONLY)
     try:
-        assert writer._read_journal(fd) is None
+        assert journal.read_journal(fd) is None
     finally:
         os.close(fd)
     (folder / "model.safetensors.index.json").write_text('{"metadata": ' + "[" * DEEP + "]" * DEEP + "}")
-    assert writer.recorded_recipe_digest(folder) is None
+    assert output_location.recorded_recipe_digest(folder) is None

@@ -25,7 +25,7 @@ import torch
 from conftest import REPO, basic_recipe, fine_tune, run_cli, tiny_state, write_checkpoint, write_recipe
 from typer.testing import CliRunner
 
-from tadrop_cli import cli, run, tensor_merge, writer
+from tadrop_cli import cli, run, staging, tensor_merge
 from tadrop_cli.cli import app
 from tadrop_cli.errors import BadInput, printable
 from tadrop_cli.methods import METHODS
@@ -391,7 +391,7 @@ def test_interrupt_after_two_shards_says_resume_keeps_them(tmp_path, models, mon
     recipe["output"]["shard_size"] = 20000
     path = write_recipe(tmp_path, recipe)
     marked = []
-    original = writer.StagingFolder.mark_complete
+    original = staging.StagingFolder.mark_complete
 
     def mark_then_stop(self, name):
         original(self, name)
@@ -399,7 +399,7 @@ def test_interrupt_after_two_shards_says_resume_keeps_them(tmp_path, models, mon
         if len(marked) == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(writer.StagingFolder, "mark_complete", mark_then_stop)
+    monkeypatch.setattr(staging.StagingFolder, "mark_complete", mark_then_stop)
     result = invoke("merge", path, "-q")
     assert result.exit_code == 130
     assert one_line(result.stderr) == (
@@ -633,9 +633,9 @@ _SIGNAL_AFTER = """
 import os, signal, sys
 from tadrop_cli import interrupts
 interrupts.install()
-from tadrop_cli import cli, writer
+from tadrop_cli import cli, staging
 module, name = {where!r}
-owner = writer.StagingFolder if module == "writer" else cli
+owner = staging.StagingFolder if module == "staging" else cli
 original = getattr(owner, name)
 def then_signal(*args, **kwargs):
     result = original(*args, **kwargs)
@@ -649,7 +649,7 @@ cli.main()
 
 @pytest.mark.parametrize(
     "where",
-    [("writer", "_move_in"), ("cli", "merged_line")],
+    [("staging", "_move_in"), ("cli", "merged_line")],
     ids=["right after the rename", "while printing the summary"],
 )
 def test_an_interrupt_after_publishing_says_the_output_is_complete(recipe, where):

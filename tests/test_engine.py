@@ -99,19 +99,19 @@ def test_written_bytes_are_handed_to_the_disk_as_the_merge_goes(tmp_path, monkey
     """Every WRITEBACK_BYTES, the writer starts writing what it appended (sync_file_range):
     ranges that follow each other from the file's start, each at least that long, all
     written before the file is closed; the file is the one written without it."""
-    from tadrop_cli import writer
+    from tadrop_cli import shards
 
     models = {"base": write_checkpoint(tmp_path / "base", tiny_state())}
     models.update({f"ft{i}": write_checkpoint(tmp_path / f"ft{i}", fine_tune(tiny_state(), i)) for i in range(2)})
     calls = []
-    monkeypatch.setattr(writer, "WRITEBACK_BYTES", 10_000)
+    monkeypatch.setattr(shards, "WRITEBACK_BYTES", 10_000)
     monkeypatch.setattr(
-        writer,
+        shards,
         "_sync_file_range",
         lambda: lambda fd, start, length, flags: calls.append((os.fstat(fd).st_size, start, length, flags)),
     )
     run_merge(parse_recipe(basic_recipe(models, tmp_path / "out")), MergeOptions())
-    monkeypatch.setattr(writer, "_sync_file_range", lambda: None)
+    monkeypatch.setattr(shards, "_sync_file_range", lambda: None)
     run_merge(parse_recipe(basic_recipe(models, tmp_path / "plain")), MergeOptions())
     written = (tmp_path / "out" / "model.safetensors").read_bytes()
     assert written == (tmp_path / "plain" / "model.safetensors").read_bytes()

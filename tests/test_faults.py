@@ -35,7 +35,8 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from tadrop_cli import kernels
-from tadrop_cli import writer as writer_module
+from tadrop_cli import shards as shards_module
+from tadrop_cli import staging as staging_module
 from tadrop_cli.cli import app
 
 TESTS = Path(__file__).resolve().parent
@@ -112,7 +113,7 @@ def install_hooks(point: str, action: Callable[[], None], setattr_: Callable = s
     renamed-old (after the old output is moved aside), renamed (after the new output is
     moved into place). `slow` sleeps before each tensor write.
     """
-    from tadrop_cli import plan, writer
+    from tadrop_cli import plan, shards, staging
 
     counts: dict[str, int] = {}
 
@@ -134,7 +135,7 @@ def install_hooks(point: str, action: Callable[[], None], setattr_: Callable = s
 
         setattr_(owner, attr, hooked)
 
-    original_write = writer.ShardWriter.write
+    original_write = shards.ShardWriter.write
 
     def write(self, name, tensor):
         fire("write")
@@ -143,13 +144,13 @@ def install_hooks(point: str, action: Callable[[], None], setattr_: Callable = s
         original_write(self, name, tensor)
         fire("wrote")
 
-    setattr_(writer.ShardWriter, "write", write)
+    setattr_(shards.ShardWriter, "write", write)
     wrap(plan, "_scores", before="score")
-    wrap(writer.StagingFolder, "mark_complete", after="marked")
-    wrap(writer.StagingFolder, "write_json", before="index", when=lambda self, name, data: name.endswith("index.json"))
-    wrap(writer.StagingFolder, "copy_in", before="copy")
-    wrap(writer.StagingFolder, "publish", before="publish")
-    wrap(writer, "exchange_paths", after="exchanged")
+    wrap(staging.StagingFolder, "mark_complete", after="marked")
+    wrap(staging.StagingFolder, "write_json", before="index", when=lambda self, name, data: name.endswith("index.json"))
+    wrap(staging.StagingFolder, "copy_in", before="copy")
+    wrap(staging.StagingFolder, "publish", before="publish")
+    wrap(staging, "exchange_paths", after="exchanged")
     wrap(os, "rename", after=lambda src, dst: "renamed-old" if str(dst).endswith(".tadrop-old") else "renamed")
 
 
@@ -267,7 +268,7 @@ def test_interrupted_overwrite_without_an_atomic_exchange(setup, previous, monke
     renames puts the previous output back."""
     recipe, target, reference = setup
     with monkeypatch.context() as patch:
-        patch.setattr(writer_module, "exchange_paths", lambda *args, **kwargs: False)
+        patch.setattr(staging_module, "exchange_paths", lambda *args, **kwargs: False)
         install_hooks(point, interrupt, patch.setattr)
         result = invoke("merge", recipe, "--overwrite", "--quiet")
     assert result.exit_code == 130, f"{point} never reached? {result.stderr}"
@@ -450,11 +451,17 @@ class _Disk:
         return Full()
 
 
+def patch_writes(patch, disk: _Disk) -> None:
+    """Every file tadrop writes goes through `disk`: the shards' and the staging folder's open()."""
+    for module in (shards_module, staging_module):
+        patch.setattr(module, "open", disk.open, raising=False)
+
+
 def _write_points(recipe: Path, target: Path, monkeypatch) -> list[int]:
     """Byte counts at which each file's writing starts, and mid-way through each shard."""
     disk = _Disk()
     with monkeypatch.context() as patch:
-        patch.setattr(writer_module, "open", disk.open, raising=False)
+        patch_writes(patch, disk)
         assert invoke("merge", recipe, "--quiet", "--output", target.parent / "probe").exit_code == 0
     starts = [offset for _, offset in disk.events]
     ends = starts[1:] + [disk.written]
@@ -491,7 +498,7 @@ def test_disk_full_at_every_write(setup, tiny_models, tmp_path, monkeypatch, ove
         before = tree(target.parent)
         disk = _Disk(limit)
         with monkeypatch.context() as patch:
-            patch.setattr(writer_module, "open", disk.open, raising=False)
+            patch_writes(patch, disk)
             result = invoke("merge", recipe, *(["--overwrite"] if overwrite else []))
         try:
             check_write_failure(result, target, before, ("no space left",))
@@ -572,7 +579,7 @@ def test_real_full_tmpfs(setup, tmp_path):
 def test_output_is_verified_before_publishing(setup, monkeypatch, damage):
     """A writer that writes wrong bytes (NaN, or too few) must not publish a finished-looking model."""
     recipe, target, _ = setup
-    real = writer_module.tensor_bytes
+    real = shards_module.tensor_bytes
 
     def tensor_bytes(tensor):  # a tensor, or the CPU kernels' Stored entries
         tensor = tensor if isinstance(tensor, torch.Tensor) else tensor.to_torch()
@@ -583,7 +590,7 @@ def test_output_is_verified_before_publishing(setup, monkeypatch, damage):
         return real(tensor)
 
     with monkeypatch.context() as patch:
-        patch.setattr(writer_module, "tensor_bytes", tensor_bytes)
+        patch.setattr(shards_module, "tensor_bytes", tensor_bytes)
         result = invoke("merge", recipe, "--quiet")
     assert result.exit_code != 0, "a damaged output was published"
     assert not looks_finished(target) and not target.exists()

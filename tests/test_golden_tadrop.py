@@ -383,3 +383,61 @@ def test_concentrated_tensor_scores_higher_and_gets_lower_drop(statistic):
         np.testing.assert_allclose(
             result.ratios, ref.adaptive_ratios(normalized, [0.7] * 4, sizes, 0.2).ratios, atol=1e-6
         )
+
+
+def _adaptive_ratios_in_python(normalized, base_ratios, sizes, strength, min_ratio, max_ratio):
+    """adaptive_ratios' bisection as it was written before numpy took its sums (one Python loop
+    over the tensors per step): the numpy version must give its very bits."""
+    count = len(normalized)
+    raw = [p + strength * (1.0 - 2.0 * s) for p, s in zip(base_ratios, normalized, strict=True)]
+
+    def ratios_for(shift):
+        return [min(max_ratio, max(min_ratio, r + shift)) for r in raw]
+
+    total = float(sum(sizes))
+    target = sum(n * p for n, p in zip(sizes, base_ratios, strict=True)) / total
+
+    def mean_drop(shift):
+        return sum(n * r for n, r in zip(sizes, ratios_for(shift), strict=True)) / total
+
+    low, high = -(2.0 + abs(strength)), 2.0 + abs(strength)
+    if mean_drop(low) > target or mean_drop(high) < target:
+        shift = low if mean_drop(low) > target else high
+        return ratios_for(shift), shift, False
+    for _ in range(100):
+        middle = (low + high) / 2
+        low, high = (middle, high) if mean_drop(middle) < target else (low, middle)
+    shift = (low + high) / 2
+    assert count == len(raw)
+    return ratios_for(shift), shift, abs(mean_drop(shift) - target) < 1e-6
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ratio_inputs(), st.floats(-1, 1))
+def test_adaptive_ratios_give_the_bits_of_the_python_bisection(inputs, strength):
+    normalized, base, sizes, _, low, high = inputs
+    result = adaptive_ratios(normalized, base, sizes, strength, low, high)
+    ratios, shift, met = _adaptive_ratios_in_python(normalized, base, sizes, strength, low, high)
+    assert (result.ratios, result.shift, result.budget_met) == (ratios, shift, met)
+    assert [math.copysign(1, r) for r in result.ratios] == [math.copysign(1, r) for r in ratios]
+
+
+def test_adaptive_ratios_of_many_tensors_give_the_bits_of_the_python_bisection():
+    rng = np.random.default_rng(4)
+    normalized, sizes = rng.random(3000).tolist(), rng.integers(1, 10**7, 3000).tolist()
+    result = adaptive_ratios(normalized, [0.7] * 3000, sizes, -0.2, 0.0, 0.99)
+    ratios, shift, met = _adaptive_ratios_in_python(normalized, [0.7] * 3000, sizes, -0.2, 0.0, 0.99)
+    assert (result.ratios, result.shift, result.budget_met) == (ratios, shift, met) and met
+
+
+def test_the_excludes_matched_at_once_match_as_each_glob_does():
+    """plan._any_glob (all of a model's exclude globs in one pattern) matches a name exactly where
+    one of the globs does, case-insensitively, newlines and brackets included."""
+    from tadrop_cli.plan import _any_glob, glob_matches
+
+    patterns = ("*norm*", "*.bias", "*.ln_*", "ln_*", "A[bc]?d", "[!x]*z")
+    names = ["model.norm.weight", "x.bias", "h.ln_1.weight", "ln_f.weight", "model.layers.0.mlp.up_proj.weight"]
+    names += ["Abxd", "yz", "xz", "LayerNorm", "a.BIAS", "bias\nx", "ln_\n", "x.bias.y", ""]
+    for name in names:
+        assert bool(_any_glob(patterns).match(name.lower())) == any(glob_matches(name, p) for p in patterns), name
+    assert not _any_glob(()).match("anything")

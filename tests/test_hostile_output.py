@@ -36,8 +36,8 @@ from test_faults import (
     tree,
 )
 
+from tadrop_cli import journal as journal_module
 from tadrop_cli import run
-from tadrop_cli import writer as writer_module
 
 __all__ = ["previous", "setup"]  # fixtures, used by name
 
@@ -237,13 +237,13 @@ def test_a_changed_saved_plan_starts_over(setup, monkeypatch):
 def test_file_identity_samples_a_large_file(tmp_path, monkeypatch):
     """Small files are hashed whole; a large one by its header and evenly spread blocks, with size and
     modification time (a change that keeps both and misses every block is not seen: documented)."""
-    monkeypatch.setattr(writer_module, "FULL_HASH_BYTES", 1 << 16)
-    monkeypatch.setattr(writer_module, "SAMPLE_BYTES", 1 << 12)
-    monkeypatch.setattr(writer_module, "SAMPLES", 8)
+    monkeypatch.setattr(journal_module, "FULL_HASH_BYTES", 1 << 16)
+    monkeypatch.setattr(journal_module, "SAMPLE_BYTES", 1 << 12)
+    monkeypatch.setattr(journal_module, "SAMPLES", 8)
     file = tmp_path / "big.safetensors"
     size = 1 << 20
     file.write_bytes((64).to_bytes(8, "little") + b"{" * 64 + bytes(size - 72))
-    first = writer_module.file_identity(file)
+    first = journal_module.file_identity(file)
     assert first["hashed"] == "sampled" and first["size"] == size
 
     def poke(offset: int) -> dict:
@@ -252,7 +252,7 @@ def test_file_identity_samples_a_large_file(tmp_path, monkeypatch):
         data[offset] ^= 0xFF
         file.write_bytes(bytes(data))
         os.utime(file, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # the modification time put back
-        identity = writer_module.file_identity(file)
+        identity = journal_module.file_identity(file)
         data[offset] ^= 0xFF
         file.write_bytes(bytes(data))
         os.utime(file, ns=(stat.st_atime_ns, stat.st_mtime_ns))
@@ -265,7 +265,7 @@ def test_file_identity_samples_a_large_file(tmp_path, monkeypatch):
     assert poke(int(step / 2))["sha256"] == first["sha256"]  # between blocks: the documented limit
     small = tmp_path / "small.bin"
     small.write_bytes(b"x" * 1000)
-    assert writer_module.file_identity(small)["hashed"] == "whole"
+    assert journal_module.file_identity(small)["hashed"] == "whole"
 
 
 # ---------------------------------------------------------------- two merges to one output
@@ -273,7 +273,7 @@ def test_file_identity_samples_a_large_file(tmp_path, monkeypatch):
 RACE_WRAPPER = """\
 import os, sys, time
 sys.path.insert(0, {tests!r})
-from tadrop_cli import cli, writer
+from tadrop_cli import cli, staging
 def delayed(original):
     def call(*args, **kwargs):
         if not os.path.exists({marker!r}):
@@ -282,8 +282,8 @@ def delayed(original):
         return original(*args, **kwargs)
     return call
 os.rename = delayed(os.rename)  # the move into place, with the journal already gone
-if hasattr(writer, "_renameat2"):
-    writer._renameat2 = delayed(writer._renameat2)
+if hasattr(staging, "_renameat2"):
+    staging._renameat2 = delayed(staging._renameat2)
 sys.argv = ["tadrop", *sys.argv[1:]]
 cli.main()
 """
@@ -520,12 +520,12 @@ def test_dry_run_and_merge_report_shards_alike(setup, tmp_path):
 SIGBUS_WRAPPER = """\
 import os, sys, time
 sys.path.insert(0, {tests!r})
-from tadrop_cli import cli, writer
-original = writer.ShardWriter.write
+from tadrop_cli import cli, shards
+original = shards.ShardWriter.write
 def write(self, name, tensor):
     time.sleep(0.2)
     original(self, name, tensor)
-writer.ShardWriter.write = write
+shards.ShardWriter.write = write
 sys.argv = ["tadrop", *sys.argv[1:]]
 cli.main()
 """
@@ -589,7 +589,7 @@ def test_the_identity_of_an_input_that_is_not_a_regular_file_is_refused(tmp_path
     fifo = tmp_path / "model.safetensors"
     os.mkfifo(fifo)
     with pytest.raises(BadInput, match="not a regular file"):
-        writer_module.file_identity(fifo)
+        journal_module.file_identity(fifo)
 
 
 def test_a_tampered_journal_never_removes_or_publishes_other_files(setup, tmp_path, monkeypatch):

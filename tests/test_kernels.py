@@ -118,6 +118,37 @@ def test_ties_kept_before_agrees_with_cut_mask(slice_size):
             assert torch.equal(kept, tied < before)
 
 
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["dense", "sparse", "ties"])
+def test_magnitude_keys_are_the_bits_of_abs_delta(dtype, kind):
+    """numpy's keys of a small tensor are the bit patterns of |tuned.float() - base.float()|, signed
+    zeros and subnormals included, as the histograms count them."""
+    base, tuned = _pair(dtype, 5000, 4, kind)
+    keys = kernels.magnitude_keys(_stored(base), _stored(tuned))
+    expected = (_delta(base, tuned).view(torch.int32) & 0x7FFFFFFF).numpy().view(np.uint32)
+    assert keys.dtype == np.uint32 and np.array_equal(keys, expected)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["dense", "sparse", "ties"])
+@pytest.mark.parametrize("n", [3, 4, 97, 5000])
+def test_the_cut_by_selection_is_the_cut_by_histograms(dtype, kind, n):
+    """A small tensor's cut found by one selection (cut_of_keys) is the two-sweep histogram cut,
+    ties and their quota included, and keeps exactly what a full sort keeps."""
+    base, tuned = _pair(dtype, n, 5, kind)
+    delta = _delta(base, tuned)
+    keys = kernels.magnitude_keys(_stored(base), _stored(tuned))
+    magnitudes = np.abs(delta.numpy().astype(np.float64))
+    for k in sorted({1, n // 3, n // 2, n - 1} - {0}):
+        cut = sparsify.cut_of_keys(keys, k)
+        assert cut == sparsify.top_k_cut([delta], k)
+        kept = sparsify.cut_mask(delta.clone(), cut).numpy() == 1
+        order = np.lexsort((np.arange(n), -magnitudes))  # ties: lowest positions first
+        assert np.array_equal(np.flatnonzero(kept), np.sort(order[:k]))
+
+
 # ---------------------------------------------------------------- TADrop's Hoyer sums
 
 
@@ -405,6 +436,44 @@ def test_mapped_views_hold_what_read_returns(tmp_path, fmt):
         checkpoint.close()
 
 
+def test_unmap_lets_go_of_every_page_in_runs(tmp_path, monkeypatch):
+    """Unmapping many small tensors in file order lets go of every page they lay on, in a few
+    madvise runs (one per RELEASE_BYTES, the rest at close) rather than one per tensor; a range
+    of RELEASE_BYTES or more goes at once."""
+    import mmap
+
+    from tadrop_cli import checkpoint as checkpoint_module
+
+    state = {f"t{i:04d}": torch.full((300,), float(i)) for i in range(3000)}  # 600 bytes each in bf16
+    state["big"] = torch.zeros(1 << 20)
+    folder = write_checkpoint(tmp_path / "m", state, dtype=torch.bfloat16, shards=1)
+    released = []
+    monkeypatch.setattr(checkpoint_module, "_release", lambda mapping, first, end: released.append((first, end)))
+    opened = checkpoint_module.open_checkpoint(str(folder))
+    try:
+        small = sorted((name for name in state if name != "big"), key=lambda name: opened.tensors[name].offset)
+        for name in small:
+            view = opened.mapped(name, 0, 300)
+            assert torch.equal(view.to_torch(), state[name].to(torch.bfloat16))
+            opened.unmap(name, 0, 300)
+        runs = len(released)
+        opened.mapped("big", 0, 1 << 20)
+        opened.unmap("big", 0, 1 << 20)
+        assert len(released) == runs + 2  # the small tensors' last run, then the big one's at once
+        infos = [opened.tensors[name] for name in small]
+    finally:
+        opened.close()
+    page = mmap.PAGESIZE
+    first_page = min(i.offset for i in infos) // page * page
+    end = max(i.offset + i.nbytes for i in infos)
+    covered = set()
+    for start, stop in released:
+        assert start % page == 0 and stop > start
+        covered.update(range(start // page, -(-stop // page)))
+    assert covered >= set(range(first_page // page, -(-end // page)))  # every page the small tensors lay on
+    assert runs <= -(-(end - first_page) // checkpoint_module.RELEASE_BYTES) + 1  # 1.8 MB: 2 runs, not 3000
+
+
 @pytest.fixture
 def count_kernel_merges(monkeypatch):
     """How many slices the kernels merged (so that a test knows they ran)."""
@@ -494,6 +563,24 @@ def test_tadrop_plans_from_the_kernels_equal_pytorchs(tmp_path, monkeypatch, dty
             if expected.score is None
             else row.score == pytest.approx(expected.score, rel=1e-6)
         )
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_small_tensors_cut_by_selection_write_the_bytes_of_the_histogram_sweeps(tmp_path, monkeypatch, dtype):
+    """A TIES merge whose tensors are small enough for the cut by selection writes the bytes that
+    the two histogram sweeps give (SMALL_CUT = 0 sends every tensor through them)."""
+    models = _models(tmp_path, dtype)
+    recipe = parse_recipe(
+        basic_recipe(models, tmp_path / "selection", method="ties", seed=5, tadrop={"enabled": True, "min_numel": 1})
+    )
+    by_selection = run_merge(recipe, MergeOptions(device="cpu"))
+    monkeypatch.setattr(tensor_merge, "SMALL_CUT", 0)
+    by_histograms = run_merge(recipe, MergeOptions(output=tmp_path / "histograms", device="cpu"))
+    assert by_selection["ratios"] == by_histograms["ratios"]
+    assert (tmp_path / "selection" / "model.safetensors").read_bytes() == (
+        tmp_path / "histograms" / "model.safetensors"
+    ).read_bytes()
 
 
 @needs_kernels

@@ -287,7 +287,7 @@ def test_token_never_printed_or_written_real_process(tiny_models, tmp_path):
 
 
 def test_token_never_in_other_commands_or_partial_output(tiny_models, tmp_path, monkeypatch):
-    from tadrop_cli import writer
+    from tadrop_cli import staging
 
     monkeypatch.setenv("HF_TOKEN", SECRET)
     monkeypatch.setenv("HUGGING_FACE_HUB_TOKEN", SECRET)
@@ -312,7 +312,7 @@ def test_token_never_in_other_commands_or_partial_output(tiny_models, tmp_path, 
     def stop(self, file_name):  # interrupt after the first shard: the partial output stays on disk for --resume
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(writer.StagingFolder, "mark_complete", stop)
+    monkeypatch.setattr(staging.StagingFolder, "mark_complete", stop)
     result = invoke("merge", path)
     assert result.exit_code == 130
     texts += [result.stdout, result.stderr]
