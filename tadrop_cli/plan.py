@@ -11,7 +11,7 @@ model's tensors get their ratios together, by its `allocation`:
   float64 mass per bucket, compressed: tadrop.MagnitudeProfile, <= 12 KB per (model, tensor)),
   and a kept COUNT per tensor that meets the model's uniform kept count exactly. The count
   enters pass 2 as the row's `kept`: Plan.density returns a density d with
-  floor(d * n) == kept, which is what every magnitude host keeps (sparsify.kept_count); a
+  kept_count(n, d) == kept, which is what every magnitude host keeps (sparsify.kept_count); a
   random host takes d as its keep probability.
 """
 
@@ -95,12 +95,12 @@ def _without_unset(record: dict) -> dict:
 
 
 def density_for_count(kept: int, numel: int) -> float:
-    """A density d with floor(d * numel) == kept (sparsify.kept_count): kept / numel, raised by an
-    ulp where the product rounds below."""
+    """A density d with kept_count(numel, d) == kept (sparsify.kept_count): kept / numel, raised by
+    an ulp where the product rounds below."""
     if kept >= numel:
         return 1.0
     density = kept / numel
-    while int(density * numel) < kept:
+    while kept_count(numel, density) < kept:
         density = math.nextafter(density, 1.0)
     return density
 

@@ -18,8 +18,11 @@ import numpy as np
 
 
 def kept_count(n: int, density: float) -> int:
-    """mergekit's count: int(density * n), clipped to [0, n]."""
-    return max(0, min(n, int(density * n)))
+    """mergekit's magnitude trim count: int(density * n), at least 1 for density > 0 (a 2-entry
+    bias at density 0.4 keeps one), clipped to [0, n]."""
+    if density <= 0 or n == 0:
+        return 0
+    return max(1, min(n, int(density * n)))
 
 
 def topk_keep_mask(scores: np.ndarray, k: int) -> np.ndarray:

@@ -1,7 +1,7 @@
 """Golden tests: sparsifiers and merge methods against independent float64 numpy references.
 
 The references (tests/reference.py) re-derive mergekit's semantics:
-- magnitude: keep int(density*n) largest |delta| (ties: lowest flat index first);
+- magnitude: keep max(1, int(density*n)) largest |delta| at density > 0 (ties: lowest flat index first);
 - breadcrumbs: sort |delta| ascending, keep ranks [n_bottom, n - n_top);
 - DARE: keep where the (seed) SplitMix64 word XOR 2^31 < round(density * 2^32),
   survivors / density when rescale is True/"paper";
@@ -336,7 +336,7 @@ def test_kept_count_is_mergekit_floor():
 @pytest.mark.parametrize("density", [0.1, 0.2, 0.4])
 @pytest.mark.parametrize("name", ["magnitude_prune", "ties"])
 def test_engine_uniform_density_matches_mergekit_count(tmp_path, name, density):
-    """Without TADrop, a recipe's density must give mergekit's mask: int(density * n) entries.
+    """Without TADrop, a recipe's density must give mergekit's mask: max(1, int(density * n)) entries.
 
     A 40 x 25 tensor (n = 1000) makes density * n an exact integer, so any round trip
     through the drop ratio (1 - (1 - density)) that loses an ulp shows as one entry fewer.
