@@ -367,11 +367,30 @@ def check_consistency(recipe: Recipe) -> None:
         seen[key] = i
     if recipe.output.dtype and recipe.out_dtype and DTYPES[recipe.output.dtype] != DTYPES[recipe.out_dtype]:
         raise BadInput(f"output.dtype: {recipe.output.dtype} contradicts out_dtype: {recipe.out_dtype}; give one")
+    _check_model_count(recipe)
     if recipe.tadrop is not None and recipe.tadrop.enabled and method.sparsifier is None:
         hint = (
             " (use magnitude_prune: task arithmetic with a magnitude trim)" if method.name == "task_arithmetic" else ""
         )
-        raise BadInput(f"tadrop: {method.name} does not sparsify, so TADrop has nothing to adapt{hint}")
+        reason = method.no_tadrop or f"{method.name} does not sparsify"
+        raise BadInput(f"tadrop: {reason}, so TADrop has nothing to adapt{hint}")
+
+
+def _check_model_count(recipe: Recipe) -> None:
+    """The number of models besides the base that the method merges (a base listed under models is skipped)."""
+    method = recipe.method
+    base = source_identity(recipe.base_model) if recipe.base_model else None
+    count = sum(1 for entry in recipe.models if source_identity(entry.model) != base)
+    if count < method.min_models or (method.max_models is not None and count > method.max_models):
+        wanted = (
+            f"exactly {method.min_models}"
+            if method.min_models == method.max_models
+            else f"at least {method.min_models}"
+            if method.max_models is None
+            else f"{method.min_models} to {method.max_models}"
+        )
+        noun = "model" if wanted.endswith(" 1") else "models"
+        raise BadInput(f"models: {method.name} merges {wanted} {noun} besides the base (got {count})")
 
 
 def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
