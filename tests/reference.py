@@ -690,12 +690,19 @@ def arcee_fusion(base, tv: TV) -> np.ndarray:
     floor(q (n - 1)); base + tau * keep."""
     base = np.asarray(base, dtype=np.float64)
     tau = np.asarray(tv.delta, dtype=np.float64)
+    importance, threshold = arcee_fusion_scores(base, tau)
+    return base + tau * (importance >= threshold)
+
+
+def arcee_fusion_scores(base, tau) -> tuple[np.ndarray, float]:
+    """(importance per entry, threshold) of arcee_fusion."""
+    base, tau = np.asarray(base, dtype=np.float64), np.asarray(tau, dtype=np.float64)
     p = _softmax(base + tau) + 1e-8
     q = _softmax(base) + 1e-8
     importance = np.abs(tau) * (p * np.log(p / q)).sum(axis=-1, keepdims=True)
     ordered = np.sort(importance.reshape(-1))
     q1, median, q3 = (ordered[math.floor(f * (ordered.size - 1))] for f in (0.25, 0.5, 0.75))
-    return base + tau * (importance >= median + 1.5 * (q3 - q1))
+    return importance, median + 1.5 * (q3 - q1)
 
 
 def _model_stock_ref(base, tvs, normalize=None, lam=1.0, how=None, filter_wise=False):
