@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from tadrop_cli import kernels, sparsify, statistic_merges
 from tadrop_cli.errors import BadInput
 from tadrop_cli.methods import METHODS, TaskVector
-from tadrop_cli.recipe import parse_recipe
+from tadrop_cli.recipe import MERGEKIT_NOT_YET, Recipe, parse_recipe
 from tadrop_cli.run import MergeOptions, plan_only, run_merge
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="the C kernels were not built")
@@ -416,3 +416,73 @@ def test_tadrop_count_allocations_are_refused_for_sce(tmp_path):
         "tadrop.allocation: mass sets kept entries, but sce keeps one selection for all models "
         "(the entries of largest variance across them) ("
     )
+
+
+# ---------------------------------------------------------------- suggestions for unknown methods and keys
+
+
+VALID = ", ".join(METHODS)
+KEYS = ", ".join(Recipe.model_fields)
+
+
+def _refusal(data: dict) -> str:
+    with pytest.raises(BadInput) as error:
+        parse_recipe(data)
+    return str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("method", "message"),
+    [
+        (
+            "ram",
+            f"recipe: merge_method: 'ram' is mergekit's Reinforced Agent Merging; tadrop does not support it yet; "
+            f"valid: {VALID}",
+        ),
+        ("dare-ties", f"recipe: merge_method: unknown method 'dare-ties'; did you mean 'dare_ties'? valid: {VALID}"),
+        ("TIES", f"recipe: merge_method: unknown method 'TIES'; did you mean 'ties'? valid: {VALID}"),
+        (
+            "modelstock",
+            f"recipe: merge_method: unknown method 'modelstock'; did you mean 'model_stock'? valid: {VALID}",
+        ),
+        ("arcee", f"recipe: merge_method: unknown method 'arcee'; valid: {VALID}"),  # was "dare_linear"
+        ("iso", f"recipe: merge_method: unknown method 'iso'; valid: {VALID}"),
+        ("magnitude", f"recipe: merge_method: unknown method 'magnitude'; valid: {VALID}"),
+    ],
+)
+def test_an_unknown_method_is_named_and_only_a_close_name_suggested(method, message):
+    assert _refusal(_recipe(method)) == message
+
+
+@pytest.mark.parametrize(
+    ("key", "message"),
+    [
+        (
+            "modules",
+            "recipe: modules: 'modules' is mergekit's per-module recipe form (a recipe per module of a "
+            "multi-module model); tadrop does not support it yet",
+        ),
+        ("slice", f"recipe: slice: unknown key; allowed keys: {KEYS}"),  # was "did you mean 'policies'?"
+        ("policie", f"recipe: policie: unknown key; did you mean 'policies'? allowed keys: {KEYS}"),
+        ("Seed", f"recipe: Seed: unknown key; did you mean 'seed'? allowed keys: {KEYS}"),
+    ],
+)
+def test_an_unknown_key_is_named_and_only_a_close_name_suggested(key, message):
+    assert _refusal({**_recipe("ties"), key: {}}) == message
+
+
+def test_an_unknown_parameter_gets_a_suggestion_one_swap_away():
+    data = _recipe("ties")
+    data["models"][0]["parameters"] = {"weigth": 0.5}
+    assert _refusal(data) == (
+        "recipe: models[0].parameters.weigth: not a parameter of ties; did you mean 'weight'? allowed: weight, density"
+    )
+
+
+@pytest.mark.parametrize("name", sorted(MERGEKIT_NOT_YET))
+def test_every_mergekit_feature_not_yet_read_is_named_as_such(name):
+    kind, what = MERGEKIT_NOT_YET[name]
+    assert name not in METHODS and name not in Recipe.model_fields  # a feature that landed must leave the table
+    data = _recipe(name) if kind == "merge_method" else {**_recipe("ties"), name: {}}
+    where = "merge_method" if kind == "merge_method" else name
+    assert _refusal(data).startswith(f"recipe: {where}: '{name}' is {what}; tadrop does not support it yet")
