@@ -87,7 +87,8 @@ def variance_across(deltas: list[torch.Tensor]) -> torch.Tensor:
     mean /= len(deltas)
     variance = torch.zeros_like(deltas[0])
     for delta in deltas:
-        variance.addcmul_(delta - mean, delta - mean)
+        difference = delta - mean
+        variance.addcmul_(difference, difference)
     return variance.div_(len(deltas))
 
 
@@ -155,11 +156,12 @@ def sce(base: torch.Tensor, deltas: list[torch.Tensor], fraction: float = 1.0, n
 def fusion_importance(base: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """|tau| * KL(p || q) per row (the last dimension; a 1-D tensor is one row), with
     p = softmax(base + tau) + 1e-8 and q = softmax(base) + 1e-8, as mergekit's arcee_fusion."""
-    tuned = base + delta
-    p = torch.softmax(tuned, dim=-1).add_(FUSION_EPS)
+    p = torch.softmax(base + delta, dim=-1).add_(FUSION_EPS)
     q = torch.softmax(base, dim=-1).add_(FUSION_EPS)
-    del tuned
-    kl = torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+    terms = torch.div(p, q, out=q).log_().mul_(p)  # p log(p / q), in q's buffer: two temporaries at most
+    del p
+    kl = torch.sum(terms, dim=-1, keepdim=True)
+    del terms
     return delta.abs().mul_(kl)
 
 
