@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from . import sparsify, subspace
+from . import sparsify, statistic_merges, subspace
 from .lazy import torch
 
 # Where TADrop's per-tensor ratio enters a method (None: nowhere, the method does not sparsify):
@@ -25,7 +25,8 @@ from .lazy import torch
 #   breadcrumbs the kept fraction between the outliers and the small entries
 #   della       the mean keep probability of DELLA's magnitude-ranked drop
 #   rank        a task's share of a rank budget (SVD-based methods; 2-D tensors only)
-Sparsifier = Literal["magnitude", "random", "breadcrumbs", "della", "rank"] | None
+#   variance    SCE's select fraction (one mask for all models: the mean of the models' fractions)
+Sparsifier = Literal["magnitude", "random", "breadcrumbs", "della", "rank", "variance"] | None
 
 
 @dataclass
@@ -86,6 +87,13 @@ class MergeMethod:
     # merge() is generalized_task_arithmetic with these steps: on a CPU the engine may run it
     # with the compiled kernels (kernels.merge_slice), which give the same bits
     gta: GtaSteps | None = None
+    # the parameter holding the kept fraction that TADrop adapts (TaskVector.density)
+    density_param: str = "density"
+    # how many models (besides the base) the method merges
+    min_models: int = 1
+    max_models: int | None = None
+    # why TADrop has nothing to adapt, for a method that does not sparsify (None: the generic reason)
+    no_tadrop: str | None = None
 
     def sliceable(self, method_parameters: dict[str, Any]) -> bool:
         """Whether the engine may merge a tensor in slices with these parameters."""
@@ -341,6 +349,29 @@ def _consensus(ties: bool) -> Callable[..., torch.Tensor]:
     return merge
 
 
+def _model_stock(
+    base: torch.Tensor, task_vectors: list[TaskVector], *, filter_wise: bool = False, **_: Any
+) -> torch.Tensor:
+    return statistic_merges.model_stock(base, [tv.delta for tv in task_vectors], filter_wise)
+
+
+def _sce(base: torch.Tensor, task_vectors: list[TaskVector], *, normalize: bool = True, **_: Any) -> torch.Tensor:
+    """SCE with the select fraction of this tensor: the recipe's select_topk (each TaskVector's
+    density), or with TADrop the mean of the models' adapted fractions (one mask for all)."""
+    if not task_vectors:
+        return base.clone()
+    fraction = sum(tv.density for tv in task_vectors) / len(task_vectors)
+    return statistic_merges.sce(base, [tv.delta for tv in task_vectors], fraction, normalize)
+
+
+def _arcee_fusion(base: torch.Tensor, task_vectors: list[TaskVector], **_: Any) -> torch.Tensor:
+    if not task_vectors:
+        return base.clone()
+    if len(task_vectors) != 1:
+        raise ValueError(f"arcee_fusion merges one model into the base (got {len(task_vectors)})")
+    return statistic_merges.arcee_fusion(base, task_vectors[0].delta)
+
+
 # ---------------------------------------------------------------- the registry
 
 WEIGHT = ParamSpec("weight", 1.0, "scale of this model's task vector (or tensor, for linear)", per_model=True)
@@ -405,6 +436,28 @@ CONSENSUS_K = ParamSpec(
     "(paper: 2; 0 = no consensus, tau_MTL unchanged)",
     low=0.0,
     high=1000.0,
+)
+
+
+FILTER_WISE = ParamSpec(
+    "filter_wise",
+    False,
+    "Model Stock: one interpolation ratio per row (slice along the last dimension) instead of per tensor",
+    kind="bool",
+)
+SELECT_TOPK = ParamSpec(
+    "select_topk",
+    1.0,
+    "SCE: fraction of the entries of largest variance across the models kept (1 = all); TADrop adapts it per tensor",
+    low=0.0,
+    high=1.0,
+)
+SCE_NORMALIZE = ParamSpec(
+    "normalize",
+    True,
+    "SCE: divide each entry by the summed coefficients of the models kept there (mergekit); false: the plain "
+    "coefficient-weighted sum",
+    kind="bool",
 )
 
 
@@ -590,6 +643,36 @@ METHODS: dict[str, MergeMethod] = {
                 LAMBDA,
             ),
             sliced_trims=True,
+        ),
+        MergeMethod(
+            "model_stock",
+            _model_stock,
+            "Model Stock: towards the models' average by a ratio set by the angle between their task vectors",
+            "https://arxiv.org/abs/2403.19522",
+            params=(FILTER_WISE,),
+            min_models=2,
+            no_tadrop="model_stock drops no entries (it interpolates between the base and the models' average)",
+        ),
+        MergeMethod(
+            "sce",
+            _sce,
+            "SCE: keep the entries of largest variance across the models, weight each model by its squared "
+            "task vector, erase minority signs",
+            "https://arxiv.org/abs/2408.07990",
+            sparsifier="variance",
+            params=(SELECT_TOPK, SCE_NORMALIZE, INT8_MASK),
+            density_param="select_topk",
+        ),
+        MergeMethod(
+            "arcee_fusion",
+            _arcee_fusion,
+            "Arcee Fusion: keep the model's changes whose importance (|delta| x KL of the rows' softmax) is an "
+            "outlier (>= median + 1.5 IQR)",
+            "https://arcee.ai",
+            min_models=1,
+            max_models=1,
+            no_tadrop="arcee_fusion keeps the entries above its own importance threshold (median + 1.5 IQR): "
+            "it has no kept fraction for TADrop to set",
         ),
     ]
 }

@@ -11,7 +11,7 @@ model's tensors get their ratios together, by its `allocation`:
   float64 mass per bucket, compressed: tadrop.MagnitudeProfile, <= 12 KB per (model, tensor)),
   and a kept COUNT per tensor that meets the model's uniform kept count exactly. The count
   enters pass 2 as the row's `kept`: Plan.density returns a density d with
-  floor(d * n) == kept, which is what every magnitude host keeps (sparsify.kept_count); a
+  kept_count(n, d) == kept, which is what every magnitude host keeps (sparsify.kept_count); a
   random host takes d as its keep probability.
 """
 
@@ -105,12 +105,12 @@ def _field_names(kind: type) -> tuple[str, ...]:
 
 
 def density_for_count(kept: int, numel: int) -> float:
-    """A density d with floor(d * numel) == kept (sparsify.kept_count): kept / numel, raised by an
-    ulp where the product rounds below."""
+    """A density d with kept_count(numel, d) == kept (sparsify.kept_count): kept / numel, raised by
+    an ulp where the product rounds below."""
     if kept >= numel:
         return 1.0
     density = kept / numel
-    while int(density * numel) < kept:
+    while kept_count(numel, density) < kept:
         density = math.nextafter(density, 1.0)
     return density
 
@@ -224,14 +224,21 @@ class _Entry:
     profile: MagnitudeProfile | None = None
 
 
+# hosts whose kept set is not each model's own count of entries, with what they keep instead
+_NOT_COUNTED = {
+    "rank": "singular directions",
+    "variance": "one selection for all models (the entries of largest variance across them)",
+}
+
+
 def check_allocations(layout: Layout) -> None:
     """The count allocations set kept entries: they need a host that drops entries."""
     method = layout.recipe.method
     for model in layout.models:
-        if model.tadrop is not None and model.tadrop.allocation != "strength" and method.sparsifier == "rank":
+        if model.tadrop is not None and model.tadrop.allocation != "strength" and method.sparsifier in _NOT_COUNTED:
             raise BadInput(
                 f"tadrop.allocation: {model.tadrop.allocation} sets kept entries, but {method.name} keeps "
-                f"singular directions ({model.label}); use allocation: strength"
+                f"{_NOT_COUNTED[method.sparsifier]} ({model.label}); use allocation: strength"
             )
 
 
@@ -250,7 +257,7 @@ def build_plan(layout: Layout, device: str, on_tensor: Callable[[TensorJob], Non
             # the rank methods' default density is "1/T": the papers' equal split
             density = 1.0
             if sparsifies:
-                recipe_density = layout.model_parameter(model, "density", job.name)
+                recipe_density = layout.model_parameter(model, method.density_param, job.name)
                 density = method.density_value(recipe_density, len(job.contributors))
             base_ratio = 1.0 - density if sparsifies else 0.0
             row = RatioRow(model.label, job.name, job.out.numel, base_ratio, base_ratio, "uniform")

@@ -280,9 +280,62 @@ def _format_loc(loc: tuple) -> str:
     return text or "(top level)"
 
 
+# mergekit 0.1.5 methods and top-level recipe keys that tadrop knows of but does not read yet:
+# name -> (merge_method or key, what it is). An unknown name found here is named as such rather
+# than matched to a look-alike. Remove a row when its feature lands.
+MERGEKIT_NOT_YET: dict[str, tuple[Literal["merge_method", "key"], str]] = {
+    "slerp": ("merge_method", "mergekit's spherical interpolation of two models"),
+    "nuslerp": ("merge_method", "mergekit's normalized spherical interpolation"),
+    "multislerp": ("merge_method", "mergekit's spherical interpolation of several models"),
+    "karcher": ("merge_method", "mergekit's Karcher (Riemannian) mean of several models"),
+    "nearswap": ("merge_method", "mergekit's interpolation towards the base where a model is close to it"),
+    "passthrough": ("merge_method", "mergekit's copy of one model's tensors as they are"),
+    "ram": ("merge_method", "mergekit's Reinforced Agent Merging"),
+    "ramplus_tl": ("merge_method", "mergekit's Reinforced Agent Merging Plus (tensor-local)"),
+    "slices": (
+        "key",
+        "mergekit's layer-range recipe form (the output's layers taken from ranges of the models' layers)",
+    ),
+    "modules": ("key", "mergekit's per-module recipe form (a recipe per module of a multi-module model)"),
+    "tokenizer": ("key", "mergekit's tokenizer merge settings (source, tokens, pad_to_multiple_of)"),
+    "chat_template": ("key", "mergekit's chat template setting"),
+}
+SUGGESTION_RATIO = 0.8  # difflib's similarity from which an unknown name is taken for a typo
+
+
+def _one_edit_apart(a: str, b: str) -> bool:
+    """Whether b is a with one character inserted, deleted, replaced, or two neighbours swapped."""
+    if a == b or abs(len(a) - len(b)) > 1:
+        return False
+    if len(a) == len(b):
+        diffs = [i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y]
+        return len(diffs) == 1 or (len(diffs) == 2 and diffs[1] == diffs[0] + 1 and a[diffs[0]] == b[diffs[1]])
+    short, long = (a, b) if len(a) < len(b) else (b, a)
+    return any(long[:i] + long[i + 1 :] == short for i in range(len(long)))
+
+
+def _close_match(word: str, choices: list[str]) -> str | None:
+    """The choice `word` is likely a typo of (case aside): one edit away, or difflib ratio >= 0.8."""
+    lowered = {c.lower(): c for c in choices}
+    key = word.lower()
+    if key in lowered:
+        return lowered[key]
+    edits = [c for k, c in lowered.items() if _one_edit_apart(key, k)]
+    if edits:
+        return edits[0]
+    close = difflib.get_close_matches(key, list(lowered), n=1, cutoff=SUGGESTION_RATIO)
+    return lowered[close[0]] if close else None
+
+
 def _suggest(word: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
-    return f"did you mean '{close[0]}'? " if close else ""
+    close = _close_match(word, choices)
+    return f"did you mean '{close}'? " if close else ""
+
+
+def _not_yet(name: str, kind: Literal["merge_method", "key"]) -> str | None:
+    """The sentence for a mergekit method or key that tadrop does not read yet, or None."""
+    found_kind, what = MERGEKIT_NOT_YET.get(name, (None, ""))
+    return f"'{name}' is {what}; tadrop does not support it yet" if found_kind == kind else None
 
 
 def _first_error(error: ValidationError) -> str:
@@ -295,7 +348,13 @@ def _first_error(error: ValidationError) -> str:
     where = _format_loc(loc)
     if chosen["type"] == "extra_forbidden":
         key = str(loc[-1])
+        # the key itself is printed as given (_format_loc drops capitalised parts, pydantic's class names)
+        parent = _format_loc(loc[:-1]) if len(loc) > 1 else ""
+        where = f"{parent}.{key}" if parent and parent != "(top level)" else key
         allowed = _allowed_keys(loc[:-1])
+        not_yet = _not_yet(key, "key") if len(loc) == 1 else None
+        if not_yet:
+            return f"{where}: {not_yet}"
         return f"{where}: unknown key; {_suggest(key, allowed)}allowed keys: {', '.join(allowed)}"
     if chosen["type"] == "missing":
         return f"{where}: required key is missing"
@@ -367,11 +426,30 @@ def check_consistency(recipe: Recipe) -> None:
         seen[key] = i
     if recipe.output.dtype and recipe.out_dtype and DTYPES[recipe.output.dtype] != DTYPES[recipe.out_dtype]:
         raise BadInput(f"output.dtype: {recipe.output.dtype} contradicts out_dtype: {recipe.out_dtype}; give one")
+    _check_model_count(recipe)
     if recipe.tadrop is not None and recipe.tadrop.enabled and method.sparsifier is None:
         hint = (
             " (use magnitude_prune: task arithmetic with a magnitude trim)" if method.name == "task_arithmetic" else ""
         )
-        raise BadInput(f"tadrop: {method.name} does not sparsify, so TADrop has nothing to adapt{hint}")
+        reason = method.no_tadrop or f"{method.name} does not sparsify"
+        raise BadInput(f"tadrop: {reason}, so TADrop has nothing to adapt{hint}")
+
+
+def _check_model_count(recipe: Recipe) -> None:
+    """The number of models besides the base that the method merges (a base listed under models is skipped)."""
+    method = recipe.method
+    base = source_identity(recipe.base_model) if recipe.base_model else None
+    count = sum(1 for entry in recipe.models if source_identity(entry.model) != base)
+    if count < method.min_models or (method.max_models is not None and count > method.max_models):
+        wanted = (
+            f"exactly {method.min_models}"
+            if method.min_models == method.max_models
+            else f"at least {method.min_models}"
+            if method.max_models is None
+            else f"{method.min_models} to {method.max_models}"
+        )
+        noun = "model" if wanted.endswith(" 1") else "models"
+        raise BadInput(f"models: {method.name} merges {wanted} {noun} besides the base (got {count})")
 
 
 def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
@@ -381,10 +459,11 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
         raise BadInput(f"{source}: a recipe must be a mapping of keys (got {kind})")
     method_name = data.get("merge_method")
     if isinstance(method_name, str) and method_name not in METHODS:
-        raise BadInput(
-            f"{source}: merge_method: unknown method {method_name!r}; "
-            f"{_suggest(method_name, list(METHODS))}valid: {', '.join(METHODS)}"
+        not_yet = _not_yet(method_name, "merge_method")
+        reason = (
+            f"{not_yet}; " if not_yet else f"unknown method {method_name!r}; {_suggest(method_name, list(METHODS))}"
         )
+        raise BadInput(f"{source}: merge_method: {reason}valid: {', '.join(METHODS)}")
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as error:

@@ -2,7 +2,8 @@
 
 Tensors in, tensors out, no I/O. `density` is the fraction of entries kept
 (1 - drop ratio); TADrop changes it per tensor, the functions do not care why.
-Counts follow mergekit (`int(density * n)`) so that recipes give the same masks.
+Counts follow mergekit so that recipes give the same masks: a magnitude trim keeps
+max(1, int(density * n)) entries at density > 0, breadcrumbs int(density * n).
 """
 
 from __future__ import annotations
@@ -20,7 +21,17 @@ Rescale = bool | Literal["none", "paper", "l1", "l2", "linf"]
 
 
 def kept_count(numel: int, density: float) -> int:
-    """How many entries a magnitude sparsifier keeps: floor(density * n), as mergekit."""
+    """How many entries a magnitude trim keeps: max(1, floor(density * n)) for density > 0, 0 at
+    density 0, as mergekit 0.1.5's sparsify.magnitude (a 2-entry bias at density 0.4 keeps its
+    larger entry, not none). The TIES paper gives no rounding; its code keeps floor(d n) + 1."""
+    if density <= 0 or numel <= 0:
+        return 0
+    return max(1, min(numel, int(density * numel)))
+
+
+def breadcrumbs_kept_count(numel: int, density: float) -> int:
+    """How many entries Model Breadcrumbs keeps: floor(density * n), no minimum (mergekit's
+    magnitude_outliers)."""
     return max(0, min(numel, int(density * numel)))
 
 
@@ -486,7 +497,7 @@ def breadcrumbs(
     if density >= 1:
         return delta
     n = delta.numel()
-    n_keep = kept_count(n, density)
+    n_keep = breadcrumbs_kept_count(n, density)
     n_top = int(gamma * n)
     n_bottom = n - n_keep - n_top
     if n_bottom < 0:  # fewer outliers removed so that the density is met

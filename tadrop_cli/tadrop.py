@@ -261,7 +261,7 @@ def adaptive_ratios(
 # `mass`, `mass_reverse` and `global` set each tensor's kept COUNT (an integer) from its |tau|
 # distribution, seen in pass 1 as a magnitude histogram (sparsify.magnitude_histogram's buckets:
 # the top 16 bits of |tau| as float32, 2^15 buckets, 128 per binade, 0.8% wide) with the float64
-# sum of |tau|^q per bucket. A model's budget is its uniform kept count sum_t floor(d_t n_t);
+# sum of |tau|^q per bucket. A model's budget is its uniform kept count sum_t kept_count(n_t, d_t);
 # a common parameter (the mass fraction f, or the threshold level) is set by bisection and the
 # last entries are handed out one by one, so the budget is met exactly where the bounds allow.
 

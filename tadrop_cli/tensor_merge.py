@@ -241,8 +241,9 @@ def _model_slice(
 def _density(layout: Layout, plan: Plan, job: TensorJob, j: int) -> float:
     """Model j's kept fraction for this tensor: the recipe's, or TADrop's."""
     model = layout.models[j]
-    recipe_density = layout.recipe.method.density_value(
-        layout.model_parameter(model, "density", job.name, missing=1.0), len(job.contributors)
+    method = layout.recipe.method
+    recipe_density = method.density_value(
+        layout.model_parameter(model, method.density_param, job.name, missing=1.0), len(job.contributors)
     )
     return plan.density(model.label, job.name, recipe_density)
 
@@ -346,7 +347,7 @@ def _task_settings(layout: Layout, plan: Plan, job: TensorJob) -> dict[int, dict
     for j in job.contributors:
         model = layout.models[j]
         settings[j] = dict(
-            weight=float(layout.model_parameter(model, "weight", job.name)),
+            weight=float(layout.model_parameter(model, "weight", job.name, missing=1.0)),
             density=_density(layout, plan, job, j),
             seed=tensor_seed(layout.recipe.seed, model.label, job.name),
             gamma=0.0,

@@ -18,8 +18,11 @@ import numpy as np
 
 
 def kept_count(n: int, density: float) -> int:
-    """mergekit's count: int(density * n), clipped to [0, n]."""
-    return max(0, min(n, int(density * n)))
+    """mergekit's magnitude trim count: int(density * n), at least 1 for density > 0 (a 2-entry
+    bias at density 0.4 keeps one), clipped to [0, n]."""
+    if density <= 0 or n == 0:
+        return 0
+    return max(1, min(n, int(density * n)))
 
 
 def topk_keep_mask(scores: np.ndarray, k: int) -> np.ndarray:
@@ -613,3 +616,109 @@ def tensor_layer(name: str) -> int | None:
         if parts[i] in ("layers", "h", "blocks", "layer") and parts[i + 1].isdigit():
             return int(parts[i + 1])
     return None
+
+
+# ---------------------------------------------------------------- Model Stock, SCE, Arcee Fusion (issue 13)
+#
+# Re-derived in float64 from the papers (Model Stock: arXiv 2403.19522 eq. 3; SCE: arXiv 2408.07990)
+# and mergekit 0.1.5's arcee_fusion; the deliberate differences from mergekit are in docs/mergekit.md.
+
+
+def _stock_rows(a: np.ndarray, filter_wise: bool) -> np.ndarray:
+    a = np.asarray(a, dtype=np.float64)
+    if not filter_wise or a.ndim < 2:
+        return a.reshape(1, -1)
+    return a.reshape(-1, a.shape[-1])
+
+
+def model_stock(base, tvs: Sequence[TV], filter_wise: bool = False) -> np.ndarray:
+    """w0 + t mean(tau), t = N c / (1 + (N - 1) c), c the mean pairwise cosine per row (0 for a zero
+    vector); t = 0 where |1 + (N - 1) c| < 1e-6; fewer than two models: the base."""
+    base = np.asarray(base, dtype=np.float64)
+    if len(tvs) < 2:
+        return base.copy()
+    rows = [_stock_rows(tv.delta, filter_wise) for tv in tvs]
+    cosines = []
+    for i in range(len(rows)):
+        for j in range(i + 1, len(rows)):
+            norms = np.linalg.norm(rows[i], axis=-1) * np.linalg.norm(rows[j], axis=-1)
+            dots = np.einsum("rk,rk->r", rows[i], rows[j])
+            cosines.append(np.clip(np.divide(dots, norms, out=np.zeros_like(dots), where=norms > 0), -1, 1))
+    c = np.mean(cosines, axis=0)
+    n = len(rows)
+    denominator = 1 + (n - 1) * c
+    t = np.where(np.abs(denominator) < 1e-6, 0.0, n * c / np.where(np.abs(denominator) < 1e-6, 1.0, denominator))
+    mean = np.mean(rows, axis=0)
+    return base + (t[:, None] * mean).reshape(base.shape)
+
+
+def sce(base, tvs: Sequence[TV], normalize: bool = True) -> np.ndarray:
+    """Select the k = int(fraction * nnz(var)) entries of largest population variance across the task
+    vectors (fraction: the mean of the models' densities); eta_i = sum tau_i^2 / sum_j sum tau_j^2
+    (1/N when all zero); keep entries whose sign equals that of the sum (>= 0: +1); merged = base +
+    sum eta_i keep_i tau_i / max(sum eta_i keep_i, 1e-6) (1 without normalize)."""
+    base = np.asarray(base, dtype=np.float64)
+    if not tvs:
+        return base.copy()
+    taus = np.stack([np.asarray(tv.delta, dtype=np.float64) for tv in tvs])
+    fraction = sum(tv.density for tv in tvs) / len(tvs)
+    if fraction <= 0:
+        taus = taus * 0
+    elif fraction < 1:
+        variance = taus.var(axis=0)
+        k = int(np.count_nonzero(variance) * fraction)
+        taus = taus * topk_keep_mask(variance, k)
+    squares = (taus**2).reshape(len(tvs), -1).sum(axis=1)
+    eta = squares / squares.sum() if squares.sum() > 0 else np.full(len(tvs), 1.0 / len(tvs))
+    majority = np.where(taus.sum(axis=0) >= 0, 1.0, -1.0)
+    keep = (np.sign(taus) == majority).astype(np.float64)
+    weights = eta.reshape((-1,) + (1,) * base.ndim) * keep
+    merged = (weights * taus).sum(axis=0)
+    if normalize:
+        merged = merged / np.maximum(weights.sum(axis=0), 1e-6)
+    return base + merged
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def arcee_fusion(base, tv: TV) -> np.ndarray:
+    """importance = |tau| KL(softmax(base + tau) + 1e-8 || softmax(base) + 1e-8) per row (last axis);
+    keep where importance >= median + 1.5 (q3 - q1), each quantile the sorted importance at
+    floor(q (n - 1)); base + tau * keep."""
+    base = np.asarray(base, dtype=np.float64)
+    tau = np.asarray(tv.delta, dtype=np.float64)
+    importance, threshold = arcee_fusion_scores(base, tau)
+    return base + tau * (importance >= threshold)
+
+
+def arcee_fusion_scores(base, tau) -> tuple[np.ndarray, float]:
+    """(importance per entry, threshold) of arcee_fusion."""
+    base, tau = np.asarray(base, dtype=np.float64), np.asarray(tau, dtype=np.float64)
+    p = _softmax(base + tau) + 1e-8
+    q = _softmax(base) + 1e-8
+    importance = np.abs(tau) * (p * np.log(p / q)).sum(axis=-1, keepdims=True)
+    ordered = np.sort(importance.reshape(-1))
+    q1, median, q3 = (ordered[math.floor(f * (ordered.size - 1))] for f in (0.25, 0.5, 0.75))
+    return importance, median + 1.5 * (q3 - q1)
+
+
+def _model_stock_ref(base, tvs, normalize=None, lam=1.0, how=None, filter_wise=False):
+    return model_stock(base, tvs, filter_wise)
+
+
+def _sce_ref(base, tvs, normalize=None, lam=1.0, how=None):
+    return sce(base, tvs, True if normalize is None else normalize)
+
+
+def _arcee_fusion_ref(base, tvs, normalize=None, lam=1.0, how=None):
+    (tv,) = tvs
+    return arcee_fusion(base, tv)
+
+
+REFERENCES.update(model_stock=_model_stock_ref, sce=_sce_ref, arcee_fusion=_arcee_fusion_ref)
+DEFAULT_NORMALIZE.update(model_stock=None, sce=True, arcee_fusion=None)
+SPARSIFIER.update(model_stock=None, sce="variance", arcee_fusion=None)
+MODEL_COUNT = {"arcee_fusion": 1}  # methods that merge a fixed number of models into the base

@@ -1,7 +1,7 @@
 """Golden tests: sparsifiers and merge methods against independent float64 numpy references.
 
 The references (tests/reference.py) re-derive mergekit's semantics:
-- magnitude: keep int(density*n) largest |delta| (ties: lowest flat index first);
+- magnitude: keep max(1, int(density*n)) largest |delta| at density > 0 (ties: lowest flat index first);
 - breadcrumbs: sort |delta| ascending, keep ranks [n_bottom, n - n_top);
 - DARE: keep where the (seed) SplitMix64 word XOR 2^31 < round(density * 2^32),
   survivors / density when rescale is True/"paper";
@@ -37,15 +37,22 @@ def make_inputs(seed: int, densities, weights=WEIGHTS, shape=SHAPE):
     rng = np.random.default_rng(seed)
     base = rng.normal(size=shape).astype(np.float32)
     deltas = [(rng.normal(size=shape) * rng.uniform(0.05, 0.5)).astype(np.float32) for _ in weights]
+    seeds, gammas = SEEDS[: len(weights)], GAMMAS[: len(weights)]
     tvs = [
         TaskVector(torch.from_numpy(d.copy()), weight=w, density=dens, seed=s, gamma=g)
-        for d, w, dens, s, g in zip(deltas, weights, densities, SEEDS, GAMMAS, strict=True)
+        for d, w, dens, s, g in zip(deltas, weights, densities, seeds, gammas, strict=True)
     ]
     refs = [
         ref.TV(d.astype(np.float64), w, dens, s, g)
-        for d, w, dens, s, g in zip(deltas, weights, densities, SEEDS, GAMMAS, strict=True)
+        for d, w, dens, s, g in zip(deltas, weights, densities, seeds, gammas, strict=True)
     ]
     return torch.from_numpy(base.copy()), tvs, base.astype(np.float64), refs
+
+
+def inputs_for(name: str, seed: int, densities):
+    """make_inputs with as many models as the method merges (ref.MODEL_COUNT; else four)."""
+    count = ref.MODEL_COUNT.get(name, len(WEIGHTS))
+    return make_inputs(seed, densities[:count], WEIGHTS[:count])
 
 
 def global_params(name: str, **overrides):
@@ -99,7 +106,7 @@ def test_registry_defaults_match_mergekit(name):
 def test_method_matches_reference(name, density, normalize):
     reference = reference_for(name)
     seed = zlib.crc32(repr((name, density, normalize)).encode())
-    base, tvs, base_np, refs = make_inputs(seed, [density] * len(WEIGHTS))
+    base, tvs, base_np, refs = inputs_for(name, seed, [density] * len(WEIGHTS))
     lam = 0.7
     overrides = {"lambda": lam, "int8_mask": True}
     if normalize is not None:
@@ -117,7 +124,7 @@ def test_method_mixed_per_model_densities_and_lambda(name):
     """TADrop gives every (model, tensor) its own density: each model sparsified at its own."""
     reference = reference_for(name)
     for lam in (1.0, -1.3, 2.5):
-        base, tvs, base_np, refs = make_inputs(7, [0.1, 0.5, 0.9, 1.0])  # fresh: deltas may be used as scratch
+        base, tvs, base_np, refs = inputs_for(name, 7, [0.1, 0.5, 0.9, 1.0])  # fresh: deltas may be used as scratch
         params = global_params(name, **{"lambda": lam})
         got = METHODS[name].merge(base, tvs, **params)
         assert_close(got, reference(base_np, refs, normalize=None, lam=lam))
@@ -128,7 +135,7 @@ def test_method_mixed_per_model_densities_and_lambda(name):
 def test_method_rescale_options(name, how):
     reference = reference_for(name)
     for normalize in (True, False):
-        base, tvs, base_np, refs = make_inputs(101, [0.3, 0.6, 0.45, 0.8])
+        base, tvs, base_np, refs = inputs_for(name, 101, [0.3, 0.6, 0.45, 0.8])
         params = global_params(name, rescale=how, normalize=normalize, **{"lambda": 0.9})
         got = METHODS[name].merge(base, tvs, **params)
         assert_close(got, reference(base_np, refs, normalize=normalize, lam=0.9, how=how))
@@ -138,7 +145,7 @@ def test_method_rescale_options(name, how):
 def test_merge_leaves_the_base_alone_and_returns_a_new_tensor(name):
     """The base tensor is shared by every model: a merge must not write into it.
     (The task vectors' deltas may be used as scratch space, see methods.generalized_task_arithmetic.)"""
-    base, tvs, base_np, refs = make_inputs(5, [0.5, 1.0, 0.3, 0.9])
+    base, tvs, base_np, refs = inputs_for(name, 5, [0.5, 1.0, 0.3, 0.9])
     saved = base.clone()
     got = METHODS[name].merge(base, tvs, **global_params(name, **{"lambda": 0.5}))
     assert torch.equal(base, saved)
@@ -336,7 +343,7 @@ def test_kept_count_is_mergekit_floor():
 @pytest.mark.parametrize("density", [0.1, 0.2, 0.4])
 @pytest.mark.parametrize("name", ["magnitude_prune", "ties"])
 def test_engine_uniform_density_matches_mergekit_count(tmp_path, name, density):
-    """Without TADrop, a recipe's density must give mergekit's mask: int(density * n) entries.
+    """Without TADrop, a recipe's density must give mergekit's mask: max(1, int(density * n)) entries.
 
     A 40 x 25 tensor (n = 1000) makes density * n an exact integer, so any round trip
     through the drop ratio (1 - (1 - density)) that loses an ulp shows as one entry fewer.

@@ -144,6 +144,12 @@ def _valid_recipe(method: str = "ties") -> dict:
     }
     # only the global parameters this method has (the SVD-based hosts have no normalize or rescale)
     data["parameters"] = {k: v for k, v in data["parameters"].items() if METHODS[method].param(k) is not None}
+    # ... the per-model ones it has (model_stock, sce, arcee_fusion take no weight), and as many models as it merges
+    for model in data["models"]:
+        model["parameters"] = {
+            k: v for k, v in model["parameters"].items() if (spec := METHODS[method].param(k)) and spec.per_model
+        }
+    data["models"] = data["models"][: METHODS[method].max_models]
     return data
 
 
@@ -178,7 +184,7 @@ def test_the_valid_recipe_parses():
             data.pop("tadrop")
             for model in data["models"]:
                 model.pop("tadrop", None)
-                model["parameters"].pop("density")
+                model["parameters"].pop("density", None)
         assert check(data) is not None, method
 
 
