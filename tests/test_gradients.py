@@ -1,0 +1,83 @@
+"""Gradient parameters: layer positions (per stack, T5 blocks) and gradients inside filtered values.
+
+mergekit 0.1.5 (plan.py, architecture/*) gives a tensor in layer i of a stack of n layers the
+position t = i / (n - 1) (t = 1 when n = 1), counting layers within each stack (module) separately:
+a T5 encoder's and decoder's blocks, a VLM's vision tower and language model; tensors outside
+numbered layers (embeddings, final norms) take t = 0, the gradient's first value.
+"""
+
+from __future__ import annotations
+
+import pytest
+from conftest import basic_recipe, write_recipe
+
+from tadrop_cli.checkpoint import layer_positions
+from tadrop_cli.errors import BadInput
+from tadrop_cli.recipe import parse_recipe, value_for_tensor
+
+
+def t5_names(encoder: int, decoder: int) -> list[str]:
+    names = ["shared.weight", "encoder.final_layer_norm.weight", "decoder.final_layer_norm.weight"]
+    for i in range(encoder):
+        names += [
+            f"encoder.block.{i}.layer.0.SelfAttention.q.weight",
+            f"encoder.block.{i}.layer.1.DenseReluDense.wi.weight",
+        ]
+    for i in range(decoder):
+        names += [
+            f"decoder.block.{i}.layer.0.SelfAttention.q.weight",
+            f"decoder.block.{i}.layer.1.EncDecAttention.q.weight",
+            f"decoder.block.{i}.layer.2.DenseReluDense.wi.weight",
+        ]
+    return names
+
+
+def test_t5_position_comes_from_the_block_not_the_sub_layer():
+    positions = layer_positions(t5_names(5, 5))
+    assert positions["encoder.block.3.layer.1.DenseReluDense.wi.weight"] == pytest.approx(3 / 4)
+    assert positions["encoder.block.3.layer.0.SelfAttention.q.weight"] == pytest.approx(3 / 4)
+    assert positions["decoder.block.0.layer.2.DenseReluDense.wi.weight"] == 0.0
+    assert positions["decoder.block.4.layer.0.SelfAttention.q.weight"] == 1.0
+
+
+def test_t5_encoder_and_decoder_are_positioned_each_in_its_own_stack():
+    """mergekit's t5 architecture has an encoder module (num_hidden_layers) and a decoder module
+    (num_decoder_layers): with 4 encoder and 2 decoder blocks, decoder block 1 is the decoder's last."""
+    positions = layer_positions(t5_names(4, 2))
+    assert positions["decoder.block.1.layer.0.SelfAttention.q.weight"] == 1.0
+    assert positions["encoder.block.1.layer.0.SelfAttention.q.weight"] == pytest.approx(1 / 3)
+    assert positions["encoder.block.3.layer.1.DenseReluDense.wi.weight"] == 1.0
+    for outside in ("shared.weight", "encoder.final_layer_norm.weight", "decoder.final_layer_norm.weight"):
+        assert positions[outside] is None
+
+
+def test_vision_tower_and_language_model_are_positioned_each_in_its_own_stack():
+    names = [f"vision_tower.vision_model.encoder.layers.{i}.mlp.fc1.weight" for i in range(3)]
+    names += [f"language_model.model.layers.{i}.mlp.up_proj.weight" for i in range(5)]
+    names += ["multi_modal_projector.linear_1.weight", "language_model.lm_head.weight"]
+    positions = layer_positions(names)
+    assert positions["vision_tower.vision_model.encoder.layers.2.mlp.fc1.weight"] == 1.0
+    assert positions["vision_tower.vision_model.encoder.layers.1.mlp.fc1.weight"] == 0.5
+    assert positions["language_model.model.layers.2.mlp.up_proj.weight"] == 0.5
+    assert positions["language_model.model.layers.4.mlp.up_proj.weight"] == 1.0
+    assert positions["multi_modal_projector.linear_1.weight"] is None
+
+
+def test_single_stack_positions_are_unchanged():
+    names = [f"model.layers.{i}.mlp.weight" for i in range(5)] + ["model.embed_tokens.weight", "lm_head.weight"]
+    positions = layer_positions(names)
+    assert [positions[f"model.layers.{i}.mlp.weight"] for i in range(5)] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert positions["model.embed_tokens.weight"] is None and positions["lm_head.weight"] is None
+
+
+def test_a_one_layer_stack_is_at_position_one_as_in_mergekit():
+    """mergekit: `t = idx / (num_layers - 1) if num_layers > 1 else 1`."""
+    positions = layer_positions(["model.layers.0.mlp.weight", "model.embed.weight"])
+    assert positions["model.layers.0.mlp.weight"] == 1.0
+    assert value_for_tensor([0.2, 0.8], "model.layers.0.mlp.weight", 1.0) == pytest.approx(0.8)
+
+
+def test_experts_inside_a_layer_take_the_layer_position():
+    names = [f"model.layers.{i}.block_sparse_moe.experts.{e}.w1.weight" for i in range(3) for e in range(8)]
+    positions = layer_positions(names)
+    assert positions["model.layers.1.block_sparse_moe.experts.7.w1.weight"] == 0.5
