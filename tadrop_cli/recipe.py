@@ -78,13 +78,14 @@ class _Strict(BaseModel):
 
 
 class ConditionalValue(_Strict):
-    """mergekit's filtered parameter value: applies to tensors whose name contains `filter`."""
+    """mergekit's filtered parameter value: applies to tensors whose name contains `filter`; the
+    value is a scalar or a gradient (a list of numbers, interpolated by layer position)."""
 
     filter: str | None = None
-    value: StrictBool | Number | str
+    value: StrictBool | Number | str | list[Number]
 
 
-ParamValue = StrictBool | Number | str | list[ConditionalValue] | list[Number]
+ParamValue = StrictBool | Number | str | list[ConditionalValue] | list[Number] | ConditionalValue
 
 
 class TadropOverride(_Strict):
@@ -218,18 +219,20 @@ class Recipe(_Strict):
 def value_for_tensor(value: ParamValue, tensor_name: str, layer_position: float | None) -> Any:
     """Resolve a mergekit parameter value for one tensor.
 
-    Scalars apply everywhere; a list of {filter, value} takes the first entry whose
+    Scalars apply everywhere; a list of {filter, value} (or one) takes the first entry whose
     filter is a substring of the name, case-sensitive, or is "*" or absent (mergekit's
-    rule: "*" is every tensor, not a glob); a list of numbers is a
+    rule: "*" is every tensor, not a glob), and resolves its value in turn; a list of numbers is a
     gradient, interpolated over the tensor's relative layer position (mergekit's rule:
     tensors outside numbered layers take the first value).
     """
+    if isinstance(value, ConditionalValue):
+        value = [value]
     if not isinstance(value, list):
         return value
     if value and isinstance(value[0], ConditionalValue):
         for cond in value:
             if cond.filter is None or cond.filter == "*" or cond.filter in tensor_name:
-                return cond.value
+                return value_for_tensor(cond.value, tensor_name, layer_position)
         return None
     if layer_position is None or len(value) == 1:
         return value[0]
@@ -295,13 +298,31 @@ def _first_error(error: ValidationError) -> str:
     where = _format_loc(loc)
     if chosen["type"] == "extra_forbidden":
         key = str(loc[-1])
-        allowed = _allowed_keys(loc[:-1])
+        allowed = ["filter", "value"] if _in_parameter_value(loc[:-1]) else _allowed_keys(loc[:-1])
         return f"{where}: unknown key; {_suggest(key, allowed)}allowed keys: {', '.join(allowed)}"
     if chosen["type"] == "missing":
         return f"{where}: required key is missing"
     got = chosen.get("input")
     got_text = f" (got {got!r})" if not isinstance(got, (dict, list)) else ""
+    if _in_parameter_value(loc):  # one error per type a value may have: name them all instead
+        return f"{_format_loc(_without_type_tags(loc))}: {PARAMETER_VALUE_FORMS}{got_text}"
     return f"{where}: {chosen['msg'].removeprefix('Value error, ')}{got_text}"
+
+
+PARAMETER_VALUE_FORMS = (
+    "not a parameter value: give a number, true/false, a name, a gradient (list of numbers) "
+    "or {filter, value} entries (a value may be a gradient)"
+)
+
+
+def _in_parameter_value(loc: tuple) -> bool:
+    """Whether an error's path lies inside a `parameters` value (the recipe's or a model's)."""
+    return (len(loc) > 1 and loc[0] == "parameters") or (len(loc) > 3 and loc[0] == "models" and loc[2] == "parameters")
+
+
+def _without_type_tags(loc: tuple) -> tuple:
+    """The path without pydantic's names of union members (bool, int, float, str, list[...])."""
+    return tuple(p for p in loc if not (isinstance(p, str) and (p in ("bool", "int", "float", "str") or "[" in p)))
 
 
 def check_method_parameters(recipe: Recipe) -> None:
@@ -317,17 +338,24 @@ def check_method_parameters(recipe: Recipe) -> None:
                     f"{where}.{key}: not a parameter of {method.name}; "
                     f"{_suggest(key, allowed)}allowed: {', '.join(allowed)}"
                 )
-            if isinstance(value, list) and not value:
-                raise BadInput(
-                    f"{where}.{key}: an empty list is neither a value nor a gradient; give a number or a non-empty list"
-                )
-            values = value if isinstance(value, list) else [value]
-            for v in values:
-                _check_value(f"{where}.{key}", spec, v.value if isinstance(v, ConditionalValue) else v)
+            for v in _scalars(f"{where}.{key}", value):
+                _check_value(f"{where}.{key}", spec, v)
 
     check("parameters", recipe.parameters, per_model_only=False)
     for i, entry in enumerate(recipe.models):
         check(f"models[{i}].parameters", entry.parameters, per_model_only=True)
+
+
+def _scalars(where: str, value: ParamValue) -> list[Any]:
+    """Every scalar a parameter's value may take: the value, a gradient's points, each filtered
+    value's (a filtered value may be a gradient). BadInput for an empty list."""
+    if isinstance(value, ConditionalValue):
+        return _scalars(where, value.value)
+    if not isinstance(value, list):
+        return [value]
+    if not value:
+        raise BadInput(f"{where}: an empty list is neither a value nor a gradient; give a number or a non-empty list")
+    return [scalar for v in value for scalar in _scalars(where, v)]
 
 
 def _check_value(where: str, spec: ParamSpec, value: Any) -> None:

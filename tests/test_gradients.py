@@ -81,3 +81,88 @@ def test_experts_inside_a_layer_take_the_layer_position():
     names = [f"model.layers.{i}.block_sparse_moe.experts.{e}.w1.weight" for i in range(3) for e in range(8)]
     positions = layer_positions(names)
     assert positions["model.layers.1.block_sparse_moe.experts.7.w1.weight"] == 0.5
+
+
+# ---------------------------------------------------------------- gradients inside filtered values
+
+FILTERED_GRADIENTS = [
+    {"filter": "attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+    {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
+    {"value": 0.5},
+]
+
+
+def test_a_filtered_value_may_be_a_gradient(tiny_models, tmp_path):
+    recipe = basic_recipe(tiny_models, tmp_path / "out", method="task_arithmetic")
+    recipe["parameters"] = {"lambda": FILTERED_GRADIENTS}
+    parsed = parse_recipe(recipe)
+    value = parsed.parameters["lambda"]
+    assert value_for_tensor(value, "model.layers.0.attn.weight", 0.0) == 0
+    assert value_for_tensor(value, "model.layers.1.attn.weight", 1 / 8) == pytest.approx(0.25)
+    assert value_for_tensor(value, "model.layers.1.attn.weight", 0.625) == pytest.approx(0.5)  # 0.3 + 0.5 * 0.4
+    assert value_for_tensor(value, "model.layers.3.mlp.weight", 0.75) == pytest.approx(0.3)
+    assert value_for_tensor(value, "model.layers.3.mlp.weight", 1.0) == 0
+    assert value_for_tensor(value, "model.embed.weight", None) == 0.5
+    assert value_for_tensor(value, "model.layers.3.attn.weight", None) == 0  # outside layers: the first value
+
+
+def test_a_single_filtered_mapping_is_a_value_as_in_mergekit(tiny_models, tmp_path):
+    """mergekit's ParameterSetting takes one {filter, value} as well as a list of them."""
+    recipe = basic_recipe(tiny_models, tmp_path / "out", method="task_arithmetic")
+    recipe["parameters"] = {"lambda": {"filter": "mlp", "value": [0.5, 1.5]}}
+    value = parse_recipe(recipe).parameters["lambda"]
+    assert value_for_tensor(value, "model.layers.1.mlp.weight", 0.5) == pytest.approx(1.0)
+    assert value_for_tensor(value, "model.layers.1.attn.weight", 0.5) is None  # no filter matches: the default
+
+
+def test_filtered_gradients_merge_per_layer(tiny_models, tmp_path):
+    """task_arithmetic with a per-filter lambda gradient gives base + lambda(tensor) * tau, with lambda
+    interpolated by layer (layers 0 and 1: positions 0 and 1)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from tadrop_cli.run import MergeOptions, run_merge
+
+    recipe = basic_recipe(tiny_models, tmp_path / "out", method="task_arithmetic")
+    recipe["models"] = [{"model": str(tiny_models["ft0"])}]
+    recipe["parameters"] = {"lambda": [{"filter": "attn", "value": [0.25, 0.75]}, {"value": 0.5}]}
+    run_merge(parse_recipe(recipe), MergeOptions())
+    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    base = load_file(str(tiny_models["base"] / "model.safetensors"))
+    ft = load_file(str(tiny_models["ft0"] / "model.safetensors"))
+    for name, lam in [
+        ("model.layers.0.attn.weight", 0.25),
+        ("model.layers.1.attn.weight", 0.75),
+        ("model.layers.1.mlp.weight", 0.5),
+        ("model.embed.weight", 0.5),
+    ]:
+        expected = base[name].double() + lam * (ft[name].double() - base[name].double())
+        torch.testing.assert_close(out[name].double(), expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "value,words",
+    [
+        ([{"filter": "mlp", "value": []}], ["parameters.lambda", "empty"]),
+        ([{"filter": "mlp", "value": [0.5, "x"]}], ["parameters.lambda"]),
+        ([{"filter": "mlp", "value": [0.5, 20]}], ["parameters.lambda", "between"]),
+        ([{"filter": "mlp", "value": [0.5, True]}], ["parameters.lambda"]),
+        ({"filter": "mlp"}, ["parameters.lambda"]),
+    ],
+)
+def test_bad_filtered_gradients_are_one_line_errors(tiny_models, tmp_path, value, words):
+    recipe = basic_recipe(tiny_models, tmp_path / "out", method="task_arithmetic")
+    recipe["parameters"] = {"lambda": value}
+    with pytest.raises(BadInput) as error:
+        parse_recipe(recipe, "recipe.yaml")
+    line = str(error.value)
+    assert "\n" not in line and all(w in line for w in words), line
+
+
+def test_a_filtered_gradient_in_a_yaml_file_merges(tiny_models, tmp_path):
+    from conftest import run_cli
+
+    recipe = basic_recipe(tiny_models, tmp_path / "out", method="ties")
+    recipe["parameters"] = {"density": FILTERED_GRADIENTS}
+    result = run_cli("merge", str(write_recipe(tmp_path, recipe)), "--quiet")
+    assert result.returncode == 0, result.stderr
