@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from . import sparsify, subspace
+from . import interpolation, sparsify, subspace
 from .lazy import torch
 
 # Where TADrop's per-tensor ratio enters a method (None: nowhere, the method does not sparsify):
@@ -45,6 +45,18 @@ class TaskVector:
     cut: sparsify.TopKCut | None = None
 
 
+@dataclass
+class ModelTensor:
+    """One model's own tensor for one tensor name (not its change from the base), with its weight:
+    what the interpolating methods (MergeMethod.interpolates) take."""
+
+    tensor: torch.Tensor
+    weight: float = 1.0
+
+
+REQUIRED = "required"  # a ParamSpec default: the recipe must give the parameter (mergekit's required parameters)
+
+
 @dataclass(frozen=True)
 class ParamSpec:
     """One recipe parameter of a method."""
@@ -53,9 +65,13 @@ class ParamSpec:
     default: Any
     doc: str
     per_model: bool = False  # a tensor parameter: set globally, per model, or per tensor filter
-    kind: str = "float"  # "float" | "bool" | "rescale"
+    kind: str = "float"  # "float" | "int" | "bool" | "rescale"
     low: float | None = None
     high: float | None = None
+
+    @property
+    def required(self) -> bool:
+        return self.default == REQUIRED
 
 
 @dataclass(frozen=True)
@@ -86,6 +102,12 @@ class MergeMethod:
     # merge() is generalized_task_arithmetic with these steps: on a CPU the engine may run it
     # with the compiled kernels (kernels.merge_slice), which give the same bits
     gta: GtaSteps | None = None
+    # merge(base, models: list[ModelTensor], **parameters) takes the models' own tensors, not task
+    # vectors; base is None when the recipe has no base_model (then base_optional must be set)
+    interpolates: bool = False
+    base_optional: bool = False  # the recipe may leave out base_model
+    # how many models besides the base the method merges (at least, at most; None: no limit)
+    model_count: tuple[int, int | None] = (1, None)
 
     def sliceable(self, method_parameters: dict[str, Any]) -> bool:
         """Whether the engine may merge a tensor in slices with these parameters."""
@@ -341,6 +363,56 @@ def _consensus(ties: bool) -> Callable[..., torch.Tensor]:
     return merge
 
 
+def slerp(base: torch.Tensor, models: list[ModelTensor], *, t: float, **_: Any) -> torch.Tensor:
+    """SLERP from the base (t = 0) to the one other model (t = 1): interpolation.slerp."""
+    return interpolation.slerp(t, base, models[0].tensor)
+
+
+def nuslerp(
+    base: torch.Tensor | None,
+    models: list[ModelTensor],
+    *,
+    nuslerp_flatten: bool = True,
+    nuslerp_row_wise: bool = False,
+    **_: Any,
+) -> torch.Tensor:
+    """NuSLERP of two models at t = w1 / (w0 + w1): of their tensors, or with a base of their task
+    vectors, base + nuslerp(t, x0 - base, x1 - base) (interpolation.nuslerp)."""
+    t = interpolation.nuslerp_t([m.weight for m in models])
+    options = dict(flatten=nuslerp_flatten, row_wise=nuslerp_row_wise)
+    if base is None:
+        return interpolation.nuslerp(t, models[0].tensor, models[1].tensor, **options)
+    return base + interpolation.nuslerp(t, models[0].tensor - base, models[1].tensor - base, **options)
+
+
+def multislerp(
+    base: torch.Tensor | None,
+    models: list[ModelTensor],
+    *,
+    normalize_weights: bool = True,
+    eps: float = 1e-8,
+    **_: Any,
+) -> torch.Tensor:
+    """Multi-SLERP of the models (of their task vectors with a base): interpolation.multislerp."""
+    return interpolation.multislerp(
+        [m.tensor for m in models], [m.weight for m in models], base, normalize_weights=normalize_weights, eps=eps
+    )
+
+
+def karcher(
+    base: torch.Tensor | None, models: list[ModelTensor], *, max_iter: int = 10, tol: float = 1e-5, **_: Any
+) -> torch.Tensor:
+    """The Karcher mean of the base (as one more model, as in mergekit, where it is an input like
+    any other) and the models: interpolation.karcher."""
+    tensors = [m.tensor for m in models] if base is None else [base, *(m.tensor for m in models)]
+    return interpolation.karcher(tensors, max_iter=int(max_iter), tol=tol)
+
+
+def nearswap(base: torch.Tensor, models: list[ModelTensor], *, t: float, **_: Any) -> torch.Tensor:
+    """NearSwap of the base toward the one other model: interpolation.nearswap."""
+    return interpolation.nearswap(t, base, models[0].tensor)
+
+
 # ---------------------------------------------------------------- the registry
 
 WEIGHT = ParamSpec("weight", 1.0, "scale of this model's task vector (or tensor, for linear)", per_model=True)
@@ -405,6 +477,40 @@ CONSENSUS_K = ParamSpec(
     "(paper: 2; 0 = no consensus, tau_MTL unchanged)",
     low=0.0,
     high=1000.0,
+)
+
+
+SLERP_T = ParamSpec(
+    "t",
+    REQUIRED,
+    "interpolation factor: 0 = the base, 1 = the other model; may be a gradient over the layers",
+)
+INTERPOLATION_WEIGHT = ParamSpec(
+    "weight", 1.0, "this model's share of the interpolation (relative to the others')", per_model=True
+)
+NUSLERP_FLATTEN = ParamSpec(
+    "nuslerp_flatten", True, "interpolate whole tensors (true), or vector by vector (false)", kind="bool"
+)
+NUSLERP_ROW_WISE = ParamSpec(
+    "nuslerp_row_wise",
+    False,
+    "with nuslerp_flatten: false, the vectors along dim 0 (a matrix's columns, mergekit's naming), "
+    "else along the last dim (its rows)",
+    kind="bool",
+)
+MULTISLERP_NORMALIZE = ParamSpec(
+    "normalize_weights", True, "divide the weights by their sum (barycentric weights)", kind="bool"
+)
+MULTISLERP_EPS = ParamSpec("eps", 1e-8, "added to norms before dividing by them", low=0.0, high=1.0)
+KARCHER_MAX_ITER = ParamSpec("max_iter", 10, "most iterations of the Riemannian mean", kind="int", low=0, high=10000)
+KARCHER_TOL = ParamSpec(
+    "tol", 1e-5, "stop when the tangent step is shorter; norms and angles below it count as zero", low=0.0, high=1.0
+)
+NEARSWAP_T = ParamSpec(
+    "t",
+    REQUIRED,
+    "entries within t of the base's take the other model's value; farther ones move toward it by t",
+    low=0.0,
 )
 
 
@@ -590,6 +696,53 @@ METHODS: dict[str, MergeMethod] = {
                 LAMBDA,
             ),
             sliced_trims=True,
+        ),
+        MergeMethod(
+            "slerp",
+            slerp,
+            "spherical interpolation of the base and one other model, whole tensors (SLERP)",
+            "https://en.wikipedia.org/wiki/Slerp",
+            params=(SLERP_T,),
+            interpolates=True,
+            model_count=(1, 1),
+        ),
+        MergeMethod(
+            "nuslerp",
+            nuslerp,
+            "SLERP of two models (of their task vectors, with a base), whole tensors or vector by vector",
+            "https://github.com/arcee-ai/mergekit/blob/main/docs/merge_methods.md",
+            params=(INTERPOLATION_WEIGHT, NUSLERP_FLATTEN, NUSLERP_ROW_WISE),
+            interpolates=True,
+            base_optional=True,
+            model_count=(2, 2),
+        ),
+        MergeMethod(
+            "multislerp",
+            multislerp,
+            "barycentric SLERP of any number of models (of their task vectors, with a base)",
+            "https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
+            params=(INTERPOLATION_WEIGHT, MULTISLERP_NORMALIZE, MULTISLERP_EPS),
+            interpolates=True,
+            base_optional=True,
+        ),
+        MergeMethod(
+            "karcher",
+            karcher,
+            "Karcher (Riemannian) mean of the models' directions, scaled by their mean norm",
+            "https://arxiv.org/abs/2603.04972",
+            params=(KARCHER_MAX_ITER, KARCHER_TOL),
+            interpolates=True,
+            base_optional=True,
+        ),
+        MergeMethod(
+            "nearswap",
+            nearswap,
+            "take the other model's entries where they are near the base's (NearSwap)",
+            "https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
+            params=(NEARSWAP_T,),
+            interpolates=True,
+            model_count=(1, 1),
+            elementwise=True,
         ),
     ]
 }

@@ -344,6 +344,9 @@ def check_method_parameters(recipe: Recipe) -> None:
     check("parameters", recipe.parameters, per_model_only=False)
     for i, entry in enumerate(recipe.models):
         check(f"models[{i}].parameters", entry.parameters, per_model_only=True)
+    for spec in method.params:
+        if spec.required and not spec.per_model and spec.name not in recipe.parameters:
+            raise BadInput(f"parameters.{spec.name}: required by {method.name} ({spec.doc})")
 
 
 def _scalars(where: str, value: ParamValue) -> list[Any]:
@@ -363,6 +366,8 @@ def _check_value(where: str, spec: ParamSpec, value: Any) -> None:
         if not isinstance(value, bool):
             raise BadInput(f"{where}: must be true or false (got {value!r})")
         return
+    if spec.kind == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+        raise BadInput(f"{where}: must be a whole number (got {value!r})")
     if spec.kind == "rescale":
         if not (isinstance(value, bool) or value in ("none", "paper", "l1", "l2", "linf")):
             raise BadInput(f"{where}: must be true, false, paper, l1, l2, linf or none (got {value!r})")
@@ -385,8 +390,9 @@ def source_identity(reference: str) -> str:
 def check_consistency(recipe: Recipe) -> None:
     """Rules that span several keys."""
     method = recipe.method
-    if recipe.base_model is None and method.name != "linear":
-        raise BadInput(f"base_model: required for {method.name} (only linear merges without a base)")
+    if recipe.base_model is None and method.name != "linear" and not method.base_optional:
+        raise BadInput(f"base_model: required for {method.name}")
+    check_model_count(recipe)
     seen: dict[str, int] = {}
     for i, entry in enumerate(recipe.models):
         key = source_identity(entry.model)
@@ -400,6 +406,19 @@ def check_consistency(recipe: Recipe) -> None:
             " (use magnitude_prune: task arithmetic with a magnitude trim)" if method.name == "task_arithmetic" else ""
         )
         raise BadInput(f"tadrop: {method.name} does not sparsify, so TADrop has nothing to adapt{hint}")
+
+
+def check_model_count(recipe: Recipe) -> None:
+    """A method that merges a set number of models (MergeMethod.model_count: slerp the base and one
+    other, nuslerp two) is given that many besides the base (a base listed among them is not counted)."""
+    low, high = recipe.method.model_count
+    base = source_identity(recipe.base_model) if recipe.base_model else None
+    count = sum(source_identity(entry.model) != base for entry in recipe.models)
+    if low <= count and (high is None or count <= high):
+        return
+    wanted = f"exactly {low}" if low == high else f"at least {low}" if high is None else f"{low} to {high}"
+    besides = " besides the base" if recipe.base_model else ""
+    raise BadInput(f"models: {recipe.method.name} merges {wanted} model(s){besides}; the recipe lists {count}")
 
 
 def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
