@@ -143,7 +143,12 @@ def build_layout(recipe: Recipe) -> Layout:
                 and recipe.method.name != "linear"
                 and source_identity(entry.model) == source_identity(recipe.base_model)
             ):
-                notes.append(f"models[{i}] is the base model: it has no task vector and is skipped (as in mergekit)")
+                role = (
+                    "it is the base of the merge, not one more model"
+                    if recipe.method.interpolates
+                    else "it has no task vector and is skipped"
+                )
+                notes.append(f"models[{i}] is the base model: {role} (as in mergekit)")
                 continue
             checkpoint = open_checkpoint(entry.model)
             opened.append(checkpoint)

@@ -391,7 +391,8 @@ def check_consistency(recipe: Recipe) -> None:
     """Rules that span several keys."""
     method = recipe.method
     if recipe.base_model is None and method.name != "linear" and not method.base_optional:
-        raise BadInput(f"base_model: required for {method.name}")
+        baseless = ", ".join(m.name for m in METHODS.values() if m.base_optional or m.name == "linear")
+        raise BadInput(f"base_model: required for {method.name} (methods that merge without a base: {baseless})")
     check_model_count(recipe)
     seen: dict[str, int] = {}
     for i, entry in enumerate(recipe.models):
