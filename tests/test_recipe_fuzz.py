@@ -179,6 +179,11 @@ def test_the_valid_recipe_parses():
             for model in data["models"]:
                 model.pop("tadrop", None)
                 model["parameters"].pop("density")
+        spec = METHODS[method]
+        for model in data["models"]:  # only the per-model parameters this method has (slerp: none)
+            model["parameters"] = {k: v for k, v in model["parameters"].items() if spec.param(k) is not None}
+        data["models"] = data["models"][: spec.model_count[1]]  # slerp and nearswap merge one model
+        data["parameters"].update({p.name: 0.5 for p in spec.params if p.required})  # slerp's t
         assert check(data) is not None, method
 
 
