@@ -728,3 +728,14 @@ def nearswap(t: float, base, other) -> np.ndarray:
     a, b = np.asarray(base, np.float64), np.asarray(other, np.float64)
     w = np.clip(t / np.maximum(np.abs(a - b), 1e-6), 0, 1)
     return w * b + (1 - w) * a
+
+
+INTERPOLATION_REFERENCES = {
+    "slerp": slerp,
+    "nuslerp": nuslerp,
+    "multislerp": multislerp,
+    "karcher": karcher,
+    "nearswap": nearswap,
+}
+DEFAULT_NORMALIZE.update(dict.fromkeys(INTERPOLATION_REFERENCES))  # no normalize parameter
+SPARSIFIER.update(dict.fromkeys(INTERPOLATION_REFERENCES))  # no drop: TADrop is refused

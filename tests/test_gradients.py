@@ -166,3 +166,37 @@ def test_a_filtered_gradient_in_a_yaml_file_merges(tiny_models, tmp_path):
     recipe["parameters"] = {"density": FILTERED_GRADIENTS}
     result = run_cli("merge", str(write_recipe(tmp_path, recipe)), "--quiet")
     assert result.returncode == 0, result.stderr
+
+
+def test_a_t5_merge_takes_each_stacks_positions(tmp_path):
+    """The engine's gradients use the per-stack positions: with 4 encoder and 2 decoder blocks, a
+    lambda gradient [0, 1] is 1/3 at encoder block 1 and 1 at decoder block 1 (its last), whatever
+    the sub-layer index (layer.2); names outside blocks take the first value."""
+    import torch
+    from conftest import write_checkpoint
+    from safetensors.torch import load_file
+
+    from tadrop_cli.run import MergeOptions, run_merge
+
+    g = torch.Generator().manual_seed(0)
+    base = {name: torch.randn(8, 8, generator=g) for name in t5_names(4, 2)}
+    tuned = {name: tensor + torch.randn(8, 8, generator=g) for name, tensor in base.items()}
+    paths = {"base": write_checkpoint(tmp_path / "base", base), "ft": write_checkpoint(tmp_path / "ft", tuned)}
+    recipe = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(paths["base"]),
+        "models": [{"model": str(paths["ft"])}],
+        "parameters": {"lambda": [0.0, 1.0]},
+        "output": {"path": str(tmp_path / "out")},
+    }
+    run_merge(parse_recipe(recipe), MergeOptions())
+    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    for name, lam in [
+        ("encoder.block.1.layer.1.DenseReluDense.wi.weight", 1 / 3),
+        ("encoder.block.3.layer.0.SelfAttention.q.weight", 1.0),
+        ("decoder.block.1.layer.2.DenseReluDense.wi.weight", 1.0),
+        ("decoder.block.0.layer.1.EncDecAttention.q.weight", 0.0),
+        ("shared.weight", 0.0),
+    ]:
+        expected = base[name].double() + lam * (tuned[name].double() - base[name].double())
+        torch.testing.assert_close(out[name].double(), expected, atol=1e-6, rtol=0)

@@ -495,3 +495,24 @@ def test_slerp_of_a_tiny_llama_with_filtered_gradients_loads_in_transformers(tmp
             close(out[name], reference.slerp(t, f64(base[name]), f64(other[name])))
     close(out["lm_head.weight"], reference.slerp(0.5, f64(base["lm_head.weight"]), f64(other["lm_head.weight"])))
     assert {k: v.shape for k, v in out.items()} == {k: v.shape for k, v in base.items()}
+
+
+@pytest.mark.parametrize(
+    "method,params,count",
+    [
+        ("slerp", {"t": 0.3}, 1),
+        ("nuslerp", {"nuslerp_flatten": False}, 2),
+        ("multislerp", {"normalize_weights": True, "eps": 1e-8}, 3),
+        ("karcher", {"max_iter": 10, "tol": 1e-5}, 3),
+        ("nearswap", {"t": 0.1}, 1),
+    ],
+)
+def test_merges_leave_their_inputs_alone_and_return_a_new_tensor(method, params, count):
+    """The base and the models' tensors are read-only to these methods (unlike task vectors, which are scratch)."""
+    base, *xs = tensors(count + 1, seed=9)
+    saved = [base.clone(), *(x.clone() for x in xs)]
+    inputs = models(xs)
+    got = METHODS[method].merge(base, inputs, **params)
+    assert all(torch.equal(a, b) for a, b in zip([base, *(m.tensor for m in inputs)], saved, strict=True))
+    assert got.data_ptr() not in {base.data_ptr(), *(m.tensor.data_ptr() for m in inputs)}
+    assert got.dtype == torch.float32 and got.shape == base.shape
