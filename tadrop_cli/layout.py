@@ -143,7 +143,12 @@ def build_layout(recipe: Recipe) -> Layout:
                 and recipe.method.name != "linear"
                 and source_identity(entry.model) == source_identity(recipe.base_model)
             ):
-                notes.append(f"models[{i}] is the base model: it has no task vector and is skipped (as in mergekit)")
+                role = (
+                    "it is the base of the merge, not one more model"
+                    if recipe.method.interpolates
+                    else "it has no task vector and is skipped"
+                )
+                notes.append(f"models[{i}] is the base model: {role} (as in mergekit)")
                 continue
             checkpoint = open_checkpoint(entry.model)
             opened.append(checkpoint)
@@ -169,6 +174,7 @@ def build_layout(recipe: Recipe) -> Layout:
         )
         layout = Layout(recipe, reference, models, jobs, layer_positions(names), notes, configs, modules)
         check_linear_weights(layout)
+        check_interpolation_inputs(layout)
         return layout
     except BaseException:
         for checkpoint in opened:
@@ -219,6 +225,33 @@ def check_linear_weights(layout: Layout) -> None:
                 f"({', '.join(f'{w:g}' for w in weights)}); a linear merge with normalize: true divides by that sum "
                 f"(give weights that do not cancel, or normalize: false)"
             )
+
+
+def check_interpolation_inputs(layout: Layout) -> None:
+    """An interpolating method gets, for every tensor it merges, as many models as it takes (a
+    model skipped for a tensor by policies.missing_tensor / shape_mismatch may leave too few) and a
+    value of each required parameter (filtered values may match no entry for some tensor)."""
+    method = layout.recipe.method
+    if not method.interpolates:
+        return
+    low, high = method.model_count
+    required = [spec for spec in method.params if spec.required]
+    for job in layout.jobs:
+        if not job.mergeable or job.copy_base or not job.contributors:
+            continue  # the base's tensor is written as it is
+        count = len(job.contributors)
+        if count < low or (high is not None and count > high):
+            raise BadInput(
+                f"tensor {job.name}: {method.name} merges {low if low == high else f'at least {low}'} model(s) "
+                f"besides the base, only {count} of them have it (see the notes of policies.missing_tensor)"
+            )
+        parameters = layout.method_parameters(job.name)
+        for spec in required:
+            if parameters[spec.name] == spec.default:
+                raise BadInput(
+                    f"parameters.{spec.name}: no value for tensor {job.name} (no filter matches it; "
+                    f"end the list with an entry without a filter)"
+                )
 
 
 def _tensor_job(

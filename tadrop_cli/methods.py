@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from . import sparsify, statistic_merges, subspace
+from . import interpolation, sparsify, statistic_merges, subspace
 from .lazy import torch
 
 # Where TADrop's per-tensor ratio enters a method (None: nowhere, the method does not sparsify):
@@ -46,6 +46,18 @@ class TaskVector:
     cut: sparsify.TopKCut | None = None
 
 
+@dataclass
+class ModelTensor:
+    """One model's own tensor for one tensor name (not its change from the base), with its weight:
+    what the interpolating methods (MergeMethod.interpolates) take."""
+
+    tensor: torch.Tensor
+    weight: float = 1.0
+
+
+REQUIRED = "required"  # a ParamSpec default: the recipe must give the parameter (mergekit's required parameters)
+
+
 @dataclass(frozen=True)
 class ParamSpec:
     """One recipe parameter of a method."""
@@ -54,9 +66,13 @@ class ParamSpec:
     default: Any
     doc: str
     per_model: bool = False  # a tensor parameter: set globally, per model, or per tensor filter
-    kind: str = "float"  # "float" | "bool" | "rescale"
+    kind: str = "float"  # "float" | "int" | "bool" | "rescale"
     low: float | None = None
     high: float | None = None
+
+    @property
+    def required(self) -> bool:
+        return self.default == REQUIRED
 
 
 @dataclass(frozen=True)
@@ -89,11 +105,14 @@ class MergeMethod:
     gta: GtaSteps | None = None
     # the parameter holding the kept fraction that TADrop adapts (TaskVector.density)
     density_param: str = "density"
-    # how many models (besides the base) the method merges
-    min_models: int = 1
-    max_models: int | None = None
     # why TADrop has nothing to adapt, for a method that does not sparsify (None: the generic reason)
     no_tadrop: str | None = None
+    # merge(base, models: list[ModelTensor], **parameters) takes the models' own tensors, not task
+    # vectors; base is None when the recipe has no base_model (then base_optional must be set)
+    interpolates: bool = False
+    base_optional: bool = False  # the recipe may leave out base_model
+    # how many models besides the base the method merges (at least, at most; None: no limit)
+    model_count: tuple[int, int | None] = (1, None)
 
     def sliceable(self, method_parameters: dict[str, Any]) -> bool:
         """Whether the engine may merge a tensor in slices with these parameters."""
@@ -372,6 +391,56 @@ def _arcee_fusion(base: torch.Tensor, task_vectors: list[TaskVector], **_: Any) 
     return statistic_merges.arcee_fusion(base, task_vectors[0].delta)
 
 
+def slerp(base: torch.Tensor, models: list[ModelTensor], *, t: float, **_: Any) -> torch.Tensor:
+    """SLERP from the base (t = 0) to the one other model (t = 1): interpolation.slerp."""
+    return interpolation.slerp(t, base, models[0].tensor)
+
+
+def nuslerp(
+    base: torch.Tensor | None,
+    models: list[ModelTensor],
+    *,
+    nuslerp_flatten: bool = True,
+    nuslerp_row_wise: bool = False,
+    **_: Any,
+) -> torch.Tensor:
+    """NuSLERP of two models at t = w1 / (w0 + w1): of their tensors, or with a base of their task
+    vectors, base + nuslerp(t, x0 - base, x1 - base) (interpolation.nuslerp)."""
+    t = interpolation.nuslerp_t([m.weight for m in models])
+    options = dict(flatten=nuslerp_flatten, row_wise=nuslerp_row_wise)
+    if base is None:
+        return interpolation.nuslerp(t, models[0].tensor, models[1].tensor, **options)
+    return base + interpolation.nuslerp(t, models[0].tensor - base, models[1].tensor - base, **options)
+
+
+def multislerp(
+    base: torch.Tensor | None,
+    models: list[ModelTensor],
+    *,
+    normalize_weights: bool = True,
+    eps: float = 1e-8,
+    **_: Any,
+) -> torch.Tensor:
+    """Multi-SLERP of the models (of their task vectors with a base): interpolation.multislerp."""
+    return interpolation.multislerp(
+        [m.tensor for m in models], [m.weight for m in models], base, normalize_weights=normalize_weights, eps=eps
+    )
+
+
+def karcher(
+    base: torch.Tensor | None, models: list[ModelTensor], *, max_iter: int = 10, tol: float = 1e-5, **_: Any
+) -> torch.Tensor:
+    """The Karcher mean of the base (as one more model, as in mergekit, where it is an input like
+    any other) and the models: interpolation.karcher."""
+    tensors = [m.tensor for m in models] if base is None else [base, *(m.tensor for m in models)]
+    return interpolation.karcher(tensors, max_iter=int(max_iter), tol=tol)
+
+
+def nearswap(base: torch.Tensor, models: list[ModelTensor], *, t: float, **_: Any) -> torch.Tensor:
+    """NearSwap of the base toward the one other model: interpolation.nearswap."""
+    return interpolation.nearswap(t, base, models[0].tensor)
+
+
 # ---------------------------------------------------------------- the registry
 
 WEIGHT = ParamSpec("weight", 1.0, "scale of this model's task vector (or tensor, for linear)", per_model=True)
@@ -458,6 +527,38 @@ SCE_NORMALIZE = ParamSpec(
     "SCE: divide each entry by the summed coefficients of the models kept there (mergekit); false: the plain "
     "coefficient-weighted sum",
     kind="bool",
+)
+SLERP_T = ParamSpec(
+    "t",
+    REQUIRED,
+    "interpolation factor: 0 = the base, 1 = the other model; may be a gradient over the layers",
+)
+INTERPOLATION_WEIGHT = ParamSpec(
+    "weight", 1.0, "this model's share of the interpolation (relative to the others')", per_model=True
+)
+NUSLERP_FLATTEN = ParamSpec(
+    "nuslerp_flatten", True, "interpolate whole tensors (true), or vector by vector (false)", kind="bool"
+)
+NUSLERP_ROW_WISE = ParamSpec(
+    "nuslerp_row_wise",
+    False,
+    "with nuslerp_flatten: false, the vectors along dim 0 (a matrix's columns, mergekit's naming), "
+    "else along the last dim (its rows)",
+    kind="bool",
+)
+MULTISLERP_NORMALIZE = ParamSpec(
+    "normalize_weights", True, "divide the weights by their sum (barycentric weights)", kind="bool"
+)
+MULTISLERP_EPS = ParamSpec("eps", 1e-8, "added to norms before dividing by them", low=0.0, high=1.0)
+KARCHER_MAX_ITER = ParamSpec("max_iter", 10, "most iterations of the Riemannian mean", kind="int", low=0, high=10000)
+KARCHER_TOL = ParamSpec(
+    "tol", 1e-5, "stop when the tangent step is shorter; norms and angles below it count as zero", low=0.0, high=1.0
+)
+NEARSWAP_T = ParamSpec(
+    "t",
+    REQUIRED,
+    "entries within t of the base's take the other model's value; farther ones move toward it by t",
+    low=0.0,
 )
 
 
@@ -650,7 +751,7 @@ METHODS: dict[str, MergeMethod] = {
             "Model Stock: towards the models' average by a ratio set by the angle between their task vectors",
             "https://arxiv.org/abs/2403.19522",
             params=(FILTER_WISE,),
-            min_models=2,
+            model_count=(2, None),
             no_tadrop="model_stock drops no entries (it interpolates between the base and the models' average)",
         ),
         MergeMethod(
@@ -669,10 +770,56 @@ METHODS: dict[str, MergeMethod] = {
             "Arcee Fusion: keep the model's changes whose importance (|delta| x KL of the rows' softmax) is an "
             "outlier (>= median + 1.5 IQR)",
             "https://arcee.ai",
-            min_models=1,
-            max_models=1,
+            model_count=(1, 1),
             no_tadrop="arcee_fusion keeps the entries above its own importance threshold (median + 1.5 IQR): "
             "it has no kept fraction for TADrop to set",
+        ),
+        MergeMethod(
+            "slerp",
+            slerp,
+            "spherical interpolation of the base and one other model, whole tensors (SLERP)",
+            "https://en.wikipedia.org/wiki/Slerp",
+            params=(SLERP_T,),
+            interpolates=True,
+            model_count=(1, 1),
+        ),
+        MergeMethod(
+            "nuslerp",
+            nuslerp,
+            "SLERP of two models (of their task vectors, with a base), whole tensors or vector by vector",
+            "https://github.com/arcee-ai/mergekit/blob/main/docs/merge_methods.md",
+            params=(INTERPOLATION_WEIGHT, NUSLERP_FLATTEN, NUSLERP_ROW_WISE),
+            interpolates=True,
+            base_optional=True,
+            model_count=(2, 2),
+        ),
+        MergeMethod(
+            "multislerp",
+            multislerp,
+            "barycentric SLERP of any number of models (of their task vectors, with a base)",
+            "https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
+            params=(INTERPOLATION_WEIGHT, MULTISLERP_NORMALIZE, MULTISLERP_EPS),
+            interpolates=True,
+            base_optional=True,
+        ),
+        MergeMethod(
+            "karcher",
+            karcher,
+            "Karcher (Riemannian) mean of the models' directions, scaled by their mean norm",
+            "https://arxiv.org/abs/2603.04972",
+            params=(KARCHER_MAX_ITER, KARCHER_TOL),
+            interpolates=True,
+            base_optional=True,
+        ),
+        MergeMethod(
+            "nearswap",
+            nearswap,
+            "take the other model's entries where they are near the base's (NearSwap)",
+            "https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
+            params=(NEARSWAP_T,),
+            interpolates=True,
+            model_count=(1, 1),
+            elementwise=True,
         ),
     ]
 }

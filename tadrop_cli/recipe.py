@@ -78,13 +78,14 @@ class _Strict(BaseModel):
 
 
 class ConditionalValue(_Strict):
-    """mergekit's filtered parameter value: applies to tensors whose name contains `filter`."""
+    """mergekit's filtered parameter value: applies to tensors whose name contains `filter`; the
+    value is a scalar or a gradient (a list of numbers, interpolated by layer position)."""
 
     filter: str | None = None
-    value: StrictBool | Number | str
+    value: StrictBool | Number | str | list[Number]
 
 
-ParamValue = StrictBool | Number | str | list[ConditionalValue] | list[Number]
+ParamValue = StrictBool | Number | str | list[ConditionalValue] | list[Number] | ConditionalValue
 
 
 class TadropOverride(_Strict):
@@ -218,18 +219,20 @@ class Recipe(_Strict):
 def value_for_tensor(value: ParamValue, tensor_name: str, layer_position: float | None) -> Any:
     """Resolve a mergekit parameter value for one tensor.
 
-    Scalars apply everywhere; a list of {filter, value} takes the first entry whose
+    Scalars apply everywhere; a list of {filter, value} (or one) takes the first entry whose
     filter is a substring of the name, case-sensitive, or is "*" or absent (mergekit's
-    rule: "*" is every tensor, not a glob); a list of numbers is a
+    rule: "*" is every tensor, not a glob), and resolves its value in turn; a list of numbers is a
     gradient, interpolated over the tensor's relative layer position (mergekit's rule:
     tensors outside numbered layers take the first value).
     """
+    if isinstance(value, ConditionalValue):
+        value = [value]
     if not isinstance(value, list):
         return value
     if value and isinstance(value[0], ConditionalValue):
         for cond in value:
             if cond.filter is None or cond.filter == "*" or cond.filter in tensor_name:
-                return cond.value
+                return value_for_tensor(cond.value, tensor_name, layer_position)
         return None
     if layer_position is None or len(value) == 1:
         return value[0]
@@ -284,11 +287,6 @@ def _format_loc(loc: tuple) -> str:
 # name -> (merge_method or key, what it is). An unknown name found here is named as such rather
 # than matched to a look-alike. Remove a row when its feature lands.
 MERGEKIT_NOT_YET: dict[str, tuple[Literal["merge_method", "key"], str]] = {
-    "slerp": ("merge_method", "mergekit's spherical interpolation of two models"),
-    "nuslerp": ("merge_method", "mergekit's normalized spherical interpolation"),
-    "multislerp": ("merge_method", "mergekit's spherical interpolation of several models"),
-    "karcher": ("merge_method", "mergekit's Karcher (Riemannian) mean of several models"),
-    "nearswap": ("merge_method", "mergekit's interpolation towards the base where a model is close to it"),
     "passthrough": ("merge_method", "mergekit's copy of one model's tensors as they are"),
     "ram": ("merge_method", "mergekit's Reinforced Agent Merging"),
     "ramplus_tl": ("merge_method", "mergekit's Reinforced Agent Merging Plus (tensor-local)"),
@@ -351,7 +349,7 @@ def _first_error(error: ValidationError) -> str:
         # the key itself is printed as given (_format_loc drops capitalised parts, pydantic's class names)
         parent = _format_loc(loc[:-1]) if len(loc) > 1 else ""
         where = f"{parent}.{key}" if parent and parent != "(top level)" else key
-        allowed = _allowed_keys(loc[:-1])
+        allowed = ["filter", "value"] if _in_parameter_value(loc[:-1]) else _allowed_keys(loc[:-1])
         not_yet = _not_yet(key, "key") if len(loc) == 1 else None
         if not_yet:
             return f"{where}: {not_yet}"
@@ -360,7 +358,25 @@ def _first_error(error: ValidationError) -> str:
         return f"{where}: required key is missing"
     got = chosen.get("input")
     got_text = f" (got {got!r})" if not isinstance(got, (dict, list)) else ""
+    if _in_parameter_value(loc):  # one error per type a value may have: name them all instead
+        return f"{_format_loc(_without_type_tags(loc))}: {PARAMETER_VALUE_FORMS}{got_text}"
     return f"{where}: {chosen['msg'].removeprefix('Value error, ')}{got_text}"
+
+
+PARAMETER_VALUE_FORMS = (
+    "not a parameter value: give a number, true/false, a name, a gradient (list of numbers) "
+    "or {filter, value} entries (a value may be a gradient)"
+)
+
+
+def _in_parameter_value(loc: tuple) -> bool:
+    """Whether an error's path lies inside a `parameters` value (the recipe's or a model's)."""
+    return (len(loc) > 1 and loc[0] == "parameters") or (len(loc) > 3 and loc[0] == "models" and loc[2] == "parameters")
+
+
+def _without_type_tags(loc: tuple) -> tuple:
+    """The path without pydantic's names of union members (bool, int, float, str, list[...])."""
+    return tuple(p for p in loc if not (isinstance(p, str) and (p in ("bool", "int", "float", "str") or "[" in p)))
 
 
 def check_method_parameters(recipe: Recipe) -> None:
@@ -376,17 +392,27 @@ def check_method_parameters(recipe: Recipe) -> None:
                     f"{where}.{key}: not a parameter of {method.name}; "
                     f"{_suggest(key, allowed)}allowed: {', '.join(allowed)}"
                 )
-            if isinstance(value, list) and not value:
-                raise BadInput(
-                    f"{where}.{key}: an empty list is neither a value nor a gradient; give a number or a non-empty list"
-                )
-            values = value if isinstance(value, list) else [value]
-            for v in values:
-                _check_value(f"{where}.{key}", spec, v.value if isinstance(v, ConditionalValue) else v)
+            for v in _scalars(f"{where}.{key}", value):
+                _check_value(f"{where}.{key}", spec, v)
 
     check("parameters", recipe.parameters, per_model_only=False)
     for i, entry in enumerate(recipe.models):
         check(f"models[{i}].parameters", entry.parameters, per_model_only=True)
+    for spec in method.params:
+        if spec.required and not spec.per_model and spec.name not in recipe.parameters:
+            raise BadInput(f"parameters.{spec.name}: required by {method.name} ({spec.doc})")
+
+
+def _scalars(where: str, value: ParamValue) -> list[Any]:
+    """Every scalar a parameter's value may take: the value, a gradient's points, each filtered
+    value's (a filtered value may be a gradient). BadInput for an empty list."""
+    if isinstance(value, ConditionalValue):
+        return _scalars(where, value.value)
+    if not isinstance(value, list):
+        return [value]
+    if not value:
+        raise BadInput(f"{where}: an empty list is neither a value nor a gradient; give a number or a non-empty list")
+    return [scalar for v in value for scalar in _scalars(where, v)]
 
 
 def _check_value(where: str, spec: ParamSpec, value: Any) -> None:
@@ -394,6 +420,8 @@ def _check_value(where: str, spec: ParamSpec, value: Any) -> None:
         if not isinstance(value, bool):
             raise BadInput(f"{where}: must be true or false (got {value!r})")
         return
+    if spec.kind == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+        raise BadInput(f"{where}: must be a whole number (got {value!r})")
     if spec.kind == "rescale":
         if not (isinstance(value, bool) or value in ("none", "paper", "l1", "l2", "linf")):
             raise BadInput(f"{where}: must be true, false, paper, l1, l2, linf or none (got {value!r})")
@@ -416,8 +444,10 @@ def source_identity(reference: str) -> str:
 def check_consistency(recipe: Recipe) -> None:
     """Rules that span several keys."""
     method = recipe.method
-    if recipe.base_model is None and method.name != "linear":
-        raise BadInput(f"base_model: required for {method.name} (only linear merges without a base)")
+    if recipe.base_model is None and method.name != "linear" and not method.base_optional:
+        baseless = ", ".join(m.name for m in METHODS.values() if m.base_optional or m.name == "linear")
+        raise BadInput(f"base_model: required for {method.name} (methods that merge without a base: {baseless})")
+    check_model_count(recipe)
     seen: dict[str, int] = {}
     for i, entry in enumerate(recipe.models):
         key = source_identity(entry.model)
@@ -426,7 +456,6 @@ def check_consistency(recipe: Recipe) -> None:
         seen[key] = i
     if recipe.output.dtype and recipe.out_dtype and DTYPES[recipe.output.dtype] != DTYPES[recipe.out_dtype]:
         raise BadInput(f"output.dtype: {recipe.output.dtype} contradicts out_dtype: {recipe.out_dtype}; give one")
-    _check_model_count(recipe)
     if recipe.tadrop is not None and recipe.tadrop.enabled and method.sparsifier is None:
         hint = (
             " (use magnitude_prune: task arithmetic with a magnitude trim)" if method.name == "task_arithmetic" else ""
@@ -435,21 +464,18 @@ def check_consistency(recipe: Recipe) -> None:
         raise BadInput(f"tadrop: {reason}, so TADrop has nothing to adapt{hint}")
 
 
-def _check_model_count(recipe: Recipe) -> None:
-    """The number of models besides the base that the method merges (a base listed under models is skipped)."""
-    method = recipe.method
+def check_model_count(recipe: Recipe) -> None:
+    """A method that merges a set number of models (MergeMethod.model_count: slerp the base and one
+    other, nuslerp two) is given that many besides the base (a base listed among them is not counted)."""
+    low, high = recipe.method.model_count
     base = source_identity(recipe.base_model) if recipe.base_model else None
-    count = sum(1 for entry in recipe.models if source_identity(entry.model) != base)
-    if count < method.min_models or (method.max_models is not None and count > method.max_models):
-        wanted = (
-            f"exactly {method.min_models}"
-            if method.min_models == method.max_models
-            else f"at least {method.min_models}"
-            if method.max_models is None
-            else f"{method.min_models} to {method.max_models}"
-        )
-        noun = "model" if wanted.endswith(" 1") else "models"
-        raise BadInput(f"models: {method.name} merges {wanted} {noun} besides the base (got {count})")
+    count = sum(source_identity(entry.model) != base for entry in recipe.models)
+    if low <= count and (high is None or count <= high):
+        return
+    wanted = f"exactly {low}" if low == high else f"at least {low}" if high is None else f"{low} to {high}"
+    noun = "model" if wanted.endswith(" 1") else "models"
+    besides = " besides the base" if recipe.base_model else ""
+    raise BadInput(f"models: {recipe.method.name} merges {wanted} {noun}{besides} (got {count})")
 
 
 def parse_recipe(data: Any, source: str = "recipe") -> Recipe:

@@ -23,9 +23,10 @@ from .cpu_share import fit_torch_threads
 from .devices import on_cpu
 from .dtypes import Stored, torch_dtype
 from .errors import BadInput
+from .interpolation import AntipodalMean
 from .layout import Layout, TensorJob, tensor_seed
 from .lazy import torch
-from .methods import TaskVector
+from .methods import ModelTensor, TaskVector
 from .plan import Plan
 from .sparsify import (
     KEEP_NOTHING,
@@ -72,6 +73,8 @@ def merge_tensor(
             raise BadInput(f"{layout.reference.label}: tensor {job.name} contains NaN or Inf")
         return kept.to(torch_dtype(job.out.dtype))
     numel, method, chunk = job.out.numel, layout.recipe.method, chunk_elements(device)
+    if method.interpolates:
+        return _interpolate(layout, job, device)
     if kernels_merge(layout, job, device):
         slices = [(start, min(start + chunk, numel)) for start in range(0, numel, chunk)]
         return _merge_with_kernels(layout, plan, job, slices)
@@ -90,6 +93,48 @@ def merge_tensor(
     return _merge_entries(
         layout, job, _read_inputs(layout, job, device, None, None, job.contributors), _task_settings(layout, plan, job)
     )
+
+
+def _interpolate(layout: Layout, job: TensorJob, device: str) -> torch.Tensor | Iterator[torch.Tensor]:
+    """The merge of one tensor by a method that interpolates the models' own tensors (slerp,
+    nuslerp, multislerp, karcher, nearswap), by PyTorch: whole, or where the method is elementwise
+    and the tensor large, slice by slice (flattened)."""
+    if on_cpu(device):
+        fit_torch_threads()
+    numel, chunk = job.out.numel, chunk_elements(device)
+    if numel > chunk and layout.recipe.method.sliceable(layout.method_parameters(job.name)):
+        return (
+            _interpolate_entries(layout, job, device, start, min(start + chunk, numel)).reshape(-1)
+            for start in range(0, numel, chunk)
+        )
+    return _interpolate_entries(layout, job, device, None, None)
+
+
+def _interpolate_entries(
+    layout: Layout, job: TensorJob, device: str, start: int | None, stop: int | None
+) -> torch.Tensor:
+    """An interpolating method's merge of one tensor (or of entries [start, stop) of it), cast to
+    the output dtype, on the CPU. The base is read only where the recipe has one (without, the
+    first model stands in as the layout's reference, and is read once, as a model)."""
+    has_base = layout.recipe.base_model is not None
+    checkpoints = [layout.models[j].checkpoint for j in job.contributors]
+    tensors = read_all_float32(
+        [layout.reference, *checkpoints] if has_base else checkpoints, job.name, device, start, stop
+    )
+    base = tensors.pop(0) if has_base else None
+    models = [
+        ModelTensor(tensor, float(layout.model_parameter(layout.models[j], "weight", job.name, missing=1.0)))
+        for j, tensor in zip(job.contributors, tensors, strict=True)
+    ]
+    del tensors
+    try:
+        merged = layout.recipe.method.merge(base, models, **layout.method_parameters(job.name))
+    except AntipodalMean as error:
+        raise BadInput(f"tensor {job.name}: {layout.recipe.method.name}: {error}; give other weights") from None
+    result = merged.to(torch_dtype(job.out.dtype))
+    if not all_finite(result):
+        raise BadInput(f"tensor {job.name}: the merge produced NaN or Inf (in {job.out.dtype}); check the parameters")
+    return result.cpu()
 
 
 def _row_length(job: TensorJob) -> int:

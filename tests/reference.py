@@ -722,3 +722,129 @@ REFERENCES.update(model_stock=_model_stock_ref, sce=_sce_ref, arcee_fusion=_arce
 DEFAULT_NORMALIZE.update(model_stock=None, sce=True, arcee_fusion=None)
 SPARSIFIER.update(model_stock=None, sce="variance", arcee_fusion=None)
 MODEL_COUNT = {"arcee_fusion": 1}  # methods that merge a fixed number of models into the base
+
+
+# ---------------------------------------------------------------- interpolation methods (mergekit 0.1.5's definitions)
+
+
+def _unit(x: np.ndarray, floor: float = 0.0) -> np.ndarray:
+    return x / max(float(np.linalg.norm(x)), floor)
+
+
+def slerp(t: float, v0, v1, dot_threshold: float = 0.9995, eps: float = 1e-8) -> np.ndarray:
+    """Shoemake's slerp of the flattened tensors; linear where |cos theta| > dot_threshold; a norm
+    at or below eps is taken as 1."""
+    a, b = np.asarray(v0, np.float64), np.asarray(v1, np.float64)
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    cos = float(np.clip(np.sum((a / (na if na > eps else 1.0)) * (b / (nb if nb > eps else 1.0))), -1, 1))
+    if abs(cos) > dot_threshold:
+        return (1 - t) * a + t * b
+    theta = math.acos(cos)
+    return (math.sin((1 - t) * theta) * a + math.sin(t * theta) * b) / math.sin(theta)
+
+
+def _nuslerp_vectors(t: float, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    cos = float(np.clip(np.dot(_unit(a, 1e-7), _unit(b, 1e-7)), -1, 1))
+    if 1 - cos * cos <= 1e-16:
+        return (1 - t) * a + t * b
+    theta = math.acos(cos)
+    return (math.sin((1 - t) * theta) * a + math.sin(t * theta) * b) / math.sin(theta)
+
+
+def nuslerp(base, tensors, weights, flatten: bool = True, row_wise: bool = False) -> np.ndarray:
+    """mergekit's nuslerp: t = w1 / (w0 + w1) (0.5 if ~0); with a base, base + nuslerp of the task
+    vectors; vectors: the whole tensor, each row (last dim), or with row_wise each column (dim 0)."""
+    total = weights[0] + weights[1]
+    t = 0.5 if abs(total) < 1e-6 else weights[1] / total
+    x0, x1 = (np.asarray(x, np.float64) for x in tensors)
+    if base is not None:
+        x0, x1 = x0 - base, x1 - base
+    if flatten or x0.ndim == 1:
+        out = _nuslerp_vectors(t, x0.reshape(-1), x1.reshape(-1)).reshape(x0.shape)
+    else:
+        a, b = (np.moveaxis(x, 0, -1) if row_wise else x for x in (x0, x1))
+        rows = [
+            _nuslerp_vectors(t, p, q)
+            for p, q in zip(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]), strict=True)
+        ]
+        out = np.array(rows).reshape(a.shape)
+        out = np.moveaxis(out, -1, 0) if row_wise else out
+    return out if base is None else out + base
+
+
+def multislerp(base, tensors, weights, normalize_weights: bool = True, eps: float = 1e-8) -> np.ndarray:
+    """Barycentric interpolation on the sphere: project the unit tensors to the tangent space at their
+    normalised weighted mean, average there, map back with the exponential map, rescale to the
+    weighted mean norm; with a base, of the task vectors."""
+    xs = [np.asarray(x, np.float64).reshape(-1) for x in tensors]
+    if len(xs) == 1:
+        return np.asarray(tensors[0], np.float64)
+    shape = np.shape(tensors[0])
+    if base is not None:
+        xs = [x - np.asarray(base, np.float64).reshape(-1) for x in xs]
+    w = np.asarray(weights, np.float64)
+    if normalize_weights:
+        w = w / w.sum()
+    norms = np.array([np.linalg.norm(x) for x in xs])
+    units = [x / (n + eps) for x, n in zip(xs, norms, strict=True)]
+    mean = sum(wi * u for wi, u in zip(w, units, strict=True))
+    if np.linalg.norm(mean) < eps:
+        assert len(xs) == 2
+        out = (w[0] * xs[0] + w[1] * xs[1]).reshape(shape)
+    else:
+        m = mean / np.linalg.norm(mean)
+        tangent = sum(wi * (u - np.dot(u, m) * m) for wi, u in zip(w, units, strict=True))
+        length = np.linalg.norm(tangent) + eps
+        on_sphere = math.cos(length) * m + math.sin(length) / length * tangent
+        out = (on_sphere * float(np.dot(norms, w))).reshape(shape)
+    return out if base is None else out + np.asarray(base, np.float64)
+
+
+def karcher(tensors, max_iter: int = 10, tol: float = 1e-5) -> np.ndarray:
+    """Weighted (1/N) Karcher mean on the unit sphere by Riemannian gradient steps: m <- exp_m(sum a_i
+    log_m(u_i)), with log_m(u) = theta / sin theta (u - cos theta m) (0 below tol) and
+    exp_m(v) = cos|v| m + sin|v| v / |v|; tensors with norm <= tol are left out; scaled by mean norm."""
+    xs = [np.asarray(x, np.float64) for x in tensors]
+    if len(xs) == 1:
+        return xs[0]
+    norms = [float(np.linalg.norm(x)) for x in xs]
+    kept = [i for i, n in enumerate(norms) if n > tol]
+    if not kept:
+        return np.zeros_like(xs[0])
+    units = [xs[i].reshape(-1) / norms[i] for i in kept]
+    a = [1.0 / len(kept)] * len(kept)
+
+    def log_map(m, u):
+        cos = float(np.clip(np.dot(m, u), -1, 1))
+        theta = math.acos(cos)
+        return np.zeros_like(m) if theta < tol else theta / math.sin(theta) * (u - cos * m)
+
+    m = sum(ai * u for ai, u in zip(a, units, strict=True))
+    m = units[0].copy() if np.linalg.norm(m) < tol else m / np.linalg.norm(m)
+    for _ in range(max_iter):
+        v = sum(ai * log_map(m, u) for ai, u in zip(a, units, strict=True))
+        length = float(np.linalg.norm(v))
+        if length < tol:
+            break
+        m = math.cos(length) * m + math.sin(length) * v / length
+        if np.linalg.norm(m) > tol:
+            m = m / np.linalg.norm(m)
+    return (sum(norms) / len(xs) * m).reshape(xs[0].shape)
+
+
+def nearswap(t: float, base, other) -> np.ndarray:
+    """Per entry: w = clip(t / max(|base - other|, 1e-6), 0, 1); w other + (1 - w) base."""
+    a, b = np.asarray(base, np.float64), np.asarray(other, np.float64)
+    w = np.clip(t / np.maximum(np.abs(a - b), 1e-6), 0, 1)
+    return w * b + (1 - w) * a
+
+
+INTERPOLATION_REFERENCES = {
+    "slerp": slerp,
+    "nuslerp": nuslerp,
+    "multislerp": multislerp,
+    "karcher": karcher,
+    "nearswap": nearswap,
+}
+DEFAULT_NORMALIZE.update(dict.fromkeys(INTERPOLATION_REFERENCES))  # no normalize parameter
+SPARSIFIER.update(dict.fromkeys(INTERPOLATION_REFERENCES))  # no drop: TADrop is refused

@@ -269,7 +269,8 @@ def test_gamma_out_of_range(tmp_path, recipe):
 
 
 @pytest.mark.parametrize(
-    "name,suggestion", [("tiez", "ties"), ("TIES", None), ("dare-ties", "dare_ties"), ("slerp", None)]
+    "name,suggestion",
+    [("tiez", "ties"), ("TIES", None), ("dare-ties", "dare_ties"), ("slurp", "slerp"), ("frankenmerge", None)],
 )
 def test_unknown_method_lists_valid_ones(tmp_path, recipe, name, suggestion):
     recipe["merge_method"] = name

@@ -149,7 +149,7 @@ def _valid_recipe(method: str = "ties") -> dict:
         model["parameters"] = {
             k: v for k, v in model["parameters"].items() if (spec := METHODS[method].param(k)) and spec.per_model
         }
-    data["models"] = data["models"][: METHODS[method].max_models]
+    data["models"] = data["models"][: METHODS[method].model_count[1]]
     return data
 
 
@@ -185,6 +185,11 @@ def test_the_valid_recipe_parses():
             for model in data["models"]:
                 model.pop("tadrop", None)
                 model["parameters"].pop("density", None)
+        spec = METHODS[method]
+        for model in data["models"]:  # only the per-model parameters this method has (slerp: none)
+            model["parameters"] = {k: v for k, v in model["parameters"].items() if spec.param(k) is not None}
+        data["models"] = data["models"][: spec.model_count[1]]  # slerp and nearswap merge one model
+        data["parameters"].update({p.name: 0.5 for p in spec.params if p.required})  # slerp's t
         assert check(data) is not None, method
 
 
