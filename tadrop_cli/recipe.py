@@ -27,6 +27,7 @@ from pydantic import (
     model_validator,
 )
 
+from .chat_templates import NAMES as CHAT_TEMPLATES
 from .checkpoint import read_text_file
 from .errors import BadInput
 from .methods import METHODS, MergeMethod, ParamSpec
@@ -161,6 +162,35 @@ class ModelEntry(_Strict):
     tadrop: ModelTadropSettings | None = None
 
 
+class SliceSource(_Strict):
+    """One model's layers [start, stop) in an output slice (mergekit's InputSliceDefinition)."""
+
+    model: str = Field(min_length=1)
+    layer_range: tuple[StrictInt, StrictInt]
+    parameters: dict[str, ParamValue] = {}
+
+    @field_validator("layer_range")
+    @classmethod
+    def _ordered(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if value[0] < 0 or value[1] <= value[0]:
+            raise ValueError(f"must be [start, stop] with 0 <= start < stop (got {list(value)})")
+        return value
+
+
+class OutputSlice(_Strict):
+    """Consecutive output layers, each merged from one layer of every source (mergekit's OutputSliceDefinition)."""
+
+    sources: list[SliceSource] = Field(min_length=1)
+    base_model: str | None = None  # this slice's base; the recipe's where absent
+    residual_weight: float | None = None  # accepted as mergekit 0.1.5 accepts it; it has no effect there either
+    parameters: dict[str, ParamValue] = {}
+
+    @property
+    def layers(self) -> int:
+        start, stop = self.sources[0].layer_range
+        return stop - start
+
+
 class OutputSettings(_Strict):
     path: str | None = None
     dtype: DTypeName | None = None
@@ -182,7 +212,9 @@ class Policies(_Strict):
 class Recipe(_Strict):
     merge_method: str
     base_model: str | None = None
-    models: list[ModelEntry] = Field(min_length=1)
+    models: list[ModelEntry] | None = Field(None, min_length=1)
+    slices: list[OutputSlice] | None = Field(None, min_length=1)  # instead of models: layers stacked by slices
+    chat_template: str | None = None  # mergekit's: a template's name (chatml, ...), auto, or a Jinja template
     parameters: dict[str, ParamValue] = {}
     dtype: DTypeName | None = None
     out_dtype: DTypeName | None = None
@@ -193,6 +225,16 @@ class Recipe(_Strict):
     device: str = "auto"
     output: OutputSettings = OutputSettings()
     policies: Policies = Policies()
+
+    @model_validator(mode="after")
+    def _models_or_slices(self) -> Recipe:
+        if (self.models is None) == (self.slices is None):
+            where = "models" if self.models is None else "slices"
+            raise ValueError(
+                f"{where}: give either models (a merge of whole models) or slices (layer ranges), not "
+                + ("neither" if self.models is None else "both")
+            )
+        return self
 
     @field_validator("device")
     @classmethod
@@ -326,8 +368,12 @@ def check_method_parameters(recipe: Recipe) -> None:
                 _check_value(f"{where}.{key}", spec, v.value if isinstance(v, ConditionalValue) else v)
 
     check("parameters", recipe.parameters, per_model_only=False)
-    for i, entry in enumerate(recipe.models):
+    for i, entry in enumerate(recipe.models or []):
         check(f"models[{i}].parameters", entry.parameters, per_model_only=True)
+    for i, output_slice in enumerate(recipe.slices or []):
+        check(f"slices[{i}].parameters", output_slice.parameters, per_model_only=False)
+        for j, source in enumerate(output_slice.sources):
+            check(f"slices[{i}].sources[{j}].parameters", source.parameters, per_model_only=True)
 
 
 def _check_value(where: str, spec: ParamSpec, value: Any) -> None:
@@ -357,14 +403,20 @@ def source_identity(reference: str) -> str:
 def check_consistency(recipe: Recipe) -> None:
     """Rules that span several keys."""
     method = recipe.method
-    if recipe.base_model is None and method.name != "linear":
-        raise BadInput(f"base_model: required for {method.name} (only linear merges without a base)")
+    if recipe.slices is not None:
+        check_slices(recipe)
+    elif recipe.base_model is None and method.name not in BASELESS:
+        raise BadInput(f"base_model: required for {method.name} (only linear and passthrough merges without a base)")
     seen: dict[str, int] = {}
-    for i, entry in enumerate(recipe.models):
+    for i, entry in enumerate(recipe.models or []):
         key = source_identity(entry.model)
         if key in seen:
             raise BadInput(f"models[{i}].model: {entry.model!r} is listed twice (also models[{seen[key]}])")
         seen[key] = i
+    if method.max_models is not None and recipe.models is not None and len(recipe.models) > method.max_models:
+        raise BadInput(f"models: {method.name} takes one model (got {len(recipe.models)}); to stack layers, use slices")
+    if recipe.chat_template is not None:
+        check_chat_template(recipe.chat_template)
     if recipe.output.dtype and recipe.out_dtype and DTYPES[recipe.output.dtype] != DTYPES[recipe.out_dtype]:
         raise BadInput(f"output.dtype: {recipe.output.dtype} contradicts out_dtype: {recipe.out_dtype}; give one")
     if recipe.tadrop is not None and recipe.tadrop.enabled and method.sparsifier is None:
@@ -372,6 +424,65 @@ def check_consistency(recipe: Recipe) -> None:
             " (use magnitude_prune: task arithmetic with a magnitude trim)" if method.name == "task_arithmetic" else ""
         )
         raise BadInput(f"tadrop: {method.name} does not sparsify, so TADrop has nothing to adapt{hint}")
+
+
+BASELESS = ("linear", "passthrough")  # mergekit ignores their base_model: the models themselves are merged
+
+
+def slice_base(recipe: Recipe, output_slice: OutputSlice) -> str | None:
+    """The base model of one slice: its own base_model, else the recipe's (None for linear and passthrough,
+    which mergekit merges without one)."""
+    if recipe.method.name in BASELESS:
+        return None
+    return output_slice.base_model or recipe.base_model
+
+
+def check_slices(recipe: Recipe) -> None:
+    """A slices recipe's rules that need no model: each slice's sources span the same number of layers,
+    name a model once, and include the slice's base (mergekit merges a slice's sources only)."""
+    method = recipe.method
+    for i, output_slice in enumerate(recipe.slices):
+        where = f"slices[{i}]"
+        if method.max_models is not None and len(output_slice.sources) > method.max_models:
+            raise BadInput(
+                f"{where}.sources: {method.name} takes one source per slice (got {len(output_slice.sources)})"
+            )
+        seen: dict[str, int] = {}
+        for j, source in enumerate(output_slice.sources):
+            start, stop = source.layer_range
+            if stop - start != output_slice.layers:
+                first = output_slice.sources[0].layer_range
+                raise BadInput(
+                    f"{where}.sources[{j}].layer_range: [{start}, {stop}] spans {stop - start} layer(s), "
+                    f"sources[0]'s [{first[0]}, {first[1]}] spans {output_slice.layers}; "
+                    f"a slice's sources must span the same number of layers"
+                )
+            key = source_identity(source.model)
+            if key in seen:
+                raise BadInput(
+                    f"{where}.sources[{j}].model: {source.model!r} is listed twice in this slice "
+                    f"(also sources[{seen[key]}]); give it another slice"
+                )
+            seen[key] = j
+        base = slice_base(recipe, output_slice)
+        if base is None and method.name not in BASELESS:
+            raise BadInput(f"{where}: {method.name} needs a base model (base_model: in the recipe or the slice)")
+        if base is not None and source_identity(base) not in seen:
+            raise BadInput(
+                f"{where}.sources: the base model {base!r} is not among this slice's sources; "
+                f"give it a layer_range here (mergekit merges a slice's sources only)"
+            )
+
+
+def check_chat_template(value: str) -> None:
+    """mergekit's rule for chat_template: a known name, auto, or a Jinja template (with '{', at least 20 characters)."""
+    if value == "auto" or value in CHAT_TEMPLATES:
+        return
+    if len(value) < 20 or "{" not in value:
+        raise BadInput(
+            f"chat_template: {value[:60]!r} is neither a template name ({', '.join(CHAT_TEMPLATES)}, auto) "
+            f"nor a Jinja template"
+        )
 
 
 def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
@@ -385,6 +496,10 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
             f"{source}: merge_method: unknown method {method_name!r}; "
             f"{_suggest(method_name, list(METHODS))}valid: {', '.join(METHODS)}"
         )
+    if "models" not in data and "slices" not in data:
+        raise BadInput(f"{source}: models: required key is missing (or give slices: layer ranges of models)")
+    if "models" in data and "slices" in data:
+        raise BadInput(f"{source}: slices: give either models (whole models) or slices (layer ranges), not both")
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as error:

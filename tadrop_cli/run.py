@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Protocol
 
 from . import __version__, estimate, interrupts, kernels
+from .checkpoint import parse_json, read_text_file
 from .devices import choose_device, on_cpu
 from .dtypes import Stored
 from .errors import BadInput
@@ -348,8 +349,17 @@ def _merge_into(
         )
     copied = []
     for file in layout.config_files:  # from the base, or the first model of a linear merge
-        staging.copy_in(file)
+        if file.name in layout.written_files:
+            continue
+        if layout.json_changes.get(file.name):  # a slices merge's layer count, a recipe's chat template
+            staging.write_json(file.name, changed_json(file, layout.json_changes[file.name]))
+        else:
+            staging.copy_in(file)
         copied.append(file.name)
+    for name, text in layout.written_files.items():
+        if text is not None:
+            staging._write_file(name, text.encode())
+            copied.append(name)
     for file, relative in layout.module_files:  # a sentence-transformers base's module folders (1_Pooling/...)
         staging.copy_in(file, relative)
         copied.append(relative)
@@ -363,6 +373,14 @@ def _merge_into(
         ratios=_ratio_summary(plan),
         notes=staging.notes,
     )
+
+
+def changed_json(file: Path, changes: dict) -> dict:
+    """A JSON config file's content with some top-level keys set."""
+    data = parse_json(read_text_file(file), str(file))
+    if not isinstance(data, dict):
+        raise BadInput(f"{file}: not a JSON object")
+    return {**data, **changes}
 
 
 def plan_only(recipe: Recipe, device_name: str | None = None, progress: Progress = NO_PROGRESS) -> tuple[Layout, Plan]:

@@ -311,7 +311,7 @@ def _task_settings(layout: Layout, plan: Plan, job: TensorJob) -> dict[int, dict
     for j in job.contributors:
         model = layout.models[j]
         settings[j] = dict(
-            weight=float(layout.model_parameter(model, "weight", job.name)),
+            weight=float(layout.model_parameter(model, layout.recipe.method.weight_name, job.name)),
             density=_density(layout, plan, job, j),
             seed=tensor_seed(layout.recipe.seed, model.label, job.name),
             gamma=float(layout.model_parameter(model, "gamma", job.name, missing=0.0)),
