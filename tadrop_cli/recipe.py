@@ -7,10 +7,12 @@ the method registry (methods.py), so a new method needs no change here.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import hashlib
 import re
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -537,7 +539,8 @@ class _RecipeLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def load_recipe(path: str | Path) -> Recipe:
+def read_documents(path: str | Path) -> list[Any]:
+    """The YAML documents of a recipe file (a multi-document recipe has several, separated by ---)."""
     path = Path(path)
     if not path.exists():
         raise BadInput(f"{path}: recipe not found")
@@ -545,7 +548,7 @@ def load_recipe(path: str | Path) -> Recipe:
         raise BadInput(f"{path}: not a file")
     try:
         text = read_text_file(path)
-        data = yaml.load(text, Loader=_RecipeLoader)
+        return list(yaml.load_all(text, Loader=_RecipeLoader))
     except _DuplicateKey as duplicate:
         raise BadInput(
             f"{path}: key {duplicate.key!r} appears twice in one mapping (the second at line {duplicate.line})"
@@ -557,7 +560,134 @@ def load_recipe(path: str | Path) -> Recipe:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
         raise BadInput(f"{path}: not valid YAML{where}: {problem}") from None
-    return parse_recipe(data, str(path))
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    documents = [d for d in read_documents(path) if d is not None] or [None]
+    if len(documents) > 1:
+        raise BadInput(
+            f"{path}: holds {len(documents)} recipes (a multi-document recipe); "
+            f"`tadrop merge` runs it, one merge at a time"
+        )
+    return parse_recipe(documents[0], str(path))
+
+
+# ---------------------------------------------------------------- multi-document recipes
+
+
+@dataclass(frozen=True)
+class Step:
+    """One merge of a multi-document recipe: its recipe (earlier merges' names replaced by their outputs),
+    its name (None: the final, unnamed merge), its output (None: --output or its own output.path), and the
+    names of the merges whose outputs it reads."""
+
+    name: str | None
+    recipe: Recipe
+    output: Path | None
+    uses: frozenset[str]
+
+
+def _step_name(document: Any, where: str) -> str | None:
+    name = document.get("name")
+    if name is None:
+        return None
+    if not isinstance(name, str) or not name or name in (".", "..") or any(c in name for c in "/\\\0"):
+        raise BadInput(f"{where}: name: {name!r} must be a plain folder name (it names the merge's output folder)")
+    return name
+
+
+def _with_outputs(document: dict, outputs: dict[str, str]) -> tuple[dict, set[str]]:
+    """The document with every model reference that is a merge's name replaced by that merge's output
+    (mergekit-multi's rule), and the names it used."""
+    used: set[str] = set()
+
+    def resolved(value: Any) -> Any:
+        if isinstance(value, str) and value in outputs:
+            used.add(value)
+            return outputs[value]
+        return value
+
+    document = copy.deepcopy(document)
+    document.pop("name", None)
+    if "base_model" in document:
+        document["base_model"] = resolved(document["base_model"])
+    for entry in document.get("models") or []:
+        if isinstance(entry, dict) and "model" in entry:
+            entry["model"] = resolved(entry["model"])
+    for output_slice in document.get("slices") or []:
+        if not isinstance(output_slice, dict):
+            continue
+        if "base_model" in output_slice:
+            output_slice["base_model"] = resolved(output_slice["base_model"])
+        for source in output_slice.get("sources") or []:
+            if isinstance(source, dict) and "model" in source:
+                source["model"] = resolved(source["model"])
+    return document, used
+
+
+def _in_order(steps: dict[str | None, Step], path: Path) -> list[Step]:
+    """The steps with every merge after the merges it reads; a cycle is refused."""
+    ordered: list[Step] = []
+    state: dict[str | None, str] = {}
+
+    def visit(name: str | None) -> None:
+        if state.get(name) == "done":
+            return
+        if state.get(name) == "visiting":
+            raise BadInput(f"{path}: the merge {name!r} reads its own output, through the merges it uses (a cycle)")
+        state[name] = "visiting"
+        for used in sorted(steps[name].uses):
+            visit(used)
+        state[name] = "done"
+        ordered.append(steps[name])
+
+    for name in steps:
+        visit(name)
+    return ordered
+
+
+def load_merges(path: str | Path, intermediate: Path | None) -> list[Step] | None:
+    """A multi-document recipe (mergekit-multi's): several merges, each named by `name:` but the final one;
+    a later merge reads an earlier one's output by naming it as a model. A named merge is written to its
+    output.path, else to `intermediate`/name. In the order they can run; None for a one-document recipe."""
+    path = Path(path)
+    documents = [d for d in read_documents(path) if d is not None]
+    if len(documents) < 2:
+        return None
+    named: dict[str | None, tuple[str, dict]] = {}
+    for i, document in enumerate(documents):
+        where = f"{path} (document {i + 1})"
+        if not isinstance(document, dict):
+            parse_recipe(document, where)  # the usual message for a document that is not a recipe
+        name = _step_name(document, where)
+        if name in named:
+            first = named[name][0]
+            raise BadInput(
+                f"{where}: name: {name!r} also names {first}"
+                if name
+                else f"{where}: a second unnamed merge (also {first}); only the final merge may go without a name"
+            )
+        named[name] = (where, document)
+    outputs: dict[str, str] = {}
+    for name, (where, document) in named.items():
+        if name is None:
+            continue
+        own = document.get("output", {}).get("path") if isinstance(document.get("output"), dict) else None
+        if isinstance(own, str) and own:
+            outputs[name] = own
+        elif intermediate is None:
+            raise BadInput(
+                f"{where}: the merge {name!r} needs --intermediate-dir (or its own output.path) to be written"
+            )
+        else:
+            outputs[name] = str(intermediate / name)
+    steps: dict[str | None, Step] = {}
+    for name, (where, document) in named.items():
+        resolved, used = _with_outputs(document, outputs)
+        recipe = parse_recipe(resolved, where + (f" {name!r}" if name else ""))
+        output = Path(outputs[name]) if name is not None else None
+        steps[name] = Step(name, recipe, output, frozenset(used))
+    return _in_order(steps, path)
 
 
 def recipe_digest(recipe: Recipe) -> str:

@@ -10,7 +10,7 @@ import ctypes
 import resource
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -22,7 +22,7 @@ from .errors import BadInput
 from .layout import Layout, TensorJob, build_layout
 from .lazy import is_torch_tensor, torch, torch_imported
 from .plan import Plan, build_plan
-from .recipe import Recipe, recipe_digest
+from .recipe import Recipe, Step, recipe_digest
 from .tensor_merge import chunk_elements, kernels_merge, merge_tensor
 from .verify import verify_written_shard
 from .writer import (
@@ -268,6 +268,47 @@ def run_merge(recipe: Recipe, options: MergeOptions, progress: Progress = NO_PRO
         **_peak_memory(),
     )
     return summary
+
+
+def run_merges(steps: list[Step], options: MergeOptions, progress: Progress = NO_PROGRESS) -> dict:
+    """A multi-document recipe's merges in turn (recipe.load_merges orders them). A merge whose output is
+    already published from the same recipe is skipped (mergekit-multi's lazy default), unless a merge it
+    reads was redone in this run: its own stale output is then replaced."""
+    summaries, redone = [], set()
+    for step in steps:
+        step_options = replace(options, output=step.output or options.output)
+        target = output_path(step.recipe, step_options)
+        ours = target.exists() and _already_published(target, recipe_digest(step.recipe))
+        if ours and not step.uses & redone:
+            summaries.append({"name": step.name, "output": str(target), "skipped": True})
+            continue
+        summary = run_merge(step.recipe, replace(step_options, overwrite=options.overwrite or ours), progress)
+        summaries.append({"name": step.name, "skipped": False, **summary})
+        redone.add(step.name)
+    return {"merges": summaries, "output": summaries[-1]["output"]}
+
+
+def dry_run_merges(steps: list[Step], options: MergeOptions) -> dict:
+    """The dry run of each merge of a multi-document recipe whose inputs exist now; a merge that reads
+    another's output not yet written is checked when that one has been merged."""
+    summaries = []
+    for step in steps:
+        step_options = replace(options, output=step.output or options.output)
+        missing = sorted(name for name in step.uses if not _merged(steps, name, step_options))
+        if missing:
+            target = output_path(step.recipe, step_options)
+            note = f"reads the output of {', '.join(missing)}, not merged yet: checked once it is"
+            summaries.append({"name": step.name, "output": str(target), "checked": False, "notes": [note]})
+            continue
+        summaries.append({"name": step.name, "checked": True, **dry_run(step.recipe, step_options)})
+    return {"merges": summaries, "output": summaries[-1]["output"]}
+
+
+def _merged(steps: list[Step], name: str, options: MergeOptions) -> bool:
+    step = next(s for s in steps if s.name == name)
+    return _already_published(
+        output_path(step.recipe, replace(options, output=step.output)), recipe_digest(step.recipe)
+    )
 
 
 def _already_published(target: Path, digest: str) -> bool:
