@@ -500,6 +500,13 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
         )
     if "models" not in data and "slices" not in data:
         raise BadInput(f"{source}: models: required key is missing (or give slices: layer ranges of models)")
+    models = data.get("models")
+    for i, entry in enumerate(models if isinstance(models, list) else []):
+        if isinstance(entry, dict) and "layer_range" in entry:
+            raise BadInput(
+                f"{source}: models[{i}].layer_range: a models: entry is a whole model (mergekit 0.1.5 ignores "
+                f"layer_range there); to take layers, write slices: [{{sources: [{{model, layer_range}}]}}]"
+            )
     if "models" in data and "slices" in data:
         raise BadInput(f"{source}: slices: give either models (whole models) or slices (layer ranges), not both")
     try:
@@ -596,6 +603,11 @@ def _step_name(document: Any, where: str) -> str | None:
     return name
 
 
+def _list(value: Any) -> list:
+    """A YAML value where a list is expected; anything else is refused later, by parse_recipe."""
+    return value if isinstance(value, list) else []
+
+
 def _with_outputs(document: dict, outputs: dict[str, str]) -> tuple[dict, set[str]]:
     """The document with every model reference that is a merge's name replaced by that merge's output
     (mergekit-multi's rule), and the names it used."""
@@ -611,15 +623,15 @@ def _with_outputs(document: dict, outputs: dict[str, str]) -> tuple[dict, set[st
     document.pop("name", None)
     if "base_model" in document:
         document["base_model"] = resolved(document["base_model"])
-    for entry in document.get("models") or []:
+    for entry in _list(document.get("models")):
         if isinstance(entry, dict) and "model" in entry:
             entry["model"] = resolved(entry["model"])
-    for output_slice in document.get("slices") or []:
+    for output_slice in _list(document.get("slices")):
         if not isinstance(output_slice, dict):
             continue
         if "base_model" in output_slice:
             output_slice["base_model"] = resolved(output_slice["base_model"])
-        for source in output_slice.get("sources") or []:
+        for source in _list(output_slice.get("sources")):
             if isinstance(source, dict) and "model" in source:
                 source["model"] = resolved(source["model"])
     return document, used

@@ -409,3 +409,61 @@ def test_dry_run_of_a_slices_recipe(tmp_path, llamas):
     result = run_cli("merge", str(_recipe(tmp_path, recipe)), str(tmp_path / "out"), "--dry-run", "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["tensors"] == 3 + 5 * 9 and not (tmp_path / "out").exists()
+
+
+def test_layer_range_in_a_models_entry_points_to_slices(tmp_path, llamas):
+    recipe = {
+        "merge_method": "ties",
+        "base_model": str(llamas["base"]),
+        "models": [{"model": str(llamas["model_a"]), "layer_range": [0, 2]}],
+    }
+    result = run_cli("merge", str(_recipe(tmp_path, recipe)), str(tmp_path / "out"))
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "models[0].layer_range" in result.stderr and "slices" in result.stderr
+
+
+def test_passthrough_of_whole_models(tmp_path, llamas):
+    """passthrough in the models: form: one model, copied (scaled where asked); a base_model is ignored, as in
+    mergekit; two models are refused; TADrop, which needs a sparsifying host, is refused."""
+    one = {
+        "merge_method": "passthrough",
+        "base_model": str(llamas["base"]),
+        "models": [{"model": str(llamas["model_c"]), "parameters": {"scale": [{"filter": "mlp", "value": -2.0}]}}],
+    }
+    got = load_file(str(_merge(tmp_path, one) / "model.safetensors"))
+    c = load_file(str(llamas["model_c"] / "model.safetensors"))
+    assert set(got) == set(c)
+    for name, tensor in c.items():
+        expected = (tensor.double() * -2.0).float() if ".mlp." in name else tensor
+        assert torch.equal(got[name], expected), name
+    two = {**one, "models": [{"model": str(llamas["model_a"])}, {"model": str(llamas["model_b"])}]}
+    result = run_cli("merge", str(_recipe(tmp_path, two)), str(tmp_path / "out2"))
+    assert result.returncode == 2 and "passthrough takes one model" in result.stderr, result.stderr
+    result = run_cli("merge", str(_recipe(tmp_path, {**one, "tadrop": {}})), str(tmp_path / "out3"))
+    assert result.returncode == 2 and "does not sparsify" in result.stderr, result.stderr
+
+
+def test_layer_types_follow_the_layers(tmp_path):
+    """A config with a per-layer list (layer_types: Qwen, Gemma) gets each output layer's source entry, so that
+    transformers, which checks its length against num_hidden_layers, loads the result."""
+    root = tmp_path / "m"
+    _llama(root, None, 0)
+    config = json.loads((root / "config.json").read_text())
+    config["layer_types"] = ["full_attention", "sliding_attention", "full_attention", "sliding_attention"]
+    (root / "config.json").write_text(json.dumps(config))
+    recipe = {
+        "merge_method": "passthrough",
+        "slices": [
+            {"sources": [{"model": str(root), "layer_range": [0, 2]}]},
+            {"sources": [{"model": str(root), "layer_range": [1, 4]}]},
+        ],
+    }
+    out = json.loads((_merge(tmp_path, recipe) / "config.json").read_text())
+    assert out["num_hidden_layers"] == 5
+    assert out["layer_types"] == [
+        "full_attention",
+        "sliding_attention",
+        "sliding_attention",
+        "full_attention",
+        "sliding_attention",
+    ]
