@@ -158,7 +158,8 @@ def check(data) -> Recipe | None:
     assert isinstance(recipe, Recipe)
     recipe_digest(recipe)  # an accepted recipe can be digested (metadata, resume)
     # every parameter of an accepted recipe resolves for every tensor (the merge does this per tensor)
-    for params in [recipe.parameters, *(m.parameters for m in recipe.models)]:
+    slices = [(s.parameters, *(source.parameters for source in s.sources)) for s in recipe.slices or []]
+    for params in [recipe.parameters, *(m.parameters for m in recipe.models or []), *(p for s in slices for p in s)]:
         for value in params.values():
             for name, position in [
                 ("model.layers.0.mlp.weight", 0.0),
@@ -179,6 +180,8 @@ def test_the_valid_recipe_parses():
             for model in data["models"]:
                 model.pop("tadrop", None)
                 model["parameters"].pop("density")
+        if method == "passthrough":  # one model, weighed by its scale
+            data["models"] = [{"model": "ft0", "parameters": {"scale": [0.2, 0.8]}}]
         assert check(data) is not None, method
 
 
