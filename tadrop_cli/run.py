@@ -111,7 +111,7 @@ def output_path(recipe: Recipe, options: MergeOptions) -> Path:
 def _protected_inputs(layout: Layout) -> Iterator[tuple[str, Path, bool]]:
     """(label, path, is a folder) of what an output must stay out of: each checkpoint's folder, and
     every weight file (a single-file input protects the file, not the folder it lies in)."""
-    for checkpoint in [layout.reference, *(m.checkpoint for m in layout.models)]:
+    for checkpoint in [layout.reference, *(m.checkpoint for m in layout.models), *layout.opened]:
         if checkpoint.folder:
             yield checkpoint.label, checkpoint.folder, True
         for file in dict.fromkeys(info.file for info in checkpoint.tensors.values()):

@@ -467,3 +467,22 @@ def test_layer_types_follow_the_layers(tmp_path):
         "full_attention",
         "sliding_attention",
     ]
+
+
+def test_output_inside_a_model_that_is_only_a_slices_base_is_refused(tmp_path, llamas):
+    """Every model a slices recipe opens is protected, also one that is only a slice's base (not the config's
+    donor, not a contributor): an output inside it would be published into an input."""
+    recipe = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(llamas["base"]),
+        "slices": [
+            {"sources": [_slice(str(llamas["base"]), 0, 2), _slice(str(llamas["model_a"]), 0, 2)]},
+            {
+                "base_model": str(llamas["model_c"]),
+                "sources": [_slice(str(llamas["model_c"]), 2, 4), _slice(str(llamas["model_a"]), 2, 4)],
+            },
+        ],
+    }
+    result = run_cli("merge", str(_recipe(tmp_path, recipe)), str(llamas["model_c"] / "merged"))
+    assert result.returncode == 2 and "output inside the input" in result.stderr, result.stderr
+    assert not (llamas["model_c"] / "merged").exists()
