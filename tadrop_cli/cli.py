@@ -25,8 +25,17 @@ from typer.core import TyperCommand, TyperGroup
 from . import __version__, interrupts
 from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, BadInput, TadropError, printable
 from .methods import METHODS
-from .recipe import load_recipe
-from .run import MergeOptions, NoProgress, dry_run, plan_only, reuse_freed_memory, run_merge
+from .recipe import load_merges, load_recipe
+from .run import (
+    MergeOptions,
+    NoProgress,
+    dry_run,
+    dry_run_merges,
+    plan_only,
+    reuse_freed_memory,
+    run_merge,
+    run_merges,
+)
 from .verify import verify_checkpoint
 
 try:  # typer >= 0.2x carries its own copy of click
@@ -373,13 +382,24 @@ def merge(
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary on stderr."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
+    intermediate_dir: Path | None = typer.Option(
+        None,
+        "--intermediate-dir",
+        "-I",
+        metavar="DIR",
+        help="A multi-document recipe's named merges are written to DIR/<name> (unless they give output.path).",
+    ),
 ) -> None:
     """Merge the checkpoints a recipe names into one safetensors checkpoint."""
 
     def action() -> None:
         target = output_folder(out_dir, output)
-        loaded = load_recipe(recipe)
         options = MergeOptions(output=target, overwrite=overwrite, resume=resume, device=device)
+        steps = load_merges(recipe, intermediate_dir)
+        if steps is not None:
+            _merge_steps(steps, options, dry, quiet, as_json)
+            return
+        loaded = load_recipe(recipe)
         if dry:
             summary = dry_run(loaded, options)
             if as_json:
@@ -402,6 +422,29 @@ def merge(
             say(merged_line(summary))
 
     _run(action, merging=True)
+
+
+def _merge_steps(steps: list, options: MergeOptions, dry: bool, quiet: bool, as_json: bool) -> None:
+    """A multi-document recipe: each merge in turn, a line for each."""
+    if dry:
+        summary = dry_run_merges(steps, options)
+    else:
+        with progress_bar(quiet) as progress:
+            summary = run_merges(steps, options, progress)
+        interrupts.finished(complete_message(summary["output"]))
+    if as_json:
+        _print_json(summary)
+    if quiet or as_json:
+        return
+    for merge in summary["merges"]:
+        label = printable(merge["name"] or "final merge")
+        if merge.get("skipped"):
+            say(f"{label}: {printable(merge['output'])} is already this merge's output; skipped")
+        elif dry and not merge["checked"]:
+            say(f"{label}: {printable(merge['notes'][0])}")
+        else:
+            say(f"{label}: " + (dry_run_line(merge) if dry else merged_line(merge)))
+            _say_notes(merge["notes"])
 
 
 PLAN_HEADER = ["model", "tensor", "elements", "score", "s", "base p", "p", "why"]

@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from .chat_templates import chosen_template
 from .checkpoint import (
     Checkpoint,
     config_files,
@@ -65,14 +66,31 @@ class Layout:
     config_files: list[Path] = field(default_factory=list)  # copied from the reference into the output
     # files of a sentence-transformers model's module folders: (file, its path in the output, "1_Pooling/config.json")
     module_files: list[tuple[Path, str]] = field(default_factory=list)
+    # a slices recipe's parameters of each output tensor's slice (slices.py); empty for a models recipe
+    slice_parameters: dict[str, SliceParameters] = field(default_factory=dict)
+    # keys to change in a JSON config file as it is copied (config.json's layer count, a chat template)
+    json_changes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # checkpoints opened for the layout besides the reference and the models (a slices recipe's views show them)
+    opened: list[Checkpoint] = field(default_factory=list)
+    # files the output gets instead of the reference's copy: name -> text (None: not written at all)
+    written_files: dict[str, str | None] = field(default_factory=dict)
+
+    def _parameter_sources(self, model: ModelInput | None, tensor: str) -> tuple[dict, ...]:
+        """Where a parameter's value is looked for, first to last (mergekit's precedence): the model's
+        own (a slice's source's), the slice's, the recipe's."""
+        sliced = self.slice_parameters.get(tensor)
+        if sliced is None:
+            return (self.recipe.parameters,) if model is None else (model.entry.parameters, self.recipe.parameters)
+        own = () if model is None else (sliced.per_model.get(model.index, {}),)
+        return (*own, sliced.shared, self.recipe.parameters)
 
     def model_parameter(self, model: ModelInput, name: str, tensor: str, missing: Any = None) -> Any:
-        """A per-model parameter for one tensor: the model's value, else the recipe's, else the
-        default; `missing` if the method has no such parameter."""
+        """A per-model parameter for one tensor: the model's value, else the slice's, else the recipe's,
+        else the default; `missing` if the method has no such parameter."""
         spec = self.recipe.method.param(name)
         if spec is None:
             return missing
-        for source in (model.entry.parameters, self.recipe.parameters):
+        for source in self._parameter_sources(model, tensor):
             if name in source:
                 value = value_for_tensor(source[name], tensor, self.positions.get(tensor))
                 if value is not None:
@@ -82,14 +100,16 @@ class Layout:
     def method_parameters(self, tensor: str) -> dict[str, Any]:
         """The method's global parameters (normalize, lambda, ...) for one tensor."""
         result = {}
+        sources = self._parameter_sources(None, tensor)
         for spec in self.recipe.method.params:
             if spec.per_model:
                 continue
-            value = (
-                value_for_tensor(self.recipe.parameters[spec.name], tensor, self.positions.get(tensor))
-                if spec.name in self.recipe.parameters
-                else None
-            )
+            value = None
+            for source in sources:
+                if spec.name in source:
+                    value = value_for_tensor(source[spec.name], tensor, self.positions.get(tensor))
+                    if value is not None:
+                        break
             result[spec.name] = spec.default if value is None else value
         return result
 
@@ -97,6 +117,16 @@ class Layout:
         self.reference.close()
         for model in self.models:
             model.checkpoint.close()
+        for checkpoint in self.opened:
+            checkpoint.close()
+
+
+@dataclass(frozen=True)
+class SliceParameters:
+    """The parameters of one output slice: each source's (by index into Layout.models), and the slice's own."""
+
+    per_model: dict[int, dict[str, Any]]
+    shared: dict[str, Any]
 
 
 def tensor_seed(recipe_seed: int, model_label: str, tensor_name: str) -> int:
@@ -130,16 +160,24 @@ def _output_dtype(recipe: Recipe, stored: str) -> str:
 
 def build_layout(recipe: Recipe) -> Layout:
     """Open every input (headers only), apply the policies, and list the output tensors."""
+    if recipe.slices is not None:
+        from .slices import build_sliced_layout  # it builds on this module's pieces
+
+        return build_sliced_layout(recipe)
     opened: list[Checkpoint] = []
     try:
-        reference = open_checkpoint(recipe.base_model) if recipe.base_model else None
+        # passthrough copies its one model: mergekit ignores a base_model there
+        with_base = recipe.base_model is not None and recipe.method.name != "passthrough"
+        reference = open_checkpoint(recipe.base_model) if with_base else None
         if reference:
             opened.append(reference)
         models: list[ModelInput] = []
         notes: list[str] = []
+        if recipe.base_model and not with_base:
+            notes.append(f"base_model: {recipe.method.name} takes no base; ignored (as in mergekit)")
         for i, entry in enumerate(recipe.models):
             if (
-                recipe.base_model
+                with_base
                 and recipe.method.name != "linear"
                 and source_identity(entry.model) == source_identity(recipe.base_model)
             ):
@@ -175,6 +213,8 @@ def build_layout(recipe: Recipe) -> Layout:
         layout = Layout(recipe, reference, models, jobs, layer_positions(names), notes, configs, modules)
         check_linear_weights(layout)
         check_interpolation_inputs(layout)
+        copy_unscaled_passthrough(layout)
+        set_chat_template(layout)
         return layout
     except BaseException:
         for checkpoint in opened:
@@ -254,20 +294,69 @@ def check_interpolation_inputs(layout: Layout) -> None:
                 )
 
 
+def set_chat_template(layout: Layout) -> None:
+    """The recipe's chat_template, written as chat_template.jinja (which transformers reads first, and which
+    mergekit's tokenizer save writes) and into tokenizer_config.json (which older transformers read)."""
+    value = layout.recipe.chat_template
+    if value is None:
+        return
+    folders = [
+        layout.reference.folder,
+        *(m.checkpoint.folder for m in layout.models),
+        *(c.folder for c in layout.opened),
+    ]
+    template = chosen_template(value, list(dict.fromkeys(folders)))
+    if template is None:
+        layout.notes.append("chat_template: auto: no input model has a chat template; none is set (as in mergekit)")
+        return
+    layout.written_files["chat_template.jinja"] = template
+    layout.written_files["chat_template.json"] = None  # an older file of the reference's would contradict it
+    if any(file.name == "tokenizer_config.json" for file in layout.config_files):
+        layout.json_changes.setdefault("tokenizer_config.json", {})["chat_template"] = template
+    else:
+        layout.notes.append(
+            f"chat_template: {layout.reference.label} has no tokenizer_config.json; "
+            f"chat_template.jinja is written alone"
+        )
+
+
+def copy_unscaled_passthrough(layout: Layout) -> None:
+    """A passthrough tensor whose scale is 1 is the reference's (its one source's) as stored: copied, not
+    read twice for a merge. (Only a scaled tensor goes through the merge: scale * tensor in float32.)"""
+    if layout.recipe.method.name != "passthrough":
+        return
+    for job in layout.jobs:
+        if job.contributors and all(
+            layout.model_parameter(layout.models[j], "scale", job.name) == 1 for j in job.contributors
+        ):
+            job.contributors = []
+
+
 def _tensor_job(
-    recipe: Recipe, reference: Checkpoint, models: list[ModelInput], name: str, notes: list[str]
+    recipe: Recipe,
+    reference: Checkpoint,
+    models: list[ModelInput],
+    name: str,
+    notes: list[str],
+    candidates: list[int] | None = None,
 ) -> TensorJob:
+    """The job of one output tensor; `candidates`: the models that may feed it (indices into `models`; all
+    where None: a slices recipe's tensor has only its slice's sources)."""
     info = reference.tensors[name]
     mergeable = info.dtype in FLOATS
     job = TensorJob(OutputTensor(name, _output_dtype(recipe, info.dtype), info.shape), mergeable, [])
     if not mergeable:  # integer buffers (position_ids, ...) are copied from the base: say so where a model lacks one
         notes.extend(
             f"{model.label} lacks tensor {name} ({info.dtype}, not merged): the base's is written"
-            for model in models
-            if name not in model.checkpoint.tensors and model.checkpoint is not reference
+            for j, model in enumerate(models)
+            if (candidates is None or j in candidates)
+            and name not in model.checkpoint.tensors
+            and model.checkpoint is not reference
         )
         return job
     for j, model in enumerate(models):
+        if candidates is not None and j not in candidates:
+            continue
         other = model.checkpoint.tensors.get(name)
         if other is None:
             problem, policy, key = "lacks tensor", recipe.policies.missing_tensor, "missing_tensor"

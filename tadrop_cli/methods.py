@@ -113,6 +113,8 @@ class MergeMethod:
     base_optional: bool = False  # the recipe may leave out base_model
     # how many models besides the base the method merges (at least, at most; None: no limit)
     model_count: tuple[int, int | None] = (1, None)
+    # the per-model parameter that weighs a model (TaskVector.weight): passthrough's is mergekit's `scale`
+    weight_name: str = "weight"
 
     def sliceable(self, method_parameters: dict[str, Any]) -> bool:
         """Whether the engine may merge a tensor in slices with these parameters."""
@@ -235,6 +237,12 @@ def linear(base: torch.Tensor, task_vectors: list[TaskVector], *, normalize: boo
     if normalize and total_weight != 0:
         merged /= total_weight
     return merged
+
+
+def passthrough(base: torch.Tensor, task_vectors: list[TaskVector], **_: Any) -> torch.Tensor:
+    """The one model's tensor, base + tau, times its `scale` (TaskVector.weight): mergekit's passthrough."""
+    (tv,) = task_vectors
+    return tv.delta.add_(base).mul_(tv.weight)
 
 
 def _gta(steps: GtaSteps) -> Callable[..., torch.Tensor]:
@@ -583,6 +591,23 @@ def _gta_params(normalize: bool, rescale: bool, *extra: ParamSpec) -> tuple[Para
 METHODS: dict[str, MergeMethod] = {
     m.name: m
     for m in [
+        MergeMethod(
+            "passthrough",
+            passthrough,
+            "one model's tensors as they are (times `scale`): slices of models stacked into a deeper one",
+            "https://github.com/arcee-ai/mergekit",
+            params=(
+                ParamSpec(
+                    "scale",
+                    1.0,
+                    "multiply this model's tensor (mergekit's passthrough scale; 1: a copy)",
+                    per_model=True,
+                ),
+            ),
+            elementwise=True,
+            weight_name="scale",
+            model_count=(1, 1),
+        ),
         MergeMethod(
             "linear",
             linear,

@@ -7,10 +7,12 @@ the method registry (methods.py), so a new method needs no change here.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import hashlib
 import re
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,6 +29,7 @@ from pydantic import (
     model_validator,
 )
 
+from .chat_templates import NAMES as CHAT_TEMPLATES
 from .checkpoint import read_text_file
 from .errors import BadInput
 from .methods import METHODS, MergeMethod, ParamSpec
@@ -162,6 +165,35 @@ class ModelEntry(_Strict):
     tadrop: ModelTadropSettings | None = None
 
 
+class SliceSource(_Strict):
+    """One model's layers [start, stop) in an output slice (mergekit's InputSliceDefinition)."""
+
+    model: str = Field(min_length=1)
+    layer_range: tuple[StrictInt, StrictInt]
+    parameters: dict[str, ParamValue] = {}
+
+    @field_validator("layer_range")
+    @classmethod
+    def _ordered(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if value[0] < 0 or value[1] <= value[0]:
+            raise ValueError(f"must be [start, stop] with 0 <= start < stop (got {list(value)})")
+        return value
+
+
+class OutputSlice(_Strict):
+    """Consecutive output layers, each merged from one layer of every source (mergekit's OutputSliceDefinition)."""
+
+    sources: list[SliceSource] = Field(min_length=1)
+    base_model: str | None = None  # this slice's base; the recipe's where absent
+    residual_weight: float | None = None  # accepted as mergekit 0.1.5 accepts it; it has no effect there either
+    parameters: dict[str, ParamValue] = {}
+
+    @property
+    def layers(self) -> int:
+        start, stop = self.sources[0].layer_range
+        return stop - start
+
+
 class OutputSettings(_Strict):
     path: str | None = None
     dtype: DTypeName | None = None
@@ -183,7 +215,9 @@ class Policies(_Strict):
 class Recipe(_Strict):
     merge_method: str
     base_model: str | None = None
-    models: list[ModelEntry] = Field(min_length=1)
+    models: list[ModelEntry] | None = Field(None, min_length=1)
+    slices: list[OutputSlice] | None = Field(None, min_length=1)  # instead of models: layers stacked by slices
+    chat_template: str | None = None  # mergekit's: a template's name (chatml, ...), auto, or a Jinja template
     parameters: dict[str, ParamValue] = {}
     dtype: DTypeName | None = None
     out_dtype: DTypeName | None = None
@@ -194,6 +228,16 @@ class Recipe(_Strict):
     device: str = "auto"
     output: OutputSettings = OutputSettings()
     policies: Policies = Policies()
+
+    @model_validator(mode="after")
+    def _models_or_slices(self) -> Recipe:
+        if (self.models is None) == (self.slices is None):
+            where = "models" if self.models is None else "slices"
+            raise ValueError(
+                f"{where}: give either models (a merge of whole models) or slices (layer ranges), not "
+                + ("neither" if self.models is None else "both")
+            )
+        return self
 
     @field_validator("device")
     @classmethod
@@ -287,16 +331,10 @@ def _format_loc(loc: tuple) -> str:
 # name -> (merge_method or key, what it is). An unknown name found here is named as such rather
 # than matched to a look-alike. Remove a row when its feature lands.
 MERGEKIT_NOT_YET: dict[str, tuple[Literal["merge_method", "key"], str]] = {
-    "passthrough": ("merge_method", "mergekit's copy of one model's tensors as they are"),
     "ram": ("merge_method", "mergekit's Reinforced Agent Merging"),
     "ramplus_tl": ("merge_method", "mergekit's Reinforced Agent Merging Plus (tensor-local)"),
-    "slices": (
-        "key",
-        "mergekit's layer-range recipe form (the output's layers taken from ranges of the models' layers)",
-    ),
     "modules": ("key", "mergekit's per-module recipe form (a recipe per module of a multi-module model)"),
     "tokenizer": ("key", "mergekit's tokenizer merge settings (source, tokens, pad_to_multiple_of)"),
-    "chat_template": ("key", "mergekit's chat template setting"),
 }
 SUGGESTION_RATIO = 0.8  # difflib's similarity from which an unknown name is taken for a typo
 
@@ -396,11 +434,22 @@ def check_method_parameters(recipe: Recipe) -> None:
                 _check_value(f"{where}.{key}", spec, v)
 
     check("parameters", recipe.parameters, per_model_only=False)
-    for i, entry in enumerate(recipe.models):
+    for i, entry in enumerate(recipe.models or []):
         check(f"models[{i}].parameters", entry.parameters, per_model_only=True)
+    for i, output_slice in enumerate(recipe.slices or []):
+        check(f"slices[{i}].parameters", output_slice.parameters, per_model_only=False)
+        for j, source in enumerate(output_slice.sources):
+            check(f"slices[{i}].sources[{j}].parameters", source.parameters, per_model_only=True)
     for spec in method.params:
-        if spec.required and not spec.per_model and spec.name not in recipe.parameters:
+        if spec.required and not spec.per_model and not _given_everywhere(recipe, spec.name):
             raise BadInput(f"parameters.{spec.name}: required by {method.name} ({spec.doc})")
+
+
+def _given_everywhere(recipe: Recipe, name: str) -> bool:
+    """Whether a global parameter is given for the whole recipe, or in every slice of a slices recipe."""
+    if name in recipe.parameters:
+        return True
+    return bool(recipe.slices) and all(name in output_slice.parameters for output_slice in recipe.slices)
 
 
 def _scalars(where: str, value: ParamValue) -> list[Any]:
@@ -444,16 +493,25 @@ def source_identity(reference: str) -> str:
 def check_consistency(recipe: Recipe) -> None:
     """Rules that span several keys."""
     method = recipe.method
-    if recipe.base_model is None and method.name != "linear" and not method.base_optional:
-        baseless = ", ".join(m.name for m in METHODS.values() if m.base_optional or m.name == "linear")
-        raise BadInput(f"base_model: required for {method.name} (methods that merge without a base: {baseless})")
-    check_model_count(recipe)
+    if recipe.slices is not None:
+        check_slices(recipe)
+    else:
+        if recipe.base_model is None and method.name not in BASELESS and not method.base_optional:
+            baseless = ", ".join(m.name for m in METHODS.values() if m.base_optional or m.name in BASELESS)
+            raise BadInput(f"base_model: required for {method.name} (methods that merge without a base: {baseless})")
+        if method.name == "passthrough" and len(recipe.models) > 1:
+            raise BadInput(
+                f"models: passthrough takes one model (got {len(recipe.models)}); to stack layers, use slices"
+            )
+        check_model_count(recipe)
     seen: dict[str, int] = {}
-    for i, entry in enumerate(recipe.models):
+    for i, entry in enumerate(recipe.models or []):
         key = source_identity(entry.model)
         if key in seen:
             raise BadInput(f"models[{i}].model: {entry.model!r} is listed twice (also models[{seen[key]}])")
         seen[key] = i
+    if recipe.chat_template is not None:
+        check_chat_template(recipe.chat_template)
     if recipe.output.dtype and recipe.out_dtype and DTYPES[recipe.output.dtype] != DTYPES[recipe.out_dtype]:
         raise BadInput(f"output.dtype: {recipe.output.dtype} contradicts out_dtype: {recipe.out_dtype}; give one")
     if recipe.tadrop is not None and recipe.tadrop.enabled and method.sparsifier is None:
@@ -467,15 +525,77 @@ def check_consistency(recipe: Recipe) -> None:
 def check_model_count(recipe: Recipe) -> None:
     """A method that merges a set number of models (MergeMethod.model_count: slerp the base and one
     other, nuslerp two) is given that many besides the base (a base listed among them is not counted)."""
-    low, high = recipe.method.model_count
     base = source_identity(recipe.base_model) if recipe.base_model else None
     count = sum(source_identity(entry.model) != base for entry in recipe.models)
+    _check_count("models", recipe.method, count, recipe.base_model is not None)
+
+
+def _check_count(where: str, method: MergeMethod, count: int, has_base: bool) -> None:
+    low, high = method.model_count
     if low <= count and (high is None or count <= high):
         return
     wanted = f"exactly {low}" if low == high else f"at least {low}" if high is None else f"{low} to {high}"
     noun = "model" if wanted.endswith(" 1") else "models"
-    besides = " besides the base" if recipe.base_model else ""
-    raise BadInput(f"models: {recipe.method.name} merges {wanted} {noun}{besides} (got {count})")
+    besides = " besides the base" if has_base else ""
+    raise BadInput(f"{where}: {method.name} merges {wanted} {noun}{besides} (got {count})")
+
+
+BASELESS = ("linear", "passthrough")  # mergekit ignores their base_model: the models themselves are merged
+
+
+def slice_base(recipe: Recipe, output_slice: OutputSlice) -> str | None:
+    """The base model of one slice: its own base_model, else the recipe's (None for linear and passthrough,
+    which mergekit merges without one)."""
+    if recipe.method.name in BASELESS:
+        return None
+    return output_slice.base_model or recipe.base_model
+
+
+def check_slices(recipe: Recipe) -> None:
+    """A slices recipe's rules that need no model: each slice's sources span the same number of layers,
+    name a model once, and include the slice's base (mergekit merges a slice's sources only)."""
+    method = recipe.method
+    for i, output_slice in enumerate(recipe.slices):
+        where = f"slices[{i}]"
+        if method.name == "passthrough" and len(output_slice.sources) > 1:
+            raise BadInput(f"{where}.sources: passthrough takes one source per slice (got {len(output_slice.sources)})")
+        seen: dict[str, int] = {}
+        for j, source in enumerate(output_slice.sources):
+            start, stop = source.layer_range
+            if stop - start != output_slice.layers:
+                first = output_slice.sources[0].layer_range
+                raise BadInput(
+                    f"{where}.sources[{j}].layer_range: [{start}, {stop}] spans {stop - start} layer(s), "
+                    f"sources[0]'s [{first[0]}, {first[1]}] spans {output_slice.layers}; "
+                    f"a slice's sources must span the same number of layers"
+                )
+            key = source_identity(source.model)
+            if key in seen:
+                raise BadInput(
+                    f"{where}.sources[{j}].model: {source.model!r} is listed twice in this slice "
+                    f"(also sources[{seen[key]}]); give it another slice"
+                )
+            seen[key] = j
+        base = slice_base(recipe, output_slice)
+        if base is None and method.name not in BASELESS and not method.base_optional:
+            raise BadInput(f"{where}: {method.name} needs a base model (base_model: in the recipe or the slice)")
+        if base is not None and source_identity(base) not in seen:
+            raise BadInput(
+                f"{where}.sources: the base model {base!r} is not among this slice's sources; "
+                f"give it a layer_range here (mergekit merges a slice's sources only)"
+            )
+        _check_count(f"{where}.sources", method, len(seen) - (base is not None), base is not None)
+
+
+def check_chat_template(value: str) -> None:
+    """mergekit's rule for chat_template: a known name, auto, or a Jinja template (with '{', at least 20 characters)."""
+    if value == "auto" or value in CHAT_TEMPLATES:
+        return
+    if len(value) < 20 or "{" not in value:
+        raise BadInput(
+            f"chat_template: {value[:60]!r} is neither a template name ({', '.join(CHAT_TEMPLATES)}, auto) "
+            f"nor a Jinja template"
+        )
 
 
 def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
@@ -490,6 +610,17 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
             f"{not_yet}; " if not_yet else f"unknown method {method_name!r}; {_suggest(method_name, list(METHODS))}"
         )
         raise BadInput(f"{source}: merge_method: {reason}valid: {', '.join(METHODS)}")
+    if "models" not in data and "slices" not in data:
+        raise BadInput(f"{source}: models: required key is missing (or give slices: layer ranges of models)")
+    models = data.get("models")
+    for i, entry in enumerate(models if isinstance(models, list) else []):
+        if isinstance(entry, dict) and "layer_range" in entry:
+            raise BadInput(
+                f"{source}: models[{i}].layer_range: a models: entry is a whole model (mergekit 0.1.5 ignores "
+                f"layer_range there); to take layers, write slices: [{{sources: [{{model, layer_range}}]}}]"
+            )
+    if "models" in data and "slices" in data:
+        raise BadInput(f"{source}: slices: give either models (whole models) or slices (layer ranges), not both")
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as error:
@@ -527,7 +658,8 @@ class _RecipeLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def load_recipe(path: str | Path) -> Recipe:
+def read_documents(path: str | Path) -> list[Any]:
+    """The YAML documents of a recipe file (a multi-document recipe has several, separated by ---)."""
     path = Path(path)
     if not path.exists():
         raise BadInput(f"{path}: recipe not found")
@@ -535,7 +667,7 @@ def load_recipe(path: str | Path) -> Recipe:
         raise BadInput(f"{path}: not a file")
     try:
         text = read_text_file(path)
-        data = yaml.load(text, Loader=_RecipeLoader)
+        return list(yaml.load_all(text, Loader=_RecipeLoader))
     except _DuplicateKey as duplicate:
         raise BadInput(
             f"{path}: key {duplicate.key!r} appears twice in one mapping (the second at line {duplicate.line})"
@@ -547,7 +679,139 @@ def load_recipe(path: str | Path) -> Recipe:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
         raise BadInput(f"{path}: not valid YAML{where}: {problem}") from None
-    return parse_recipe(data, str(path))
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    documents = [d for d in read_documents(path) if d is not None] or [None]
+    if len(documents) > 1:
+        raise BadInput(
+            f"{path}: holds {len(documents)} recipes (a multi-document recipe); "
+            f"`tadrop merge` runs it, one merge at a time"
+        )
+    return parse_recipe(documents[0], str(path))
+
+
+# ---------------------------------------------------------------- multi-document recipes
+
+
+@dataclass(frozen=True)
+class Step:
+    """One merge of a multi-document recipe: its recipe (earlier merges' names replaced by their outputs),
+    its name (None: the final, unnamed merge), its output (None: --output or its own output.path), and the
+    names of the merges whose outputs it reads."""
+
+    name: str | None
+    recipe: Recipe
+    output: Path | None
+    uses: frozenset[str]
+
+
+def _step_name(document: Any, where: str) -> str | None:
+    name = document.get("name")
+    if name is None:
+        return None
+    if not isinstance(name, str) or not name or name in (".", "..") or any(c in name for c in "/\\\0"):
+        raise BadInput(f"{where}: name: {name!r} must be a plain folder name (it names the merge's output folder)")
+    return name
+
+
+def _list(value: Any) -> list:
+    """A YAML value where a list is expected; anything else is refused later, by parse_recipe."""
+    return value if isinstance(value, list) else []
+
+
+def _with_outputs(document: dict, outputs: dict[str, str]) -> tuple[dict, set[str]]:
+    """The document with every model reference that is a merge's name replaced by that merge's output
+    (mergekit-multi's rule), and the names it used."""
+    used: set[str] = set()
+
+    def resolved(value: Any) -> Any:
+        if isinstance(value, str) and value in outputs:
+            used.add(value)
+            return outputs[value]
+        return value
+
+    document = copy.deepcopy(document)
+    document.pop("name", None)
+    if "base_model" in document:
+        document["base_model"] = resolved(document["base_model"])
+    for entry in _list(document.get("models")):
+        if isinstance(entry, dict) and "model" in entry:
+            entry["model"] = resolved(entry["model"])
+    for output_slice in _list(document.get("slices")):
+        if not isinstance(output_slice, dict):
+            continue
+        if "base_model" in output_slice:
+            output_slice["base_model"] = resolved(output_slice["base_model"])
+        for source in _list(output_slice.get("sources")):
+            if isinstance(source, dict) and "model" in source:
+                source["model"] = resolved(source["model"])
+    return document, used
+
+
+def _in_order(steps: dict[str | None, Step], path: Path) -> list[Step]:
+    """The steps with every merge after the merges it reads; a cycle is refused."""
+    ordered: list[Step] = []
+    state: dict[str | None, str] = {}
+
+    def visit(name: str | None) -> None:
+        if state.get(name) == "done":
+            return
+        if state.get(name) == "visiting":
+            raise BadInput(f"{path}: the merge {name!r} reads its own output, through the merges it uses (a cycle)")
+        state[name] = "visiting"
+        for used in sorted(steps[name].uses):
+            visit(used)
+        state[name] = "done"
+        ordered.append(steps[name])
+
+    for name in steps:
+        visit(name)
+    return ordered
+
+
+def load_merges(path: str | Path, intermediate: Path | None) -> list[Step] | None:
+    """A multi-document recipe (mergekit-multi's): several merges, each named by `name:` but the final one;
+    a later merge reads an earlier one's output by naming it as a model. A named merge is written to its
+    output.path, else to `intermediate`/name. In the order they can run; None for a one-document recipe."""
+    path = Path(path)
+    documents = [d for d in read_documents(path) if d is not None]
+    if len(documents) < 2:
+        return None
+    named: dict[str | None, tuple[str, dict]] = {}
+    for i, document in enumerate(documents):
+        where = f"{path} (document {i + 1})"
+        if not isinstance(document, dict):
+            parse_recipe(document, where)  # the usual message for a document that is not a recipe
+        name = _step_name(document, where)
+        if name in named:
+            first = named[name][0]
+            raise BadInput(
+                f"{where}: name: {name!r} also names {first}"
+                if name
+                else f"{where}: a second unnamed merge (also {first}); only the final merge may go without a name"
+            )
+        named[name] = (where, document)
+    outputs: dict[str, str] = {}
+    for name, (where, document) in named.items():
+        if name is None:
+            continue
+        own = document.get("output", {}).get("path") if isinstance(document.get("output"), dict) else None
+        if isinstance(own, str) and own:
+            outputs[name] = own
+        elif intermediate is None:
+            raise BadInput(
+                f"{where}: the merge {name!r} needs --intermediate-dir (or its own output.path) to be written"
+            )
+        else:
+            outputs[name] = str(intermediate / name)
+    steps: dict[str | None, Step] = {}
+    for name, (where, document) in named.items():
+        resolved, used = _with_outputs(document, outputs)
+        recipe = parse_recipe(resolved, where + (f" {name!r}" if name else ""))
+        output = Path(outputs[name]) if name is not None else None
+        steps[name] = Step(name, recipe, output, frozenset(used))
+    return _in_order(steps, path)
 
 
 def recipe_digest(recipe: Recipe) -> str:

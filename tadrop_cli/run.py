@@ -10,11 +10,12 @@ import ctypes
 import resource
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
 from . import __version__, estimate, interrupts, kernels
+from .checkpoint import parse_json, read_text_file
 from .devices import choose_device, on_cpu
 from .dtypes import Stored
 from .errors import BadInput
@@ -33,7 +34,7 @@ from .output_location import (
     refuse_existing,
 )
 from .plan import Plan, build_plan
-from .recipe import Recipe, recipe_digest
+from .recipe import Recipe, Step, recipe_digest
 from .shards import OutputTensor, index_json, plan_shards
 from .staging import StagingFolder
 from .tensor_merge import chunk_elements, kernels_merge, merge_tensor
@@ -107,7 +108,7 @@ def output_path(recipe: Recipe, options: MergeOptions) -> Path:
 def _protected_inputs(layout: Layout) -> Iterator[tuple[str, Path, bool]]:
     """(label, path, is a folder) of what an output must stay out of: each checkpoint's folder, and
     every weight file (a single-file input protects the file, not the folder it lies in)."""
-    for checkpoint in [layout.reference, *(m.checkpoint for m in layout.models)]:
+    for checkpoint in [layout.reference, *(m.checkpoint for m in layout.models), *layout.opened]:
         if checkpoint.folder:
             yield checkpoint.label, checkpoint.folder, True
         for file in dict.fromkeys(info.file for info in checkpoint.tensors.values()):
@@ -266,6 +267,47 @@ def run_merge(recipe: Recipe, options: MergeOptions, progress: Progress = NO_PRO
     return summary
 
 
+def run_merges(steps: list[Step], options: MergeOptions, progress: Progress = NO_PROGRESS) -> dict:
+    """A multi-document recipe's merges in turn (recipe.load_merges orders them). A merge whose output is
+    already published from the same recipe is skipped (mergekit-multi's lazy default), unless a merge it
+    reads was redone in this run: its own stale output is then replaced."""
+    summaries, redone = [], set()
+    for step in steps:
+        step_options = replace(options, output=step.output or options.output)
+        target = output_path(step.recipe, step_options)
+        ours = target.exists() and _already_published(target, recipe_digest(step.recipe))
+        if ours and not step.uses & redone:
+            summaries.append({"name": step.name, "output": str(target), "skipped": True})
+            continue
+        summary = run_merge(step.recipe, replace(step_options, overwrite=options.overwrite or ours), progress)
+        summaries.append({"name": step.name, "skipped": False, **summary})
+        redone.add(step.name)
+    return {"merges": summaries, "output": summaries[-1]["output"]}
+
+
+def dry_run_merges(steps: list[Step], options: MergeOptions) -> dict:
+    """The dry run of each merge of a multi-document recipe whose inputs exist now; a merge that reads
+    another's output not yet written is checked when that one has been merged."""
+    summaries = []
+    for step in steps:
+        step_options = replace(options, output=step.output or options.output)
+        missing = sorted(name for name in step.uses if not _merged(steps, name, step_options))
+        if missing:
+            target = output_path(step.recipe, step_options)
+            note = f"reads the output of {', '.join(missing)}, not merged yet: checked once it is"
+            summaries.append({"name": step.name, "output": str(target), "checked": False, "notes": [note]})
+            continue
+        summaries.append({"name": step.name, "checked": True, **dry_run(step.recipe, step_options)})
+    return {"merges": summaries, "output": summaries[-1]["output"]}
+
+
+def _merged(steps: list[Step], name: str, options: MergeOptions) -> bool:
+    step = next(s for s in steps if s.name == name)
+    return _already_published(
+        output_path(step.recipe, replace(options, output=step.output)), recipe_digest(step.recipe)
+    )
+
+
 def _already_published(target: Path, digest: str) -> bool:
     """The output at the target is this recipe's (its recorded recipe SHA-256), and no partial merge waits."""
     return recorded_recipe_digest(target) == digest and not beside(target, STAGING_SUFFIX).exists()
@@ -345,8 +387,17 @@ def _merge_into(
         )
     copied = []
     for file in layout.config_files:  # from the base, or the first model of a linear merge
-        staging.copy_in(file)
+        if file.name in layout.written_files:
+            continue
+        if layout.json_changes.get(file.name):  # a slices merge's layer count, a recipe's chat template
+            staging.write_json(file.name, changed_json(file, layout.json_changes[file.name]))
+        else:
+            staging.copy_in(file)
         copied.append(file.name)
+    for name, text in layout.written_files.items():
+        if text is not None:
+            staging._write_file(name, text.encode())
+            copied.append(name)
     for file, relative in layout.module_files:  # a sentence-transformers base's module folders (1_Pooling/...)
         staging.copy_in(file, relative)
         copied.append(relative)
@@ -360,6 +411,14 @@ def _merge_into(
         ratios=_ratio_summary(plan),
         notes=staging.notes,
     )
+
+
+def changed_json(file: Path, changes: dict) -> dict:
+    """A JSON config file's content with some top-level keys set."""
+    data = parse_json(read_text_file(file), str(file))
+    if not isinstance(data, dict):
+        raise BadInput(f"{file}: not a JSON object")
+    return {**data, **changes}
 
 
 def plan_only(recipe: Recipe, device_name: str | None = None, progress: Progress = NO_PROGRESS) -> tuple[Layout, Plan]:

@@ -392,7 +392,7 @@ def _task_settings(layout: Layout, plan: Plan, job: TensorJob) -> dict[int, dict
     for j in job.contributors:
         model = layout.models[j]
         settings[j] = dict(
-            weight=float(layout.model_parameter(model, "weight", job.name, missing=1.0)),
+            weight=float(layout.model_parameter(model, layout.recipe.method.weight_name, job.name, missing=1.0)),
             density=_density(layout, plan, job, j),
             seed=tensor_seed(layout.recipe.seed, model.label, job.name),
             gamma=0.0,

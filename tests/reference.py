@@ -387,7 +387,18 @@ def _consensus_ref(ties):
     return ref
 
 
+def passthrough(base, tvs: Sequence[TV]) -> np.ndarray:
+    """mergekit's passthrough: its one input's tensor, times `scale` (TV.weight)."""
+    (tv,) = tvs
+    return (np.asarray(base, dtype=np.float64) + np.asarray(tv.delta, dtype=np.float64)) * tv.weight
+
+
+def _passthrough_ref(base, tvs, normalize=None, lam=1.0, how=None):
+    return passthrough(base, tvs)
+
+
 REFERENCES = {
+    "passthrough": _passthrough_ref,
     "linear": _linear_ref,
     **{name: _gta_ref(name) for name in GTA_METHODS},
     **{name: _subspace_ref(name) for name in SUBSPACE_MATRIX},
@@ -395,6 +406,7 @@ REFERENCES = {
     "consensus_ties": _consensus_ref(True),
 }
 DEFAULT_NORMALIZE = {
+    "passthrough": None,  # no such parameter
     "linear": True,
     **{k: v[2] for k, v in GTA_METHODS.items()},
     "tsv_m": None,
@@ -405,6 +417,7 @@ DEFAULT_NORMALIZE = {
 }
 DEFAULT_RESCALE = {k: v[3] for k, v in GTA_METHODS.items()}
 SPARSIFIER = {
+    "passthrough": None,
     "linear": None,
     **{k: v[0] for k, v in GTA_METHODS.items()},
     "tsv_m": "rank",

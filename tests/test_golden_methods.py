@@ -80,6 +80,22 @@ def reference_for(name):
 # ---------------------------------------------------------------- the registry
 
 
+# passthrough takes one model (tested below); the interpolating methods have test_interpolation.py
+MANY_MODELS = sorted(n for n, m in METHODS.items() if m.model_count[1] is None and not m.interpolates)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.0, -0.75, 3.0])
+def test_passthrough_matches_reference(scale):
+    """passthrough: the one model's tensor (base + tau), times its scale; the base is left alone."""
+    base, tvs, base_np, refs = make_inputs(11, [1.0] * len(WEIGHTS))
+    tvs, refs = [tvs[0]], [refs[0]]
+    tvs[0].weight, refs[0].weight = scale, scale
+    saved = base.clone()
+    got = METHODS["passthrough"].merge(base, tvs, **global_params("passthrough"))
+    assert torch.equal(base, saved) and got.data_ptr() != base.data_ptr()
+    assert_close(got, reference_for("passthrough")(base_np, refs))
+
+
 def test_every_method_has_a_reference():
     missing = set(METHODS) - set(ref.REFERENCES) - set(ref.INTERPOLATION_REFERENCES)  # (test_interpolation.py)
     assert not missing, f"methods without a golden reference: {sorted(missing)}"
@@ -105,7 +121,7 @@ TASK_VECTOR_METHODS = sorted(name for name, method in METHODS.items() if not met
 
 @pytest.mark.parametrize("normalize", [True, False, None], ids=["norm", "nonorm", "default"])
 @pytest.mark.parametrize("density", DENSITIES)
-@pytest.mark.parametrize("name", TASK_VECTOR_METHODS)
+@pytest.mark.parametrize("name", MANY_MODELS)
 def test_method_matches_reference(name, density, normalize):
     reference = reference_for(name)
     seed = zlib.crc32(repr((name, density, normalize)).encode())
@@ -122,7 +138,7 @@ def test_method_matches_reference(name, density, normalize):
     assert not np.allclose(expected, base_np, atol=1e-3)
 
 
-@pytest.mark.parametrize("name", TASK_VECTOR_METHODS)
+@pytest.mark.parametrize("name", MANY_MODELS)
 def test_method_mixed_per_model_densities_and_lambda(name):
     """TADrop gives every (model, tensor) its own density: each model sparsified at its own."""
     reference = reference_for(name)
@@ -144,7 +160,7 @@ def test_method_rescale_options(name, how):
         assert_close(got, reference(base_np, refs, normalize=normalize, lam=0.9, how=how))
 
 
-@pytest.mark.parametrize("name", TASK_VECTOR_METHODS)
+@pytest.mark.parametrize("name", MANY_MODELS)
 def test_merge_leaves_the_base_alone_and_returns_a_new_tensor(name):
     """The base tensor is shared by every model: a merge must not write into it.
     (The task vectors' deltas may be used as scratch space, see methods.generalized_task_arithmetic.)"""

@@ -65,6 +65,12 @@ KEYS = [
     "shard_size",
     "missing_tensor",
     "shape_mismatch",
+    "slices",
+    "sources",
+    "layer_range",
+    "residual_weight",
+    "chat_template",
+    "scale",
 ]
 WORDS = [
     *METHODS,
@@ -164,7 +170,8 @@ def check(data) -> Recipe | None:
     assert isinstance(recipe, Recipe)
     recipe_digest(recipe)  # an accepted recipe can be digested (metadata, resume)
     # every parameter of an accepted recipe resolves for every tensor (the merge does this per tensor)
-    for params in [recipe.parameters, *(m.parameters for m in recipe.models)]:
+    slices = [(s.parameters, *(source.parameters for source in s.sources)) for s in recipe.slices or []]
+    for params in [recipe.parameters, *(m.parameters for m in recipe.models or []), *(p for s in slices for p in s)]:
         for value in params.values():
             for name, position in [
                 ("model.layers.0.mlp.weight", 0.0),
@@ -190,7 +197,11 @@ def test_the_valid_recipe_parses():
             model["parameters"] = {k: v for k, v in model["parameters"].items() if spec.param(k) is not None}
         data["models"] = data["models"][: spec.model_count[1]]  # slerp and nearswap merge one model
         data["parameters"].update({p.name: 0.5 for p in spec.params if p.required})  # slerp's t
+        if method == "passthrough":  # one model, weighed by its scale
+            data["models"] = [{"model": "ft0", "parameters": {"scale": [0.2, 0.8]}}]
         assert check(data) is not None, method
+        if method not in ("passthrough", "linear"):
+            assert check(_slices_form(data)) is not None, method
 
 
 @FUZZ
@@ -231,10 +242,30 @@ def _paths(node, prefix=()):
             yield from _paths(value, (*prefix, i))
 
 
+def _slices_form(data: dict) -> dict:
+    """A models: recipe in the slices: form: two slices, the base in each, a slice base and parameters."""
+    data = copy.deepcopy(data)
+    models = data.pop("models")
+    sources = [{"model": m["model"], "layer_range": [0, 2], "parameters": m["parameters"]} for m in models]
+    base = {"model": "ft9", "layer_range": [1, 3]}
+    data["slices"] = [
+        {"sources": [{"model": "base", "layer_range": [0, 2]}, *sources], "parameters": data["parameters"]},
+        {"sources": [base, *sources[:1]], "base_model": "ft9", "residual_weight": 0.5},
+    ]
+    data["chat_template"] = "chatml"
+    return data
+
+
+def _valid_slices_recipe(method: str) -> dict:
+    return _slices_form(_valid_recipe(method))
+
+
 @st.composite
 def mutated_recipes(draw):
-    """A valid recipe with one to four random edits: replace, delete, insert, rename, wrap in a list."""
-    data = _valid_recipe(draw(st.sampled_from(sorted(METHODS))))
+    """A valid recipe (models: or slices: form) with one to four random edits: replace, delete, insert, rename,
+    wrap in a list."""
+    valid = draw(st.sampled_from([_valid_recipe, _valid_slices_recipe]))
+    data = valid(draw(st.sampled_from(sorted(METHODS))))
     for _ in range(draw(st.integers(1, 4))):
         paths = [p for p, _ in _paths(data)]
         path = draw(st.sampled_from(paths))
