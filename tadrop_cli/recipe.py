@@ -584,7 +584,8 @@ def check_slices(recipe: Recipe) -> None:
                 f"{where}.sources: the base model {base!r} is not among this slice's sources; "
                 f"give it a layer_range here (mergekit merges a slice's sources only)"
             )
-        _check_count(f"{where}.sources", method, len(seen) - (base is not None), base is not None)
+        if method.interpolates or method.model_count[1] is not None:  # (a slice of the base alone is the base)
+            _check_count(f"{where}.sources", method, len(seen) - (base is not None), base is not None)
 
 
 def check_chat_template(value: str) -> None:

@@ -248,9 +248,10 @@ def _slices_form(data: dict) -> dict:
     models = data.pop("models")
     sources = [{"model": m["model"], "layer_range": [0, 2], "parameters": m["parameters"]} for m in models]
     base = {"model": "ft9", "layer_range": [1, 3]}
+    fewest = METHODS[data["merge_method"]].model_count[0]  # nuslerp merges two models in every slice
     data["slices"] = [
         {"sources": [{"model": "base", "layer_range": [0, 2]}, *sources], "parameters": data["parameters"]},
-        {"sources": [base, *sources[:1]], "base_model": "ft9", "residual_weight": 0.5},
+        {"sources": [base, *sources[:fewest]], "base_model": "ft9", "residual_weight": 0.5},
     ]
     data["chat_template"] = "chatml"
     return data

@@ -462,7 +462,7 @@ def test_an_unknown_method_is_named_and_only_a_close_name_suggested(method, mess
             "recipe: modules: 'modules' is mergekit's per-module recipe form (a recipe per module of a "
             "multi-module model); tadrop does not support it yet",
         ),
-        ("slice", f"recipe: slice: unknown key; allowed keys: {KEYS}"),  # was "did you mean 'policies'?"
+        ("slice", f"recipe: slice: unknown key; did you mean 'slices'? allowed keys: {KEYS}"),  # was 'policies'
         ("policie", f"recipe: policie: unknown key; did you mean 'policies'? allowed keys: {KEYS}"),
         ("Seed", f"recipe: Seed: unknown key; did you mean 'seed'? allowed keys: {KEYS}"),
     ],
