@@ -486,3 +486,33 @@ def test_output_inside_a_model_that_is_only_a_slices_base_is_refused(tmp_path, l
     result = run_cli("merge", str(_recipe(tmp_path, recipe)), str(llamas["model_c"] / "merged"))
     assert result.returncode == 2 and "output inside the input" in result.stderr, result.stderr
     assert not (llamas["model_c"] / "merged").exists()
+
+
+def test_tensors_after_the_layers_merge_every_source_of_the_last_slice(tmp_path, llamas):
+    """The final norm and lm_head merge all of the last slice's sources, also where it has more sources than
+    the first slice (mergekit 0.1.5 truncates them to the first slice's count: a documented difference)."""
+    recipe = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(llamas["base"]),
+        "slices": [
+            {"sources": [_slice(str(llamas["base"]), 0, 2), _slice(str(llamas["model_a"]), 0, 2)]},
+            {
+                "sources": [
+                    _slice(str(llamas["base"]), 2, 4),
+                    _slice(str(llamas["model_a"]), 2, 4, parameters={"weight": 0.5}),
+                    _slice(str(llamas["model_c"]), 2, 4, parameters={"weight": 0.25}),
+                ]
+            },
+        ],
+        "dtype": "float32",
+    }
+    got = _weights(_merge(tmp_path, recipe))
+    inputs = {name: _weights(path) for name, path in llamas.items()}
+    for name in ("lm_head.weight", "model.norm.weight"):
+        base = inputs["base"][name]
+        expected = base + 0.5 * (inputs["model_a"][name] - base) + 0.25 * (inputs["model_c"][name] - base)
+        np.testing.assert_allclose(got[name], expected, rtol=0, atol=2e-6, err_msg=name)
+    # the embeddings are the first slice's: base + 1.0 * (model_a - base)
+    np.testing.assert_allclose(
+        got["model.embed_tokens.weight"], inputs["model_a"]["model.embed_tokens.weight"], atol=2e-6
+    )
