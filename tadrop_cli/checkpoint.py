@@ -534,7 +534,7 @@ def open_checkpoint(reference: str, adapter_base: str | None = None) -> Checkpoi
     split = lora.split_reference(reference)
     if split is not None:
         model, adapter = split
-        folder = lora.adapter_folder(adapter)
+        folder = lora.adapter_folder(adapter, reference)
         return lora.open_adapter_model(reference, open_checkpoint(model), folder, model)
     folder, files = resolve_source(reference)
     if folder is not None and lora.is_adapter_folder(folder):

@@ -80,19 +80,19 @@ def is_adapter_folder(folder: Path) -> bool:
     return os.path.lexists(folder / ADAPTER_CONFIG) and any(os.path.lexists(folder / name) for name in ADAPTER_WEIGHTS)
 
 
-def adapter_folder(reference: str) -> Path:
-    """The local folder of the adapter part of `model+adapter`: a folder, or a Hub id fetched."""
+def adapter_folder(reference: str, label: str) -> Path:
+    """The local folder of the adapter part of `model+adapter` (`label`): a folder, or a Hub id fetched."""
     path = Path(reference).expanduser()
     if path.is_dir():
         folder = path
     elif os.path.lexists(path):
-        raise BadInput(f"{reference}: an adapter is a folder (adapter_config.json + adapter_model.safetensors)")
+        raise BadInput(f"{label}: the adapter {reference} is not a folder (adapter_config.json + adapter weights)")
     elif HUB_ID.match(reference) and not reference.startswith((".", "/", "~")):
         folder = _download_from_hub(reference)
     else:
-        raise BadInput(f"{reference}: adapter not found (no such folder)")
-    if not os.path.lexists(folder / ADAPTER_CONFIG):
-        raise BadInput(f"{reference}: not a PEFT adapter folder (no {ADAPTER_CONFIG})")
+        raise BadInput(f"{label}: adapter {reference} not found (no such folder)")
+    if not is_adapter_folder(folder):
+        raise BadInput(f"{label}: {reference} is not a PEFT adapter folder ({ADAPTER_CONFIG} + adapter weights)")
     return folder
 
 
@@ -278,21 +278,35 @@ def _module_name(key: str) -> str:
     return key.removeprefix(PEFT_PREFIX)
 
 
-def _check_fits(delta: Delta, adapter: Checkpoint, rank: int, where: str) -> None:
-    """The factors' shapes fit the base tensor and the configured rank (else BadInput): A is
-    (r, in), B (out, r); the product (out, in), or (in, out) transposed."""
-    a_shape, b_shape = adapter.tensors[delta.a].shape, adapter.tensors[delta.b].shape
-    (a_rows, a_columns), (b_rows, b_columns) = _matrix(a_shape), _matrix(b_shape)
+def _fits(delta: Delta, adapter: Checkpoint) -> bool:
+    """A is (r, in) and B (out, r), their product (out, in), or (in, out) transposed: the base's shape."""
+    (a_rows, a_columns), (b_rows, b_columns) = (_matrix(adapter.tensors[key].shape) for key in (delta.a, delta.b))
     product = (a_columns, b_rows) if delta.transposed else (b_rows, a_columns)
-    if len(delta.shape) < 2 or b_columns != a_rows or product != _matrix(delta.shape):
+    return len(delta.shape) >= 2 and b_columns == a_rows and product == _matrix(delta.shape)
+
+
+def _oriented(delta: Delta, adapter: Checkpoint, linear: bool, where: str) -> Delta:
+    """The delta, transposed or not as its layer needs. PEFT decides fan_in_fan_out by the layer's
+    type (GPT-2's Conv1D stores (in, out), nn.Linear (out, in)), which the weights do not say: the
+    config's value, unless only the other orientation fits a (linear, non-square) tensor."""
+    if _fits(delta, adapter):
+        return delta
+    flipped = replace(delta, transposed=not delta.transposed)
+    if linear and _fits(flipped, adapter):
+        return flipped
+    a_shape, b_shape = adapter.tensors[delta.a].shape, adapter.tensors[delta.b].shape
+    raise BadInput(
+        f"{where}: LoRA factors of shapes {list(a_shape)} (A) and {list(b_shape)} (B) do not fit "
+        f"tensor {shown_name(delta.name)} of shape {list(delta.shape)} in the base"
+    )
+
+
+def _check_rank(delta: Delta, adapter: Checkpoint, rank: int, where: str) -> None:
+    """A's rows are the rank adapter_config.json gives the module (PEFT refuses to load it otherwise)."""
+    rows = adapter.tensors[delta.a].shape[0]
+    if rows != rank:
         raise BadInput(
-            f"{where}: LoRA factors of shapes {list(a_shape)} (A) and {list(b_shape)} (B) do not fit "
-            f"tensor {shown_name(delta.name)} of shape {list(delta.shape)} in the base"
-            + (" (as (B @ A)^T: fan_in_fan_out or an embedding)" if delta.transposed else "")
-        )
-    if a_rows != rank:
-        raise BadInput(
-            f"{where}: tensor {shown_name(delta.a)} has rank {a_rows}, "
+            f"{where}: tensor {shown_name(delta.a)} has rank {rows}, "
             f"but {ADAPTER_CONFIG} gives r = {rank} for it (r, rank_pattern)"
         )
 
@@ -363,9 +377,12 @@ def plan_deltas(
         if target not in shapes:
             raise _not_in_base(where, f"targets {shown_name(target)}", base)
         rank, scale = config.rank_and_scale(module)
-        transposed = pair.embedding or (config.fan_in_fan_out and len(shapes[target]) == 2)  # conv layers ignore it
-        delta = Delta(target, shapes[target], pair.a, pair.b, transposed, scale)
-        _check_fits(delta, adapter, rank, where)
+        linear = not pair.embedding and len(shapes[target]) == 2  # conv layers ignore fan_in_fan_out
+        delta = Delta(
+            target, shapes[target], pair.a, pair.b, pair.embedding or (linear and config.fan_in_fan_out), scale
+        )
+        delta = _oriented(delta, adapter, linear, where)
+        _check_rank(delta, adapter, rank, where)
         deltas.append(delta)
         if pair.bias is not None:
             bias = f"{module}.bias"

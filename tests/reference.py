@@ -613,3 +613,22 @@ def tensor_layer(name: str) -> int | None:
         if parts[i] in ("layers", "h", "blocks", "layer") and parts[i + 1].isdigit():
             return int(parts[i + 1])
     return None
+
+
+# ---------------------------------------------------------------- LoRA adapters
+
+
+def lora_scale(alpha: float, r: int, rslora: bool = False) -> float:
+    """PEFT's LoRA scaling: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+def lora_merged(base, a, b, scale: float, transposed: bool = False) -> np.ndarray:
+    """W + scale * B @ A in float64, A and B as (rank, ...) and (out, rank, ...) matrices (conv
+    kernels flattened); (B @ A)^T for fan_in_fan_out layers and embeddings."""
+    base = np.asarray(base, dtype=np.float64)
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    delta = b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1)
+    if transposed:
+        delta = delta.T
+    return base + scale * delta.reshape(base.shape)
