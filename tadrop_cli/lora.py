@@ -445,8 +445,9 @@ class AdapterModel(Checkpoint):
             return source.read(key, start, stop, pinned)
         info = self.tensors[name]
         first, last = start or 0, info.numel if stop is None else stop
+        source, key = self._source(name)
         merged = (
-            self.base.read(name, first, last)
+            source.read(key, first, last)
             .to(torch.float32)
             .add_(delta_entries(self.deltas[name], *self._factors(name), first, last))
         )

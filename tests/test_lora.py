@@ -274,6 +274,23 @@ def test_hand_written_adapter_equals_reference(tmp_path, tiny):
     )
 
 
+def test_delta_adds_to_a_tensor_the_adapter_saved_whole(tmp_path, tiny):
+    """An embedding saved whole (save_embedding_layers: `...embed.base_layer.weight`, e.g. after
+    new tokens were trained) and adapted too: PEFT loads the saved tensor, then adds B @ A to it."""
+    tensors = hand_tensors()
+    tensors["model.embed.base_layer.weight"] = tiny_state()["model.embed.weight"] + 1.0
+    adapter = write_adapter(tmp_path / "adapter", tensors, {"r": 4, "lora_alpha": 8})
+    got, _ = merge(tmp_path, adapter_recipe(tiny, str(adapter), tmp_path / "out"))
+    assert_matches(got, reference_model(tiny, adapter), atol=1e-5)
+    factors = hand_tensors()
+    torch.testing.assert_close(
+        got["model.embed.weight"],
+        tiny_state()["model.embed.weight"]
+        + 1.0
+        + 2.0 * (factors["model.embed.lora_embedding_B"] @ factors["model.embed.lora_embedding_A"]).T,
+    )
+
+
 def test_fan_in_fan_out_by_hand(tmp_path, tiny):
     g = torch.Generator().manual_seed(3)
     factors = {"model.layers.0.mlp.lora_A.weight": torch.randn(2, 96, generator=g)}
