@@ -9,7 +9,8 @@ except that each tensor the adapter targets reads as
 
 with scale = lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora (r and alpha per module
 from rank_pattern / alpha_pattern), computed in float32 when the tensor (or a slice of it) is read,
-as PEFT's merge_and_unload computes it; and each full tensor the adapter saved (modules_to_save,
+as PEFT's merge_and_unload computes it (with DoRA, scaled to the adapter's magnitudes per
+output: m / ||W + delta|| * (W + delta)); and each full tensor the adapter saved (modules_to_save,
 trained biases) reads as the adapter's. Nothing else of the base is touched or held.
 """
 
@@ -42,13 +43,14 @@ from .lazy import torch
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # PEFT's names, in the order preferred
 PEFT_PREFIX = "base_model.model."  # PEFT's prefix of a saved adapter's tensor names
-# base_model.model.<module>.lora_A.weight, ....lora_A.default.weight, ....lora_B.bias, ....lora_embedding_A
+# base_model.model.<module>.lora_A.weight, ....lora_A.default.weight, ....lora_B.bias, ....lora_embedding_A,
+# ....lora_magnitude_vector (DoRA)
 LORA_KEY = re.compile(
-    r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.default)?(?:\.(?P<param>weight|bias))?$"
+    r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
+    r"(?:\.default)?(?:\.(?P<param>weight|bias))?$"
 )
 # LoRA variants whose merged weight is not W + scale * B @ A, or that need more than the adapter's tensors
 REFUSED_VARIANTS = {
-    "use_dora": "DoRA",
     "use_qalora": "QA-LoRA",
     "alora_invocation_tokens": "activated LoRA (aLoRA), which cannot be merged",
     "target_parameters": "LoRA on parameters (target_parameters)",
@@ -116,6 +118,7 @@ class AdapterConfig:
     r: int
     alpha: float
     rslora: bool
+    dora: bool
     fan_in_fan_out: bool
     rank_pattern: dict[str, int]
     alpha_pattern: dict[str, float]
@@ -185,6 +188,7 @@ def read_config(folder: Path) -> AdapterConfig:
         r=_number(config.get("r", 8), f"{file}: r", integer=True),
         alpha=_number(config.get("lora_alpha", 8), f"{file}: lora_alpha"),
         rslora=_flag(config, "use_rslora", file),
+        dora=_flag(config, "use_dora", file),
         fan_in_fan_out=_flag(config, "fan_in_fan_out", file),
         rank_pattern=_pattern(config, "rank_pattern", file, integer=True),
         alpha_pattern=_pattern(config, "alpha_pattern", file, integer=False),
@@ -238,7 +242,9 @@ class Delta:
     """What an adapter adds to one base tensor of shape `shape`, seen as a matrix of shape[0] rows:
     scale * B @ A (A and B with their trailing dimensions flattened: conv layers), or its transpose
     (B @ A)^T = A^T @ B^T for fan_in_fan_out layers and embeddings; for a bias (`a` None),
-    scale * B's bias."""
+    scale * B's bias. With DoRA's magnitude vector m the tensor becomes
+    m / ||W + delta|| * (W + delta), the norm over each output's weights: a row of the matrix,
+    or a column when transposed (dora_rescaled)."""
 
     name: str
     shape: tuple[int, ...]
@@ -246,6 +252,7 @@ class Delta:
     b: str
     transposed: bool
     scale: float
+    magnitude: str | None = None
 
 
 def _matrix(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -272,6 +279,15 @@ def delta_entries(delta: Delta, left: torch.Tensor, right: torch.Tensor | None, 
     first, last = start // row, -(-stop // row)
     block = (left[first:last] @ right) * delta.scale
     return block.reshape(-1)[start - first * row : stop - first * row]
+
+
+def dora_rescaled(merged: torch.Tensor, magnitude: torch.Tensor, by_columns: bool) -> torch.Tensor:
+    """DoRA's merged weight from W + delta (a matrix, scaled in place): each output's weights
+    brought to the magnitude m, m / ||W + delta||_2 * (W + delta), as PEFT's merge computes it; an
+    output is a row of the matrix, or a column (`by_columns`: fan_in_fan_out layers, embeddings)."""
+    if by_columns:
+        return merged.mul_((magnitude / torch.linalg.norm(merged.T, dim=1)).view(1, -1))
+    return merged.mul_((magnitude / torch.linalg.norm(merged, dim=1)).view(-1, 1))
 
 
 def _module_name(key: str) -> str:
@@ -316,6 +332,7 @@ class _Pair:
     a: str | None = None
     b: str | None = None
     bias: str | None = None
+    magnitude: str | None = None
     embedding: bool = False
 
 
@@ -329,7 +346,7 @@ def _pairs(adapter: Checkpoint, where: str) -> tuple[dict[str, _Pair], dict[str,
             raise BadInput(f"{where}: tensor {shown_name(key)} has dtype {adapter.tensors[key].dtype}, not a float")
         match = LORA_KEY.match(key)
         if match is None:
-            if "lora_" in key:  # lora_magnitude_vector (DoRA), another adapter's name, ...
+            if "lora_" in key:  # another adapter's name, another PEFT method's tensor, ...
                 raise BadInput(f"{where}: tensor {shown_name(key)} is no LoRA tensor tadrop knows")
             # modules_to_save, trained biases, embeddings saved whole (save_embedding_layers: base_layer)
             name = _module_name(key).replace(".modules_to_save.default.", ".").replace(".base_layer.", ".")
@@ -340,14 +357,39 @@ def _pairs(adapter: Checkpoint, where: str) -> tuple[dict[str, _Pair], dict[str,
         module, part, param = match["module"], match["part"], match["param"]
         pair = pairs.setdefault(_module_name(module), _Pair())
         embedding = part.startswith("lora_embedding")
-        if embedding == (param is not None) or (param == "bias" and part != "lora_B"):
+        magnitude = part == "lora_magnitude_vector"
+        if (
+            (embedding and param is not None)
+            or (not embedding and not magnitude and param is None)
+            or (param == "bias" and part != "lora_B")
+        ):
             raise BadInput(f"{where}: tensor {shown_name(key)} is no LoRA tensor tadrop knows")
-        slot = "bias" if param == "bias" else part[-1].lower()
+        slot = "magnitude" if magnitude else "bias" if param == "bias" else part[-1].lower()
         if getattr(pair, slot) is not None:
             raise BadInput(f"{where}: tensors {shown_name(getattr(pair, slot))} and {shown_name(key)} are one tensor")
         setattr(pair, slot, key)
         pair.embedding = pair.embedding or embedding
     return pairs, full
+
+
+def _with_magnitude(delta: Delta, pair: _Pair, config: AdapterConfig, adapter: Checkpoint, where: str) -> Delta:
+    """The delta with its DoRA magnitude vector, checked: one entry per output (row, or column when
+    transposed). DoRA on a conv layer is refused (its norm and factor are shaped otherwise)."""
+    if pair.magnitude is None:
+        if config.dora:
+            raise BadInput(f"{where}: use_dora is set, but {shown_name(pair.a)} has no lora_magnitude_vector")
+        return delta
+    if not config.dora:
+        raise BadInput(f"{where}: tensor {shown_name(pair.magnitude)} is DoRA's, but use_dora is not set")
+    if len(delta.shape) != 2:
+        raise BadInput(f"{where}: DoRA on a conv layer ({shown_name(delta.name)}) is not supported")
+    outputs = delta.shape[1] if delta.transposed else delta.shape[0]
+    if adapter.tensors[pair.magnitude].numel != outputs:
+        raise BadInput(
+            f"{where}: tensor {shown_name(pair.magnitude)} has {adapter.tensors[pair.magnitude].numel} entries, "
+            f"but tensor {shown_name(delta.name)} has {outputs} outputs"
+        )
+    return replace(delta, magnitude=pair.magnitude)
 
 
 def _not_in_base(where: str, what: str, base: Checkpoint) -> BadInput:
@@ -383,6 +425,7 @@ def plan_deltas(
         )
         delta = _oriented(delta, adapter, linear, where)
         _check_rank(delta, adapter, rank, where)
+        delta = _with_magnitude(delta, pair, config, adapter, where)
         deltas.append(delta)
         if pair.bias is not None:
             bias = f"{module}.bias"
@@ -430,6 +473,7 @@ class AdapterModel(Checkpoint):
         self.deltas = {delta.name: delta for delta in deltas}
         self.full = full
         self._cached: tuple[str, tuple] | None = None  # the last delta's factors: a tensor is read in slices
+        self._whole: tuple[str, torch.Tensor] | None = None  # the last DoRA tensor normed by columns
 
     def _source(self, name: str) -> tuple[Checkpoint, str]:
         return (self.adapter, self.full[name]) if name in self.full else (self.base, name)
@@ -443,15 +487,36 @@ class AdapterModel(Checkpoint):
         if name not in self.deltas:
             source, key = self._source(name)
             return source.read(key, start, stop, pinned)
-        info = self.tensors[name]
+        info, delta = self.tensors[name], self.deltas[name]
         first, last = start or 0, info.numel if stop is None else stop
-        source, key = self._source(name)
-        merged = (
-            source.read(key, first, last)
-            .to(torch.float32)
-            .add_(delta_entries(self.deltas[name], *self._factors(name), first, last))
-        )
+        if delta.magnitude is None:
+            merged = self._merged(name, first, last)
+        elif delta.transposed:  # a norm per column: the whole tensor, kept while it is read in slices
+            if self._whole is None or self._whole[0] != name:
+                self._whole = None  # let the last one go first
+                self._whole = (name, self._dora(name, 0, info.numel))
+            merged = self._whole[1][first:last].clone()
+        else:  # a norm per row: the whole rows the entries fall in
+            row = info.numel // info.shape[0]
+            rows = (first // row * row, -(-last // row) * row)
+            merged = self._dora(name, *rows)[first - rows[0] : last - rows[0]]
         return merged.reshape(info.shape) if start is None and stop is None else merged
+
+    def _merged(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Entries [start, stop) of W + delta, flattened, float32."""
+        source, key = self._source(name)
+        delta = delta_entries(self.deltas[name], *self._factors(name), start, stop)
+        return source.read(key, start, stop).to(torch.float32).add_(delta)
+
+    def _dora(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Entries [start, stop) of DoRA's merged weight, flattened: whole rows, or the whole tensor
+        when normed by columns."""
+        delta, columns = self.deltas[name], self.tensors[name].shape[1]
+        magnitude = self.adapter.read(delta.magnitude).to(torch.float32).reshape(-1)
+        if not delta.transposed:
+            magnitude = magnitude[start // columns : stop // columns]
+        merged = self._merged(name, start, stop).view(-1, columns)
+        return dora_rescaled(merged, magnitude, delta.transposed).reshape(-1)
 
     def mapped(self, name: str, start: int, stop: int) -> Stored:
         if name in self.deltas:
@@ -468,7 +533,7 @@ class AdapterModel(Checkpoint):
         return [*self.base.input_files(), *self.adapter.input_files(), self.config.file]
 
     def close(self) -> None:
-        self._cached = None
+        self._cached = self._whole = None
         self.base.close()
         self.adapter.close()
 

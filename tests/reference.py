@@ -632,3 +632,12 @@ def lora_merged(base, a, b, scale: float, transposed: bool = False) -> np.ndarra
     if transposed:
         delta = delta.T
     return base + scale * delta.reshape(base.shape)
+
+
+def dora_merged(merged, magnitude, by_columns: bool = False) -> np.ndarray:
+    """DoRA: W' = m / ||W + delta||_2 * (W + delta) in float64, the norm over each output's weights
+    (a row of the (out, in) matrix; a column of the stored matrix for fan_in_fan_out and embeddings)."""
+    merged, magnitude = np.asarray(merged, dtype=np.float64), np.asarray(magnitude, dtype=np.float64).reshape(-1)
+    if by_columns:
+        return merged * (magnitude / np.sqrt((merged**2).sum(axis=0)))[None, :]
+    return merged * (magnitude / np.sqrt((merged**2).sum(axis=1)))[:, None]

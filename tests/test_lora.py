@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import basic_recipe, tiny_state, write_checkpoint, write_recipe
-from reference import lora_merged, lora_scale
+from reference import dora_merged, lora_merged, lora_scale
 from safetensors.numpy import load_file as load_numpy
 from safetensors.torch import load_file, save_file
 from test_bad_input import merge_bad, ok
@@ -28,7 +28,8 @@ from tadrop_cli.lora import base_note, read_config
 transformers = pytest.importorskip("transformers")
 
 LORA_KEY = re.compile(
-    r"^base_model\.model\.(.+)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.default)?(?:\.(weight|bias))?$"
+    r"^base_model\.model\.(.+)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
+    r"(?:\.default)?(?:\.(weight|bias))?$"
 )
 
 
@@ -85,6 +86,10 @@ def reference_model(base_folder: Path, adapter: Path) -> dict[str, np.ndarray]:
         b = parts.get("Bweight", parts.get("B"))
         transposed = "A" in parts or config.get("fan_in_fan_out", False)
         out[f"{module}.weight"] = lora_merged(base[f"{module}.weight"], a, b, scale, transposed)
+        if "rweight" in parts or "r" in parts:  # lora_magnitude_vector: DoRA
+            out[f"{module}.weight"] = dora_merged(
+                out[f"{module}.weight"], parts.get("r", parts.get("rweight")), transposed
+            )
         if "Bbias" in parts:
             out[f"{module}.bias"] = base[f"{module}.bias"] + scale * parts["Bbias"].astype(np.float64)
     return out
@@ -94,7 +99,7 @@ def assert_matches(got: dict[str, torch.Tensor], want: dict, atol: float = 2e-6)
     assert set(got) == set(want)
     for name, tensor in want.items():
         expected = torch.as_tensor(np.asarray(tensor, dtype=np.float64))
-        torch.testing.assert_close(got[name].double(), expected, atol=atol, rtol=0, msg=name)
+        torch.testing.assert_close(got[name].double(), expected, atol=atol, rtol=1e-6, msg=name)
 
 
 # ---------------------------------------------------------------- models built with transformers and peft
@@ -133,6 +138,8 @@ def make_adapter(base: Path, folder: Path, **settings) -> Path:
         for name, parameter in wrapped.named_parameters():
             if "modules_to_save" in name or "lora_B" in name and name.endswith("bias"):
                 parameter.add_(torch.randn_like(parameter))
+            elif "lora_magnitude_vector" in name:  # DoRA's magnitudes start as the base's norms
+                parameter.mul_(1 + 0.2 * torch.randn_like(parameter))
     wrapped.save_pretrained(folder)
     return folder
 
@@ -156,6 +163,7 @@ LLAMA_ADAPTERS = {
         alpha_pattern={"layers.0.self_attn.q_proj": 3},
     ),
     "lora_bias": dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], lora_bias=True),
+    "dora": dict(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "down_proj", "embed_tokens"]),
 }
 
 
@@ -169,7 +177,7 @@ def llama_adapters(llama, tmp_path_factory) -> dict[str, Path]:
 @pytest.mark.parametrize("syntax", ["folder", "plus"])
 def test_adapter_reads_as_peft_merge_and_unload(tmp_path, llama, llama_adapters, kind, syntax):
     """Both syntaxes give the adapted model: equal to the float64 reference from the files, and
-    to peft's merge_and_unload() (same float32 operations: bit for bit here)."""
+    to peft's merge_and_unload() (the same float32 operations, to their rounding)."""
     adapter = llama_adapters[kind]
     model = str(adapter) if syntax == "folder" else f"{llama}+{adapter}"
     got, summary = merge(tmp_path, adapter_recipe(llama, model, tmp_path / "out"))
@@ -181,13 +189,17 @@ def test_adapter_reads_as_peft_merge_and_unload(tmp_path, llama, llama_adapters,
     assert not any("lacks" in note or "skipped" in note for note in summary["notes"])
 
 
-def test_fan_in_fan_out_adapter_of_gpt2(tmp_path):
-    """GPT-2's Conv1D stores weights as (in, out): PEFT's fan_in_fan_out adds (B @ A)^T."""
+@pytest.mark.parametrize("dora", [False, True])
+def test_fan_in_fan_out_adapter_of_gpt2(tmp_path, dora):
+    """GPT-2's Conv1D stores weights as (in, out): PEFT's fan_in_fan_out adds (B @ A)^T (and DoRA
+    norms each column)."""
     torch.manual_seed(0)
     config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=16, vocab_size=64)
     base = tmp_path / "gpt2"
     transformers.GPT2LMHeadModel(config).save_pretrained(base)
-    adapter = make_adapter(base, tmp_path / "gpt2-adapter", r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"])
+    adapter = make_adapter(
+        base, tmp_path / "gpt2-adapter", r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], use_dora=dora
+    )
     assert json.loads((adapter / "adapter_config.json").read_text())["fan_in_fan_out"] is True
     got, _ = merge(tmp_path, adapter_recipe(base, f"{base}+{adapter}", tmp_path / "out"))
     want = peft_merged(base, adapter)
@@ -312,12 +324,14 @@ def test_bin_adapter_with_default_names_reads_the_same(tmp_path, tiny):
     assert all(torch.equal(got[name], want[name]) for name in want)
 
 
+@pytest.mark.parametrize("dora", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_adapter_merged_in_slices_equals_whole(tmp_path, monkeypatch, dtype):
+def test_adapter_merged_in_slices_equals_whole(tmp_path, monkeypatch, dtype, dora):
     """A tensor merged in slices reads only the rows of B @ A each slice needs (float32 base: the C
     kernels, through mapped(); bfloat16: PyTorch), and gives the whole tensor's merge."""
     base = write_checkpoint(tmp_path / "base", tiny_state(), dtype=dtype)
-    adapter = write_adapter(tmp_path / "adapter", hand_tensors(), {"r": 4, "lora_alpha": 8})
+    tensors = dora_tensors() if dora else hand_tensors()
+    adapter = write_adapter(tmp_path / "adapter", tensors, {"r": 4, "lora_alpha": 8, "use_dora": dora})
     recipe = adapter_recipe(base, str(adapter), tmp_path / "whole", method="dare_linear", parameters={"density": 0.6})
     whole, _ = merge(tmp_path, recipe, "a.yaml")
     monkeypatch.setattr(tensor_merge, "CHUNK_ELEMENTS", 1000)  # not a multiple of a row: slices cut rows
@@ -326,6 +340,42 @@ def test_adapter_merged_in_slices_equals_whole(tmp_path, monkeypatch, dtype):
     for name in whole:
         torch.testing.assert_close(sliced[name], whole[name], atol=1e-6, rtol=0, msg=name)
     assert not torch.equal(whole["model.layers.1.mlp.weight"], load_output(base)["model.layers.1.mlp.weight"])
+
+
+def dora_tensors(seed: int = 0) -> dict[str, torch.Tensor]:
+    """hand_tensors with DoRA magnitudes: per row for the attention and MLP matrices, per column
+    (embedding dimension) for the embedding."""
+    g = torch.Generator().manual_seed(100 + seed)
+    tensors = hand_tensors(seed)
+    for module, outputs in (("model.layers.0.attn", 64), ("model.layers.1.mlp", 96), ("model.embed", 64)):
+        tensors[f"{module}.lora_magnitude_vector"] = 1 + torch.rand(outputs, generator=g)
+    return tensors
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_slices_of_an_adapted_tensor_equal_the_whole(tmp_path, tiny, dora):
+    """Any cut of a tensor into slices (rows cut in two, a norm per row or per column for DoRA)
+    reads the entries of the whole, which equal the float64 reference."""
+    tensors = dora_tensors() if dora else hand_tensors()
+    adapter = write_adapter(tmp_path / "adapter", tensors, {"r": 4, "lora_alpha": 8, "use_dora": dora})
+    reference = reference_model(tiny, adapter)
+    model = open_checkpoint(str(adapter), adapter_base=str(tiny))
+    try:
+        for name in ("model.layers.0.attn.weight", "model.layers.1.mlp.weight", "model.embed.weight"):
+            whole = model.read(name)
+            cuts = [0, 1, 63, 100, 2000, 2001, whole.numel()]
+            parts = [model.read(name, start, stop) for start, stop in zip(cuts, cuts[1:], strict=False)]
+            torch.testing.assert_close(torch.cat(parts), whole.reshape(-1), atol=1e-6, rtol=1e-6, msg=name)
+            expected = torch.as_tensor(reference[name])
+            torch.testing.assert_close(whole.double(), expected, atol=1e-5, rtol=1e-6, msg=name)
+            assert model.mapped(name, 5, 77).array.tolist() == model.read(name, 5, 77).tolist()
+    finally:
+        model.close()
+    if dora:  # the scaled outputs have the magnitudes as their norms
+        rows = torch.as_tensor(reference["model.layers.1.mlp.weight"]).norm(dim=1)
+        torch.testing.assert_close(rows, tensors["model.layers.1.mlp.lora_magnitude_vector"].double())
+        columns = torch.as_tensor(reference["model.embed.weight"]).norm(dim=0)
+        torch.testing.assert_close(columns, tensors["model.embed.lora_magnitude_vector"].double())
 
 
 def test_adapter_config_is_an_input_of_the_merge(tmp_path, tiny):
@@ -376,7 +426,7 @@ def recipe(tiny_models, tmp_path) -> dict:
 @pytest.mark.parametrize(
     "change,culprits",
     [
-        ({"use_dora": True}, ("adapter_config.json", "use_dora", "DoRA")),
+        ({"use_dora": True}, ("my-adapter", "use_dora is set", "lora_magnitude_vector")),
         ({"peft_type": "IA3"}, ("adapter_config.json", "IA3", "LoRA adapters only")),
         ({"init_lora_weights": "pissa_niter_4"}, ("adapter_config.json", "pissa_niter_4", "changes the base")),
         ({"r": 8}, ("my-adapter", "rank 4", "r = 8")),
@@ -406,7 +456,10 @@ def test_adapter_config_refused(tmp_path, recipe, change, culprits):
             lambda t: t.update({"model.layers.0.attn.lora_B.weight": torch.randn(32, 4)}),
             ("do not fit", "model.layers.0.attn.weight", "[32, 4]"),
         ),
-        (lambda t: t.update({"model.layers.0.attn.lora_magnitude_vector": torch.ones(64)}), ("lora_magnitude",)),
+        (
+            lambda t: t.update({"model.layers.0.attn.lora_magnitude_vector": torch.ones(64)}),
+            ("lora_magnitude_vector", "use_dora is not set"),
+        ),
         (lambda t: t.update({"lm_head.weight": torch.ones(4, 4)}), ("lm_head.weight", "not a tensor of")),
     ],
 )
