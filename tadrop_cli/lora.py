@@ -57,6 +57,10 @@ REFUSED_VARIANTS = {
     "trainable_token_indices": "trainable tokens",
     "layer_replication": "layer replication",
     "megatron_config": "Megatron parallel layers",
+    "kasa_config": "KaSA (it changes the base weights too)",
+    "use_bdlora": "block-diagonal LoRA (BD-LoRA)",
+    "monteclora_config": "MonteCLoRA",
+    "arrow_config": "Arrow routing",
 }
 # initialisations that change the base's weights as well: the adapter fits that changed base, not the base
 BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")

@@ -434,6 +434,7 @@ def recipe(tiny_models, tmp_path) -> dict:
         ({"lora_alpha": "x"}, ("adapter_config.json", "lora_alpha")),
         ({"rank_pattern": {"(": 2}}, ("adapter_config.json", "rank_pattern", "regular expression")),
         ({"trainable_token_indices": [1, 2]}, ("adapter_config.json", "trainable_token_indices")),
+        ({"kasa_config": {"r": 4}}, ("adapter_config.json", "kasa_config", "KaSA")),
     ],
 )
 def test_adapter_config_refused(tmp_path, recipe, change, culprits):
