@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import basic_recipe, tiny_state, write_checkpoint, write_recipe
+from conftest import basic_recipe, run_cli, tiny_state, write_checkpoint, write_recipe
 from reference import dora_merged, lora_merged, lora_scale
 from safetensors.numpy import load_file as load_numpy
 from safetensors.torch import load_file, save_file
@@ -542,3 +542,42 @@ def test_adapter_bin_pickle_is_never_run(tmp_path, recipe):
     recipe["models"][0]["model"] = str(adapter)
     merge_bad(tmp_path, recipe, "adapter_model.bin", "refused to load")
     assert not (tmp_path / "pwned").exists() and not Path("pwned").exists()
+
+
+def test_hub_adapters_offline_from_the_cache(tmp_path):
+    """Adapters given as Hub ids (alone and as base+adapter) come from the cache like models; an
+    adapter whose config names another Hub base is refused."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    hub = tmp_path / "hf" / "hub"
+
+    def cached(repo: str) -> Path:
+        folder = hub / f"models--acme--{repo}"
+        (folder / "refs").mkdir(parents=True, exist_ok=True)
+        (folder / "refs" / "main").write_text(commit)
+        return folder / "snapshots" / commit
+
+    write_checkpoint(cached("tiny-base"), tiny_state())
+    write_adapter(
+        cached("tiny-lora"), hand_tensors(), {"r": 4, "lora_alpha": 8, "base_model_name_or_path": "acme/tiny-base"}
+    )
+    write_adapter(
+        cached("odd-lora"), hand_tensors(), {"r": 4, "lora_alpha": 8, "base_model_name_or_path": "acme/odd-base"}
+    )
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    recipe = {
+        "merge_method": "linear",
+        "base_model": "acme/tiny-base",
+        "models": [
+            {"model": "acme/tiny-lora", "parameters": {"weight": 1.0}},
+            {"model": "acme/tiny-base+acme/tiny-lora@main", "parameters": {"weight": 1.0}},
+        ],
+        "output": {"path": str(tmp_path / "out")},
+    }
+    result = run_cli("merge", str(write_recipe(tmp_path, recipe)), "--quiet", env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""  # the adapter's base agrees: no note
+    assert_matches(load_output(tmp_path / "out"), reference_model(cached("tiny-base"), cached("tiny-lora")), atol=1e-5)
+    recipe["models"][0]["model"] = "acme/odd-lora"
+    result = run_cli("merge", str(write_recipe(tmp_path, recipe)), "--overwrite", env=env)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "base_model_name_or_path is acme/odd-base" in result.stderr and "acme/tiny-base" in result.stderr
