@@ -581,3 +581,39 @@ def test_hub_adapters_offline_from_the_cache(tmp_path):
     result = run_cli("merge", str(write_recipe(tmp_path, recipe)), "--overwrite", env=env)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "base_model_name_or_path is acme/odd-base" in result.stderr and "acme/tiny-base" in result.stderr
+
+
+class ConvNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, kernel_size=3)
+        self.point = torch.nn.Conv2d(8, 8, kernel_size=1)
+        self.head = torch.nn.Linear(8, 4)
+
+
+def test_conv_adapter_equals_peft(tmp_path):
+    """LoRA on conv layers (a 3x3 and a 1x1 kernel): A's kernels flattened, B @ A reshaped to the
+    weight's shape, as PEFT merges them."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    net = ConvNet()
+    base = write_checkpoint(tmp_path / "base", {k: v.detach().clone() for k, v in net.state_dict().items()})
+    wrapped = peft.get_peft_model(
+        net, peft.LoraConfig(r=2, lora_alpha=6, target_modules=["conv", "point", "head"], init_lora_weights=False)
+    )
+    wrapped.save_pretrained(tmp_path / "adapter")
+    want = {k: v.detach().clone() for k, v in wrapped.merge_and_unload().state_dict().items()}
+    got, _ = merge(tmp_path, adapter_recipe(base, str(tmp_path / "adapter"), tmp_path / "out"))
+    assert_matches(got, want, atol=1e-6)
+    assert_matches(got, reference_model(base, tmp_path / "adapter"), atol=1e-5)
+    assert not torch.equal(got["conv.weight"], load_output(base)["conv.weight"])
+
+
+def test_dora_on_a_conv_layer_is_refused(tmp_path):
+    peft = pytest.importorskip("peft")
+    net = ConvNet()
+    base = write_checkpoint(tmp_path / "base", {k: v.detach().clone() for k, v in net.state_dict().items()})
+    config = peft.LoraConfig(r=2, lora_alpha=6, target_modules=["conv"], use_dora=True, init_lora_weights=False)
+    peft.get_peft_model(net, config).save_pretrained(tmp_path / "dora-adapter")
+    recipe = adapter_recipe(base, str(tmp_path / "dora-adapter"), tmp_path / "out")
+    merge_bad(tmp_path, recipe, "dora-adapter", "DoRA on a conv layer", "conv.weight")
