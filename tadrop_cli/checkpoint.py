@@ -71,6 +71,7 @@ class Checkpoint:
         self._maps: dict[Path, mmap.mmap] = {}  # the same, mapped (see mapped())
         self._to_release: dict[Path, tuple[int, int]] = {}  # pages done with, not yet let go of (see unmap())
         self._torch_state = torch_state  # lazily loaded (mmapped) PyTorch state dicts, per file
+        self.notes: list[str] = []  # what opening it found worth telling (an adapter's base, ...)
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
@@ -166,6 +167,10 @@ class Checkpoint:
         if file not in self._torch_state:
             self._torch_state[file] = load_torch_state(file)
         return self._torch_state[file]
+
+    def input_files(self) -> list[Path]:
+        """Every file its tensors are read from (a merge resumes only if none changed)."""
+        return list(dict.fromkeys(info.file for info in self.tensors.values()))
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -543,9 +548,31 @@ def resolve_source(reference: str) -> tuple[Path | None, list[Path]]:
     raise BadInput(f"{reference}: model not found (no such file or folder)")
 
 
-def open_checkpoint(reference: str) -> Checkpoint:
-    """Open a checkpoint and read every header; tensor data is read later, on demand."""
+def open_checkpoint(reference: str, adapter_base: str | None = None) -> Checkpoint:
+    """Open a checkpoint and read every header; tensor data is read later, on demand.
+
+    A PEFT LoRA adapter opens as the model it makes of its base (lora.AdapterModel): `X+adapter`
+    applies it to model X (mergekit's syntax), an adapter folder given alone to `adapter_base`
+    (the recipe's base model)."""
+    from . import lora  # built on this module
+
+    split = lora.split_reference(reference)
+    if split is not None:
+        model, adapter = split
+        folder = lora.adapter_folder(adapter, reference)
+        return lora.open_adapter_model(reference, open_checkpoint(model), folder, model)
     folder, files = resolve_source(reference)
+    if folder is not None and lora.is_adapter_folder(folder):
+        if adapter_base is None:
+            raise BadInput(
+                f"{reference}: a PEFT adapter folder, with no base model to apply it to "
+                f"(give it as model+adapter, as mergekit does, or set base_model)"
+            )
+        return lora.open_adapter_model(reference, open_checkpoint(adapter_base), folder, adapter_base)
+    return _open_files(reference, folder, files)
+
+
+def _open_files(reference: str, folder: Path | None, files: list[Path]) -> Checkpoint:
     tensors: dict[str, TensorInfo] = {}
     torch_state: dict[Path, dict] = {}
     for file in files:

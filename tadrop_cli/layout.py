@@ -172,7 +172,7 @@ def build_layout(recipe: Recipe) -> Layout:
         if reference:
             opened.append(reference)
         models: list[ModelInput] = []
-        notes: list[str] = []
+        notes: list[str] = list(reference.notes) if reference else []
         if recipe.base_model and not with_base:
             notes.append(f"base_model: {recipe.method.name} takes no base; ignored (as in mergekit)")
         for i, entry in enumerate(recipe.models):
@@ -188,8 +188,9 @@ def build_layout(recipe: Recipe) -> Layout:
                 )
                 notes.append(f"models[{i}] is the base model: {role} (as in mergekit)")
                 continue
-            checkpoint = open_checkpoint(entry.model)
+            checkpoint = open_checkpoint(entry.model, adapter_base=recipe.base_model)
             opened.append(checkpoint)
+            notes.extend(checkpoint.notes)
             models.append(ModelInput(i, entry, checkpoint, model_tadrop(recipe, entry)))
         if reference is None:
             reference = models[0].checkpoint
@@ -226,26 +227,40 @@ ADAPTER_TENSOR = re.compile(r"\.(lora|ia3|hada|lokr)_")  # PEFT's names: ...q_pr
 
 
 def _looks_like_adapter(checkpoint: Checkpoint) -> bool:
-    """A PEFT adapter: adapter_config.json beside the weights, or LoRA-style tensor names."""
-    if checkpoint.folder is not None and (checkpoint.folder / "adapter_config.json").exists():
-        return True
+    """PEFT adapter weights without their folder (a folder with adapter_config.json opens as the
+    model the adapter makes, lora.AdapterModel): LoRA-style tensor names."""
     return any(ADAPTER_TENSOR.search(name) for name in checkpoint.tensors)
 
 
+def _matches(model: Checkpoint, reference: Checkpoint, name: str) -> bool:
+    """The model has the base's floating-point tensor `name`, in the same shape: something to merge."""
+    mine, base = model.tensors.get(name), reference.tensors[name]
+    return mine is not None and mine.shape == base.shape and mine.dtype in FLOATS and base.dtype in FLOATS
+
+
 def check_shares_tensors(model: Checkpoint, reference: Checkpoint) -> None:
-    """A model that has no tensor name of the base is not a fine-tune of it: an adapter, another
-    architecture, or differently prefixed names. Refused, rather than skipped tensor by tensor."""
-    if model is reference or not set(model.tensors).isdisjoint(reference.tensors):
+    """A model none of whose tensors matches a floating-point tensor of the base in name and shape is
+    not a fine-tune of it: adapter weights without their config, another architecture, or
+    differently prefixed names. Refused, whatever the policies, rather than skipped tensor by tensor."""
+    if model is reference or any(_matches(model, reference, name) for name in reference.tensors):
         return
     if _looks_like_adapter(model):
         raise BadInput(
-            f"{model.label}: looks like a PEFT/LoRA adapter: tadrop does not take adapters yet "
-            f"(merge the adapter into its base model first, e.g. PEFT's merge_and_unload)"
+            f"{model.label}: looks like PEFT/LoRA adapter weights: give the adapter's folder "
+            f"(adapter_config.json beside adapter_model.safetensors), alone or as base+adapter"
         )
+    shared = sorted(set(model.tensors) & set(reference.tensors))
+    if not shared:
+        raise BadInput(
+            f"{model.label}: shares no tensor name with the base {reference.label} "
+            f"(e.g. {shown_name(min(model.tensors))} vs {shown_name(min(reference.tensors))}); "
+            f"not a fine-tune of it"
+        )
+    name = shared[0]
     raise BadInput(
-        f"{model.label}: shares no tensor name with the base {reference.label} "
-        f"(e.g. {shown_name(min(model.tensors))} vs {shown_name(min(reference.tensors))}); "
-        f"not a fine-tune of it"
+        f"{model.label}: none of its tensors matches the base {reference.label} in name and shape "
+        f"(e.g. {shown_name(name)}: {model.tensors[name].dtype} {list(model.tensors[name].shape)} vs "
+        f"{reference.tensors[name].dtype} {list(reference.tensors[name].shape)}); not a fine-tune of it"
     )
 
 

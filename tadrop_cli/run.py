@@ -199,9 +199,9 @@ def reuse_freed_memory() -> None:
 
 def _input_files(layout: Layout) -> list[Path]:
     return [
-        info.file
+        file
         for checkpoint in [layout.reference, *(m.checkpoint for m in layout.models)]
-        for info in checkpoint.tensors.values()
+        for file in checkpoint.input_files()
     ]
 
 

@@ -146,9 +146,10 @@ class _Builder:
         key = source_identity(reference)
         if key not in self.checkpoints:
             try:
-                self.checkpoints[key] = open_checkpoint(reference)
+                self.checkpoints[key] = open_checkpoint(reference, adapter_base=self.recipe.base_model)
             except BadInput as error:
                 raise BadInput(f"{where}: {error}") from None
+            self.notes.extend(self.checkpoints[key].notes)
             self.layers[key] = numbered_layers(self.checkpoints[key])
         return self.checkpoints[key]
 

@@ -861,3 +861,31 @@ INTERPOLATION_REFERENCES = {
 }
 DEFAULT_NORMALIZE.update(dict.fromkeys(INTERPOLATION_REFERENCES))  # no normalize parameter
 SPARSIFIER.update(dict.fromkeys(INTERPOLATION_REFERENCES))  # no drop: TADrop is refused
+
+
+# ---------------------------------------------------------------- LoRA adapters
+
+
+def lora_scale(alpha: float, r: int, rslora: bool = False) -> float:
+    """PEFT's LoRA scaling: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+def lora_merged(base, a, b, scale: float, transposed: bool = False) -> np.ndarray:
+    """W + scale * B @ A in float64, A and B as (rank, ...) and (out, rank, ...) matrices (conv
+    kernels flattened); (B @ A)^T for fan_in_fan_out layers and embeddings."""
+    base = np.asarray(base, dtype=np.float64)
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    delta = b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1)
+    if transposed:
+        delta = delta.T
+    return base + scale * delta.reshape(base.shape)
+
+
+def dora_merged(merged, magnitude, by_columns: bool = False) -> np.ndarray:
+    """DoRA: W' = m / ||W + delta||_2 * (W + delta) in float64, the norm over each output's weights
+    (a row of the (out, in) matrix; a column of the stored matrix for fan_in_fan_out and embeddings)."""
+    merged, magnitude = np.asarray(merged, dtype=np.float64), np.asarray(magnitude, dtype=np.float64).reshape(-1)
+    if by_columns:
+        return merged * (magnitude / np.sqrt((merged**2).sum(axis=0)))[None, :]
+    return merged * (magnitude / np.sqrt((merged**2).sum(axis=1)))[:, None]

@@ -529,17 +529,20 @@ def test_sentence_transformers_output_loads(tmp_path):
 # ---------------------------------------------------------------- models that are not what they seem
 
 
-def test_peft_adapter_as_a_model_is_refused(tmp_path, recipe):
+def test_peft_adapter_of_another_model_is_refused(tmp_path, recipe):
+    """An adapter whose targets are not tensors of the base is refused, naming it, whatever the
+    policies (it used to be skipped tensor by tensor: a silent no-op)."""
     adapter = tmp_path / "my-adapter"
     adapter.mkdir()
     lora = {
-        "base_model.model.model.layers.0.attn.lora_A.weight": torch.randn(8, 64),
-        "base_model.model.model.layers.0.attn.lora_B.weight": torch.zeros(64, 8),
+        "base_model.model.model.layers.0.q_proj.lora_A.weight": torch.randn(8, 64),
+        "base_model.model.model.layers.0.q_proj.lora_B.weight": torch.zeros(64, 8),
     }
     save_file(lora, str(adapter / "adapter_model.safetensors"))
     (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
     recipe["models"][1]["model"] = str(adapter)
-    line = merge_bad(tmp_path, recipe, "my-adapter", "PEFT/LoRA adapter")
+    recipe["policies"] = {"missing_tensor": "skip_model", "shape_mismatch": "skip_model"}
+    line = merge_bad(tmp_path, recipe, "my-adapter", "PEFT/LoRA adapter", "model.layers.0.q_proj.weight")
     assert "note" not in line
 
 
