@@ -23,6 +23,7 @@ from .lazy import is_torch_tensor, torch, torch_imported
 from .plan import Plan, build_plan
 from .recipe import Recipe, recipe_digest
 from .tensor_merge import chunk_elements, kernels_merge, merge_tensor
+from .tokenizer_files import write_tokenizer
 from .verify import verify_written_shard
 from .writer import (
     STAGING_SUFFIX,
@@ -353,6 +354,8 @@ def _merge_into(
     for file, relative in layout.module_files:  # a sentence-transformers base's module folders (1_Pooling/...)
         staging.copy_in(file, relative)
         copied.append(relative)
+    if layout.tokenizer is not None:  # the merged tokenizer, and config.json with its vocab_size
+        copied.extend(write_tokenizer(staging, layout.tokenizer))
 
     return _summary(
         layout,
