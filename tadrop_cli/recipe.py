@@ -12,7 +12,7 @@ import hashlib
 import re
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -204,7 +204,7 @@ class TokenEmbedding(_Strict):
     """Where one output token's embedding row comes from, for the models that lack the token (or, with
     force, for every model): a model (its row for this token), a model's row for another token, or zeros."""
 
-    source: ModelTokenSource | ZeroSource | str | None = None
+    source: Annotated[ModelTokenSource | ZeroSource, Field(discriminator="kind")] | str | None = None
     force: StrictBool = False
 
 
@@ -319,7 +319,7 @@ def _format_loc(loc: tuple) -> str:
             and (
                 part in ("list[ConditionalValue]", "list[union[int,float]]")
                 or part[:1].isupper()
-                or part.startswith(("function-", "constrained-", "literal["))
+                or part.startswith(("function-", "constrained-", "literal[", "tagged-union["))
             )
         ):
             text += f".{part}" if text else str(part)
@@ -342,7 +342,8 @@ def _first_error(error: ValidationError) -> str:
     if chosen["type"] == "extra_forbidden":
         key = str(loc[-1])
         allowed = _allowed_keys(loc[:-1])
-        return f"{where}: unknown key; {_suggest(key, allowed)}allowed keys: {', '.join(allowed)}"
+        listed = f"allowed keys: {', '.join(allowed)}" if allowed else "not a key of this mapping"
+        return f"{where}: unknown key; {_suggest(key, allowed)}{listed}"
     if chosen["type"] == "missing":
         return f"{where}: required key is missing"
     got = chosen.get("input")

@@ -133,8 +133,8 @@ def aligned_tensor(
     for i, row in defaults.items():
         if p[i] < 0 or i in forced:
             out[i] = row
-    if rows > len(p):  # the mean over the vocabulary's rows, summed in float64 (many rows)
-        out[len(p) :] = out[: len(p)].to(torch.float64).mean(dim=0).to(torch.float32)
+    if rows > len(p):  # torch's float32 mean (pairwise sums), as mergekit: the same bits, which a trim's ties need
+        out[len(p) :] = out[: len(p)].mean(dim=0)
     return out
 
 
