@@ -288,6 +288,18 @@ def _needs_alignment(sources: list[_Source], names: set[str], rows: int, rules: 
     return False
 
 
+def _folders(checkpoints: list[Checkpoint], copy_from: Path | None) -> list[Path]:
+    return [folder for folder in [*(c.folder for c in checkpoints), copy_from] if folder is not None]
+
+
+def _note(settings: TokenizerSettings, base_count: int, count: int, rows: int, names: set[str]) -> str:
+    padding = f", padded to {rows} rows" if rows > count else ""
+    return (
+        f"tokenizer: {settings.source}: {count} tokens ({count - base_count:+d} against the base){padding}; "
+        f"{', '.join(sorted(names))} aligned by token"
+    )
+
+
 def merged_vocabulary(
     recipe: Recipe, reference: Checkpoint, checkpoints: list[Checkpoint]
 ) -> tuple[OutputTokenizer, dict[int, Checkpoint]]:
@@ -310,7 +322,9 @@ def merged_vocabulary(
     rules = _token_rules(settings, output, checkpoints, sources)
     names = _vocabulary_names(reference, sources)
     config = next((file for file in config_files(reference.folder) if file.name == "config.json"), None)
-    result = OutputTokenizer(out, output, rows, copy_from, config)
+    inputs = [file for folder in _folders(checkpoints, copy_from) for file in config_files(folder)]
+    note = _note(settings, len(vocabulary(base_tokenizer)), len(output), rows, names)
+    result = OutputTokenizer(out, output, rows, copy_from, config, list(dict.fromkeys(inputs)), note)
     if not _needs_alignment(sources, names, rows, rules):
         return result, {}
     base = 0 if recipe.base_model else None

@@ -159,6 +159,7 @@ def build_layout(recipe: Recipe) -> Layout:
         tokenizer = None
         if recipe.tokenizer_settings is not None:  # the models seen with their embeddings in the merged vocabulary
             tokenizer, reference, models = _aligned_inputs(recipe, reference, models)
+            notes.append(tokenizer.note)
         for model in models:
             check_shares_tensors(model.checkpoint, reference)
         configs = config_files(reference.folder)  # listed (and links refused) now, not after the merge

@@ -201,11 +201,12 @@ def reuse_freed_memory() -> None:
 
 
 def _input_files(layout: Layout) -> list[Path]:
-    return [
+    weights = [
         info.file
         for checkpoint in [layout.reference, *(m.checkpoint for m in layout.models)]
         for info in checkpoint.tensors.values()
     ]
+    return weights + (layout.tokenizer.input_files if layout.tokenizer else [])  # a tokenizer merge's rows follow them
 
 
 def _sources(layout: Layout, device: str) -> dict:

@@ -138,6 +138,8 @@ class OutputTokenizer:
     rows: int  # output embedding rows: len(vocabulary), padded to pad_to_multiple_of
     copy_from: Path | None  # a folder whose tokenizer files are the output's as they are (None: save `tokenizer`)
     config_file: Path | None  # the reference's config.json, written with vocab_size set to `rows`
+    input_files: list[Path]  # the tokenizer and config files it was built from (a resume checks them unchanged)
+    note: str  # what the merged vocabulary is, for the summary
 
 
 def padded_rows(count: int, multiple: int | None) -> int:

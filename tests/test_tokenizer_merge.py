@@ -271,6 +271,11 @@ def test_dry_run_checks_the_tokenizers(models, tmp_path):
     result = invoke("merge", write_recipe(tmp_path, recipe), "--dry-run", "--json")
     assert result.exit_code == 0, result.stderr
     assert not (tmp_path / "out").exists()
+    notes = json.loads(result.stdout)["notes"]
+    assert (
+        "tokenizer: union: 10 tokens (+3 against the base); lm_head.weight, model.embed_tokens.weight aligned by token"
+        in notes
+    )
 
 
 def test_bf16_models_merge_in_their_dtype(models, tmp_path):
@@ -400,3 +405,22 @@ def test_base_without_tokenizer_files_is_refused(models, tmp_path):
     recipe = recipe_for(models, tmp_path / "out", tokenizer_source="base")
     recipe["base_model"] = str(bare)
     refused(tmp_path, recipe, str(bare), "no tokenizer files")
+
+
+def test_tokenizer_files_are_inputs_a_resume_checks(models, tmp_path):
+    """A resumed merge keeps finished shards only if its inputs are unchanged: with a tokenizer merge the rows
+    depend on every model's tokenizer files, so those count as inputs."""
+    from tadrop_cli.layout import build_layout
+    from tadrop_cli.recipe import load_recipe
+    from tadrop_cli.run import _input_files
+
+    layout = build_layout(
+        load_recipe(write_recipe(tmp_path, recipe_for(models, tmp_path / "out", tokenizer_source="union")))
+    )
+    try:
+        files = {str(file) for file in _input_files(layout)}
+    finally:
+        layout.close()
+    for name in models:
+        assert str(models[name] / "tokenizer.json") in files
+        assert str(models[name] / "model.safetensors") in files
