@@ -155,7 +155,7 @@ def _base_tokenizer(reference: Checkpoint) -> tuple[Any, bool]:
     return stripped, len(stripped.get_vocab()) != count
 
 
-def _sources(reference: Checkpoint, checkpoints: list[Checkpoint], base_tokenizer: Any, union: bool) -> list[Any]:
+def _tokenizers(checkpoints: list[Checkpoint], base_tokenizer: Any, union: bool) -> list[Any]:
     """Each distinct model's tokenizer (the base's own for a model without tokenizer files, as mergekit assumes;
     refused for a union, which needs them all)."""
     tokenizers = [base_tokenizer]
@@ -307,7 +307,7 @@ def merged_vocabulary(
     the distinct inputs, the reference first. No view where nothing needs re-indexing."""
     settings = recipe.tokenizer_settings
     base_tokenizer, stripped = _base_tokenizer(reference)
-    tokenizers = _sources(reference, checkpoints, base_tokenizer, settings.source == "union")
+    tokenizers = _tokenizers(checkpoints, base_tokenizer, settings.source == "union")
     out, copy_from = _output_tokenizer(settings, checkpoints, tokenizers, stripped)
     with_tokens = _with_added_tokens(out, list(settings.tokens or {}))
     if with_tokens is not out:  # no longer the unchanged tokenizer of any folder
