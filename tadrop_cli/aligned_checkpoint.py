@@ -37,8 +37,8 @@ from .vocabulary import (
     TokenRule,
     aligned_tensor,
     check_rows,
+    default_matrix,
     default_rows,
-    default_tensor,
     permutation,
     vocabulary_tensor_names,
 )
@@ -79,7 +79,7 @@ class VocabularyAlignment:
         base = position.get(self.base) if self.base is not None else None
         defaults, forced = default_rows([self.sources[s].permutation for s in having], base, rules)
         token_shape = tuple(stored[0].shape[1:])
-        default_values = {i: default_tensor(d, stored, token_shape) for i, d in defaults.items()}
+        default_values = default_matrix(defaults, stored, token_shape)
         return {
             s: aligned_tensor(stored[k], self.sources[s].permutation, default_values, forced, self.rows).to(
                 stored[k].dtype

@@ -121,11 +121,9 @@ def union_tokenizer(base: Any, tokenizers: list[tuple[Any, int]]) -> Any:
                 added.setdefault(info.content, info)
     result = copied_tokenizer(base)
     base_vocabulary = base.get_vocab()
-    for token in new_tokens:
-        if token not in added and token not in base_vocabulary:
-            result.add_tokens(token)
-    for info in added.values():
-        result.add_tokens(info)
+    # in two calls, not one per token as mergekit (the same ids): each call rebuilds the added-token matcher
+    result.add_tokens([token for token in new_tokens if token not in added and token not in base_vocabulary])
+    result.add_tokens(list(added.values()))
     return result
 
 

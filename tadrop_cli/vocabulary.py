@@ -118,21 +118,34 @@ def default_tensor(default: Default, tensors: list[torch.Tensor], token_shape: t
     return torch.zeros(token_shape, dtype=torch.float32)
 
 
+def default_matrix(
+    defaults: dict[int, Default], tensors: list[torch.Tensor], token_shape: tuple[int, ...]
+) -> tuple[np.ndarray, torch.Tensor]:
+    """(the output tokens that have a default, their default rows stacked, float32)."""
+    indices = np.array(sorted(defaults), dtype=np.int64)
+    if not len(indices):
+        return indices, torch.zeros((0, *token_shape), dtype=torch.float32)
+    return indices, torch.stack([default_tensor(defaults[i], tensors, token_shape) for i in indices.tolist()])
+
+
 def aligned_tensor(
     tensor: torch.Tensor,
     p: np.ndarray,
-    defaults: dict[int, torch.Tensor],
+    defaults: tuple[np.ndarray, torch.Tensor],
     forced: set[int],
     rows: int,
 ) -> torch.Tensor:
     """One model's tensor re-indexed to the output vocabulary, in float32: out[i] = tensor[p[i]] where
-    p[i] >= 0 and i is not forced, else defaults[i]; rows past len(p) (padding) = mean of out[:len(p)]."""
-    own = torch.from_numpy(np.flatnonzero(p >= 0))
+    p[i] >= 0 and i is not forced, else i's default (default_matrix); rows past len(p) (padding) = the
+    mean of out[:len(p)]."""
+    own = p >= 0
+    own[sorted(forced)] = False
+    kept = np.flatnonzero(own)
     out = torch.zeros((rows, *tensor.shape[1:]), dtype=torch.float32)
-    out[own] = tensor[torch.from_numpy(p[own.numpy()])].to(torch.float32)
-    for i, row in defaults.items():
-        if p[i] < 0 or i in forced:
-            out[i] = row
+    out[torch.from_numpy(kept)] = tensor[torch.from_numpy(p[kept])].to(torch.float32)
+    indices, values = defaults
+    instead = ~own[indices]  # the defaults this model takes: tokens it lacks, or forced
+    out[torch.from_numpy(indices[instead])] = values[torch.from_numpy(instead)]
     if rows > len(p):  # torch's float32 mean (pairwise sums), as mergekit: the same bits, which a trim's ties need
         out[len(p) :] = out[: len(p)].mean(dim=0)
     return out
