@@ -5,6 +5,7 @@ so it is also what `--dry-run` checks.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from .aligned_checkpoint import merged_vocabulary
 from .chat_templates import chosen_template
 from .checkpoint import (
     Checkpoint,
@@ -27,6 +29,7 @@ from .dtypes import FLOATS
 from .errors import BadInput
 from .recipe import ModelEntry, Recipe, TadropSettings, source_identity, value_for_tensor
 from .shards import OutputTensor
+from .tokenizer_files import TOKENIZER_FILE, OutputTokenizer
 
 
 @dataclass
@@ -66,6 +69,7 @@ class Layout:
     config_files: list[Path] = field(default_factory=list)  # copied from the reference into the output
     # files of a sentence-transformers model's module folders: (file, its path in the output, "1_Pooling/config.json")
     module_files: list[tuple[Path, str]] = field(default_factory=list)
+    tokenizer: OutputTokenizer | None = None  # a tokenizer merge's: written with config.json instead of the base's
     # a slices recipe's parameters of each output tensor's slice (slices.py); empty for a models recipe
     slice_parameters: dict[str, SliceParameters] = field(default_factory=dict)
     # keys to change in a JSON config file as it is copied (config.json's layer count, a chat template)
@@ -196,9 +200,15 @@ def build_layout(recipe: Recipe) -> Layout:
             reference = models[0].checkpoint
         if not models:
             raise BadInput("models: no model other than the base to merge")
+        tokenizer = None
+        if recipe.tokenizer_settings is not None:  # the models seen with their embeddings in the merged vocabulary
+            tokenizer, reference, models = _aligned_inputs(recipe, reference, models)
+            notes.append(tokenizer.note)
         for model in models:
             check_shares_tensors(model.checkpoint, reference)
         configs = config_files(reference.folder)  # listed (and links refused) now, not after the merge
+        if tokenizer is not None:
+            configs = [file for file in configs if file.name != "config.json" and not TOKENIZER_FILE.match(file.name)]
         names = tensor_order(list(reference.tensors))
         jobs = [_tensor_job(recipe, reference, models, name, notes) for name in names]
         for model in models:
@@ -211,7 +221,7 @@ def build_layout(recipe: Recipe) -> Layout:
             for _, relative in modules
             if relative.endswith((".safetensors", ".bin", ".pt", ".pth"))
         )
-        layout = Layout(recipe, reference, models, jobs, layer_positions(names), notes, configs, modules)
+        layout = Layout(recipe, reference, models, jobs, layer_positions(names), notes, configs, modules, tokenizer)
         check_linear_weights(layout)
         check_interpolation_inputs(layout)
         copy_unscaled_passthrough(layout)
@@ -221,6 +231,16 @@ def build_layout(recipe: Recipe) -> Layout:
         for checkpoint in opened:
             checkpoint.close()
         raise
+
+
+def _aligned_inputs(
+    recipe: Recipe, reference: Checkpoint, models: list[ModelInput]
+) -> tuple[OutputTokenizer, Checkpoint, list[ModelInput]]:
+    """The merged tokenizer, and the reference and models as views aligned to its vocabulary."""
+    distinct = list({id(c): c for c in [reference, *(m.checkpoint for m in models)]}.values())
+    tokenizer, views = merged_vocabulary(recipe, reference, distinct)
+    aligned = [dataclasses.replace(m, checkpoint=views.get(id(m.checkpoint), m.checkpoint)) for m in models]
+    return tokenizer, views.get(id(reference), reference), aligned
 
 
 ADAPTER_TENSOR = re.compile(r"\.(lora|ia3|hada|lokr)_")  # PEFT's names: ...q_proj.lora_A.weight, ...ia3_l

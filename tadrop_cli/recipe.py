@@ -14,7 +14,7 @@ import re
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -212,6 +212,44 @@ class Policies(_Strict):
     shape_mismatch: Policy = "error"
 
 
+class ModelTokenSource(_Strict):
+    """A token's embedding taken from one model's row for a token of its own vocabulary (mergekit's model_token)."""
+
+    kind: Literal["model_token"]
+    model: str = Field(min_length=1)
+    token_id: StrictInt | None = Field(None, ge=0)
+    token: str | None = None
+
+    @model_validator(mode="after")
+    def _one_token(self) -> ModelTokenSource:
+        if (self.token_id is None) == (self.token is None):
+            raise ValueError("give exactly one of token_id and token")
+        return self
+
+
+class ZeroSource(_Strict):
+    """A token's embedding of zeros (mergekit's zero)."""
+
+    kind: Literal["zero"]
+
+
+class TokenEmbedding(_Strict):
+    """Where one output token's embedding row comes from, for the models that lack the token (or, with
+    force, for every model): a model (its row for this token), a model's row for another token, or zeros."""
+
+    source: Annotated[ModelTokenSource | ZeroSource, Field(discriminator="kind")] | str | None = None
+    force: StrictBool = False
+
+
+class TokenizerSettings(_Strict):
+    """mergekit's `tokenizer:` block: the output vocabulary (union, base or a model's), tokens to add
+    and where their rows come from, and a padding of the vocabulary to a multiple of some number."""
+
+    source: str = Field("union", min_length=1)
+    tokens: dict[str, TokenEmbedding] | None = None
+    pad_to_multiple_of: StrictInt | None = Field(None, ge=0)
+
+
 class Recipe(_Strict):
     merge_method: str
     base_model: str | None = None
@@ -221,7 +259,8 @@ class Recipe(_Strict):
     parameters: dict[str, ParamValue] = {}
     dtype: DTypeName | None = None
     out_dtype: DTypeName | None = None
-    tokenizer_source: Literal["base"] | None = None
+    tokenizer_source: str | None = Field(None, min_length=1)  # union, base or a model reference
+    tokenizer: TokenizerSettings | None = None
     name: str | None = None
     tadrop: TadropSettings | None = None
     seed: int = Field(0, ge=0, lt=2**63)
@@ -249,6 +288,13 @@ class Recipe(_Strict):
     @property
     def method(self) -> MergeMethod:
         return METHODS[self.merge_method]
+
+    @property
+    def tokenizer_settings(self) -> TokenizerSettings | None:
+        """The tokenizer merge asked for, in the `tokenizer:` block's form (None: none asked for)."""
+        if self.tokenizer is not None:
+            return self.tokenizer
+        return TokenizerSettings(source=self.tokenizer_source) if self.tokenizer_source is not None else None
 
     @property
     def output_dtype(self) -> str | None:
@@ -320,7 +366,7 @@ def _format_loc(loc: tuple) -> str:
             and (
                 part in ("list[ConditionalValue]", "list[union[int,float]]")
                 or part[:1].isupper()
-                or part.startswith(("function-", "constrained-", "literal["))
+                or part.startswith(("function-", "constrained-", "literal[", "tagged-union["))
             )
         ):
             text += f".{part}" if text else str(part)
@@ -391,7 +437,8 @@ def _first_error(error: ValidationError) -> str:
         not_yet = _not_yet(key, "key") if len(loc) == 1 else None
         if not_yet:
             return f"{where}: {not_yet}"
-        return f"{where}: unknown key; {_suggest(key, allowed)}allowed keys: {', '.join(allowed)}"
+        listed = f"allowed keys: {', '.join(allowed)}" if allowed else "not a key of this mapping"
+        return f"{where}: unknown key; {_suggest(key, allowed)}{listed}"
     if chosen["type"] == "missing":
         return f"{where}: required key is missing"
     got = chosen.get("input")
@@ -514,6 +561,8 @@ def check_consistency(recipe: Recipe) -> None:
         check_chat_template(recipe.chat_template)
     if recipe.output.dtype and recipe.out_dtype and DTYPES[recipe.output.dtype] != DTYPES[recipe.out_dtype]:
         raise BadInput(f"output.dtype: {recipe.output.dtype} contradicts out_dtype: {recipe.out_dtype}; give one")
+    if recipe.tokenizer_source is not None and recipe.tokenizer is not None:
+        raise BadInput("tokenizer_source: give either tokenizer_source or a tokenizer block, not both (as mergekit)")
     if recipe.tadrop is not None and recipe.tadrop.enabled and method.sparsifier is None:
         hint = (
             " (use magnitude_prune: task arithmetic with a magnitude trim)" if method.name == "task_arithmetic" else ""

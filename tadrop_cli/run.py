@@ -38,6 +38,7 @@ from .recipe import Recipe, Step, recipe_digest
 from .shards import OutputTensor, index_json, plan_shards
 from .staging import StagingFolder
 from .tensor_merge import chunk_elements, kernels_merge, merge_tensor
+from .tokenizer_files import write_tokenizer
 from .verify import verify_written_shard
 
 
@@ -198,11 +199,12 @@ def reuse_freed_memory() -> None:
 
 
 def _input_files(layout: Layout) -> list[Path]:
-    return [
+    weights = [
         file
         for checkpoint in [layout.reference, *(m.checkpoint for m in layout.models)]
         for file in checkpoint.input_files()
     ]
+    return weights + (layout.tokenizer.input_files if layout.tokenizer else [])  # a tokenizer merge's rows follow them
 
 
 def _sources(layout: Layout, device: str) -> dict:
@@ -401,6 +403,8 @@ def _merge_into(
     for file, relative in layout.module_files:  # a sentence-transformers base's module folders (1_Pooling/...)
         staging.copy_in(file, relative)
         copied.append(relative)
+    if layout.tokenizer is not None:  # the merged tokenizer, and config.json with its vocab_size
+        copied.extend(write_tokenizer(staging, layout.tokenizer, layout.json_changes.get("config.json")))
 
     return _summary(
         layout,

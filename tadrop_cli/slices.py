@@ -40,6 +40,7 @@ from .layout import (
     Layout,
     ModelInput,
     SliceParameters,
+    _aligned_inputs,
     _tensor_job,
     check_linear_weights,
     copy_unscaled_passthrough,
@@ -48,6 +49,7 @@ from .layout import (
 )
 from .lazy import torch
 from .recipe import BASELESS, ModelEntry, OutputSlice, Recipe, slice_base, source_identity
+from .tokenizer_files import TOKENIZER_FILE
 
 # keys that hold a transformers config's number of layers (Llama & most: num_hidden_layers; GPT-2: n_layer)
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
@@ -75,6 +77,12 @@ class CheckpointView(Checkpoint):
     def unmap(self, name: str, start: int, stop: int) -> None:
         checkpoint, source = self.sources[name]
         checkpoint.unmap(source, start, stop)
+
+    def input_files(self) -> list[Path]:
+        """The files of the checkpoints it shows (an adapter's too, not only its tensors' files)."""
+        shown = dict.fromkeys(id(checkpoint) for checkpoint, _ in self.sources.values())
+        by_id = {id(checkpoint): checkpoint for checkpoint, _ in self.sources.values()}
+        return list(dict.fromkeys(file for key in shown for file in by_id[key].input_files()))
 
     def close(self) -> None:
         pass
@@ -244,8 +252,12 @@ def build_sliced_layout(recipe: Recipe) -> Layout:
             )
             for j, (entry, shown) in enumerate(builder.models)
         ]
-        names = tensor_order(list(builder.reference))
         notes = builder.notes
+        tokenizer = None
+        if recipe.tokenizer_settings is not None:  # the sources seen with their embeddings in the merged vocabulary
+            tokenizer, reference, models = _aligned_inputs(recipe, reference, models)
+            notes.append(tokenizer.note)
+        names = tensor_order(list(builder.reference))
         jobs = [_tensor_job(recipe, reference, models, name, notes, builder.candidates[name]) for name in names]
         notes.extend(
             f"slices[{i}].residual_weight: no effect (as in mergekit 0.1.5, which accepts it and does not use it)"
@@ -255,6 +267,8 @@ def build_sliced_layout(recipe: Recipe) -> Layout:
         if recipe.base_model and recipe.method.name in BASELESS:
             notes.append(f"base_model: {recipe.method.name} takes no base; ignored (as in mergekit)")
         configs = config_files(donor.folder)
+        if tokenizer is not None:  # written by the tokenizer merge (config.json with its vocab_size)
+            configs = [file for file in configs if file.name != "config.json" and not TOKENIZER_FILE.match(file.name)]
         layout = Layout(
             recipe,
             reference,
@@ -264,6 +278,7 @@ def build_sliced_layout(recipe: Recipe) -> Layout:
             notes,
             configs,
             module_files(donor.folder),
+            tokenizer,
             slice_parameters=builder.parameters,
             opened=list(builder.checkpoints.values()),
         )

@@ -889,3 +889,56 @@ def dora_merged(merged, magnitude, by_columns: bool = False) -> np.ndarray:
     if by_columns:
         return merged * (magnitude / np.sqrt((merged**2).sum(axis=0)))[None, :]
     return merged * (magnitude / np.sqrt((merged**2).sum(axis=1)))[:, None]
+
+
+# ---------------------------------------------------------------- tokenizer merge
+
+
+def aligned_vocabulary_rows(
+    output: dict[str, int],
+    rows: int,
+    models: Sequence[tuple[dict[str, int], int, np.ndarray]],
+    base: int | None,
+    rules: dict[str, dict] | None = None,
+) -> list[np.ndarray]:
+    """mergekit's PermutedVocabulary, token by token in float64: each model (its tokenizer's token -> id,
+    its vocab_size, its tensor with the token axis first) re-indexed to the `output` vocabulary.
+
+    A model that has a token (at an id below its vocab_size) keeps its own row, unless the token is
+    forced. Every other model gets the token's default: the rule's source ("model", m): m's row for the
+    token; ("row", m, r): m's row r; ("zero",): zeros; without a rule: the only model that has it, zeros
+    if none, the base's row if the base has it, else the mean over the models that have it. Rows past
+    the vocabulary: the mean of the model's aligned rows."""
+    rules = rules or {}
+    n = len(output)
+    shape = np.asarray(models[0][2]).shape[1:]
+    out = [np.zeros((rows, *shape)) for _ in models]
+    for token, i in output.items():
+        own = {
+            m: np.asarray(tensor, dtype=np.float64)[vocab[token]]
+            for m, (vocab, size, tensor) in enumerate(models)
+            if token in vocab and vocab[token] < size
+        }
+        rule = rules.get(token, {})
+        forced = rule.get("force", False)
+        source = rule.get("source")
+        if source is not None:
+            if source[0] == "model":
+                default = own[source[1]]
+            elif source[0] == "row":
+                default = np.asarray(models[source[1]][2], dtype=np.float64)[source[2]]
+            else:
+                default = np.zeros(shape)
+        elif len(own) == 1:
+            default = next(iter(own.values()))
+        elif not own:
+            default = np.zeros(shape)
+        elif base is not None and base in own:
+            default = own[base]
+        else:
+            default = sum(own.values()) / len(own)
+        for m in range(len(models)):
+            out[m][i] = own[m] if m in own and not forced else default
+    for m in range(len(models)):
+        out[m][n:] = out[m][:n].mean(axis=0)
+    return out
