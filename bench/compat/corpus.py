@@ -39,6 +39,11 @@ def _run(command: list[str], timeout: int = 600) -> tuple[int, str]:
     return done.returncode, (lines[-1] if lines else "")
 
 
+def _tadrop(recipe: Path, out: Path, multi: bool) -> tuple[int, str]:
+    steps = ["-I", str(out.parent / f"{out.name}-intermediate")] if multi else []
+    return _run([sys.executable, "-m", "tadrop_cli", "merge", str(recipe), str(out), "--quiet", *steps])
+
+
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for file in sorted(folder.glob("*.safetensors")):
@@ -103,18 +108,9 @@ def main(argv: list[str] | None = None) -> int:
             work = tmp / recipe.stem
             work.mkdir()
             (work / "recipe.yaml").write_text(localize(text, folders))
+            multi = "\n---" in text  # mergekit-multi's form: the named merges go to an intermediate folder
             started = time.perf_counter()
-            rc, last = _run(
-                [
-                    sys.executable,
-                    "-m",
-                    "tadrop_cli",
-                    "merge",
-                    str(work / "recipe.yaml"),
-                    str(work / "tadrop"),
-                    "--quiet",
-                ]
-            )
+            rc, last = _tadrop(work / "recipe.yaml", work / "tadrop", multi)
             row = {
                 "recipe": recipe.stem,
                 "method": _method(text),
@@ -124,7 +120,6 @@ def main(argv: list[str] | None = None) -> int:
             }
             if args.mergekit:
                 (work / "f32.yaml").write_text(localize(text, folders, {"dtype": "float32"}))
-                multi = text.count("\n---") > 0
                 if multi:
                     cmd = [
                         str(args.mergekit / "mergekit-multi"),
@@ -141,17 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 row["mergekit_rc"], row["mergekit_message"] = mk_rc, "" if mk_rc == 0 else mk_last
                 if mk_rc == 0:
-                    rc32, last32 = _run(
-                        [
-                            sys.executable,
-                            "-m",
-                            "tadrop_cli",
-                            "merge",
-                            str(work / "f32.yaml"),
-                            str(work / "tadrop32"),
-                            "--quiet",
-                        ]
-                    )
+                    rc32, last32 = _tadrop(work / "f32.yaml", work / "tadrop32", multi)
                     if rc32 == 0:
                         row.update(
                             _compare(
