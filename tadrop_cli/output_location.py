@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .errors import BadInput
 from .journal import read_journal
-from .safe_files import open_folder, read_regular
+from .safe_files import open_folder, open_regular, read_regular
 
 STAGING_SUFFIX = ".tadrop-partial"  # the folder where the output is built
 OLD_SUFFIX = ".tadrop-old"  # a replaced output, on its way out
@@ -78,14 +78,33 @@ class ExistingOutput:
     refusal: str | None = None  # why --overwrite may not replace it
 
 
+HEADER_LIMIT = 100_000_000  # the longest safetensors header read (the safetensors library's own limit)
+
+
+def _safetensors_metadata(name: str, folder_fd: int) -> dict:
+    """The `__metadata__` of a safetensors file's header, read whole by its length: a header of many
+    tensors is longer than any fixed first read (20,000 tensors: ~2 MB). ValueError or OSError
+    where there is no such header."""
+    fd = open_regular(name, folder_fd)
+    try:
+        first = os.pread(fd, 8, 0)
+        length = struct.unpack("<Q", first)[0] if len(first) == 8 else -1
+        if not 0 < length <= HEADER_LIMIT:
+            raise ValueError(f"{name}: no safetensors header")
+        header = json.loads(os.pread(fd, length, 8))
+    finally:
+        os.close(fd)
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(metadata, dict):
+        raise ValueError(f"{name}: no metadata in its header")
+    return metadata
+
+
 def _made_by_tadrop(name: str, folder_fd: int) -> bool:
     """A safetensors file whose header's metadata names tadrop's version."""
     try:
-        data = read_regular(name, folder_fd, 1 << 20)
-        length = struct.unpack("<Q", data[:8])[0]
-        metadata = json.loads(data[8 : 8 + length]).get("__metadata__") or {}
-        return "tadrop_version" in metadata
-    except (OSError, ValueError, struct.error, AttributeError, RecursionError):  # RecursionError: nested too deep
+        return "tadrop_version" in _safetensors_metadata(name, folder_fd)
+    except (OSError, ValueError, RecursionError):  # RecursionError: nested too deep
         return False
 
 
@@ -219,9 +238,8 @@ def recorded_recipe_digest(folder: Path) -> str | None:
         except (OSError, ValueError, KeyError, TypeError, RecursionError):
             pass
         try:
-            data = read_regular("model.safetensors", fd, 1 << 20)
-            return json.loads(data[8 : 8 + struct.unpack("<Q", data[:8])[0]])["__metadata__"]["recipe_sha256"]
-        except (OSError, ValueError, KeyError, TypeError, struct.error, RecursionError):
+            return _safetensors_metadata("model.safetensors", fd)["recipe_sha256"]
+        except (OSError, ValueError, KeyError, RecursionError):
             return None
     finally:
         os.close(fd)

