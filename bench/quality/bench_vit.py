@@ -140,7 +140,7 @@ def run_search(sw, hosts, densities, arms, log):
 
 def run_test(sw, hosts, densities, arm_names, seeds, log):
     grid = search_grid()
-    arms = {"uniform": None, **{a: grid[a] for a in arm_names}}
+    arms = {"uniform": None, **{a: grid[a] for a in arm_names if a != "uniform"}}  # uniform first: always
     for h in hosts:
         ds = densities if densities else (RANK_SHARES if h in RANK_HOSTS else SEARCH_DENSITIES)
         zeroshot.run_direction(sw, [h], ds, arms, seeds, log)
