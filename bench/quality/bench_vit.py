@@ -141,9 +141,12 @@ def run_search(sw, hosts, densities, arms, log):
 def run_test(sw, hosts, densities, arm_names, seeds, log):
     grid = search_grid()
     arms = {"uniform": None, **{a: grid[a] for a in arm_names if a != "uniform"}}  # uniform first: always
-    for h in hosts:
-        ds = densities if densities else (RANK_SHARES if h in RANK_HOSTS else SEARCH_DENSITIES)
-        zeroshot.run_direction(sw, [h], ds, arms, seeds, log)
+    # budgets outside, hosts inside: a run cut short leaves every host at the first budgets
+    sparse = [h for h in hosts if h not in RANK_HOSTS]
+    for d in densities or SEARCH_DENSITIES:
+        zeroshot.run_direction(sw, sparse, [d], arms, seeds, log)
+        for h in [h for h in hosts if h in RANK_HOSTS]:
+            zeroshot.run_direction(sw, [h], RANK_SHARES, arms, seeds, log)
 
 
 def main(argv=None):
