@@ -47,13 +47,15 @@ RANDOM_SEEDS = 3
 def search_grid() -> dict:
     """Candidate TADrop settings (TADROP.md 2b), named as in zeroshot.family_grid."""
     td = zeroshot.TD_BASE
-    grid = {"global": dict(td, allocation="global")}
-    for alloc in ("mass", "mass_reverse"):
-        grid[f"{alloc}/l1"] = dict(td, allocation=alloc, mass_norm="l1")
-    for scope in ("model", "kind", "layer"):
+    grid = {}
+    # in the order they run (a search cut short leaves the first): the direction question first
+    for scope in ("model", "layer", "kind"):
         for name, g in STRENGTHS.items():
             extra = {} if scope == "model" else {"allocation": "strength", "scope": scope}
             grid[f"strength/{scope}/{name}"] = dict(td, strength=g, **extra)
+    grid["global"] = dict(td, allocation="global")
+    for alloc in ("mass_reverse", "mass"):
+        grid[f"{alloc}/l1"] = dict(td, allocation=alloc, mass_norm="l1")
     return grid
 
 
