@@ -78,8 +78,18 @@ def load_records(root: Path) -> dict:
     return merged
 
 
+def complete_family(fam: dict) -> dict:
+    """The search records of the arms that ran on every host-budget uniform ran on (a search cut
+    short must not compare an arm's mean gain over some budgets with another's over all)."""
+    hb = {(c["method"], c["density"]) for c in fam.values() if c["arm"] == "uniform"}
+    done = {}
+    for c in fam.values():
+        done.setdefault(c["arm"], set()).add((c["method"], c["density"]))
+    return {k: c for k, c in fam.items() if done[c["arm"]] >= hb}
+
+
 def winner(root: Path) -> str | None:
-    name, _ = zeroshot.family_choice(load_records(root)["family"])
+    name, _ = zeroshot.family_choice(complete_family(load_records(root)["family"]))
     return name
 
 
@@ -125,7 +135,7 @@ def write_report(sw, path: Path, log) -> dict:
         + "\n## Test: each arm against uniform at the same kept fraction (points)\n\n"
         + test_md
     )
-    md += zeroshot.direction_table(sw, recs, "plus0.2", "minus0.2")
+    md += zeroshot.direction_table(sw, recs, "strength/model/plus0.2", "strength/model/minus0.2")
     md += zeroshot.per_task_table(sw.b.tasks, rows)
     md += "\n## λ tuning of the test cells (validation)\n\n" + zeroshot.search_table(recs)
     path.parent.mkdir(parents=True, exist_ok=True)
