@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import zeroshot  # noqa: E402
-from common import CACHE, DOCS, Log, read_json, set_threads, write_json  # noqa: E402
+from common import CACHE, Log, read_json, set_threads, write_json  # noqa: E402
 
 SEARCH_HOSTS = ["ties", "magnitude_prune"]
 SEARCH_DENSITIES = [0.1, 0.2, 0.3]
@@ -198,10 +198,7 @@ def main(argv=None):
                 raise SystemExit("no search records: run --stage search first, or name --arms")
             log(f"test arms: {arms}")
             run_test(sw, args.hosts or TEST_HOSTS + RANK_HOSTS, args.densities, arms, args.seeds, log)
-    out = write_report(sw, report_path, log)
-    if not args.quick and not args.report:
-        DOCS.mkdir(exist_ok=True)
-    return out
+    return write_report(sw, report_path, log)
 
 
 if __name__ == "__main__":
