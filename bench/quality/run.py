@@ -4,6 +4,7 @@
     python bench/quality/run.py            # full: image benchmark, then text benchmark (~1 h CPU)
     python bench/quality/run.py --quick    # smoke-sized text benchmark (< 5 min)
     python bench/quality/run.py --bench images
+    python bench/quality/run.py --bench vit   # the ViT benchmark in the paper's regime (bench_vit.py)
 
 Data, fine-tuned checkpoints, merges and per-item results are cached under
 bench/.cache/quality/ (git-ignored); a re-run only redoes what is missing. The full run writes
@@ -150,9 +151,10 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="3 text tasks, few steps, 1 budget, 1 seed")
     ap.add_argument(
         "--bench",
-        choices=["text", "images", "all", "zeroshot"],
+        choices=["text", "images", "all", "zeroshot", "vit"],
         default=None,
-        help="default: all (full) / text (quick); zeroshot = zero-shot heads (zeroshot.py)",
+        help="default: all (full) / text (quick); zeroshot = zero-shot heads (zeroshot.py); "
+        "vit = a small ViT under its frozen head (bench_vit.py)",
     )
     ap.add_argument(
         "--merger",
@@ -176,6 +178,16 @@ def main(argv=None):
         import zeroshot
 
         return zeroshot.main(
+            rest
+            + (["--quick"] if args.quick else [])
+            + ["--threads", str(args.threads)]
+            + (["--seeds", str(args.seeds)] if args.seeds else [])
+            + (["--report", args.report] if args.report else [])
+        )
+    if args.bench == "vit":  # its own options: python bench/quality/bench_vit.py --help
+        import bench_vit
+
+        return bench_vit.main(
             rest
             + (["--quick"] if args.quick else [])
             + ["--threads", str(args.threads)]
