@@ -304,10 +304,28 @@ def build_plan(layout: Layout, device: str, on_tensor: Callable[[TensorJob], Non
             summaries[j] = _strength_ratios(entries, settings)
         else:
             summaries[j] = _count_ratios(entries, settings)
+        pinned = _pinned_note(layout.models[j].label, entries, settings)
+        if pinned:
+            layout.notes.append(pinned)
 
     ordered = [rows[key] for key in sorted(rows, key=lambda k: k[0])]
     _check_finite(ordered)
     return Plan(ordered, [_summarize(layout, j, ordered, summaries.get(j, {})) for j in range(len(layout.models))])
+
+
+def _pinned_note(label: str, entries: list[_Entry], settings: TadropSettings) -> str | None:
+    """A note where TADrop moved no ratio of a model although it was asked to: with the budget kept,
+    no tensor can drop more than the uniform ratio when a random host's max_rescale caps the drop
+    ratio at it (DARE at density 0.1 with max_rescale 10), so none can drop less either."""
+    if not entries or any(abs(e.row.ratio - e.row.base_ratio) > 1e-12 for e in entries):
+        return None
+    if all(e.settings.rescale_cap is not None and e.settings.rescale_cap <= e.row.base_ratio for e in entries):
+        return (
+            f"tadrop: {label}: every ratio stays uniform: max_rescale {settings.max_rescale:g} caps this random "
+            f"host's drop ratio at 1 - 1/{settings.max_rescale:g}, which the uniform ratio already reaches "
+            f"(raise tadrop.max_rescale to let the ratios move)"
+        )
+    return f"tadrop: {label}: every ratio stays uniform (the settings leave the ratios no room to move)"
 
 
 def _family(settings: TadropSettings) -> dict:

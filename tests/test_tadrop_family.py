@@ -694,3 +694,20 @@ def test_the_kernels_count_the_same_profiles_as_pytorch(tmp_path, dtype):
     without = strict_json(run_cli("plan", str(path), "--json", env={"TADROP_KERNELS": "torch"}).stdout)
     assert with_kernels == without
     assert len({r["kept"] for r in with_kernels["tensors"] if "kept" in r}) == 5
+
+
+@pytest.mark.parametrize("density,pinned", [(0.1, True), (0.4, False)])
+def test_a_random_host_whose_ratios_cannot_move_says_so(tiny_models, tmp_path, density, pinned):
+    """DARE at density 0.1 with max_rescale 10: the drop ratio's cap, 1 - 1/10, is the uniform ratio,
+    so with the budget kept no ratio can move; the merge says so instead of silently doing uniform."""
+    from conftest import basic_recipe, run_cli, write_recipe
+
+    recipe = basic_recipe(tiny_models, tmp_path / "out", method="dare_linear", tadrop={"min_numel": 0})
+    for entry in recipe["models"]:
+        entry["parameters"]["density"] = density
+    result = run_cli("merge", str(write_recipe(tmp_path, recipe)), "--json")
+    assert result.returncode == 0, result.stderr
+    notes = [n for n in json.loads(result.stdout)["notes"] if "every ratio stays uniform" in n]
+    assert bool(notes) == pinned, notes
+    if pinned:
+        assert len(notes) == 3 and all("max_rescale 10" in n for n in notes)
