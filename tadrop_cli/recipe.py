@@ -380,7 +380,6 @@ MERGEKIT_NOT_YET: dict[str, tuple[Literal["merge_method", "key"], str]] = {
     "ram": ("merge_method", "mergekit's Reinforced Agent Merging"),
     "ramplus_tl": ("merge_method", "mergekit's Reinforced Agent Merging Plus (tensor-local)"),
     "modules": ("key", "mergekit's per-module recipe form (a recipe per module of a multi-module model)"),
-    "tokenizer": ("key", "mergekit's tokenizer merge settings (source, tokens, pad_to_multiple_of)"),
 }
 SUGGESTION_RATIO = 0.8  # difflib's similarity from which an unknown name is taken for a typo
 
