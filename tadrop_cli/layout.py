@@ -27,7 +27,8 @@ from .checkpoint import (
 )
 from .dtypes import FLOATS
 from .errors import BadInput
-from .recipe import ModelEntry, Recipe, TadropSettings, source_identity, value_for_tensor
+from .parameter_values import value_for_tensor
+from .recipe import ModelEntry, Recipe, TadropSettings, source_identity
 from .shards import OutputTensor
 from .tokenizer_files import TOKENIZER_FILE, OutputTokenizer
 

@@ -20,7 +20,6 @@ from pydantic import (
     ConfigDict,
     Field,
     StrictBool,
-    StrictFloat,
     StrictInt,
     ValidationError,
     field_validator,
@@ -31,6 +30,7 @@ from .chat_templates import NAMES as CHAT_TEMPLATES
 from .checkpoint import read_text_file
 from .errors import BadInput
 from .methods import METHODS, MergeMethod, ParamSpec
+from .parameter_values import ParamValue, scalars
 from .recipe_errors import first_error, not_yet, suggest
 from .tadrop import STATISTICS
 
@@ -46,7 +46,6 @@ DTYPES = {
 }
 DTypeName = Literal["float32", "fp32", "float16", "fp16", "half", "bfloat16", "bf16"]
 Policy = Literal["error", "skip_model", "copy_base"]
-Number = StrictInt | StrictFloat
 
 
 def parse_size(value: int | str) -> int:
@@ -77,17 +76,6 @@ def parse_size(value: int | str) -> int:
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ConditionalValue(_Strict):
-    """mergekit's filtered parameter value: applies to tensors whose name contains `filter`; the
-    value is a scalar or a gradient (a list of numbers, interpolated by layer position)."""
-
-    filter: str | None = None
-    value: StrictBool | Number | str | list[Number]
-
-
-ParamValue = StrictBool | Number | str | list[ConditionalValue] | list[Number] | ConditionalValue
 
 
 class TadropOverride(_Strict):
@@ -302,35 +290,6 @@ class Recipe(_Strict):
         return DTYPES[name] if name else None
 
 
-# ---------------------------------------------------------------- values
-
-
-def value_for_tensor(value: ParamValue, tensor_name: str, layer_position: float | None) -> Any:
-    """Resolve a mergekit parameter value for one tensor.
-
-    Scalars apply everywhere; a list of {filter, value} (or one) takes the first entry whose
-    filter is a substring of the name, case-sensitive, or is "*" or absent (mergekit's
-    rule: "*" is every tensor, not a glob), and resolves its value in turn; a list of numbers is a
-    gradient, interpolated over the tensor's relative layer position (mergekit's rule:
-    tensors outside numbered layers take the first value).
-    """
-    if isinstance(value, ConditionalValue):
-        value = [value]
-    if not isinstance(value, list):
-        return value
-    if value and isinstance(value[0], ConditionalValue):
-        for cond in value:
-            if cond.filter is None or cond.filter == "*" or cond.filter in tensor_name:
-                return value_for_tensor(cond.value, tensor_name, layer_position)
-        return None
-    if layer_position is None or len(value) == 1:
-        return value[0]
-    scaled = layer_position * (len(value) - 1)
-    low = min(int(scaled), len(value) - 2)
-    frac = scaled - low
-    return value[low] * (1 - frac) + value[low + 1] * frac
-
-
 # ---------------------------------------------------------------- loading
 
 
@@ -347,7 +306,7 @@ def check_method_parameters(recipe: Recipe) -> None:
                     f"{where}.{key}: not a parameter of {method.name}; "
                     f"{suggest(key, allowed)}allowed: {', '.join(allowed)}"
                 )
-            for v in _scalars(f"{where}.{key}", value):
+            for v in scalars(f"{where}.{key}", value):
                 _check_value(f"{where}.{key}", spec, v)
 
     check("parameters", recipe.parameters, per_model_only=False)
@@ -367,18 +326,6 @@ def _given_everywhere(recipe: Recipe, name: str) -> bool:
     if name in recipe.parameters:
         return True
     return bool(recipe.slices) and all(name in output_slice.parameters for output_slice in recipe.slices)
-
-
-def _scalars(where: str, value: ParamValue) -> list[Any]:
-    """Every scalar a parameter's value may take: the value, a gradient's points, each filtered
-    value's (a filtered value may be a gradient). BadInput for an empty list."""
-    if isinstance(value, ConditionalValue):
-        return _scalars(where, value.value)
-    if not isinstance(value, list):
-        return [value]
-    if not value:
-        raise BadInput(f"{where}: an empty list is neither a value nor a gradient; give a number or a non-empty list")
-    return [scalar for v in value for scalar in _scalars(where, v)]
 
 
 def _check_value(where: str, spec: ParamSpec, value: Any) -> None:

@@ -577,7 +577,7 @@ def test_a_fine_tune_without_the_base_integer_buffers_is_noted(tmp_path, recipe,
 
 def test_filter_star_matches_every_tensor():
     """mergekit reads filter "*" as every tensor (and any other filter as a case-sensitive substring)."""
-    from tadrop_cli.recipe import ConditionalValue, value_for_tensor
+    from tadrop_cli.parameter_values import ConditionalValue, value_for_tensor
 
     value = [ConditionalValue(filter="*", value=0.3)]
     assert value_for_tensor(value, "model.layers.0.mlp.weight", 0.0) == 0.3

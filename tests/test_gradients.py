@@ -13,7 +13,8 @@ from conftest import basic_recipe, write_recipe
 
 from tadrop_cli.checkpoint import layer_positions
 from tadrop_cli.errors import BadInput
-from tadrop_cli.recipe import parse_recipe, value_for_tensor
+from tadrop_cli.parameter_values import value_for_tensor
+from tadrop_cli.recipe import parse_recipe
 
 
 def t5_names(encoder: int, decoder: int) -> list[str]:
