@@ -16,19 +16,13 @@ from pydantic import ValidationError
 
 from .aligned_checkpoint import merged_vocabulary
 from .chat_templates import chosen_template
-from .checkpoint import (
-    Checkpoint,
-    config_files,
-    layer_positions,
-    module_files,
-    open_checkpoint,
-    shown_name,
-    tensor_order,
-)
+from .checkpoint import Checkpoint, config_files, module_files, open_checkpoint
 from .dtypes import FLOATS
 from .errors import BadInput
-from .recipe import ModelEntry, Recipe, TadropSettings, source_identity, value_for_tensor
+from .parameter_values import value_for_tensor
+from .recipe import ModelEntry, Recipe, TadropSettings, source_identity
 from .shards import OutputTensor
+from .tensor_names import layer_positions, shown_name, tensor_order
 from .tokenizer_files import TOKENIZER_FILE, OutputTokenizer
 
 

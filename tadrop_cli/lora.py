@@ -34,11 +34,11 @@ from .checkpoint import (
     check_regular,
     parse_json,
     read_text_file,
-    shown_name,
 )
 from .dtypes import FLOATS, Stored
 from .errors import BadInput
 from .lazy import torch
+from .tensor_names import shown_name
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # PEFT's names, in the order preferred

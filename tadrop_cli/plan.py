@@ -27,7 +27,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from . import kernels
-from .checkpoint import LAYER_NUMBER, Checkpoint, mapped_slices, read_all_float32, read_float32
+from .checkpoint import Checkpoint, mapped_slices, read_all_float32, read_float32
 from .cpu_share import fit_torch_threads
 from .devices import on_cpu
 from .errors import BadInput
@@ -49,6 +49,7 @@ from .tadrop import (
     tensor_score,
     threshold_value,
 )
+from .tensor_names import LAYER_NUMBER
 
 # hosts whose drop is random: survivors are rescaled by 1 / (1 - p_t), which max_rescale bounds
 RANDOM_SPARSIFIERS = ("random", "della")

@@ -8,10 +8,8 @@ the method registry (methods.py), so a new method needs no change here.
 from __future__ import annotations
 
 import copy
-import difflib
 import hashlib
 import re
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -22,7 +20,6 @@ from pydantic import (
     ConfigDict,
     Field,
     StrictBool,
-    StrictFloat,
     StrictInt,
     ValidationError,
     field_validator,
@@ -33,6 +30,8 @@ from .chat_templates import NAMES as CHAT_TEMPLATES
 from .checkpoint import read_text_file
 from .errors import BadInput
 from .methods import METHODS, MergeMethod, ParamSpec
+from .parameter_values import ParamValue, scalars
+from .recipe_errors import first_error, not_yet, suggest
 from .tadrop import STATISTICS
 
 # the recipe's names for an output dtype, and safetensors' name for each
@@ -47,7 +46,6 @@ DTYPES = {
 }
 DTypeName = Literal["float32", "fp32", "float16", "fp16", "half", "bfloat16", "bf16"]
 Policy = Literal["error", "skip_model", "copy_base"]
-Number = StrictInt | StrictFloat
 
 
 def parse_size(value: int | str) -> int:
@@ -78,17 +76,6 @@ def parse_size(value: int | str) -> int:
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ConditionalValue(_Strict):
-    """mergekit's filtered parameter value: applies to tensors whose name contains `filter`; the
-    value is a scalar or a gradient (a list of numbers, interpolated by layer position)."""
-
-    filter: str | None = None
-    value: StrictBool | Number | str | list[Number]
-
-
-ParamValue = StrictBool | Number | str | list[ConditionalValue] | list[Number] | ConditionalValue
 
 
 class TadropOverride(_Strict):
@@ -303,164 +290,7 @@ class Recipe(_Strict):
         return DTYPES[name] if name else None
 
 
-# ---------------------------------------------------------------- values
-
-
-def value_for_tensor(value: ParamValue, tensor_name: str, layer_position: float | None) -> Any:
-    """Resolve a mergekit parameter value for one tensor.
-
-    Scalars apply everywhere; a list of {filter, value} (or one) takes the first entry whose
-    filter is a substring of the name, case-sensitive, or is "*" or absent (mergekit's
-    rule: "*" is every tensor, not a glob), and resolves its value in turn; a list of numbers is a
-    gradient, interpolated over the tensor's relative layer position (mergekit's rule:
-    tensors outside numbered layers take the first value).
-    """
-    if isinstance(value, ConditionalValue):
-        value = [value]
-    if not isinstance(value, list):
-        return value
-    if value and isinstance(value[0], ConditionalValue):
-        for cond in value:
-            if cond.filter is None or cond.filter == "*" or cond.filter in tensor_name:
-                return value_for_tensor(cond.value, tensor_name, layer_position)
-        return None
-    if layer_position is None or len(value) == 1:
-        return value[0]
-    scaled = layer_position * (len(value) - 1)
-    low = min(int(scaled), len(value) - 2)
-    frac = scaled - low
-    return value[low] * (1 - frac) + value[low + 1] * frac
-
-
 # ---------------------------------------------------------------- loading
-
-
-def _unwrap_model(annotation: Any) -> type | None:
-    """The BaseModel class inside `X | None` / list[...] annotations, if any."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in typing.get_args(annotation):
-        found = _unwrap_model(arg)
-        if found:
-            return found
-    return None
-
-
-def _allowed_keys(loc: tuple) -> list[str]:
-    cls: type | None = Recipe
-    for part in loc:
-        if isinstance(part, int) or cls is None:
-            continue
-        field = cls.model_fields.get(part)
-        cls = _unwrap_model(field.annotation) if field else None
-    return list(cls.model_fields) if cls else []
-
-
-def _format_loc(loc: tuple) -> str:
-    text = ""
-    for part in loc:
-        if isinstance(part, int):
-            text += f"[{part}]"
-        elif not (
-            isinstance(part, str)
-            and (
-                part in ("list[ConditionalValue]", "list[union[int,float]]")
-                or part[:1].isupper()
-                or part.startswith(("function-", "constrained-", "literal[", "tagged-union["))
-            )
-        ):
-            text += f".{part}" if text else str(part)
-    return text or "(top level)"
-
-
-# mergekit 0.1.5 methods and top-level recipe keys that tadrop knows of but does not read yet:
-# name -> (merge_method or key, what it is). An unknown name found here is named as such rather
-# than matched to a look-alike. Remove a row when its feature lands.
-MERGEKIT_NOT_YET: dict[str, tuple[Literal["merge_method", "key"], str]] = {
-    "ram": ("merge_method", "mergekit's Reinforced Agent Merging"),
-    "ramplus_tl": ("merge_method", "mergekit's Reinforced Agent Merging Plus (tensor-local)"),
-    "modules": ("key", "mergekit's per-module recipe form (a recipe per module of a multi-module model)"),
-}
-SUGGESTION_RATIO = 0.8  # difflib's similarity from which an unknown name is taken for a typo
-
-
-def _one_edit_apart(a: str, b: str) -> bool:
-    """Whether b is a with one character inserted, deleted, replaced, or two neighbours swapped."""
-    if a == b or abs(len(a) - len(b)) > 1:
-        return False
-    if len(a) == len(b):
-        diffs = [i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y]
-        return len(diffs) == 1 or (len(diffs) == 2 and diffs[1] == diffs[0] + 1 and a[diffs[0]] == b[diffs[1]])
-    short, long = (a, b) if len(a) < len(b) else (b, a)
-    return any(long[:i] + long[i + 1 :] == short for i in range(len(long)))
-
-
-def _close_match(word: str, choices: list[str]) -> str | None:
-    """The choice `word` is likely a typo of (case aside): one edit away, or difflib ratio >= 0.8."""
-    lowered = {c.lower(): c for c in choices}
-    key = word.lower()
-    if key in lowered:
-        return lowered[key]
-    edits = [c for k, c in lowered.items() if _one_edit_apart(key, k)]
-    if edits:
-        return edits[0]
-    close = difflib.get_close_matches(key, list(lowered), n=1, cutoff=SUGGESTION_RATIO)
-    return lowered[close[0]] if close else None
-
-
-def _suggest(word: str, choices: list[str]) -> str:
-    close = _close_match(word, choices)
-    return f"did you mean '{close}'? " if close else ""
-
-
-def _not_yet(name: str, kind: Literal["merge_method", "key"]) -> str | None:
-    """The sentence for a mergekit method or key that tadrop does not read yet, or None."""
-    found_kind, what = MERGEKIT_NOT_YET.get(name, (None, ""))
-    return f"'{name}' is {what}; tadrop does not support it yet" if found_kind == kind else None
-
-
-def _first_error(error: ValidationError) -> str:
-    """One readable line for the most relevant pydantic error."""
-    errors = error.errors()
-    # Unions report one error per branch; the most specific (longest path) reads best.
-    unknown = [e for e in errors if e["type"] == "extra_forbidden"]
-    chosen = unknown[0] if unknown else max(errors, key=lambda e: len(e["loc"]))
-    loc = tuple(p for p in chosen["loc"])
-    where = _format_loc(loc)
-    if chosen["type"] == "extra_forbidden":
-        key = str(loc[-1])
-        # the key itself is printed as given (_format_loc drops capitalised parts, pydantic's class names)
-        parent = _format_loc(loc[:-1]) if len(loc) > 1 else ""
-        where = f"{parent}.{key}" if parent and parent != "(top level)" else key
-        allowed = ["filter", "value"] if _in_parameter_value(loc[:-1]) else _allowed_keys(loc[:-1])
-        not_yet = _not_yet(key, "key") if len(loc) == 1 else None
-        if not_yet:
-            return f"{where}: {not_yet}"
-        listed = f"allowed keys: {', '.join(allowed)}" if allowed else "not a key of this mapping"
-        return f"{where}: unknown key; {_suggest(key, allowed)}{listed}"
-    if chosen["type"] == "missing":
-        return f"{where}: required key is missing"
-    got = chosen.get("input")
-    got_text = f" (got {got!r})" if not isinstance(got, (dict, list)) else ""
-    if _in_parameter_value(loc):  # one error per type a value may have: name them all instead
-        return f"{_format_loc(_without_type_tags(loc))}: {PARAMETER_VALUE_FORMS}{got_text}"
-    return f"{where}: {chosen['msg'].removeprefix('Value error, ')}{got_text}"
-
-
-PARAMETER_VALUE_FORMS = (
-    "not a parameter value: give a number, true/false, a name, a gradient (list of numbers) "
-    "or {filter, value} entries (a value may be a gradient)"
-)
-
-
-def _in_parameter_value(loc: tuple) -> bool:
-    """Whether an error's path lies inside a `parameters` value (the recipe's or a model's)."""
-    return (len(loc) > 1 and loc[0] == "parameters") or (len(loc) > 3 and loc[0] == "models" and loc[2] == "parameters")
-
-
-def _without_type_tags(loc: tuple) -> tuple:
-    """The path without pydantic's names of union members (bool, int, float, str, list[...])."""
-    return tuple(p for p in loc if not (isinstance(p, str) and (p in ("bool", "int", "float", "str") or "[" in p)))
 
 
 def check_method_parameters(recipe: Recipe) -> None:
@@ -474,9 +304,9 @@ def check_method_parameters(recipe: Recipe) -> None:
                 allowed = [p.name for p in method.params if p.per_model or not per_model_only]
                 raise BadInput(
                     f"{where}.{key}: not a parameter of {method.name}; "
-                    f"{_suggest(key, allowed)}allowed: {', '.join(allowed)}"
+                    f"{suggest(key, allowed)}allowed: {', '.join(allowed)}"
                 )
-            for v in _scalars(f"{where}.{key}", value):
+            for v in scalars(f"{where}.{key}", value):
                 _check_value(f"{where}.{key}", spec, v)
 
     check("parameters", recipe.parameters, per_model_only=False)
@@ -496,18 +326,6 @@ def _given_everywhere(recipe: Recipe, name: str) -> bool:
     if name in recipe.parameters:
         return True
     return bool(recipe.slices) and all(name in output_slice.parameters for output_slice in recipe.slices)
-
-
-def _scalars(where: str, value: ParamValue) -> list[Any]:
-    """Every scalar a parameter's value may take: the value, a gradient's points, each filtered
-    value's (a filtered value may be a gradient). BadInput for an empty list."""
-    if isinstance(value, ConditionalValue):
-        return _scalars(where, value.value)
-    if not isinstance(value, list):
-        return [value]
-    if not value:
-        raise BadInput(f"{where}: an empty list is neither a value nor a gradient; give a number or a non-empty list")
-    return [scalar for v in value for scalar in _scalars(where, v)]
 
 
 def _check_value(where: str, spec: ParamSpec, value: Any) -> None:
@@ -654,10 +472,9 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
         raise BadInput(f"{source}: a recipe must be a mapping of keys (got {kind})")
     method_name = data.get("merge_method")
     if isinstance(method_name, str) and method_name not in METHODS:
-        not_yet = _not_yet(method_name, "merge_method")
-        reason = (
-            f"{not_yet}; " if not_yet else f"unknown method {method_name!r}; {_suggest(method_name, list(METHODS))}"
-        )
+        unsupported = not_yet(method_name, "merge_method")
+        typo = suggest(method_name, list(METHODS))
+        reason = f"{unsupported}; " if unsupported else f"unknown method {method_name!r}; {typo}"
         raise BadInput(f"{source}: merge_method: {reason}valid: {', '.join(METHODS)}")
     if "models" not in data and "slices" not in data:
         raise BadInput(f"{source}: models: required key is missing (or give slices: layer ranges of models)")
@@ -673,7 +490,7 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as error:
-        raise BadInput(f"{source}: {_first_error(error)}") from None
+        raise BadInput(f"{source}: {first_error(error, Recipe)}") from None
     try:
         check_method_parameters(recipe)
         check_consistency(recipe)

@@ -23,17 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import (
-    LAYER_NUMBER,
-    Checkpoint,
-    config_files,
-    layer_number,
-    module_files,
-    open_checkpoint,
-    parse_json,
-    read_text_file,
-    tensor_order,
-)
+from .checkpoint import Checkpoint, config_files, module_files, open_checkpoint, parse_json, read_text_file
 from .dtypes import Stored
 from .errors import BadInput
 from .layout import (
@@ -49,6 +39,7 @@ from .layout import (
 )
 from .lazy import torch
 from .recipe import BASELESS, ModelEntry, OutputSlice, Recipe, slice_base, source_identity
+from .tensor_names import LAYER_NUMBER, layer_number, tensor_order
 from .tokenizer_files import TOKENIZER_FILE
 
 # keys that hold a transformers config's number of layers (Llama & most: num_hidden_layers; GPT-2: n_layer)

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from test_bad_input import bad, invoke, merge_bad, ok
 
 from tadrop_cli import checkpoint as checkpoint_module
+from tadrop_cli.tensor_names import tensor_order
 
 DEEP = 100_000
 
@@ -113,7 +114,7 @@ def test_tensor_order_of_long_numbers_is_numeric_and_exact():
     """Ordering compares digits as numbers without converting them (no int() limit to meet), as before:
     by number (leading zeros ignored), then by name."""
     names = ["m.10.w", "m.9.w", "m.0010.x", "m.2.w", "top", "m.1" + "0" * 5000 + ".w", "m.9" * 1 + "9" * 4999 + ".w"]
-    assert checkpoint_module.tensor_order(names) == ["top", "m.2.w", "m.9.w", "m.0010.x", "m.10.w", names[6], names[5]]
+    assert tensor_order(names) == ["top", "m.2.w", "m.9.w", "m.0010.x", "m.10.w", names[6], names[5]]
 
 
 # ---------------------------------------------------------------- FIFOs and devices
@@ -577,7 +578,7 @@ def test_a_fine_tune_without_the_base_integer_buffers_is_noted(tmp_path, recipe,
 
 def test_filter_star_matches_every_tensor():
     """mergekit reads filter "*" as every tensor (and any other filter as a case-sensitive substring)."""
-    from tadrop_cli.recipe import ConditionalValue, value_for_tensor
+    from tadrop_cli.parameter_values import ConditionalValue, value_for_tensor
 
     value = [ConditionalValue(filter="*", value=0.3)]
     assert value_for_tensor(value, "model.layers.0.mlp.weight", 0.0) == 0.3

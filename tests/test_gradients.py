@@ -11,9 +11,10 @@ from __future__ import annotations
 import pytest
 from conftest import basic_recipe, write_recipe
 
-from tadrop_cli.checkpoint import layer_positions
 from tadrop_cli.errors import BadInput
-from tadrop_cli.recipe import parse_recipe, value_for_tensor
+from tadrop_cli.parameter_values import value_for_tensor
+from tadrop_cli.recipe import parse_recipe
+from tadrop_cli.tensor_names import layer_positions
 
 
 def t5_names(encoder: int, decoder: int) -> list[str]:

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 from tadrop_cli.errors import BadInput
 from tadrop_cli.methods import METHODS
-from tadrop_cli.recipe import Recipe, load_recipe, parse_recipe, recipe_digest, value_for_tensor
+from tadrop_cli.parameter_values import value_for_tensor
+from tadrop_cli.recipe import Recipe, load_recipe, parse_recipe, recipe_digest
 
 FUZZ = settings(
     max_examples=250,

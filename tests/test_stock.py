@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from tadrop_cli import kernels, sparsify, statistic_merges
 from tadrop_cli.errors import BadInput
 from tadrop_cli.methods import METHODS, TaskVector
-from tadrop_cli.recipe import MERGEKIT_NOT_YET, Recipe, parse_recipe
+from tadrop_cli.recipe import Recipe, parse_recipe
+from tadrop_cli.recipe_errors import MERGEKIT_NOT_YET
 from tadrop_cli.run import MergeOptions, plan_only, run_merge
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="the C kernels were not built")
