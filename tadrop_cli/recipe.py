@@ -302,10 +302,12 @@ def check_method_parameters(recipe: Recipe) -> None:
             spec = method.param(key)
             if spec is None or (per_model_only and not spec.per_model):
                 allowed = [p.name for p in method.params if p.per_model or not per_model_only]
-                raise BadInput(
-                    f"{where}.{key}: not a parameter of {method.name}; "
-                    f"{suggest(key, allowed)}allowed: {', '.join(allowed)}"
+                listed = (
+                    f"allowed: {', '.join(allowed)}"
+                    if allowed
+                    else f"{method.name} takes none{' per model' * per_model_only}"
                 )
+                raise BadInput(f"{where}.{key}: not a parameter of {method.name}; {suggest(key, allowed)}{listed}")
             for v in scalars(f"{where}.{key}", value):
                 _check_value(f"{where}.{key}", spec, v)
 
@@ -344,6 +346,10 @@ def _check_value(where: str, spec: ParamSpec, value: Any) -> None:
     if value != value or value in (float("inf"), float("-inf")):
         raise BadInput(f"{where}: must be a finite number (got {value!r})")
     if spec.low is not None and value < spec.low or spec.high is not None and value > spec.high:
+        if spec.high is None:
+            raise BadInput(f"{where}: must be at least {spec.low} (got {value!r})")
+        if spec.low is None:
+            raise BadInput(f"{where}: must be at most {spec.high} (got {value!r})")
         raise BadInput(f"{where}: must be between {spec.low} and {spec.high} (got {value!r})")
 
 

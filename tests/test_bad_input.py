@@ -667,3 +667,31 @@ def test_auto_device_without_a_gpu_driver_asks_nothing_of_torch(monkeypatch, tmp
     assert devices.choose_device("auto") == "cuda"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert devices.choose_device("auto") == "cpu"
+
+
+@pytest.mark.parametrize(
+    "method,where,parameters,message",
+    [
+        ("nearswap", "parameters", {"t": -0.1}, "parameters.t: must be at least 0.0 (got -0.1)"),
+        (
+            "sce",
+            "model",
+            {"weight": 1.0},
+            "models[0].parameters.weight: not a parameter of sce; sce takes none per model",
+        ),
+    ],
+)
+def test_parameter_refusals_say_what_is_allowed(method, where, parameters, message):
+    """A bound with no upper end is said as such (not "between 0.0 and None"), and a method with no
+    per-model parameter says so (not an empty "allowed:" list)."""
+    from tadrop_cli.errors import BadInput
+    from tadrop_cli.recipe import parse_recipe
+
+    recipe = {"merge_method": method, "base_model": "base", "models": [{"model": "a"}]}
+    if where == "model":
+        recipe["models"][0]["parameters"] = parameters
+    else:
+        recipe["parameters"] = parameters
+    with pytest.raises(BadInput) as error:
+        parse_recipe(recipe)
+    assert str(error.value).endswith(message), str(error.value)

@@ -383,7 +383,7 @@ def test_tadrop_is_refused_in_one_line(tmp_path, method):
         ("slerp", 1, {}, ["parameters.t", "required by slerp"]),
         ("nearswap", 1, {}, ["parameters.t", "required by nearswap"]),
         ("karcher", 2, {"max_iter": 2.5}, ["parameters.max_iter", "whole number"]),
-        ("nearswap", 1, {"t": -1}, ["parameters.t", "between"]),
+        ("nearswap", 1, {"t": -1}, ["parameters.t", "at least 0"]),
     ],
 )
 def test_bad_interpolation_recipes(tmp_path, method, count, params, words):

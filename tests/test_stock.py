@@ -353,7 +353,7 @@ def _recipe(method: str, models: int = 2, base_listed: bool = False, **extra) ->
                 **_recipe("model_stock", 2),
                 "models": [{"model": "model_a", "parameters": {"weight": 0.5}}, {"model": "b"}],
             },
-            "recipe: models[0].parameters.weight: not a parameter of model_stock; allowed: ",
+            "recipe: models[0].parameters.weight: not a parameter of model_stock; model_stock takes none per model",
         ),
         (
             _recipe("sce", 2, parameters={"select_topk": 1.5}),
