@@ -84,6 +84,22 @@ def tiny_models(tmp_path: Path) -> dict[str, Path]:
     return paths
 
 
+def tiny_llama_config(**changes):
+    """The tiny LlamaForCausalLM config the end-to-end tests build models from (random weights), with `changes`."""
+    transformers = pytest.importorskip("transformers")
+    settings = dict(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
+    settings.update(changes)
+    return transformers.LlamaConfig(**settings)
+
+
 def write_recipe(folder: Path, recipe: dict, name: str = "recipe.yaml") -> Path:
     path = folder / name
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import basic_recipe, fine_tune, run_cli, tiny_state, write_checkpoint, write_recipe
+from conftest import basic_recipe, fine_tune, run_cli, tiny_llama_config, tiny_state, write_checkpoint, write_recipe
 from reference import dare_keep
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -321,15 +321,7 @@ def test_filtered_and_gradient_parameters(tiny_models, tmp_path):
 
 def test_transformers_loads_the_merged_model(tmp_path):
     transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-    )
+    config = tiny_llama_config()
     torch.manual_seed(0)
     base_model = transformers.LlamaForCausalLM(config)
     base_model.save_pretrained(tmp_path / "base", safe_serialization=True)

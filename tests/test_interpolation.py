@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import reference
 import torch
-from conftest import run_cli, tiny_state, write_checkpoint, write_recipe
+from conftest import run_cli, tiny_llama_config, tiny_state, write_checkpoint, write_recipe
 from safetensors.torch import load_file
 
 from tadrop_cli import tensor_merge
@@ -449,15 +449,7 @@ def test_multislerp_of_balanced_antipodes_names_the_tensor(tmp_path):
 
 def test_slerp_of_a_tiny_llama_with_filtered_gradients_loads_in_transformers(tmp_path):
     transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=5,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-    )
+    config = tiny_llama_config(num_hidden_layers=5)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config)
     model.save_pretrained(tmp_path / "base", safe_serialization=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import basic_recipe, run_cli, tiny_state, write_checkpoint, write_recipe
+from conftest import basic_recipe, run_cli, tiny_llama_config, tiny_state, write_checkpoint, write_recipe
 from reference import dora_merged, lora_merged, lora_scale
 from safetensors.numpy import load_file as load_numpy
 from safetensors.torch import load_file, save_file
@@ -105,25 +105,11 @@ def assert_matches(got: dict[str, torch.Tensor], want: dict, atol: float = 2e-6)
 # ---------------------------------------------------------------- models built with transformers and peft
 
 
-def llama_config(**changes):
-    settings = dict(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-    )
-    settings.update(changes)
-    return transformers.LlamaConfig(**settings)
-
-
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("llama") / "base"
-    transformers.LlamaForCausalLM(llama_config(attention_bias=True)).save_pretrained(folder)
+    transformers.LlamaForCausalLM(tiny_llama_config(attention_bias=True)).save_pretrained(folder)
     return folder
 
 

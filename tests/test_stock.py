@@ -10,7 +10,16 @@ import pytest
 import reference as ref
 import torch
 import yaml
-from conftest import REPO, basic_recipe, fine_tune, run_cli, tiny_state, write_checkpoint, write_recipe
+from conftest import (
+    REPO,
+    basic_recipe,
+    fine_tune,
+    run_cli,
+    tiny_llama_config,
+    tiny_state,
+    write_checkpoint,
+    write_recipe,
+)
 from safetensors.torch import load_file
 
 from tadrop_cli import kernels, sparsify, statistic_merges
@@ -222,15 +231,7 @@ def llama_models(tmp_path_factory) -> dict[str, Path]:
     """A tiny Llama base and three fine-tunes sharing a common direction, saved by transformers."""
     transformers = pytest.importorskip("transformers")
     folder = tmp_path_factory.mktemp("llama")
-    config = transformers.LlamaConfig(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-    )
+    config = tiny_llama_config()
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config)
     model.save_pretrained(folder / "base", safe_serialization=True)
