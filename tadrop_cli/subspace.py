@@ -115,19 +115,28 @@ def _eigh_descending(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return values.flip(0), vectors.flip(1)
 
 
+def rounding_level(shape: tuple[int, int], frobenius_squared: float) -> float:
+    """The spectral norm of a float32 matrix's rounding: eps * (sqrt(m) + sqrt(n)) * the rms entry
+    (an m x n matrix of independent errors of size s has norm ~s (sqrt(m) + sqrt(n))). Singular
+    values below it are rounding; above it, with a gap, their directions are resolved. (Scaled
+    by sigma_1 instead of the rms entry it is sqrt(m)-ish times too large on a concatenation
+    of orthonormal bases, whose entries are ~1/sqrt(m) while sigma_1 ~ 1-2.)"""
+    m, n = shape
+    return _EPS32 * (math.sqrt(m) + math.sqrt(n)) * math.sqrt(frobenius_squared / (m * n))
+
+
 def polar(matrix: torch.Tensor) -> torch.Tensor:
     """orthogonalize() by the float64 Gram of the smaller side: M (M^T M)^(-1/2) = P Q^T, one
     eigendecomposition of the Gram instead of an SVD of M. Directions whose singular value is
-    at rounding level, <= eps(float32) * (sqrt(m) + sqrt(n)) * sigma_1 (the spectral norm of
-    M's float32 rounding), are left out (a partial isometry): their vectors are arbitrary, and
-    (M^T M)^(-1/2) does not exist there. (Not null_tolerance, nor numpy's eps * max(m, n) *
-    sigma_1: a square concatenation of bases has real singular values ~1e-4 sigma_1, which
-    the exact route keeps and which move the merge by percents.)"""
+    at M's float32 rounding level (rounding_level) are left out (a partial isometry): their
+    vectors are arbitrary, and (M^T M)^(-1/2) does not exist there. (Not null_tolerance, nor
+    numpy's eps * max(m, n) * sigma_1, nor eps * (sqrt(m) + sqrt(n)) * sigma_1: a square
+    concatenation of bases has real singular values down to ~1e-6 sigma_1, which the exact
+    route keeps and which move the merge by percents.)"""
     if matrix.shape[0] < matrix.shape[1]:
         return polar(matrix.T).T
     values, vectors = _eigh_descending(_gram64(matrix))
-    rounding = _EPS32 * (math.sqrt(matrix.shape[0]) + math.sqrt(matrix.shape[1]))
-    tolerance = rounding * float(values[0].clamp_min(0).sqrt())
+    tolerance = rounding_level(matrix.shape, float(values.clamp_min(0).sum()))
     kept = int((values > tolerance * tolerance).sum())
     vectors = vectors[:, :kept]
     return _times64(matrix, (vectors / values[:kept].sqrt()) @ vectors.T)
@@ -368,7 +377,8 @@ def polar_extended(basis: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
     middle[p:, p:] = _gram64(extra) - torch.eye(e, dtype=float64, device=basis.device)
     d, z = torch.linalg.eigh(middle)
     values = 1 + d  # the Gram's eigenvalues off the identity
-    tolerance = _EPS32 * (math.sqrt(basis.shape[0]) + math.sqrt(c + e)) * float(values.max().clamp_min(1).sqrt())
+    frobenius_squared = c + float(middle[p:, p:].trace()) + e  # |[basis, extra]|_F^2 = c + |extra|_F^2
+    tolerance = rounding_level((basis.shape[0], c + e), frobenius_squared)
     kept = values > tolerance * tolerance
     factor = torch.where(kept, values.clamp_min(tolerance * tolerance).rsqrt(), torch.zeros_like(values)) - 1
     y_top, y_bottom = q @ z[:p], z[p:]  # Y Z, split by the rows of basis and of extra

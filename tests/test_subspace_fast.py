@@ -309,3 +309,48 @@ def test_exact_route_survives_a_float32_svd_that_fails_to_converge(method, monke
     assert failures, "the exact route took no float32 SVD: the test checks nothing"
     assert got.dtype == torch.float32
     assert relative(got, reference_of(method, tasks)) < FAST_VS_FLOAT64
+
+
+def test_polar_keeps_a_tiny_singular_value_of_a_square_concatenation():
+    """A concatenation of task bases (entries ~1/sqrt(m), sigma_1 ~2) with one real singular value
+    at 2e-6 sigma_1, well apart from the others. Its direction is resolved (M's float32 rounding
+    is ~eps * (sqrt(m) + sqrt(n)) * rms entry ~ 2e-7), so the polar factor keeps it, as the exact
+    route and the papers' code do. A rounding level scaled by sigma_1 instead (~8e-6 here) left
+    it out, and moved a real TSV-M merge (all-MiniLM-L6-v2, 4 fine-tunes, layer 2's value
+    matrix) by 5.6% from float64 while the exact route was within 1e-5."""
+    rng = np.random.default_rng(5)
+    m = 256
+    u, _ = np.linalg.qr(rng.normal(size=(m, m)))
+    v, _ = np.linalg.qr(rng.normal(size=(m, m)))
+    sigma = np.concatenate([[2.0], rng.uniform(0.2, 1.5, m - 2), [4e-6]])
+    matrix = ((u * sigma) @ v.T).astype(np.float32)
+    got = subspace.polar(torch.from_numpy(matrix)).double().numpy()
+    np.testing.assert_allclose(got, ref.polar(matrix.astype(np.float64)), atol=1e-5)
+    # Iso-CTS's left factor by the low-rank update: task directions orthogonal to the common basis,
+    # two of them nearly parallel (the tiny singular value sits in the task block)
+    c, e = 200, 40
+    basis = u[:, :c]
+    extra = u[:, c:] @ (
+        (np.linalg.qr(rng.normal(size=(m - c, e)))[0] * np.r_[rng.uniform(0.5, 1.5, e - 1), 4e-6])
+        @ np.linalg.qr(rng.normal(size=(e, e)))[0]
+    )
+    full = np.concatenate([basis, extra], axis=1).astype(np.float32)
+    assert np.linalg.svd(full.astype(np.float64), compute_uv=False)[-1] < 1e-5
+    got = subspace.polar_extended(torch.from_numpy(full[:, :c]), torch.from_numpy(full[:, c:])).double().numpy()
+    np.testing.assert_allclose(got, ref.polar(full.astype(np.float64)), atol=1e-5)
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_tsv_m_of_a_model_with_itself_is_its_truncation(exact):
+    """The same task vector twice (a recipe that lists one model twice): the concatenated bases
+    repeat exactly, so half of their Gram's directions are null. The fast route leaves them out
+    (a partial isometry) and gives back the task's top r/2 directions: A [I I] / sqrt 2 is the
+    polar factor of [A A], and A [I I] diag(s, s) [I I]^T B^T / 2 = A diag(s) B^T."""
+    rng = np.random.default_rng(8)
+    task = spectral(rng, (40, 32), 0.9 ** np.arange(32))
+    expected = ref.top_triplets(task.astype(np.float32).astype(np.float64), 16)
+    truncated = (expected[0] * expected[1]) @ expected[2]
+    got = merged("tsv_m", [task, task], exact=exact, densities=[0.5, 0.5], seeds=(3, 3))
+    assert torch.isfinite(got).all()
+    if not exact:  # the float32 SVD of a rank-deficient concatenation picks arbitrary null directions
+        assert relative(got, truncated) < FAST_VS_FLOAT64
