@@ -424,3 +424,84 @@ def test_tokenizer_files_are_inputs_a_resume_checks(models, tmp_path):
     for name in models:
         assert str(models[name] / "tokenizer.json") in files
         assert str(models[name] / "model.safetensors") in files
+
+
+# ---------------------------------------------------------------- streaming: rows by blocks
+
+
+def aligned_layout(models: dict[str, Path], tmp_path: Path, **tokenizer):
+    from tadrop_cli.layout import build_layout
+    from tadrop_cli.recipe import load_recipe
+
+    recipe = recipe_for(models, tmp_path / "out", tokenizer={"source": "union", **tokenizer})
+    return build_layout(load_recipe(write_recipe(tmp_path, recipe)))
+
+
+def test_a_slice_of_an_aligned_tensor_reads_only_its_rows(models, tmp_path, monkeypatch):
+    """Entries of two rows of model_b's aligned lm_head read two rows of model_b's stored lm_head and
+    nothing else: not every model's whole tensor (the memory promise: a block's rows, not the vocabulary)."""
+    from tadrop_cli.checkpoint import Checkpoint
+
+    read_entries = []
+    real_read, real_mapped = Checkpoint.read, Checkpoint.mapped
+
+    def counting_read(self, name, start=None, stop=None, pinned=False):
+        read_entries.append((self.label, (self.tensors[name].numel if stop is None else stop) - (start or 0)))
+        return real_read(self, name, start, stop, pinned)
+
+    def counting_mapped(self, name, start, stop):
+        read_entries.append((self.label, stop - start))
+        return real_mapped(self, name, start, stop)
+
+    layout = aligned_layout(models, tmp_path)
+    try:
+        monkeypatch.setattr(Checkpoint, "read", counting_read)
+        monkeypatch.setattr(Checkpoint, "mapped", counting_mapped)
+        model_b = next(m.checkpoint for m in layout.models if m.label == str(models["model_b"]))
+        hidden = model_b.tensors["lm_head.weight"].shape[1]
+        rows = model_b.read("lm_head.weight", 0, 2 * hidden)  # <unk> and <s>: model_b's own rows 0 and 1
+    finally:
+        layout.close()
+    assert read_entries == [(str(models["model_b"]), 2 * hidden)]
+    stored = tensors_of(models["model_b"])["lm_head.weight"]
+    assert torch.equal(rows, stored[:2].reshape(-1))
+
+
+@pytest.mark.parametrize("block_entries", [1 << 20, 16, 40])
+def test_blockwise_reads_equal_the_whole_aligned_tensor(models, tmp_path, monkeypatch, block_entries):
+    """Every model's aligned tensor read whole matches the float64 reference (own rows exactly, defaults
+    and padding to float32 rounding), and any range of its entries read alone (a slice the kernels or
+    PyTorch ask for, cutting rows anywhere) gives the same bits as that range of the whole; also with the
+    padding mean's pass cut into blocks of a row or a few."""
+    from tadrop_cli import aligned_checkpoint
+
+    monkeypatch.setattr(aligned_checkpoint, "BLOCK_ENTRIES", block_entries)
+    layout = aligned_layout(models, tmp_path, pad_to_multiple_of=8)
+    try:
+        checkpoints = [layout.reference, *(m.checkpoint for m in layout.models)]
+        output = layout.tokenizer.vocabulary
+        for name in VOCABULARY_TENSORS:
+            expected = aligned_inputs(models, output, 16, name)
+            for checkpoint, reference in zip(checkpoints, expected, strict=True):
+                whole = checkpoint.read(name)
+                assert tuple(whole.shape) == reference.shape
+                np.testing.assert_allclose(whole.double().numpy(), reference, atol=1e-6, rtol=0)
+                flat = whole.reshape(-1)
+                for start, stop in [(0, 1), (5, 37), (16, 48), (150, 200), (159, 161), (100, flat.numel())]:
+                    assert torch.equal(checkpoint.read(name, start, stop), flat[start:stop]), (name, start, stop)
+                    stored = checkpoint.mapped(name, start, stop)
+                    assert torch.equal(stored.to_torch(), flat[start:stop])
+    finally:
+        layout.close()
+
+
+def test_merges_in_slices_that_cut_rows_give_the_bits_of_a_whole_tensor_merge(models, tmp_path, monkeypatch):
+    """TIES by the kernels with slices of 40 entries (rows of 16: slices start and end mid-row) writes the
+    same bytes as with the tensor in one slice, and a padded vocabulary too."""
+    from tadrop_cli import tensor_merge
+
+    extra = {"tokenizer": {"source": "union", "pad_to_multiple_of": 8}}
+    whole = merge(tmp_path, recipe_for(models, tmp_path / "whole", "ties", **extra))
+    monkeypatch.setattr(tensor_merge, "CHUNK_ELEMENTS", 40)
+    sliced = merge(tmp_path, recipe_for(models, tmp_path / "sliced", "ties", **extra))
+    assert (whole / "model.safetensors").read_bytes() == (sliced / "model.safetensors").read_bytes()
