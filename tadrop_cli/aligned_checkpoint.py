@@ -137,7 +137,11 @@ class _TensorAlignment:
         the others are in the block, their default rows in float32)."""
         rows = self.own[s][first:stop]
         kept = rows >= 0
-        own = self._gather(s, rows[kept]) if kept.any() else np.empty((0, self.row_length), numpy_dtype(self._dtype(s)))
+        own = (
+            self.checkpoints[s].read_rows(self.name, rows[kept])
+            if kept.any()
+            else np.empty((0, self.row_length), numpy_dtype(self._dtype(s)))
+        )
         lacking = np.flatnonzero(~kept)  # every such token has a default (default_rows)
         if not len(lacking):
             return kept, own, lacking, np.empty((0, self.row_length), np.float32)
@@ -146,18 +150,6 @@ class _TensorAlignment:
 
     def _dtype(self, s: int) -> str:
         return self.checkpoints[s].tensors[self.name].dtype
-
-    def _gather(self, s: int, rows: np.ndarray) -> np.ndarray:
-        """Model s's stored rows `rows` (any order), as stored, copied out of its mapped tensor: only
-        their pages are read, and let go of again (Checkpoint.unmap)."""
-        checkpoint, length = self.checkpoints[s], self.row_length
-        low, high = int(rows.min()), int(rows.max()) + 1
-        span = checkpoint.mapped(self.name, low * length, high * length)
-        try:
-            return span.array.reshape(high - low, length)[rows - low]
-        finally:
-            del span
-            checkpoint.unmap(self.name, low * length, high * length)
 
     def _defaults(self, first: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         """(the tokens in [first, stop) that have a default, their default rows in float32); the last
@@ -168,7 +160,10 @@ class _TensorAlignment:
         low, high = np.searchsorted(self.default_tokens, [first, stop])
         tokens = self.default_tokens[low:high]
         rows = {
-            k: (numbers, float32_of(self._gather(self.having[k], numbers), self._dtype(self.having[k])))
+            k: (
+                numbers,
+                float32_of(self.checkpoints[self.having[k]].read_rows(self.name, numbers), self._dtype(self.having[k])),
+            )
             for k, numbers in needed_rows(self.defaults, tokens).items()
         }
         values = default_values(self.defaults, tokens, rows, self.row_length)
@@ -215,20 +210,21 @@ class AlignedCheckpoint(Checkpoint):
         super().__init__(inner.label, inner.folder, tensors, {})
         self.inner, self.alignment, self.source = inner, alignment, source
 
-    def _aligned(self, name: str) -> bool:
+    def aligns(self, name: str) -> bool:
+        """Whether tensor `name` is aligned to the output vocabulary (else it is the model's own)."""
         return name in self.alignment.names and name in self.inner.tensors
 
     def input_files(self) -> list[Path]:
         return self.inner.input_files()
 
     def read(self, name: str, start: int | None = None, stop: int | None = None, pinned: bool = False) -> torch.Tensor:
-        if not self._aligned(name):
+        if not self.aligns(name):
             return self.inner.read(name, start, stop, pinned)
         entries = self._entries(name, start, stop).to_torch()
         return entries.reshape(self.tensors[name].shape) if start is None and stop is None else entries
 
     def mapped(self, name: str, start: int, stop: int) -> Stored:
-        if not self._aligned(name):
+        if not self.aligns(name):
             return self.inner.mapped(name, start, stop)
         return self._entries(name, start, stop)
 
@@ -243,7 +239,7 @@ class AlignedCheckpoint(Checkpoint):
         return Stored(info.dtype, block[start - first * length : stop - first * length])
 
     def unmap(self, name: str, start: int, stop: int) -> None:
-        if not self._aligned(name):
+        if not self.aligns(name):
             self.inner.unmap(name, start, stop)
 
     def close(self) -> None:
@@ -431,7 +427,8 @@ def merged_vocabulary(
     config = next((file for file in config_files(reference.folder) if file.name == "config.json"), None)
     inputs = [file for folder in _folders(checkpoints, copy_from) for file in config_files(folder)]
     note = _note(settings, len(vocabulary(base_tokenizer)), len(output), rows, names)
-    result = OutputTokenizer(out, output, rows, copy_from, config, list(dict.fromkeys(inputs)), note)
+    loaded = sum(len(source.tokens) for source in sources) + len(output)
+    result = OutputTokenizer(out, output, rows, copy_from, config, list(dict.fromkeys(inputs)), note, loaded)
     if not _needs_alignment(sources, names, rows, rules):
         return result, {}
     base = 0 if recipe.base_model else None

@@ -50,3 +50,21 @@ def test_a_dry_run_estimates_the_svd_hosts_by_their_cubic_cost(tmp_path):
     svd = sum(estimate.tensor_seconds("svd", 0, (512, 512), 4) for _ in range(2))
     assert estimates["tsv_m"] >= svd + estimate.START_SECONDS + estimate.TORCH_IMPORT_SECONDS - 0.05
     assert estimates["task_arithmetic"] < estimate.START_SECONDS + 0.1 + estimate.TORCH_IMPORT_SECONDS
+
+
+def test_the_reported_peak_is_the_merges_own_not_its_parents(tmp_path):
+    """A merge started by a process holding much memory (this one: torch and ~256 MB more) reports its
+    own peak: getrusage's maxrss keeps, after the exec, the peak of the vfork'd parent it replaced."""
+    held = bytearray(256 * 2**20)
+    held[::4096] = b"\x01" * len(held[::4096])  # resident, not just reserved
+    g = torch.Generator().manual_seed(4)
+    base = {"layers.0.weight": torch.randn(64, 64, generator=g)}
+    models = {
+        "base": write_checkpoint(tmp_path / "base", base),
+        "ft": write_checkpoint(tmp_path / "ft", fine_tune(base, 1)),
+    }
+    path = write_recipe(tmp_path, basic_recipe(models, tmp_path / "out", method="task_arithmetic"))
+    result = run_cli("merge", str(path), "--json", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["peak_rss_bytes"] < 200 * 2**20  # a kernels merge of 2 tiny models: ~100 MB
+    del held
