@@ -38,7 +38,7 @@ from .plan import Plan, build_plan
 from .recipe import Recipe, Step, recipe_digest
 from .shards import OutputTensor, index_json, plan_shards
 from .staging import StagingFolder
-from .tensor_merge import chunk_elements, kernels_merge, merge_tensor
+from .tensor_merge import chunk_elements, kernels_merge, merge_inputs, merge_tensor
 from .tokenizer_files import write_tokenizer
 from .verify import verify_written_shard
 
@@ -504,7 +504,7 @@ def dry_run(recipe: Recipe, options: MergeOptions) -> dict:
                 bytes_to_read += layout.reference.tensors[job.name].nbytes
                 seconds += estimate.tensor_seconds("kernels", layout.reference.tensors[job.name].nbytes, (), 1)
                 continue
-            models = [layout.reference, *(layout.models[i].checkpoint for i in job.contributors)]
+            models = merge_inputs(layout, job)
             nbytes = sum(c.tensors[job.name].nbytes for c in models if job.name in c)
             sliced = job.out.numel > chunk_elements(device) and method.sliceable(layout.method_parameters(job.name))
             sweeps = passes + (2 if sliced and method.sparsifier == "magnitude" else 0)  # the trim's two sweeps
