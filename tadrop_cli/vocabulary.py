@@ -7,7 +7,8 @@ m has that token, else the token's default row, the same for every model lacking
 (mergekit's rules, in this order): the recipe's `tokens:` source for the token; the one model that
 has the token; zeros when none has it; the base's row when the base has it; else the mean of the rows
 of the models that have it. `force` gives every model the default, its own row or not. Rows past the
-vocabulary (pad_to_multiple_of) are each model's mean aligned row.
+vocabulary (pad_to_multiple_of) are each model's mean aligned row (padding_mean). These functions
+work on a block of output rows at a time: aligned_checkpoint.py reads a block's rows and assembles it.
 """
 
 from __future__ import annotations
