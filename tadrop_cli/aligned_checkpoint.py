@@ -82,6 +82,9 @@ class VocabularyAlignment:
         dtype.Stored array), shaped (rows, entries per row): a fresh array."""
         if name not in self._tensors:
             self._tensors[name] = _TensorAlignment(self, name)
+        for other, alignment in self._tensors.items():
+            if other != name:
+                alignment.let_go()  # another tensor's block: the merge holds one tensor name's inputs
         return self._tensors[name].block(source, first, stop)
 
     def close(self) -> None:
@@ -108,6 +111,10 @@ class _TensorAlignment:
         self.default_tokens = np.array(sorted(self.defaults), dtype=np.int64)
         self._block_defaults: tuple[int, int, np.ndarray, np.ndarray] | None = None
         self._padding: dict[int, np.ndarray] = {}  # a model's padding row, float32 (see padding_mean)
+
+    def let_go(self) -> None:
+        """Drop the last block's default rows (the padding rows, one per model, stay)."""
+        self._block_defaults = None
 
     def block(self, s: int, first: int, stop: int) -> np.ndarray:
         """Rows [first, stop) of model s's aligned tensor, as stored: its own rows copied bit for bit,
