@@ -2,21 +2,27 @@
 (embeddings, lm_head) are re-indexed to the merged vocabulary, and the merged tokenizer itself.
 
 The rest of the engine (kernels, TADrop's pass 1, resume) reads these views as it reads any
-checkpoint. A vocabulary tensor is aligned when it is first read: every model's copy of that one
-tensor is read, aligned (vocabulary.py) and kept until another tensor is asked for, so a merge still
-holds one tensor name's inputs at a time.
+checkpoint. A read of entries [start, stop) of a vocabulary tensor assembles the block of output
+rows they lie in, and nothing more: each model's own rows gathered from its memory-mapped tensor,
+the default rows of the block's tokens (vocabulary.py), and for padding rows the model's mean row
+(one pass over its rows by blocks, kept: one row per model). So a merge that reads a tensor in
+slices (the kernels, PyTorch's element-wise hosts, TADrop's Hoyer scores and magnitude profiles)
+holds a slice's rows, whatever the vocabulary; a method that needs whole tensors (the SVD hosts, a
+rescale by a norm, TADrop's other statistics) reads each model's whole aligned tensor, as it would a
+plain checkpoint's.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .checkpoint import Checkpoint, TensorInfo, config_files
-from .dtypes import Stored
+from .dtypes import Stored, float32_of, numpy_dtype, stored_from_float32
 from .errors import BadInput
 from .lazy import torch
 from .recipe import ModelTokenSource, Recipe, TokenizerSettings, ZeroSource, source_identity
@@ -35,10 +41,12 @@ from .vocabulary import (
     ZERO,
     RowOf,
     TokenRule,
-    aligned_tensor,
     check_rows,
-    default_matrix,
     default_rows,
+    default_values,
+    needed_rows,
+    own_rows,
+    padding_mean,
     permutation,
     vocabulary_tensor_names,
 )
@@ -54,41 +62,131 @@ class _Source:
     permutation: np.ndarray | None = None  # output token -> its row, -1 where it lacks the token
 
 
+# the rows of one block the alignment assembles at a time where a whole pass is needed (a padding mean)
+BLOCK_ENTRIES = 1 << 20
+
+
 class VocabularyAlignment:
-    """Every model's vocabulary tensors re-indexed to the output vocabulary, one tensor name at a time."""
+    """Every model's vocabulary tensors re-indexed to the output vocabulary, served by blocks of output
+    rows: a block gathers each model's own rows for it from the model's mapped tensor, and the default
+    rows of its tokens, so a read holds the rows it asks for, never a whole tensor it does not."""
 
     def __init__(
         self, sources: list[_Source], names: set[str], rows: int, base: int | None, rules: dict[int, TokenRule]
     ):
         self.sources, self.names, self.rows, self.base, self.rules = sources, names, rows, base, rules
-        self._name: str | None = None
-        self._aligned: dict[int, torch.Tensor] = {}
+        self._tensors: dict[str, _TensorAlignment] = {}
 
-    def tensor(self, source: int, name: str) -> torch.Tensor:
-        """Source `source`'s aligned tensor `name`, in its stored dtype (shared: read, never write)."""
-        if name != self._name:
-            self._aligned, self._name = {}, None  # let go of the last tensor's before reading the next
-            self._aligned, self._name = self._align(name), name
-        return self._aligned[source]
-
-    def _align(self, name: str) -> dict[int, torch.Tensor]:
-        having = [s for s, source in enumerate(self.sources) if name in source.checkpoint.tensors]
-        position = {s: k for k, s in enumerate(having)}
-        stored = [self.sources[s].checkpoint.read(name) for s in having]
-        rules = {i: _rule_among(rule, position, self.sources, name) for i, rule in self.rules.items()}
-        base = position.get(self.base) if self.base is not None else None
-        defaults, forced = default_rows([self.sources[s].permutation for s in having], base, rules)
-        token_shape = tuple(stored[0].shape[1:])
-        default_values = default_matrix(defaults, stored, token_shape)
-        return {
-            s: aligned_tensor(stored[k], self.sources[s].permutation, default_values, forced, self.rows).to(
-                stored[k].dtype
-            )
-            for k, s in enumerate(having)
-        }
+    def block(self, source: int, name: str, first: int, stop: int) -> np.ndarray:
+        """Rows [first, stop) of source `source`'s aligned tensor `name`, as stored (its numpy
+        dtype.Stored array), shaped (rows, entries per row): a fresh array."""
+        if name not in self._tensors:
+            self._tensors[name] = _TensorAlignment(self, name)
+        for other, alignment in self._tensors.items():
+            if other != name:
+                alignment.let_go()  # another tensor's block: the merge holds one tensor name's inputs
+        return self._tensors[name].block(source, first, stop)
 
     def close(self) -> None:
-        self._aligned, self._name = {}, None
+        self._tensors = {}
+
+
+class _TensorAlignment:
+    """One vocabulary tensor's alignment: which stored row or default each output row of each model
+    is (small: an index per token and model), and the last block's default rows."""
+
+    def __init__(self, alignment: VocabularyAlignment, name: str):
+        sources = alignment.sources
+        having = [s for s, source in enumerate(sources) if name in source.checkpoint.tensors]
+        position = {s: k for k, s in enumerate(having)}
+        rules = {i: _rule_among(rule, position, sources, name) for i, rule in alignment.rules.items()}
+        base = position.get(alignment.base) if alignment.base is not None else None
+        self.defaults, forced = default_rows([sources[s].permutation for s in having], base, rules)
+        self.tokens = len(sources[having[0]].permutation)  # the output vocabulary (rows past it: padding)
+        self.having = having  # the sources with the tensor; default_rows' models are indices into it
+        self.checkpoints = {s: sources[s].checkpoint for s in having}
+        self.own = {s: own_rows(sources[s].permutation, forced) for s in having}
+        shape = sources[having[0]].checkpoint.tensors[name].shape
+        self.name, self.row_length = name, math.prod(shape[1:])
+        self.default_tokens = np.array(sorted(self.defaults), dtype=np.int64)
+        self._block_defaults: tuple[int, int, np.ndarray, np.ndarray] | None = None
+        self._padding: dict[int, np.ndarray] = {}  # a model's padding row, float32 (see padding_mean)
+
+    def let_go(self) -> None:
+        """Drop the last block's default rows (the padding rows, one per model, stay)."""
+        self._block_defaults = None
+
+    def block(self, s: int, first: int, stop: int) -> np.ndarray:
+        """Rows [first, stop) of model s's aligned tensor, as stored: its own rows copied bit for bit,
+        default and padding rows (float32) cast to its dtype as torch casts."""
+        dtype = self._dtype(s)
+        out = np.empty((stop - first, self.row_length), dtype=numpy_dtype(dtype))
+        end = min(stop, self.tokens)
+        if first < end:
+            kept, own, lacking, defaults = self._token_rows(s, first, end)
+            out[: end - first][kept] = own
+            out[lacking] = stored_from_float32(defaults, dtype)
+        if stop > self.tokens:
+            out[max(first, self.tokens) - first :] = stored_from_float32(self._padding_row(s)[None, :], dtype)
+        return out
+
+    def _float32_block(self, s: int, first: int, stop: int) -> np.ndarray:
+        """Rows [first, stop) (all below `tokens`) of model s's aligned tensor in float32, as they are
+        before the cast to its dtype."""
+        out = np.empty((stop - first, self.row_length), dtype=np.float32)
+        kept, own, lacking, defaults = self._token_rows(s, first, stop)
+        out[kept] = float32_of(own, self._dtype(s))
+        out[lacking] = defaults
+        return out
+
+    def _token_rows(self, s: int, first: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Model s's rows for output tokens [first, stop): (which are its own, those as stored, where
+        the others are in the block, their default rows in float32)."""
+        rows = self.own[s][first:stop]
+        kept = rows >= 0
+        own = (
+            self.checkpoints[s].read_rows(self.name, rows[kept])
+            if kept.any()
+            else np.empty((0, self.row_length), numpy_dtype(self._dtype(s)))
+        )
+        lacking = np.flatnonzero(~kept)  # every such token has a default (default_rows)
+        if not len(lacking):
+            return kept, own, lacking, np.empty((0, self.row_length), np.float32)
+        tokens, values = self._defaults(first, stop)
+        return kept, own, lacking, values[np.searchsorted(tokens, lacking + first)]
+
+    def _dtype(self, s: int) -> str:
+        return self.checkpoints[s].tensors[self.name].dtype
+
+    def _defaults(self, first: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """(the tokens in [first, stop) that have a default, their default rows in float32); the last
+        block's are kept: every model reads the same block in turn."""
+        cached = self._block_defaults
+        if cached is not None and cached[:2] == (first, stop):
+            return cached[2], cached[3]
+        low, high = np.searchsorted(self.default_tokens, [first, stop])
+        tokens = self.default_tokens[low:high]
+        rows = {
+            k: (
+                numbers,
+                float32_of(self.checkpoints[self.having[k]].read_rows(self.name, numbers), self._dtype(self.having[k])),
+            )
+            for k, numbers in needed_rows(self.defaults, tokens).items()
+        }
+        values = default_values(self.defaults, tokens, rows, self.row_length)
+        self._block_defaults = (first, stop, tokens, values)
+        return tokens, values
+
+    def _padding_row(self, s: int) -> np.ndarray:
+        """Model s's padding row: the mean of its aligned rows, from one pass over them by blocks."""
+        if s not in self._padding:
+            step = max(1, BLOCK_ENTRIES // self.row_length)
+            sums = (
+                self._float32_block(s, first, min(first + step, self.tokens)).sum(axis=0, dtype=np.float64)
+                for first in range(0, self.tokens, step)
+            )
+            self._padding[s] = padding_mean(sums, self.tokens)
+        return self._padding[s]
 
 
 def _rule_among(rule: TokenRule, position: dict[int, int], sources: list[_Source], name: str) -> TokenRule:
@@ -119,27 +217,36 @@ class AlignedCheckpoint(Checkpoint):
         super().__init__(inner.label, inner.folder, tensors, {})
         self.inner, self.alignment, self.source = inner, alignment, source
 
-    def _aligned(self, name: str) -> bool:
+    def aligns(self, name: str) -> bool:
+        """Whether tensor `name` is aligned to the output vocabulary (else it is the model's own)."""
         return name in self.alignment.names and name in self.inner.tensors
 
     def input_files(self) -> list[Path]:
         return self.inner.input_files()
 
     def read(self, name: str, start: int | None = None, stop: int | None = None, pinned: bool = False) -> torch.Tensor:
-        if not self._aligned(name):
+        if not self.aligns(name):
             return self.inner.read(name, start, stop, pinned)
-        tensor = self.alignment.tensor(self.source, name)
-        if start is None and stop is None:
-            return tensor.clone()
-        return tensor.reshape(-1)[start or 0 : tensor.numel() if stop is None else stop].clone()
+        entries = self._entries(name, start, stop).to_torch()
+        return entries.reshape(self.tensors[name].shape) if start is None and stop is None else entries
 
     def mapped(self, name: str, start: int, stop: int) -> Stored:
-        if not self._aligned(name):
+        if not self.aligns(name):
             return self.inner.mapped(name, start, stop)
-        return Stored.from_torch(self.alignment.tensor(self.source, name).reshape(-1)[start:stop])
+        return self._entries(name, start, stop)
+
+    def _entries(self, name: str, start: int | None, stop: int | None) -> Stored:
+        """Entries [start, stop) of the aligned tensor, flattened: the block of the rows they lie in,
+        assembled afresh (the alignment keeps no tensor)."""
+        info = self.tensors[name]
+        length = info.numel // info.shape[0]
+        start, stop = start or 0, info.numel if stop is None else stop
+        first, end = start // length, -(-stop // length)
+        block = self.alignment.block(self.source, name, first, end).reshape(-1)
+        return Stored(info.dtype, block[start - first * length : stop - first * length])
 
     def unmap(self, name: str, start: int, stop: int) -> None:
-        if not self._aligned(name):
+        if not self.aligns(name):
             self.inner.unmap(name, start, stop)
 
     def close(self) -> None:
@@ -327,7 +434,8 @@ def merged_vocabulary(
     config = next((file for file in config_files(reference.folder) if file.name == "config.json"), None)
     inputs = [file for folder in _folders(checkpoints, copy_from) for file in config_files(folder)]
     note = _note(settings, len(vocabulary(base_tokenizer)), len(output), rows, names)
-    result = OutputTokenizer(out, output, rows, copy_from, config, list(dict.fromkeys(inputs)), note)
+    loaded = sum(len(source.tokens) for source in sources) + len(output)
+    result = OutputTokenizer(out, output, rows, copy_from, config, list(dict.fromkeys(inputs)), note, loaded)
     if not _needs_alignment(sources, names, rows, rules):
         return result, {}
     base = 0 if recipe.base_model else None

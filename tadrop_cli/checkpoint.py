@@ -7,12 +7,10 @@ No maths here: tensors come out in their stored dtype.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import mmap
 import os
 import re
-import stat
 import struct
 import warnings
 from collections.abc import Callable, Iterator
@@ -28,6 +26,7 @@ from .devices import on_cpu
 from .dtypes import ITEMSIZE, Stored, dtype_name, numpy_dtype, torch_dtype
 from .errors import BadInput
 from .lazy import torch
+from .safe_files import check_regular, open_input
 
 # Files copied from the base so that the output loads like the base (never code: no *.py).
 CONFIG_FILE_PATTERN = re.compile(
@@ -100,13 +99,47 @@ class Checkpoint:
 
     def _pread(self, info: TensorInfo, start: int, stop: int, pinned: bool = False) -> torch.Tensor:
         if info.file not in self._fds:
-            self._fds[info.file] = open_regular(info.file)
+            self._fds[info.file] = open_input(info.file)
         itemsize = ITEMSIZE[info.dtype]
         size, offset = (stop - start) * itemsize, info.offset + start * itemsize
         buffer = torch.empty(size, dtype=torch.uint8, pin_memory=pinned)
         view = memoryview(buffer.numpy()) if size else memoryview(b"")
         _read_into(self._fds[info.file], view, offset)
         return buffer.view(torch_dtype(info.dtype))
+
+    def read_rows(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """Rows `rows` (any order; rows are the first axis) of a stored tensor, as stored: a fresh
+        numpy array (len(rows), entries per row). Each run of consecutive rows is read in one piece:
+        from a safetensors file by pread straight into the result (not through a mapping: a page
+        fault maps the pages around it too, so scattered rows would bring in many times their size);
+        otherwise by read(). BadInput if the file is damaged."""
+        info = self.tensors[name]
+        length = info.numel // info.shape[0] if info.shape else 1
+        order = np.argsort(rows, kind="stable")
+        ordered = rows[order]
+        gathered = np.empty((len(rows), length), dtype=numpy_dtype(info.dtype))
+        if not len(rows):
+            return gathered
+        breaks = np.flatnonzero(np.diff(ordered) != 1) + 1
+        starts, ends = np.concatenate(([0], breaks)).tolist(), np.concatenate((breaks, [len(rows)])).tolist()
+        firsts = ordered[starts].tolist()
+        try:
+            if info.offset >= 0:  # one pread per run (scattered rows: one per row, ~2 us each)
+                if info.file not in self._fds:
+                    self._fds[info.file] = open_input(info.file)
+                fd, row_bytes = self._fds[info.file], length * ITEMSIZE[info.dtype]
+                buffer = memoryview(gathered.reshape(-1).view(np.uint8))
+                for start, end, first in zip(starts, ends, firsts, strict=True):
+                    _read_into(fd, buffer[start * row_bytes : end * row_bytes], info.offset + first * row_bytes)
+            else:
+                for start, end, first in zip(starts, ends, firsts, strict=True):
+                    entries = self.read(name, first * length, (first + end - start) * length)
+                    gathered[start:end] = Stored.from_torch(entries).array.reshape(end - start, length)
+        except (RuntimeError, OSError) as error:
+            raise BadInput(f"{info.file}: cannot read tensor {name}: {error}") from None
+        result = np.empty_like(gathered)
+        result[order] = gathered
+        return result
 
     def mapped(self, name: str, start: int, stop: int) -> Stored:
         """Entries [start, stop) of a stored tensor, flattened, as stored, without a copy: a
@@ -124,7 +157,7 @@ class Checkpoint:
             return Stored.from_torch(self.read(name, start, stop))
         try:
             if info.file not in self._maps:
-                with os.fdopen(open_regular(info.file), "rb") as handle:
+                with os.fdopen(open_input(info.file), "rb") as handle:
                     # copy-on-write: a writable buffer (torch takes it without a warning),
                     # whose pages are the page cache's until written, which never happens
                     self._maps[info.file] = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
@@ -221,48 +254,6 @@ def _read_into(fd: int, view: memoryview, offset: int) -> None:
 # ---------------------------------------------------------------- opening input files
 
 
-def _kind(mode: int) -> str:
-    for test, name in (
-        (stat.S_ISDIR, "a folder"),
-        (stat.S_ISFIFO, "a FIFO"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-        (stat.S_ISSOCK, "a socket"),
-    ):
-        if test(mode):
-            return name
-    return "not a regular file"
-
-
-def check_regular(path: Path) -> None:
-    """Refuse a path whose final target is not a regular file, before anything opens it: a FIFO
-    or a device would block a reader or never end. Links are followed (a Hugging Face cache
-    snapshot is links into its blobs); where they may point is checked elsewhere."""
-    try:
-        mode = os.stat(path).st_mode
-    except OSError as error:
-        raise BadInput(f"{path}: cannot open ({error.strerror or error})") from None
-    if not stat.S_ISREG(mode):
-        raise BadInput(f"{path}: {_kind(mode)}, not a regular file; tadrop reads only regular files")
-
-
-def open_regular(path: Path) -> int:
-    """A read-only descriptor of a regular file (BadInput otherwise). Opened without blocking and
-    checked again on the descriptor: a file swapped for a FIFO after the first check is refused
-    too, and never waited on."""
-    check_regular(path)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as error:
-        raise BadInput(f"{path}: cannot open ({error.strerror or error})") from None
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        raise BadInput(f"{path}: {_kind(mode)}, not a regular file; tadrop reads only regular files")
-    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
-    return fd
-
-
 def descriptor_path(fd: int, path: Path) -> str:
     """A name for an open descriptor that libraries which take a path (safetensors, torch.load)
     open as the very file checked, where the system has one (Linux's /proc); else the path."""
@@ -272,7 +263,7 @@ def descriptor_path(fd: int, path: Path) -> str:
 
 def read_text_file(path: Path) -> str:
     """A small text file (an index, modules.json, a recipe), refusing anything not a regular file."""
-    with os.fdopen(open_regular(path), "rb") as handle:
+    with os.fdopen(open_input(path), "rb") as handle:
         data = handle.read()
     try:
         return data.decode("utf-8")
@@ -311,7 +302,7 @@ def _safetensors_file(file: Path) -> dict[str, TensorInfo]:
     (header, dtypes, offsets against the file size); tadrop reads the offsets itself, and refuses
     a tensor named twice (the library keeps one of them)."""
     try:
-        with os.fdopen(open_regular(file), "rb") as raw:
+        with os.fdopen(open_input(file), "rb") as raw:
             with safe_open(descriptor_path(raw.fileno(), file), framework="numpy") as handle:  # "pt" would import torch
                 names = list(handle.keys())
             header_size = struct.unpack("<Q", raw.read(8))[0]
@@ -366,7 +357,7 @@ def _refusal_reason(error: Exception) -> str:
 
 def _unpickle(file: Path) -> Any:
     """torch.load(weights_only=True) of a regular file, its warnings kept to itself."""
-    with os.fdopen(open_regular(file), "rb") as handle, warnings.catch_warnings():
+    with os.fdopen(open_input(file), "rb") as handle, warnings.catch_warnings():
         warnings.simplefilter(
             "ignore"
         )  # torch's warnings (TypedStorage, sparse invariants...) are not the user's business

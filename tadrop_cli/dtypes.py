@@ -88,3 +88,18 @@ class Stored:
     def to_torch(self):
         """The entries as a 1-D CPU tensor sharing their memory."""
         return torch.from_numpy(self.array.view(np.uint8)).view(torch_dtype(self.dtype))
+
+
+def float32_of(entries: np.ndarray, name: str) -> np.ndarray:
+    """Stored entries (their numpy array, any shape) as float32 values, as torch converts them."""
+    if name == "F32":
+        return entries.astype(np.float32)  # a copy: the caller may hold a view of a file's pages
+    converted = Stored(name, entries.reshape(-1)).to_torch().to(torch.float32).numpy()
+    return converted.reshape(entries.shape)
+
+
+def stored_from_float32(values: np.ndarray, name: str) -> np.ndarray:
+    """float32 values (any shape) as entries of dtype `name` (their numpy array), rounded as torch
+    casts (round to nearest even)."""
+    flat = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32).reshape(-1)).to(torch_dtype(name))
+    return Stored.from_torch(flat).array.reshape(values.shape)

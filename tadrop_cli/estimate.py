@@ -8,7 +8,12 @@ merge as a whole process, 168M-parameter bf16 model, 4 fine-tunes:
 - hosts that rank within rows (DELLA): about 0.12 GB/s (16.2 s);
 - the SVD hosts: about 5.2e-10 s per model per m * n^2 of each (m >= n) matrix on the exact
   route (4096 x 4096, 4 models: 143 s on one core), the fast route ~1.5x less, two cores ~1.6x.
-Plus starting the process, and importing torch where PyTorch runs. A busy machine, a cold page
+Plus starting the process, and importing torch where PyTorch runs.
+
+Memory (the dry run's peak): the merge's own buffers (run.dry_run), plus the process: ~100 MB where
+the kernels merge every tensor, ~300 MB with torch, and for a tokenizer merge torch, transformers
+and every tokenizer loaded (tokenizer_runtime_bytes), and the rows an aligned vocabulary tensor's
+read assembles (aligned_entries). A busy machine, a cold page
 cache or another CPU can take several times longer: the figure is for planning, not a promise.
 """
 
@@ -26,6 +31,12 @@ START_SECONDS = 0.3  # Python and tadrop's imports
 TORCH_IMPORT_SECONDS = 1.5
 
 PATHS = ("kernels", "torch", "ranked_rows", "svd")
+
+# a tokenizer merge's process, measured on this project's machine (torch 2.13, transformers): a whole
+# merge of tiny models (10-token vocabularies) peaks at 335 MB; four 33.5k-token tokenizers and their
+# 33.5k-token union hold ~63 MB more than four of 374 tokens (~375 bytes a token loaded)
+TOKENIZER_RUNTIME_BYTES = 350 * 2**20
+TOKEN_BYTES = 400
 
 
 def tensor_seconds(path: str, read_bytes: int, shape: tuple[int, ...], models: int, exact_svd: bool = False) -> float:
@@ -55,3 +66,17 @@ def rounded(seconds: float) -> float:
         return 0.1
     digits = 1 - int(math.floor(math.log10(seconds)))
     return round(seconds, digits)
+
+
+def tokenizer_runtime_bytes(loaded_tokens: int) -> int:
+    """The process's own memory in a tokenizer merge: torch and transformers imported, and the
+    tokenizers loaded, `loaded_tokens` tokens in all (the inputs' and the merged one's)."""
+    return TOKENIZER_RUNTIME_BYTES + TOKEN_BYTES * loaded_tokens
+
+
+def aligned_entries(models: int, entries: int) -> int:
+    """float32-sized entries that reading an aligned vocabulary tensor holds besides the merge's own
+    buffers, where a read covers `entries` of it (a slice, or the whole tensor): each of `models`
+    models' gathered rows (read in stored order, then put in output order: two copies, at most 4 bytes
+    an entry), and the block's default rows in float32."""
+    return (2 * models + 1) * entries

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from .errors import BadInput
-from .safe_files import open_input, read_regular
+from .safe_files import open_input, read_own
 
 FULL_HASH_BYTES = 16 << 20  # files up to this size are hashed whole
 SAMPLE_BYTES = 64 << 10  # larger ones: their header and SAMPLES blocks of this size, spread evenly
@@ -37,10 +37,7 @@ def _hashed_ranges(fd: int, size: int) -> list[tuple[int, int]]:
 def file_identity(path: Path) -> dict:
     """Size, modification time and a SHA-256 of the file's content (whole up to FULL_HASH_BYTES, else of
     its header and sampled blocks): what a resumed merge checks to know its inputs did not change."""
-    try:
-        fd = open_input(path)
-    except OSError as error:
-        raise BadInput(f"{path}: cannot read ({error.strerror or error})") from None
+    fd = open_input(path)  # BadInput naming it where it is not a regular file, or cannot be opened
     try:
         info = os.fstat(fd)
         digest = hashlib.sha256()
@@ -90,7 +87,7 @@ def read_journal(folder_fd: int) -> dict | None:
     """The journal in an opened staging folder; {"format": "older"} for an older tadrop's (no checksums);
     None where there is none, or it is not tadrop's."""
     try:
-        data = json.loads(read_regular(JOURNAL, folder_fd))
+        data = json.loads(read_own(JOURNAL, folder_fd))
     except (OSError, ValueError, RecursionError):  # RecursionError: nested too deep, not tadrop's
         return None
     if not isinstance(data, dict):

@@ -23,6 +23,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .checkpoint import (
     HUB_ID,
     Checkpoint,
@@ -521,6 +523,12 @@ class AdapterModel(Checkpoint):
             magnitude = magnitude[start // columns : stop // columns]
         merged = self._merged(name, start, stop).view(-1, columns)
         return dora_rescaled(merged, magnitude, delta.transposed).reshape(-1)
+
+    def read_rows(self, name: str, rows: np.ndarray) -> np.ndarray:
+        if name in self.deltas:  # W + delta: by read()
+            return super().read_rows(name, rows)
+        source, key = self._source(name)
+        return source.read_rows(key, rows)
 
     def mapped(self, name: str, start: int, stop: int) -> Stored:
         if name in self.deltas:

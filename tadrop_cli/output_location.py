@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .errors import BadInput
 from .journal import read_journal
-from .safe_files import open_folder, open_regular, read_regular
+from .safe_files import open_folder, open_own, read_own
 
 STAGING_SUFFIX = ".tadrop-partial"  # the folder where the output is built
 OLD_SUFFIX = ".tadrop-old"  # a replaced output, on its way out
@@ -85,7 +85,7 @@ def _safetensors_metadata(name: str, folder_fd: int) -> dict:
     """The `__metadata__` of a safetensors file's header, read whole by its length: a header of many
     tensors is longer than any fixed first read (20,000 tensors: ~2 MB). ValueError or OSError
     where there is no such header."""
-    fd = open_regular(name, folder_fd)
+    fd = open_own(name, folder_fd)
     try:
         first = os.pread(fd, 8, 0)
         length = struct.unpack("<Q", first)[0] if len(first) == 8 else -1
@@ -234,7 +234,7 @@ def recorded_recipe_digest(folder: Path) -> str | None:
         return None
     try:
         try:
-            return json.loads(read_regular("model.safetensors.index.json", fd))["metadata"]["recipe_sha256"]
+            return json.loads(read_own("model.safetensors.index.json", fd))["metadata"]["recipe_sha256"]
         except (OSError, ValueError, KeyError, TypeError, RecursionError):
             pass
         try:

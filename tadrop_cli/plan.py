@@ -49,7 +49,7 @@ from .tadrop import (
     tensor_score,
     threshold_value,
 )
-from .tensor_names import LAYER_NUMBER
+from .tensor_names import LAYER_NUMBER, layer_of
 
 # hosts whose drop is random: survivors are rescaled by 1 / (1 - p_t), which max_rescale bounds
 RANDOM_SPARSIFIERS = ("random", "della")
@@ -203,15 +203,19 @@ def _fixed_ratio(settings: TadropSettings | None, base_ratio: float) -> float:
 
 def scope_group(name: str, scope: str) -> str | None:
     """The group a tensor's score is normalised in: None (the whole model), its kind (the name with
-    its layer number as {}: every layer's query matrices together), or its layer ("layer 3";
-    tensors outside numbered layers form one group, "no layer")."""
+    its layer number as {}: every layer's query matrices of one stack together), or its layer, named
+    by its module path ("model.layers.3", "encoder.block.3"): each stack of numbered layers apart, so
+    an encoder's block 3 and a decoder's block 3 (T5, BART, Whisper) or a vision and a text tower's
+    layer 7 (CLIP) are two groups (tensor_names.layer_of); tensors outside numbered layers form one
+    group, "no layer"."""
     if scope == "model":
         return None
     match = LAYER_NUMBER.search(name)
-    if scope == "kind":
+    if scope == "kind":  # the stack's name stays in the kind: encoder.block.{}... vs decoder.block.{}...
         return name if match is None else name[: match.start(1)] + "{}" + name[match.end(1) :]
     if scope == "layer":
-        return "no layer" if match is None else f"layer {int(match.group(1))}"
+        located = layer_of(name)
+        return "no layer" if located is None else f"{located[0]}{located[1]}"
     raise ValueError(f"unknown scope {scope!r}")
 
 

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Protocol
 
 from . import __version__, estimate, interrupts, kernels
-from .checkpoint import parse_json, read_text_file
+from .aligned_checkpoint import AlignedCheckpoint
+from .checkpoint import Checkpoint, parse_json, read_text_file
 from .devices import choose_device, on_cpu
 from .dtypes import Stored
 from .errors import BadInput
@@ -37,7 +38,7 @@ from .plan import Plan, build_plan
 from .recipe import Recipe, Step, recipe_digest
 from .shards import OutputTensor, index_json, plan_shards
 from .staging import StagingFolder
-from .tensor_merge import chunk_elements, kernels_merge, merge_tensor
+from .tensor_merge import chunk_elements, kernels_merge, merge_inputs, merge_tensor
 from .tokenizer_files import write_tokenizer
 from .verify import verify_written_shard
 
@@ -154,8 +155,22 @@ def make_plan(layout: Layout, device: str, progress: Progress) -> Plan:
     return plan
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory: Linux's VmHWM (of this program's own address space), else
+    getrusage's maxrss (kB on Linux), which after an exec keeps the peak of the process image replaced:
+    started by Python's subprocess (vfork), that is the parent's whole resident memory."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _peak_memory() -> dict[str, int]:
-    peak = {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    peak = {"peak_rss_bytes": peak_rss_bytes()}
     if torch_imported() and torch.cuda.is_available() and torch.cuda.is_initialized():
         peak["peak_gpu_bytes"] = int(torch.cuda.max_memory_allocated())
     return peak
@@ -447,9 +462,17 @@ def _estimate_path(layout: Layout, job: TensorJob, device: str) -> str:
 
 def _runtime_bytes(layout: Layout, device: str) -> int:
     """The process's own memory: ~100 MB where the CPU kernels merge every tensor (torch is then
-    never imported), ~300 MB with torch."""
+    never imported), ~300 MB with torch; a tokenizer merge's holds torch, transformers and its
+    tokenizers (estimate.tokenizer_runtime_bytes)."""
+    if layout.tokenizer is not None:
+        return estimate.tokenizer_runtime_bytes(layout.tokenizer.loaded_tokens)
     merged = [job for job in layout.jobs if job.mergeable and job.contributors and not job.copy_base]
     return (100 if all(kernels_merge(layout, job, device) for job in merged) else 300) * 2**20
+
+
+def _aligned(checkpoints: list[Checkpoint], name: str) -> bool:
+    """Whether a tensor is read through a tokenizer merge's aligned views (rows assembled by blocks)."""
+    return any(isinstance(c, AlignedCheckpoint) and c.aligns(name) for c in checkpoints)
 
 
 def _dry_run_output_notes(target: Path, existing: ExistingOutput, overwrite: bool) -> list[str]:
@@ -481,14 +504,18 @@ def dry_run(recipe: Recipe, options: MergeOptions) -> dict:
                 bytes_to_read += layout.reference.tensors[job.name].nbytes
                 seconds += estimate.tensor_seconds("kernels", layout.reference.tensors[job.name].nbytes, (), 1)
                 continue
-            models = [layout.reference, *(layout.models[i].checkpoint for i in job.contributors)]
+            models = merge_inputs(layout, job)
             nbytes = sum(c.tensors[job.name].nbytes for c in models if job.name in c)
             sliced = job.out.numel > chunk_elements(device) and method.sliceable(layout.method_parameters(job.name))
             sweeps = passes + (2 if sliced and method.sparsifier == "magnitude" else 0)  # the trim's two sweeps
             bytes_to_read += nbytes * sweeps
             # the base, one float32 task vector per model and a few working buffers, of the
             # tensor or of one slice of it
-            peak_entries = max(peak_entries, (len(models) + 4) * (chunk_elements(device) if sliced else job.out.numel))
+            span = chunk_elements(device) if sliced else job.out.numel
+            held = (len(models) + 4) * span
+            if _aligned(models, job.name):  # rows gathered by blocks (aligned_checkpoint), besides the merge's
+                held += estimate.aligned_entries(len(models), span)
+            peak_entries = max(peak_entries, held)
             work += 4 * job.out.numel * len(models) * sweeps
             path = _estimate_path(layout, job, device)
             uses_torch = uses_torch or path != "kernels"

@@ -1,7 +1,15 @@
-"""Files opened only as what they are: regular files and folders reached without a link, files
-created new (O_EXCL | O_NOFOLLOW) in an opened folder, trees removed without following links, and
-OSErrors described in one line. The building blocks of the output's checks, the journal and the
-staging folder. No maths here.
+"""Files opened only as what they are. Two jobs, one function each:
+
+- an input (a checkpoint's file, a config, a recipe): open_input, links followed (the user's paths,
+  and a Hugging Face cache snapshot is links into its blobs; where an index's files may point is
+  checked where they are listed, checkpoint.link_root), anything but a regular file refused with a
+  BadInput naming it, before it is opened and again on the descriptor;
+- a file tadrop wrote (the output's shards, the journal): open_own, never through a link (tadrop
+  made none there), OSError otherwise, for the caller to decide (a missing journal is no error).
+
+Also: files created new (O_EXCL | O_NOFOLLOW) in an opened folder, trees removed without following
+links, and OSErrors described in one line. The building blocks of reading inputs, the output's
+checks, the journal and the staging folder. No maths here.
 """
 
 from __future__ import annotations
@@ -11,6 +19,8 @@ import os
 import stat
 from collections.abc import Callable
 from pathlib import Path
+
+from .errors import BadInput
 
 O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
@@ -23,8 +33,10 @@ def creating_in(folder_fd: int) -> Callable[[str, int], int]:
     return lambda name, flags: os.open(name, flags | os.O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o644, dir_fd=folder_fd)
 
 
-def open_regular(name: str | Path, folder_fd: int | None = None) -> int:
-    """A read-only descriptor of a regular file, never through a link; OSError otherwise."""
+def open_own(name: str | Path, folder_fd: int | None = None) -> int:
+    """A read-only descriptor of a file tadrop wrote, by name (in the opened folder `folder_fd`), never
+    through a link (O_NOFOLLOW: a link is refused, ELOOP) and only a regular file (a FIFO is opened
+    without waiting, then refused); OSError otherwise."""
     fd = os.open(name, os.O_RDONLY | O_NOFOLLOW | O_CLOEXEC | os.O_NONBLOCK, dir_fd=folder_fd)
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
@@ -32,19 +44,51 @@ def open_regular(name: str | Path, folder_fd: int | None = None) -> int:
     return fd
 
 
+def _kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def check_regular(path: Path) -> None:
+    """Refuse (BadInput) an input path whose final target is not a regular file, before anything
+    opens it: a FIFO or a device would block a reader, never end, or act on being opened. Links are
+    followed (see the module's docstring)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as error:
+        raise BadInput(f"{path}: cannot open ({error.strerror or error})") from None
+    if not stat.S_ISREG(mode):
+        raise BadInput(f"{path}: {_kind(mode)}, not a regular file; tadrop reads only regular files")
+
+
 def open_input(path: Path) -> int:
-    """A read-only descriptor of an input file (links followed: inputs may be links, e.g. into the
-    Hugging Face cache), refused unless it is a regular file (a FIFO would block)."""
-    fd = os.open(path, os.O_RDONLY | O_CLOEXEC | os.O_NONBLOCK)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+    """A read-only descriptor of an input file, links followed; BadInput naming it unless a regular
+    file. Checked before opening (check_regular), opened without blocking and checked again on the
+    descriptor: a file swapped for a FIFO in between is refused too, and never waited on."""
+    check_regular(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | O_CLOEXEC)
+    except OSError as error:
+        raise BadInput(f"{path}: cannot open ({error.strerror or error})") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
         os.close(fd)
-        raise OSError(errno.EINVAL, "not a regular file", str(path))
+        raise BadInput(f"{path}: {_kind(mode)}, not a regular file; tadrop reads only regular files")
+    os.set_blocking(fd, True)
     return fd
 
 
-def read_regular(name: str, folder_fd: int | None = None, limit: int = 64 << 20) -> bytes:
-    """Up to `limit` bytes of a regular file, never read through a link."""
-    fd = open_regular(name, folder_fd)
+def read_own(name: str, folder_fd: int | None = None, limit: int = 64 << 20) -> bytes:
+    """Up to `limit` bytes of a file tadrop wrote (open_own: never through a link)."""
+    fd = open_own(name, folder_fd)
     try:
         with os.fdopen(fd, "rb", closefd=False) as handle:
             return handle.read(limit)

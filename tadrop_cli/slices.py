@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .checkpoint import Checkpoint, config_files, module_files, open_checkpoint, parse_json, read_text_file
 from .dtypes import Stored
 from .errors import BadInput
@@ -60,6 +62,10 @@ class CheckpointView(Checkpoint):
     def read(self, name: str, start: int | None = None, stop: int | None = None, pinned: bool = False) -> torch.Tensor:
         checkpoint, source = self.sources[name]
         return checkpoint.read(source, start, stop, pinned)
+
+    def read_rows(self, name: str, rows: np.ndarray) -> np.ndarray:
+        checkpoint, source = self.sources[name]
+        return checkpoint.read_rows(source, rows)
 
     def mapped(self, name: str, start: int, stop: int) -> Stored:
         checkpoint, source = self.sources[name]

@@ -37,8 +37,8 @@ from .safe_files import (
     exists_at,
     open_folder,
     open_input,
-    open_regular,
-    read_regular,
+    open_own,
+    read_own,
     remove_tree,
     same_file,
 )
@@ -246,7 +246,7 @@ class StagingFolder:
     def saved_plan(self) -> object | None:
         """The plan an earlier run saved, if the journal vouches for it."""
         try:
-            text = read_regular(PLAN, self._fd)
+            text = read_own(PLAN, self._fd)
         except OSError:
             return None
         if hashlib.sha256(text).hexdigest() != self._journal.get("plan_sha256"):
@@ -290,7 +290,7 @@ class StagingFolder:
     def _shard_matches(self, shard: Shard, metadata: dict[str, str], record: dict) -> bool:
         header = safetensors_header(shard.tensors, metadata)
         try:
-            fd = open_regular(shard.file_name, self._fd)
+            fd = open_own(shard.file_name, self._fd)
         except OSError:
             return False
         try:

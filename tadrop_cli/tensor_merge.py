@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import kernels
-from .checkpoint import all_finite, mapped_slices, read_all_float32
+from .checkpoint import Checkpoint, all_finite, mapped_slices, read_all_float32
 from .cpu_share import fit_torch_threads
 from .devices import on_cpu
 from .dtypes import Stored, torch_dtype
@@ -114,14 +114,9 @@ def _interpolate_entries(
     layout: Layout, job: TensorJob, device: str, start: int | None, stop: int | None
 ) -> torch.Tensor:
     """An interpolating method's merge of one tensor (or of entries [start, stop) of it), cast to
-    the output dtype, on the CPU. The base is read only where the recipe has one (without, the
-    first model stands in as the layout's reference, and is read once, as a model)."""
-    has_base = layout.recipe.base_model is not None
-    checkpoints = [layout.models[j].checkpoint for j in job.contributors]
-    tensors = read_all_float32(
-        [layout.reference, *checkpoints] if has_base else checkpoints, job.name, device, start, stop
-    )
-    base = tensors.pop(0) if has_base else None
+    the output dtype, on the CPU. The base is read only where the recipe has one (merge_inputs)."""
+    tensors = read_all_float32(merge_inputs(layout, job), job.name, device, start, stop)
+    base = tensors.pop(0) if layout.recipe.base_model is not None else None
     models = [
         ModelTensor(tensor, float(layout.model_parameter(layout.models[j], "weight", job.name, missing=1.0)))
         for j, tensor in zip(job.contributors, tensors, strict=True)
@@ -135,6 +130,16 @@ def _interpolate_entries(
     if not all_finite(result):
         raise BadInput(f"tensor {job.name}: the merge produced NaN or Inf (in {job.out.dtype}); check the parameters")
     return result.cpu()
+
+
+def merge_inputs(layout: Layout, job: TensorJob) -> list[Checkpoint]:
+    """The checkpoints a merge of one (mergeable) tensor reads: the base (the layout's reference) and
+    each contributing model. An interpolating method without a base reads the models alone: the
+    reference is then the first model, not one more input."""
+    models = [layout.models[j].checkpoint for j in job.contributors]
+    if layout.recipe.method.interpolates and layout.recipe.base_model is None:
+        return models
+    return [layout.reference, *models]
 
 
 def _row_length(job: TensorJob) -> int:

@@ -138,6 +138,7 @@ class OutputTokenizer:
     config_file: Path | None  # the reference's config.json, written with vocab_size set to `rows`
     input_files: list[Path]  # the tokenizer and config files it was built from (a resume checks them unchanged)
     note: str  # what the merged vocabulary is, for the summary
+    loaded_tokens: int = 0  # the tokens of every tokenizer loaded to build it (the inputs' and the output's)
 
 
 def padded_rows(count: int, multiple: int | None) -> int:

@@ -7,18 +7,19 @@ m has that token, else the token's default row, the same for every model lacking
 (mergekit's rules, in this order): the recipe's `tokens:` source for the token; the one model that
 has the token; zeros when none has it; the base's row when the base has it; else the mean of the rows
 of the models that have it. `force` gives every model the default, its own row or not. Rows past the
-vocabulary (pad_to_multiple_of) are each model's mean aligned row.
+vocabulary (pad_to_multiple_of) are each model's mean aligned row (padding_mean). These functions
+work on a block of output rows at a time: aligned_checkpoint.py reads a block's rows and assembles it.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 
 from .errors import BadInput
-from .lazy import torch
 
 # the input and output embeddings (and output biases) of the architectures mergekit knows, by module name
 VOCABULARY_TENSOR = re.compile(
@@ -106,49 +107,56 @@ def _from_rule(source: int | RowOf | str, permutations: list[np.ndarray], i: int
     return source
 
 
-def default_tensor(default: Default, tensors: list[torch.Tensor], token_shape: tuple[int, ...]) -> torch.Tensor:
-    """One default row, in float32."""
-    if isinstance(default, RowOf):
-        return tensors[default.model][default.row].to(torch.float32)
-    if isinstance(default, MeanOf):
-        total = torch.zeros(token_shape, dtype=torch.float32)
-        for row in default.rows:
-            total = total + tensors[row.model][row.row].to(torch.float32)
-        return total / len(default.rows)
-    return torch.zeros(token_shape, dtype=torch.float32)
+def needed_rows(defaults: dict[int, Default], tokens: Iterable[int]) -> dict[int, np.ndarray]:
+    """{model: its stored rows (sorted, distinct)} that the defaults of `tokens` are made of."""
+    rows: dict[int, set[int]] = {}
+    for i in tokens:
+        default = defaults[i]
+        for row in default.rows if isinstance(default, MeanOf) else (default,) if isinstance(default, RowOf) else ():
+            rows.setdefault(row.model, set()).add(row.row)
+    return {model: np.array(sorted(found), dtype=np.int64) for model, found in rows.items()}
 
 
-def default_matrix(
-    defaults: dict[int, Default], tensors: list[torch.Tensor], token_shape: tuple[int, ...]
-) -> tuple[np.ndarray, torch.Tensor]:
-    """(the output tokens that have a default, their default rows stacked, float32)."""
-    indices = np.array(sorted(defaults), dtype=np.int64)
-    if not len(indices):
-        return indices, torch.zeros((0, *token_shape), dtype=torch.float32)
-    return indices, torch.stack([default_tensor(defaults[i], tensors, token_shape) for i in indices.tolist()])
+def default_values(
+    defaults: dict[int, Default], tokens: np.ndarray, rows: dict[int, tuple[np.ndarray, np.ndarray]], row_length: int
+) -> np.ndarray:
+    """The default rows of `tokens`, float32, one per token: a model's row; a MeanOf's rows summed in
+    the models' order, then divided by their count (float32, as mergekit); or zeros. `rows`: {model:
+    (its stored row numbers, those rows in float32)}, from needed_rows."""
+    values = np.zeros((len(tokens), row_length), dtype=np.float32)
+    where = {model: {int(r): k for k, r in enumerate(numbers)} for model, (numbers, _) in rows.items()}
+
+    def value(row: RowOf) -> np.ndarray:
+        return rows[row.model][1][where[row.model][row.row]]
+
+    for k, i in enumerate(tokens.tolist()):
+        default = defaults[i]
+        if isinstance(default, RowOf):
+            values[k] = value(default)
+        elif isinstance(default, MeanOf):
+            total = np.zeros(row_length, dtype=np.float32)
+            for row in default.rows:
+                total = total + value(row)
+            values[k] = total / np.float32(len(default.rows))
+    return values
 
 
-def aligned_tensor(
-    tensor: torch.Tensor,
-    p: np.ndarray,
-    defaults: tuple[np.ndarray, torch.Tensor],
-    forced: set[int],
-    rows: int,
-) -> torch.Tensor:
-    """One model's tensor re-indexed to the output vocabulary, in float32: out[i] = tensor[p[i]] where
-    p[i] >= 0 and i is not forced, else i's default (default_matrix); rows past len(p) (padding) = the
-    mean of out[:len(p)]."""
-    own = p >= 0
-    own[sorted(forced)] = False
-    kept = np.flatnonzero(own)
-    out = torch.zeros((rows, *tensor.shape[1:]), dtype=torch.float32)
-    out[torch.from_numpy(kept)] = tensor[torch.from_numpy(p[kept])].to(torch.float32)
-    indices, values = defaults
-    instead = ~own[indices]  # the defaults this model takes: tokens it lacks, or forced
-    out[torch.from_numpy(indices[instead])] = values[torch.from_numpy(instead)]
-    if rows > len(p):  # torch's float32 mean (pairwise sums), as mergekit: the same bits, which a trim's ties need
-        out[len(p) :] = out[: len(p)].mean(dim=0)
-    return out
+def own_rows(p: np.ndarray, forced: set[int]) -> np.ndarray:
+    """s[i] = the stored row that output token i keeps (p[i]); -1 where the model takes the token's
+    default instead (it lacks the token, or the token is forced)."""
+    own = p.copy()
+    own[sorted(forced)] = -1
+    return own
+
+
+def padding_mean(block_sums: Iterable[np.ndarray], tokens: int) -> np.ndarray:
+    """A padding row: the mean of a model's aligned rows [0, tokens), from the float64 sums of its
+    blocks of rows (each model's float32 rows summed in float64, so the result does not depend on the
+    blocks), rounded once to float32."""
+    total = None
+    for block_sum in block_sums:
+        total = block_sum if total is None else total + block_sum
+    return (total / tokens).astype(np.float32)
 
 
 def check_rows(label: str, name: str, rows: int, tokens: dict[str, int], vocab_size: int) -> None:

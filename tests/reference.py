@@ -614,21 +614,36 @@ def mass_reverse_counts(taus, uniform: Sequence[int], q: int = 1) -> list[int]:
     return [2 * u - m for u, m in zip(uniform, mass, strict=True)]
 
 
-def tensor_kind(name: str) -> str:
-    """A tensor's kind: its name with the layer number after layers/h/blocks/layer as {}."""
-    parts = name.split(".")
+LAYER_WORDS = ("layers", "h", "blocks", "block", "layer")
+
+
+def _layer_index(parts: list[str]) -> int | None:
+    """The index of the first part that names a stack of numbered layers (followed by a number and more)."""
     for i in range(len(parts) - 2):
-        if parts[i] in ("layers", "h", "blocks", "layer") and parts[i + 1].isdigit():
-            return ".".join(parts[: i + 1] + ["{}"] + parts[i + 2 :])
-    return name
+        if parts[i] in LAYER_WORDS and parts[i + 1].isdigit():
+            return i
+    return None
+
+
+def tensor_kind(name: str) -> str:
+    """A tensor's kind: its name with the (first) layer number after layers/h/blocks/block/layer as {}."""
+    parts = name.split(".")
+    i = _layer_index(parts)
+    return name if i is None else ".".join(parts[: i + 1] + ["{}"] + parts[i + 2 :])
 
 
 def tensor_layer(name: str) -> int | None:
     parts = name.split(".")
-    for i in range(len(parts) - 2):
-        if parts[i] in ("layers", "h", "blocks", "layer") and parts[i + 1].isdigit():
-            return int(parts[i + 1])
-    return None
+    i = _layer_index(parts)
+    return None if i is None else int(parts[i + 1])
+
+
+def layer_group(name: str) -> str:
+    """TADrop's `scope: layer` group: the layer's own module path, its stack's name with its number
+    (encoder.block.3 and decoder.block.3 are two layers), or "no layer"."""
+    parts = name.split(".")
+    i = _layer_index(parts)
+    return "no layer" if i is None else ".".join(parts[: i + 2])
 
 
 # ---------------------------------------------------------------- Model Stock, SCE, Arcee Fusion (issue 13)

@@ -21,6 +21,8 @@ from safetensors.torch import load_file, save_file
 from test_bad_input import bad, invoke, merge_bad, ok
 
 from tadrop_cli import checkpoint as checkpoint_module
+from tadrop_cli import safe_files
+from tadrop_cli.errors import BadInput
 from tadrop_cli.tensor_names import tensor_order
 
 DEEP = 100_000
@@ -199,11 +201,13 @@ def test_recipe_is_a_fifo(tmp_path, no_hang):
     assert result.exit_code == 2 and "recipe.yaml" in result.stderr, result.stderr
 
 
-def test_open_regular_refuses_a_file_swapped_for_a_fifo(tmp_path, no_hang):
-    """The check is made on the opened file (fstat), not only on the name before opening."""
+def test_open_input_refuses_a_file_swapped_for_a_fifo(tmp_path, no_hang, monkeypatch):
+    """The check is made on the opened file (fstat), not only on the name before opening: the check
+    before opening is made to pass, as if the file were swapped for a FIFO just after it."""
     fifo = _fifo(tmp_path / "x.safetensors", no_hang)
-    with pytest.raises(checkpoint_module.BadInput, match="regular file"):
-        checkpoint_module.open_regular(fifo)
+    monkeypatch.setattr(safe_files, "check_regular", lambda path: None)
+    with pytest.raises(BadInput, match="x.safetensors: a FIFO, not a regular file"):
+        safe_files.open_input(fifo)
 
 
 def test_verify_a_folder_with_a_fifo_shard(tmp_path, no_hang):
@@ -621,3 +625,99 @@ def test_staging_journal_nested_deep_is_not_tadrops(tmp_path, recipe):
         os.close(fd)
     (folder / "model.safetensors.index.json").write_text('{"metadata": ' + "[" * DEEP + "]" * DEEP + "}")
     assert output_location.recorded_recipe_digest(folder) is None
+
+
+# ---------------------------------------------------------------- opening files: inputs and tadrop's own
+
+
+def _blocking(fd: int) -> bool:
+    return os.get_blocking(fd)
+
+
+def test_open_input_follows_a_link_to_a_regular_file(tmp_path):
+    """An input may be a link (a Hugging Face snapshot's files are): it is followed, and the descriptor
+    blocks as a plain file's (the non-blocking open is only against FIFOs)."""
+    target = tmp_path / "blob"
+    target.write_bytes(b"weights")
+    (tmp_path / "model.safetensors").symlink_to(target)
+    fd = safe_files.open_input(tmp_path / "model.safetensors")
+    try:
+        assert os.read(fd, 100) == b"weights" and _blocking(fd)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("folder", "a folder, not a regular file"),
+        ("link to a folder", "a folder, not a regular file"),
+        ("fifo", "a FIFO, not a regular file"),
+        ("link to a fifo", "a FIFO, not a regular file"),
+        ("dangling link", "cannot open (No such file or directory)"),
+        ("character device", "a character device, not a regular file"),
+    ],
+)
+def test_open_input_refuses_what_is_not_a_regular_file(tmp_path, no_hang, kind, message):
+    """One line naming the input, exit 2's BadInput; nothing is waited on (a FIFO with no writer)."""
+    path = tmp_path / "config.json"
+    if kind == "folder":
+        path.mkdir()
+    elif kind == "link to a folder":
+        (tmp_path / "d").mkdir()
+        path.symlink_to(tmp_path / "d")
+    elif kind == "fifo":
+        _fifo(path, no_hang)
+    elif kind == "link to a fifo":
+        path.symlink_to(_fifo(tmp_path / "f", no_hang))
+    elif kind == "dangling link":
+        path.symlink_to(tmp_path / "gone")
+    else:
+        path.symlink_to("/dev/null")
+    with pytest.raises(BadInput) as refused:
+        safe_files.open_input(path)
+    assert str(refused.value) == f"{path}: {message}" + (
+        "; tadrop reads only regular files" if "not a" in message else ""
+    )
+
+
+@pytest.mark.parametrize("kind", ["link to a file", "fifo", "folder", "missing"])
+def test_open_own_never_follows_a_link_nor_opens_what_is_not_a_file(tmp_path, no_hang, kind):
+    """tadrop's own files (a shard being checked for a resume, the journal) are opened by name in a folder
+    it made: a link there is not tadrop's (refused even to a good file), nor a FIFO or a folder; OSError,
+    for the caller to decide (a resume then redoes the shard)."""
+    (tmp_path / "real").write_bytes(b"x")
+    name = "model.safetensors"
+    if kind == "link to a file":
+        (tmp_path / name).symlink_to(tmp_path / "real")
+    elif kind == "fifo":
+        _fifo(tmp_path / name, no_hang)
+    elif kind == "folder":
+        (tmp_path / name).mkdir()
+    folder = os.open(tmp_path, os.O_RDONLY)
+    try:
+        with pytest.raises(OSError):
+            safe_files.open_own(name, folder)
+        fd = safe_files.open_own("real", folder)  # a regular file is read
+        assert os.read(fd, 10) == b"x"
+        os.close(fd)
+    finally:
+        os.close(folder)
+
+
+def test_an_input_config_swapped_for_a_fifo_is_refused_as_input_not_as_a_write_failure(tmp_path, no_hang):
+    """Copying a config file into the output reads an input: a FIFO there (swapped in after the layout
+    listed it) is a BadInput naming that input (exit 2), not a WriteError 'write failed' about the output."""
+    from tadrop_cli.errors import WriteError
+    from tadrop_cli.staging import StagingFolder
+
+    source = _fifo(tmp_path / "config.json", no_hang)
+    staging = StagingFolder(tmp_path / "out", "0" * 64, {})
+    staging.open(resume=False)
+    try:
+        with pytest.raises(BadInput, match=f"^{source}: a FIFO, not a regular file"):
+            staging.copy_in(source)
+    except WriteError as error:
+        pytest.fail(f"refused as a write failure: {error}")
+    finally:
+        staging.discard()

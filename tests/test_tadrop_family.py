@@ -335,6 +335,12 @@ NAMES = [
     "lm_head.weight",
     "vision_model.encoder.layers.7.self_attn.k_proj.weight",
     "blocks.2.attn.qkv.weight",
+    # two stacks numbered from 0 each: T5, BART/Whisper, CLIP
+    "encoder.block.3.layer.0.SelfAttention.q.weight",
+    "decoder.block.3.layer.1.EncDecAttention.q.weight",
+    "model.encoder.layers.2.self_attn.q_proj.weight",
+    "model.decoder.layers.2.self_attn.q_proj.weight",
+    "text_model.encoder.layers.7.self_attn.k_proj.weight",
 ]
 
 
@@ -342,8 +348,23 @@ NAMES = [
 def test_scope_groups_match_the_reference(name):
     assert scope_group(name, "model") is None
     assert scope_group(name, "kind") == ref.tensor_kind(name)
-    layer = ref.tensor_layer(name)
-    assert scope_group(name, "layer") == ("no layer" if layer is None else f"layer {layer}")
+    assert scope_group(name, "layer") == ref.layer_group(name)
+
+
+@pytest.mark.parametrize(
+    "first, second",
+    [
+        ("encoder.block.3.layer.0.SelfAttention.q.weight", "decoder.block.3.layer.0.SelfAttention.q.weight"),
+        ("model.encoder.layers.2.fc1.weight", "model.decoder.layers.2.fc1.weight"),  # BART, Whisper
+        ("vision_model.encoder.layers.7.mlp.fc1.weight", "text_model.encoder.layers.7.mlp.fc1.weight"),  # CLIP
+    ],
+)
+def test_two_stacks_layer_n_are_two_groups(first, second):
+    """An encoder's block 3 and a decoder's block 3 are different layers: `scope: layer` normalises each
+    stack's layer apart (it put both in "layer 3"); `scope: kind` keeps each stack's kind apart too."""
+    assert scope_group(first, "layer") != scope_group(second, "layer")
+    assert scope_group(first, "kind") != scope_group(second, "kind")
+    assert scope_group(first, "layer") == scope_group(first.replace("weight", "bias"), "layer")  # one layer, one group
 
 
 def test_kind_groups_every_layers_query_matrices_together():
@@ -362,11 +383,7 @@ def test_scope_normalises_within_groups_and_keeps_the_budget_model_wide(tiny_mod
     assert len(rows) == 5
     groups: dict = {}
     for row in rows:
-        expected_group = (
-            ref.tensor_kind(row.tensor)
-            if scope == "kind"
-            else ("no layer" if ref.tensor_layer(row.tensor) is None else f"layer {ref.tensor_layer(row.tensor)}")
-        )
+        expected_group = ref.tensor_kind(row.tensor) if scope == "kind" else ref.layer_group(row.tensor)
         assert row.group == expected_group
         assert expected_group in row.reason
         groups.setdefault(row.group, []).append(row)

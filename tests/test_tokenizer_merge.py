@@ -424,3 +424,130 @@ def test_tokenizer_files_are_inputs_a_resume_checks(models, tmp_path):
     for name in models:
         assert str(models[name] / "tokenizer.json") in files
         assert str(models[name] / "model.safetensors") in files
+
+
+# ---------------------------------------------------------------- streaming: rows by blocks
+
+
+def aligned_layout(models: dict[str, Path], tmp_path: Path, **tokenizer):
+    from tadrop_cli.layout import build_layout
+    from tadrop_cli.recipe import load_recipe
+
+    recipe = recipe_for(models, tmp_path / "out", tokenizer={"source": "union", **tokenizer})
+    return build_layout(load_recipe(write_recipe(tmp_path, recipe)))
+
+
+def test_a_slice_of_an_aligned_tensor_reads_only_its_rows(models, tmp_path, monkeypatch):
+    """Entries of two rows of model_b's aligned lm_head read two rows of model_b's stored lm_head and
+    nothing else: not every model's whole tensor (the memory promise: a block's rows, not the vocabulary)."""
+    from tadrop_cli.checkpoint import Checkpoint
+
+    read_entries = []
+    real_read, real_mapped, real_rows = Checkpoint.read, Checkpoint.mapped, Checkpoint.read_rows
+
+    def counting_read(self, name, start=None, stop=None, pinned=False):
+        read_entries.append((self.label, (self.tensors[name].numel if stop is None else stop) - (start or 0)))
+        return real_read(self, name, start, stop, pinned)
+
+    def counting_mapped(self, name, start, stop):
+        read_entries.append((self.label, stop - start))
+        return real_mapped(self, name, start, stop)
+
+    def counting_rows(self, name, rows):
+        read_entries.append((self.label, len(rows) * self.tensors[name].shape[1]))
+        return real_rows(self, name, rows)
+
+    layout = aligned_layout(models, tmp_path)
+    try:
+        for method, spy in (("read", counting_read), ("mapped", counting_mapped), ("read_rows", counting_rows)):
+            monkeypatch.setattr(Checkpoint, method, spy)
+        model_b = next(m.checkpoint for m in layout.models if m.label == str(models["model_b"]))
+        hidden = model_b.tensors["lm_head.weight"].shape[1]
+        rows = model_b.read("lm_head.weight", 0, 2 * hidden)  # <unk> and <s>: model_b's own rows 0 and 1
+    finally:
+        layout.close()
+    assert read_entries == [(str(models["model_b"]), 2 * hidden)]
+    stored = tensors_of(models["model_b"])["lm_head.weight"]
+    assert torch.equal(rows, stored[:2].reshape(-1))
+
+
+@pytest.mark.parametrize("block_entries", [1 << 20, 16, 40])
+def test_blockwise_reads_equal_the_whole_aligned_tensor(models, tmp_path, monkeypatch, block_entries):
+    """Every model's aligned tensor read whole matches the float64 reference (own rows exactly, defaults
+    and padding to float32 rounding), and any range of its entries read alone (a slice the kernels or
+    PyTorch ask for, cutting rows anywhere) gives the same bits as that range of the whole; also with the
+    padding mean's pass cut into blocks of a row or a few."""
+    from tadrop_cli import aligned_checkpoint
+
+    monkeypatch.setattr(aligned_checkpoint, "BLOCK_ENTRIES", block_entries)
+    layout = aligned_layout(models, tmp_path, pad_to_multiple_of=8)
+    try:
+        checkpoints = [layout.reference, *(m.checkpoint for m in layout.models)]
+        output = layout.tokenizer.vocabulary
+        for name in VOCABULARY_TENSORS:
+            expected = aligned_inputs(models, output, 16, name)
+            for checkpoint, reference in zip(checkpoints, expected, strict=True):
+                whole = checkpoint.read(name)
+                assert tuple(whole.shape) == reference.shape
+                np.testing.assert_allclose(whole.double().numpy(), reference, atol=1e-6, rtol=0)
+                flat = whole.reshape(-1)
+                for start, stop in [(0, 1), (5, 37), (16, 48), (150, 200), (159, 161), (100, flat.numel())]:
+                    assert torch.equal(checkpoint.read(name, start, stop), flat[start:stop]), (name, start, stop)
+                    stored = checkpoint.mapped(name, start, stop)
+                    assert torch.equal(stored.to_torch(), flat[start:stop])
+    finally:
+        layout.close()
+
+
+def test_merges_in_slices_that_cut_rows_give_the_bits_of_a_whole_tensor_merge(models, tmp_path, monkeypatch):
+    """TIES by the kernels with slices of 40 entries (rows of 16: slices start and end mid-row) writes the
+    same bytes as with the tensor in one slice, and a padded vocabulary too."""
+    from tadrop_cli import tensor_merge
+
+    extra = {"tokenizer": {"source": "union", "pad_to_multiple_of": 8}}
+    whole = merge(tmp_path, recipe_for(models, tmp_path / "whole", "ties", **extra))
+    monkeypatch.setattr(tensor_merge, "CHUNK_ELEMENTS", 40)
+    sliced = merge(tmp_path, recipe_for(models, tmp_path / "sliced", "ties", **extra))
+    assert (whole / "model.safetensors").read_bytes() == (sliced / "model.safetensors").read_bytes()
+
+
+def test_the_dry_runs_memory_estimate_covers_a_tokenizer_merges_peak(models, tmp_path):
+    """A tokenizer merge's process holds torch, transformers and the tokenizers besides the merge's buffers:
+    the dry run's peak covers the real merge's (measured by the merge itself, in its own process), within 2x.
+    (It counted a kernels merge's 100 MB runtime: about a third of the real peak.)"""
+    from conftest import run_cli
+
+    path = write_recipe(tmp_path, recipe_for(models, tmp_path / "out", "ties", tokenizer_source="union"))
+    dry = run_cli("merge", str(path), "--dry-run", "--json")
+    assert dry.returncode == 0, dry.stderr
+    real = run_cli("merge", str(path), "--json", "--quiet")
+    assert real.returncode == 0, real.stderr
+    estimated, peak = json.loads(dry.stdout)["estimated_peak_memory_bytes"], json.loads(real.stdout)["peak_rss_bytes"]
+    assert peak <= estimated <= 2 * peak, (estimated, peak)
+
+
+@pytest.mark.parametrize(
+    "fmt, dtype", [("safetensors", torch.float32), ("safetensors", torch.bfloat16), ("bin", torch.float16)]
+)
+def test_read_rows_gathers_rows_in_any_order(tmp_path, fmt, dtype):
+    """Checkpoint.read_rows (the alignment's gather): runs, scattered rows, repeats and the last row, as
+    stored, in the order asked, from a safetensors file (pread per run) and a PyTorch file (read())."""
+    from conftest import write_checkpoint
+
+    from tadrop_cli.checkpoint import open_checkpoint
+
+    table = torch.randn(50, 12, generator=torch.Generator().manual_seed(7))
+    folder = write_checkpoint(
+        tmp_path / "m", {"embed.weight": table, "bias": table[:, 0].clone()}, fmt=fmt, dtype=dtype
+    )
+    checkpoint = open_checkpoint(str(folder))
+    try:
+        for rows in ([3, 4, 5, 6], [49, 0, 7, 8, 2, 7, 30, 31], [10], []):
+            index = np.array(rows, dtype=np.int64)
+            for name, stored in (("embed.weight", table.to(dtype)), ("bias", table[:, 0].to(dtype))):
+                got = checkpoint.read_rows(name, index)
+                expected = stored[index].reshape(len(rows), stored[0].numel())
+                assert got.shape == tuple(expected.shape)
+                assert torch.equal(torch.from_numpy(got.view(np.uint8)).view(dtype).reshape(expected.shape), expected)
+    finally:
+        checkpoint.close()
