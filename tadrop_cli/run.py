@@ -37,7 +37,7 @@ from .plan import Plan, build_plan
 from .recipe import Recipe, Step, recipe_digest
 from .shards import OutputTensor, index_json, plan_shards
 from .staging import StagingFolder
-from .tensor_merge import chunk_elements, kernels_merge, merge_tensor
+from .tensor_merge import chunk_elements, kernels_merge, merge_tensors
 from .tokenizer_files import write_tokenizer
 from .verify import verify_written_shard
 
@@ -375,9 +375,9 @@ def _merge_into(
     progress.start("merging", sum(len(s.tensors) for s in todo), sum(s.nbytes for s in todo))
     for shard in todo:
         writer = staging.shard_writer(shard, metadata)
-        for tensor in shard.tensors:
-            writer.write(tensor.name, reporting_slices(merge_tensor(layout, plan, jobs[tensor.name], device), progress))
-            progress.advance(tensor.nbytes)
+        for job, merged in merge_tensors(layout, plan, [jobs[tensor.name] for tensor in shard.tensors], device):
+            writer.write(job.name, reporting_slices(merged, progress))
+            progress.advance(job.out.nbytes)
         writer.close()
         verify_written_shard(staging.path / shard.file_name, shard)
         staging.mark_complete(shard.file_name)

@@ -476,15 +476,20 @@ def test_unmap_lets_go_of_every_page_in_runs(tmp_path, monkeypatch):
 
 @pytest.fixture
 def count_kernel_merges(monkeypatch):
-    """How many slices the kernels merged (so that a test knows they ran)."""
+    """How many slices the kernels merged (so that a test knows they ran): alone, or as tensors of a batch."""
     calls = []
-    original = kernels.merge_slice
+    original, original_batch = kernels.merge_slice, kernels.BatchMerge.run
 
     def counting(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
+    def counting_batch(self):
+        calls.extend([1] * len(self))
+        return original_batch(self)
+
     monkeypatch.setattr(kernels, "merge_slice", counting)
+    monkeypatch.setattr(kernels.BatchMerge, "run", counting_batch)
     return calls
 
 
