@@ -8,6 +8,7 @@ No maths here: tensors come out in their stored dtype.
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import mmap
 import os
@@ -48,14 +49,14 @@ class TensorInfo:
     file: Path
     offset: int = -1  # where the bytes start in a safetensors file (-1: a PyTorch file)
 
-    @property
+    @functools.cached_property  # asked for per tensor and pass: computed once
     def numel(self) -> int:
         n = 1
         for d in self.shape:
             n *= d
         return n
 
-    @property
+    @functools.cached_property
     def nbytes(self) -> int:
         return self.numel * ITEMSIZE[self.dtype]
 
@@ -69,7 +70,8 @@ class Checkpoint:
         self.tensors = tensors
         self._fds: dict[Path, int] = {}  # open safetensors files
         self._maps: dict[Path, mmap.mmap] = {}  # the same, mapped (see mapped())
-        self._map_views: dict[Path, np.ndarray] = {}  # each mapping as bytes, for address()
+        self._map_views: dict[Path, np.ndarray] = {}  # each mapping as bytes, for address() ...
+        self._map_starts: dict[Path, tuple[int, int]] = {}  # ... and the address of its first byte, its size
         self._to_release: dict[Path, tuple[int, int]] = {}  # pages done with, not yet let go of (see unmap())
         self._torch_state = torch_state  # lazily loaded (mmapped) PyTorch state dicts, per file
         self.notes: list[str] = []  # what opening it found worth telling (an adapter's base, ...)
@@ -148,13 +150,14 @@ class Checkpoint:
         info = self.tensors[name]
         if info.offset < 0 or type(self).mapped is not Checkpoint.mapped:
             return None
-        view = self._map_views.get(info.file)
-        if view is None:
+        mapping = self._map_starts.get(info.file)
+        if mapping is None:
             self.mapped(name, 0, 0)  # maps the file (a BadInput naming it where it cannot)
             view = self._map_views[info.file] = np.frombuffer(self._maps[info.file], dtype=np.uint8)
-        if info.offset + info.nbytes > view.size:
+            mapping = self._map_starts[info.file] = (view.ctypes.data, view.size)
+        if info.offset + info.nbytes > mapping[1]:  # a file cut short since it was opened (as mapped() refuses)
             raise BadInput(f"{info.file}: cannot read tensor {name}: the file ends before its entries")
-        return view.ctypes.data + info.offset
+        return mapping[0] + info.offset
 
     def unmap(self, name: str, start: int, stop: int) -> None:
         """Let go of the pages of entries [start, stop) that mapped() brought in (they stay in
@@ -217,6 +220,7 @@ class Checkpoint:
         for file, (first, end) in self._to_release.items():
             _release(self._maps[file], first, end)
         self._to_release.clear()
+        self._map_starts.clear()
         self._map_views.clear()  # before closing the mappings they view
         for mapping in self._maps.values():
             try:
@@ -321,11 +325,13 @@ def read_text_file(path: Path) -> str:
 
 def _refuse_duplicates(where: str) -> Callable[[list[tuple[str, Any]]], dict]:
     def pairs_to_dict(pairs: list[tuple[str, Any]]) -> dict:
-        result = {}
-        for key, value in pairs:
-            if key in result:
-                raise BadInput(f"{where}: key {key!r} appears twice in one JSON object")
-            result[key] = value
+        result = dict(pairs)  # at C speed: a header has an object per tensor
+        if len(result) != len(pairs):
+            seen = set()
+            for key, _ in pairs:
+                if key in seen:
+                    raise BadInput(f"{where}: key {key!r} appears twice in one JSON object")
+                seen.add(key)
         return result
 
     return pairs_to_dict

@@ -259,13 +259,18 @@ def hoyer_sums(base: Stored, tuned: list[Stored]) -> tuple[list[tuple[float, flo
     """(each model's (sum |delta|, sum delta^2), whether an entry is NaN or Inf) of the task
     vectors tuned[j].float() - base.float(): what tadrop.HoyerSums adds up. Both sum in float32
     blocks, in different orders, so they agree to ~1e-7 relative, as a GPU's sums do."""
-    addresses = (ctypes.c_void_p * len(tuned))(*(_pair(base, entries)[2] for entries in tuned))
+    return hoyer_sums_at(base.dtype, _address(base), [_pair(base, entries)[2] for entries in tuned], base.numel)
+
+
+def hoyer_sums_at(dtype: str, base: int, tuned: list[int], numel: int) -> tuple[list[tuple[float, float]], bool]:
+    """hoyer_sums of entries given by address (Checkpoint.address: `numel` stored entries of
+    `dtype` each), without a numpy view of each."""
+    addresses = (ctypes.c_void_p * len(tuned))(*tuned)
     sums = np.zeros(2 * len(tuned), dtype=np.float64)
-    status = _ready().tadrop_hoyer_sums(
-        DTYPE_CODES[base.dtype], _address(base), addresses, len(tuned), base.numel, sums.ctypes.data
-    )
+    status = _ready().tadrop_hoyer_sums(DTYPE_CODES[dtype], base, addresses, len(tuned), numel, sums.ctypes.data)
     _check(min(status, 0))
-    return [(float(sums[2 * j]), float(sums[2 * j + 1])) for j in range(len(tuned))], status == 1
+    values = sums.tolist()
+    return [(values[2 * j], values[2 * j + 1]) for j in range(len(tuned))], status == 1
 
 
 def random_keep_limit(density: float) -> int:

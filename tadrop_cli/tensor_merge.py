@@ -27,7 +27,6 @@ from .interpolation import AntipodalMean
 from .layout import Layout, TensorJob, tensor_seed
 from .lazy import torch
 from .methods import ModelTensor, TaskVector
-from .parameter_values import ConditionalValue
 from .plan import Plan
 from .sparsify import (
     KEEP_NOTHING,
@@ -127,15 +126,6 @@ def merge_tensors(
         yield from _merge_batch(layout, plan, batch, device)
 
 
-def _uniform_parameters(layout: Layout) -> bool:
-    """Whether every parameter has one value for every tensor: no filtered value, no gradient, no
-    slices' own parameters (each lookup can then be made once for all the tensors)."""
-    sources = [layout.recipe.parameters, *(model.entry.parameters for model in layout.models)]
-    return not layout.slice_parameters and not any(
-        isinstance(value, (list, ConditionalValue)) for source in sources for value in source.values()
-    )
-
-
 def _batch_check(layout: Layout, device: str):
     """A test of whether a job goes into a batch (_merge_batch), or None where none does: a
     kernel host (kernels_merge) with one value of each parameter for every tensor, and a job
@@ -150,7 +140,7 @@ def _batch_check(layout: Layout, device: str):
         or steps is None
         or steps.sparsifier not in (None, "magnitude", "random")
         or steps.consensus not in (None, "sum")
-        or not _uniform_parameters(layout)
+        or not layout.uniform_parameters()
         or not layout.jobs
         or not method.sliceable(layout.method_parameters(layout.jobs[0].name))
     ):
@@ -185,7 +175,7 @@ def _merge_batch(
     A tensor with a NaN or Inf in a task vector or its result is merged again alone, by
     merge_tensor, which names the input or refuses the result as it always does."""
     steps = layout.recipe.method.gta
-    params = layout.method_parameters(jobs[0].name)  # _uniform_parameters: every tensor's
+    params = layout.method_parameters(jobs[0].name)  # Layout.uniform_parameters: every tensor's
     lambda_, normalize = float(params.get("lambda", 1.0)), bool(params["normalize"])
     rescale = params.get("rescale", False) in (True, "paper")
     lookups = _BatchLookups(layout, plan)
@@ -220,7 +210,7 @@ def _merge_batch(
 
 class _BatchLookups:
     """A batch's parameter lookups: each model's weight and recipe density once (the parameters
-    are the same for every tensor: _uniform_parameters), the plan's density per tensor."""
+    are the same for every tensor: Layout.uniform_parameters), the plan's density per tensor."""
 
     def __init__(self, layout: Layout, plan: Plan):
         self.layout, self.plan = layout, plan

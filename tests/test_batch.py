@@ -351,3 +351,28 @@ def test_a_batch_refuses_a_tensor_larger_than_its_bound():
     batch = kernels.BatchMerge("F32", "F32", 1, consensus=False)
     with pytest.raises(ValueError, match="at most"):
         batch.add(0, kernels.BATCH_SEGMENT_MAX + 1, 1.0, 1.0, False, [(0, 1.0, 0, 0, 0, None, kernels.NO_CUT)])
+
+
+def test_a_merge_leaves_the_garbage_collector_as_it_found_it(tmp_path, monkeypatch):
+    """The layout's headers are read with collection paused and the merge's bookkeeping is frozen
+    (run.collection_paused, long_lived_objects_frozen): both undone at the end, also after a failure."""
+    import gc
+
+    models = write_models(tmp_path, count=2)
+    recipe = recipe_for(models, tmp_path / "out", "ties")
+    seen = []
+    original = tensor_merge.merge_tensors
+
+    def watching(*args):
+        seen.append((gc.isenabled(), gc.get_freeze_count() > 0))
+        return original(*args)
+
+    monkeypatch.setattr("tadrop_cli.run.merge_tensors", watching)
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    run_merge(parse_recipe(recipe), MergeOptions(device="cpu"))
+    assert seen and all(enabled and frozen for enabled, frozen in seen)
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    models, _ = _spoiled(tmp_path / "spoiled", math.nan)
+    with pytest.raises(BadInput):
+        run_merge(parse_recipe(recipe_for(models, tmp_path / "out2", "ties")), MergeOptions(device="cpu"))
+    assert gc.isenabled() and gc.get_freeze_count() == 0
