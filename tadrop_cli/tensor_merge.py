@@ -112,7 +112,7 @@ def merge_tensors(
     entries = 0
     for job in jobs:
         if batchable is not None and batchable(job):
-            if len(batch) == BATCH_TENSORS or entries + job.out.numel > BATCH_ENTRIES:
+            if batch and (len(batch) == BATCH_TENSORS or entries + job.out.numel > BATCH_ENTRIES):
                 yield from _merge_batch(layout, plan, batch, device)
                 batch, entries = [], 0
             batch.append(job)

@@ -144,17 +144,19 @@ def test_batched_merges_write_the_bytes_of_merges_one_tensor_at_a_time(
 
 
 @needs_kernels
-def test_batches_split_by_their_bounds_give_the_same_bytes(tmp_path, monkeypatch, batch_sizes):
-    """Batches of at most 3 tensors or 100 entries: other cuts of the same run, the same bytes."""
+@pytest.mark.parametrize(("tensors", "entries"), [(3, 100), (4096, 1)])
+def test_batches_split_by_their_bounds_give_the_same_bytes(tmp_path, monkeypatch, batch_sizes, tensors, entries):
+    """Batches of at most 3 tensors or 100 entries, or of 1 entry (every tensor larger than the
+    bound: a batch of its own): other cuts of the same run, the same bytes."""
     models = write_models(tmp_path)
     recipe = recipe_for(models, tmp_path / "unused", "ties")
     whole = merged_bytes(recipe, tmp_path / "whole", monkeypatch, batched=True)
-    monkeypatch.setattr(tensor_merge, "BATCH_TENSORS", 3)
-    monkeypatch.setattr(tensor_merge, "BATCH_ENTRIES", 100)
+    monkeypatch.setattr(tensor_merge, "BATCH_TENSORS", tensors)
+    monkeypatch.setattr(tensor_merge, "BATCH_ENTRIES", entries)
     batch_sizes.clear()
     split = merged_bytes(recipe, tmp_path / "split", monkeypatch, batched=True)
     assert split == whole
-    assert len(batch_sizes) > 10 and max(batch_sizes) <= 3
+    assert len(batch_sizes) > 10 and max(batch_sizes) <= min(tensors, 3)
 
 
 @needs_kernels
