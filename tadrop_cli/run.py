@@ -10,7 +10,7 @@ import ctypes
 import gc
 import resource
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -358,8 +358,8 @@ def _merge_into(
     progress: Progress,
     options: MergeOptions,
 ) -> dict:
-    with long_lived_objects_frozen():
-        return _merge_frozen(layout, staging, done, device, digest, progress, options)
+    with long_lived_objects_frozen() as freeze:
+        return _merge_frozen(layout, staging, done, device, digest, progress, options, freeze)
 
 
 @contextmanager
@@ -378,15 +378,20 @@ def collection_paused() -> Iterator[None]:
 
 
 @contextmanager
-def long_lived_objects_frozen() -> Iterator[None]:
-    """Leave the objects alive on entering (and those gc.freeze() adds inside: the plan's) out of
+def long_lived_objects_frozen() -> Iterator[Callable[[], None]]:
+    """Leave the objects alive on entering (and those the function it yields adds: the plan's) out of
     the garbage collector's sweeps until leaving. A checkpoint of many tensors makes a few
     objects per tensor (headers, jobs, plan rows) that live as long as the merge: every full
     collection walked them all, ~0.1 ms per tensor of a 5,000-tensor merge (a third of its
-    time). They are still freed when no longer referred to; on leaving they are swept again."""
+    time). They are still freed when no longer referred to; on leaving they are swept again.
+    A program that froze objects of its own before (gc.freeze) keeps them frozen: nothing is
+    frozen or unfrozen here then."""
+    if gc.get_freeze_count():
+        yield lambda: None
+        return
     gc.freeze()
     try:
-        yield
+        yield gc.freeze
     finally:
         gc.unfreeze()
 
@@ -399,6 +404,7 @@ def _merge_frozen(
     digest: str,
     progress: Progress,
     options: MergeOptions,
+    freeze: Callable[[], None],
 ) -> dict:
     shards = plan_shards([job.out for job in layout.jobs], layout.recipe.output.shard_size)
     metadata = _metadata(layout.recipe, digest)
@@ -409,7 +415,7 @@ def _merge_frozen(
     plan = Plan.from_json(saved) if saved else make_plan(layout, device, progress)
     if not saved:
         staging.save_plan(plan.to_json())
-    gc.freeze()  # the plan's rows too (long_lived_objects_frozen)
+    freeze()  # the plan's rows too (long_lived_objects_frozen)
     if finished and not options.resume:
         staging.notes.append(
             f"resumed {len(finished)} finished shard(s) of an interrupted merge of this recipe "

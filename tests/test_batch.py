@@ -407,6 +407,15 @@ def test_a_merge_leaves_the_garbage_collector_as_it_found_it(tmp_path, monkeypat
     run_merge(parse_recipe(recipe), MergeOptions(device="cpu"))
     assert seen and all(enabled and frozen for enabled, frozen in seen)
     assert gc.isenabled() and gc.get_freeze_count() == 0
+    kept = [object()]  # a program's own frozen objects stay frozen
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        run_merge(parse_recipe(recipe), MergeOptions(device="cpu", overwrite=True))
+        assert 0 < gc.get_freeze_count() <= frozen  # not unfrozen, nothing of the merge's added (some freed)
+    finally:
+        gc.unfreeze()
+    del kept
     models, _ = _spoiled(tmp_path / "spoiled", math.nan)
     with pytest.raises(BadInput):
         run_merge(parse_recipe(recipe_for(models, tmp_path / "out2", "ties")), MergeOptions(device="cpu"))
