@@ -484,6 +484,115 @@ EXPORT int tadrop_merge_slice(int dtype, const void *base, const struct model_sl
     }
 }
 
+/* ------------------------------------------------------------------ many small tensors in one call */
+
+/* One small tensor of a batch (see kernels.Segment): its base entries, its size, where its
+ * merged entries go in the batch's output, and its own global parameters. */
+struct segment {
+    const void *base;    /* the base's stored entries of the tensor */
+    int64_t n;           /* its entries (at most BATCH_SEGMENT_MAX) */
+    int64_t out_start;   /* its first merged entry's position in `out` */
+    float sum_of_weights;
+    float lambda;
+    int32_t normalize;
+    int32_t non_finite;  /* out: 1 if an input's task-vector entry or a merged entry is NaN or Inf */
+};
+
+#define BATCH_SEGMENT_MAX (1 << 14) /* tensor_merge.SMALL_CUT: the largest tensor a batch takes */
+
+/* The k-th largest (1 <= k <= n) of n magnitude keys, by four passes of 8-bit radix selection
+ * (a table of 256 counts each): the value np.partition finds in sparsify.cut_of_keys, at a
+ * cost that stays in proportion to a tiny tensor (the 2^15 and 2^16 histograms do not). */
+static uint32_t kth_largest_key(const uint32_t *keys, int64_t n, int64_t k) {
+    uint32_t prefix = 0, mask = 0;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        int64_t counts[256] = {0};
+        for (int64_t i = 0; i < n; i++) counts[(keys[i] >> shift) & 255u] += (keys[i] & mask) == prefix;
+        int digit = 255;
+        while (counts[digit] < k) k -= counts[digit--];
+        prefix |= (uint32_t)digit << shift;
+        mask |= 255u << shift;
+    }
+    return prefix;
+}
+
+/* Model m's top-k cut of one whole small tensor, set in m (threshold, ties_before): the cut of
+ * sparsify.cut_of_keys with kernels.ties_kept_before at offset 0. k <= 0 keeps nothing
+ * (sparsify.KEEP_NOTHING). `keys`: room for n keys. Returns 1 if a task-vector entry is NaN or
+ * Inf (nothing set: the caller's per-tensor path names the input). */
+static inline __attribute__((always_inline)) int cut_of_tensor(int dtype, const void *base, struct model_slice *m, int64_t n, int64_t k, uint32_t *keys) {
+    uint32_t non_finite = 0;
+    for (int64_t i = 0; i < n; i++) {
+        keys[i] = bits_of(load(m->tuned, dtype, i) - load(base, dtype, i)) & 0x7FFFFFFFu;
+        non_finite |= keys[i] >= 0x7F800000u;
+    }
+    if (non_finite) return 1;
+    if (k <= 0) {
+        m->threshold = INFINITY;
+        m->ties_before = 0;
+        return 0;
+    }
+    uint32_t cut = kth_largest_key(keys, n, k);
+    int64_t above = 0, tied = 0;
+    for (int64_t i = 0; i < n; i++) {
+        above += keys[i] > cut;
+        tied += keys[i] == cut;
+    }
+    memcpy(&m->threshold, &cut, 4);
+    int64_t quota = k - above; /* the first `quota` tied entries are kept */
+    m->ties_before = INT64_MAX;
+    if (quota < tied) {
+        for (int64_t i = 0; i < n; i++) {
+            if (keys[i] == cut && --quota == 0) {
+                m->ties_before = i + 1;
+                break;
+            }
+        }
+    }
+    return 0;
+}
+
+/* The merges of n_segments small tensors in one call: for each, methods.generalized_task_arithmetic
+ * of the whole tensor as tadrop_merge_slice gives it (offset 0), into out[out_start ...). The
+ * models' settings are models[s * n_models + j]; where kept[s * n_models + j] >= 0, model j's
+ * magnitude cut of tensor s is found here first (cut_of_tensor: k = that count) and written into
+ * its settings. Each tensor's own seeds, cuts and parameters: the result of a tensor does not
+ * depend on the others in the call. A tensor with a NaN or Inf is flagged (non_finite) and the
+ * others go on. Returns -1 for a bad model count or size, -2 when out of memory, else 0. */
+static inline __attribute__((always_inline)) int merge_batch_of(int dtype, struct segment *segments, int n_segments, struct model_slice *models,
+                                                                const int64_t *kept, int n_models, int consensus, int out_dtype, void *out) {
+    uint32_t *keys = NULL;
+    for (int s = 0; s < n_segments; s++) {
+        struct segment *segment = &segments[s];
+        struct model_slice *mine = models + (int64_t)s * n_models;
+        segment->non_finite = 0;
+        for (int j = 0; j < n_models && !segment->non_finite; j++) {
+            if (kept[(int64_t)s * n_models + j] < 0) continue;
+            if (!keys && !(keys = malloc(sizeof(uint32_t) * BATCH_SEGMENT_MAX))) return -2;
+            segment->non_finite = cut_of_tensor(dtype, segment->base, &mine[j], segment->n, kept[(int64_t)s * n_models + j], keys);
+        }
+        if (segment->non_finite) continue;
+        char *target = (char *)out + segment->out_start * (out_dtype == F32 ? 4 : 2);
+        segment->non_finite = merge_slice_of(dtype, segment->base, mine, n_models, segment->n, 0, consensus, segment->normalize,
+                                             segment->sum_of_weights, segment->lambda, out_dtype, target);
+    }
+    free(keys);
+    return 0;
+}
+
+EXPORT int tadrop_merge_batch(int dtype, struct segment *segments, int n_segments, struct model_slice *models, const int64_t *kept,
+                              int n_models, int consensus, int out_dtype, void *out) {
+    if (n_models < 1) return -1;
+    for (int s = 0; s < n_segments; s++) {
+        if (segments[s].n < 0 || segments[s].n > BATCH_SEGMENT_MAX) return -1;
+    }
+    switch (dtype) {
+        case BF16: return merge_batch_of(BF16, segments, n_segments, models, kept, n_models, consensus, out_dtype, out);
+        case F16: return merge_batch_of(F16, segments, n_segments, models, kept, n_models, consensus, out_dtype, out);
+        default: return merge_batch_of(F32, segments, n_segments, models, kept, n_models, consensus, out_dtype, out);
+    }
+}
+
 /* Whether any of n stored entries is NaN or Inf (all exponent bits set): the read-back check of
  * a written shard. */
 static inline __attribute__((always_inline)) int non_finite_of(const void *data, int64_t n, uint32_t exponent, int width) {

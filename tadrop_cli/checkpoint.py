@@ -7,6 +7,7 @@ No maths here: tensors come out in their stored dtype.
 
 from __future__ import annotations
 
+import functools
 import json
 import mmap
 import os
@@ -47,14 +48,14 @@ class TensorInfo:
     file: Path
     offset: int = -1  # where the bytes start in a safetensors file (-1: a PyTorch file)
 
-    @property
+    @functools.cached_property  # asked for per tensor and pass: computed once
     def numel(self) -> int:
         n = 1
         for d in self.shape:
             n *= d
         return n
 
-    @property
+    @functools.cached_property
     def nbytes(self) -> int:
         return self.numel * ITEMSIZE[self.dtype]
 
@@ -68,6 +69,8 @@ class Checkpoint:
         self.tensors = tensors
         self._fds: dict[Path, int] = {}  # open safetensors files
         self._maps: dict[Path, mmap.mmap] = {}  # the same, mapped (see mapped())
+        self._map_views: dict[Path, np.ndarray] = {}  # each mapping as bytes, for address() ...
+        self._map_starts: dict[Path, tuple[int, int]] = {}  # ... and the address of its first byte, its size
         self._to_release: dict[Path, tuple[int, int]] = {}  # pages done with, not yet let go of (see unmap())
         self._torch_state = torch_state  # lazily loaded (mmapped) PyTorch state dicts, per file
         self.notes: list[str] = []  # what opening it found worth telling (an adapter's base, ...)
@@ -171,6 +174,24 @@ class Checkpoint:
         except (OSError, ValueError) as error:
             raise BadInput(f"{info.file}: cannot read tensor {name}: {error}") from None
 
+    def address(self, name: str) -> int | None:
+        """The memory address of a stored tensor's entries in its file's mapped pages, for the CPU
+        kernels (as mapped() of all of it, without a numpy view per tensor); None where the
+        entries are not a file's bytes as stored (a PyTorch file, or a checkpoint whose mapped()
+        makes them: a view, an adapter's merge, an aligned vocabulary). The same rules as
+        mapped(): read only, and unmap_whole() when done."""
+        info = self.tensors[name]
+        if info.offset < 0 or type(self).mapped is not Checkpoint.mapped:
+            return None
+        mapping = self._map_starts.get(info.file)
+        if mapping is None:
+            self.mapped(name, 0, 0)  # maps the file (a BadInput naming it where it cannot)
+            view = self._map_views[info.file] = np.frombuffer(self._maps[info.file], dtype=np.uint8)
+            mapping = self._map_starts[info.file] = (view.ctypes.data, view.size)
+        if info.offset + info.nbytes > mapping[1]:  # a file cut short since it was opened (as mapped() refuses)
+            raise BadInput(f"{info.file}: cannot read tensor {name}: the file ends before its entries")
+        return mapping[0] + info.offset
+
     def unmap(self, name: str, start: int, stop: int) -> None:
         """Let go of the pages of entries [start, stop) that mapped() brought in (they stay in
         the page cache; a view still in use reads them again).
@@ -180,13 +201,33 @@ class Checkpoint:
         madvise per run instead of one per tensor (and does not fault each page in again
         for every tensor it holds)."""
         info = self.tensors[name]
-        mapping = self._maps.get(info.file)
+        itemsize = ITEMSIZE[info.dtype]
+        self._let_go(info.file, info.offset + start * itemsize, info.offset + stop * itemsize)
+
+    def unmap_whole(self, names: list[str]) -> None:
+        """unmap() of every entry of each of these tensors (read through address()), in one
+        run per stretch of the file they cover together."""
+        infos = sorted((self.tensors[name] for name in names), key=lambda info: (info.file, info.offset))
+        run: tuple[Path, int, int] | None = None
+        for info in infos:
+            first, end = info.offset, info.offset + info.nbytes
+            if run is not None and run[0] == info.file and first <= run[2] + mmap.PAGESIZE:
+                run = (run[0], run[1], max(run[2], end))
+                continue
+            if run is not None:
+                self._let_go(*run)
+            run = (info.file, first, end)
+        if run is not None:
+            self._let_go(*run)
+
+    def _let_go(self, file: Path, start_byte: int, end_byte: int) -> None:
+        """unmap()'s work on the bytes [start_byte, end_byte) of a mapped file."""
+        mapping = self._maps.get(file)
         if mapping is None or not hasattr(mapping, "madvise"):
             return
-        itemsize = ITEMSIZE[info.dtype]
-        first = (info.offset + start * itemsize) // mmap.PAGESIZE * mmap.PAGESIZE
-        end = min(len(mapping), -(-(info.offset + stop * itemsize) // mmap.PAGESIZE) * mmap.PAGESIZE)
-        pending = self._to_release.pop(info.file, None)
+        first = start_byte // mmap.PAGESIZE * mmap.PAGESIZE
+        end = min(len(mapping), -(-end_byte // mmap.PAGESIZE) * mmap.PAGESIZE)
+        pending = self._to_release.pop(file, None)
         if pending is not None and first <= pending[1] and end >= pending[0]:
             first, end = min(first, pending[0]), max(end, pending[1])
         elif pending is not None:
@@ -194,7 +235,7 @@ class Checkpoint:
         if end - first >= RELEASE_BYTES:
             _release(mapping, first, end)
         elif end > first:
-            self._to_release[info.file] = (first, end)
+            self._to_release[file] = (first, end)
 
     def _torch_file(self, file: Path) -> dict:
         if file not in self._torch_state:
@@ -212,6 +253,8 @@ class Checkpoint:
         for file, (first, end) in self._to_release.items():
             _release(self._maps[file], first, end)
         self._to_release.clear()
+        self._map_starts.clear()
+        self._map_views.clear()  # before closing the mappings they view
         for mapping in self._maps.values():
             try:
                 mapping.close()
@@ -273,11 +316,13 @@ def read_text_file(path: Path) -> str:
 
 def _refuse_duplicates(where: str) -> Callable[[list[tuple[str, Any]]], dict]:
     def pairs_to_dict(pairs: list[tuple[str, Any]]) -> dict:
-        result = {}
-        for key, value in pairs:
-            if key in result:
-                raise BadInput(f"{where}: key {key!r} appears twice in one JSON object")
-            result[key] = value
+        result = dict(pairs)  # at C speed: a header has an object per tensor
+        if len(result) != len(pairs):
+            seen = set()
+            for key, _ in pairs:
+                if key in seen:
+                    raise BadInput(f"{where}: key {key!r} appears twice in one JSON object")
+                seen.add(key)
         return result
 
     return pairs_to_dict

@@ -49,6 +49,18 @@ class _ModelSlice(ctypes.Structure):
     ]
 
 
+class _Segment(ctypes.Structure):
+    _fields_ = [
+        ("base", ctypes.c_void_p),
+        ("n", ctypes.c_int64),
+        ("out_start", ctypes.c_int64),
+        ("sum_of_weights", ctypes.c_float),
+        ("lambda_", ctypes.c_float),
+        ("normalize", ctypes.c_int32),
+        ("non_finite", ctypes.c_int32),
+    ]
+
+
 @lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL | None:
     if os.environ.get("TADROP_KERNELS", "").lower() == "torch":
@@ -108,6 +120,18 @@ def load_library(path: str) -> ctypes.CDLL:
         ptr,
     ]
     library.tadrop_merge_slice.restype = ctypes.c_int
+    library.tadrop_merge_batch.argtypes = [
+        ctypes.c_int,
+        ctypes.POINTER(_Segment),
+        ctypes.c_int,
+        ctypes.POINTER(_ModelSlice),
+        ptr,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int,
+        ptr,
+    ]
+    library.tadrop_merge_batch.restype = ctypes.c_int
     library.tadrop_set_threads.argtypes = [ctypes.c_int]
     library.tadrop_set_threads.restype = None
     library.tadrop_max_threads.argtypes = []
@@ -235,13 +259,18 @@ def hoyer_sums(base: Stored, tuned: list[Stored]) -> tuple[list[tuple[float, flo
     """(each model's (sum |delta|, sum delta^2), whether an entry is NaN or Inf) of the task
     vectors tuned[j].float() - base.float(): what tadrop.HoyerSums adds up. Both sum in float32
     blocks, in different orders, so they agree to ~1e-7 relative, as a GPU's sums do."""
-    addresses = (ctypes.c_void_p * len(tuned))(*(_pair(base, entries)[2] for entries in tuned))
+    return hoyer_sums_at(base.dtype, _address(base), [_pair(base, entries)[2] for entries in tuned], base.numel)
+
+
+def hoyer_sums_at(dtype: str, base: int, tuned: list[int], numel: int) -> tuple[list[tuple[float, float]], bool]:
+    """hoyer_sums of entries given by address (Checkpoint.address: `numel` stored entries of
+    `dtype` each), without a numpy view of each."""
+    addresses = (ctypes.c_void_p * len(tuned))(*tuned)
     sums = np.zeros(2 * len(tuned), dtype=np.float64)
-    status = _ready().tadrop_hoyer_sums(
-        DTYPE_CODES[base.dtype], _address(base), addresses, len(tuned), base.numel, sums.ctypes.data
-    )
+    status = _ready().tadrop_hoyer_sums(DTYPE_CODES[dtype], base, addresses, len(tuned), numel, sums.ctypes.data)
     _check(min(status, 0))
-    return [(float(sums[2 * j]), float(sums[2 * j + 1])) for j in range(len(tuned))], status == 1
+    values = sums.tolist()
+    return [(values[2 * j], values[2 * j + 1]) for j in range(len(tuned))], status == 1
 
 
 def random_keep_limit(density: float) -> int:
@@ -313,3 +342,129 @@ def merge_slice(
     if flag < 0:
         raise ValueError(f"the kernel takes 1 to {MAX_MODELS} models")
     return out, bool(flag)
+
+
+# The largest tensor a BatchMerge takes (entries): the C kernel's BATCH_SEGMENT_MAX.
+BATCH_SEGMENT_MAX = 1 << 14
+NO_CUT = -1  # BatchMerge.add's `kept` for a model whose cut is not found in the kernel
+
+
+def _numpy_layout(structure: type[ctypes.Structure], kinds: dict[str, str]) -> np.dtype:
+    """A numpy record dtype laid out as the ctypes structure (the C struct): its columns are
+    filled at numpy's speed instead of one ctypes attribute at a time."""
+    names = [name for name, _ in structure._fields_]
+    return np.dtype(
+        {
+            "names": names,
+            "formats": [kinds[name] for name in names],
+            "offsets": [getattr(structure, name).offset for name in names],
+            "itemsize": ctypes.sizeof(structure),
+        }
+    )
+
+
+_MODEL_SLICE = _numpy_layout(
+    _ModelSlice,
+    {
+        "tuned": "u8",
+        "weight": "f4",
+        "drop": "i4",
+        "threshold": "f4",
+        "ties_before": "i8",
+        "seed": "u8",
+        "limit": "u4",
+        "rescale": "i4",
+        "density": "f4",
+    },
+)
+_SEGMENT = _numpy_layout(
+    _Segment,
+    {
+        "base": "u8",
+        "n": "i8",
+        "out_start": "i8",
+        "sum_of_weights": "f4",
+        "lambda_": "f4",
+        "normalize": "i4",
+        "non_finite": "i4",
+    },
+)
+
+
+class BatchMerge:
+    """merge_slice of each of many small tensors whole (offset 0), in one kernel call: each
+    tensor's own models' settings, cuts and parameters, so that its result is the one it gets
+    alone. A model added with `kept` >= 0 is trimmed by the top-`kept` magnitude cut of the
+    tensor, found in the kernel (sparsify.cut_of_keys, then ties_kept_before at offset 0).
+
+    The entries are given by address (`Checkpoint.address`): they must stay mapped until run()
+    returns. Tensors of at most BATCH_SEGMENT_MAX entries, all of one stored dtype and model count.
+    """
+
+    def __init__(self, dtype: str, out_dtype: str, models: int, consensus: bool):
+        if not 1 <= models <= MAX_MODELS:
+            raise ValueError(f"the kernel takes 1 to {MAX_MODELS} models")
+        self.dtype, self.out_dtype, self.models, self.consensus = dtype, out_dtype, models, consensus
+        self._segments: list[tuple[int, int, float, float, bool]] = []
+        self._settings: list[tuple[int, float, int, int, int, bool, float, int]] = []  # per (tensor, model)
+
+    def add(
+        self,
+        base: int,
+        numel: int,
+        sum_of_weights: float,
+        lambda_: float,
+        normalize: bool,
+        models: list[tuple[int, float, int, int, int, float | None, int]],
+    ) -> None:
+        """One tensor: its base's address and size, and per model (address, weight, drop, seed,
+        random_keep_limit, rescale_by or None, kept or NO_CUT) as ModelSlice has them."""
+        if not 0 <= numel <= BATCH_SEGMENT_MAX:
+            raise ValueError(f"a batch takes tensors of at most {BATCH_SEGMENT_MAX} entries")
+        if len(models) != self.models:
+            raise ValueError("every tensor of a batch has the same number of models")
+        self._segments.append((base, numel, sum_of_weights, lambda_, normalize))
+        self._settings.extend(models)
+
+    def __len__(self) -> int:
+        return len(self._segments)
+
+    def run(self) -> tuple[np.ndarray, list[int], list[bool], np.ndarray]:
+        """(the merged entries of every tensor one after another, in out_dtype as Stored holds
+        them; each tensor's start there; whether each had a NaN or Inf in a task vector or its
+        result (its entries are then not meaningful: merge it alone); the settings as run, one
+        row per (tensor, model), with the cuts found: `threshold` and `ties_before`)."""
+        segments = np.zeros(len(self._segments), dtype=_SEGMENT)
+        if self._segments:
+            base, numel, sum_of_weights, lambda_, normalize = zip(*self._segments, strict=True)
+            segments["base"], segments["n"] = base, numel
+            segments["out_start"] = np.cumsum(segments["n"]) - segments["n"]
+            segments["sum_of_weights"], segments["lambda_"], segments["normalize"] = sum_of_weights, lambda_, normalize
+        settings = np.zeros(len(self._settings), dtype=_MODEL_SLICE)
+        kept = np.zeros(len(self._settings), dtype=np.int64)
+        if self._settings:
+            tuned, weight, drop, seed, limit, rescale_by, kept_counts = zip(*self._settings, strict=True)
+            settings["tuned"], settings["weight"], settings["drop"] = tuned, weight, drop
+            settings["seed"], settings["limit"] = seed, limit
+            settings["rescale"] = [r is not None for r in rescale_by]
+            settings["density"] = [1.0 if r is None else r for r in rescale_by]
+            settings["threshold"] = math.inf
+            kept[:] = kept_counts
+        total = int(segments["n"].sum())
+        out = np.empty(total, dtype=numpy_dtype(self.out_dtype))
+        status = _ready().tadrop_merge_batch(
+            DTYPE_CODES[self.dtype],
+            segments.ctypes.data_as(ctypes.POINTER(_Segment)),
+            len(segments),
+            settings.ctypes.data_as(ctypes.POINTER(_ModelSlice)),
+            kept.ctypes.data,
+            self.models,
+            int(self.consensus),
+            DTYPE_CODES[self.out_dtype],
+            out.ctypes.data,
+        )
+        if status == -2:
+            _check(-1)
+        if status < 0:
+            raise ValueError("the batch kernel refused a model count or tensor size")
+        return out, segments["out_start"].tolist(), segments["non_finite"].astype(bool).tolist(), settings

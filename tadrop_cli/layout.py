@@ -19,7 +19,7 @@ from .chat_templates import chosen_template
 from .checkpoint import Checkpoint, config_files, module_files, open_checkpoint
 from .dtypes import FLOATS
 from .errors import BadInput
-from .parameter_values import value_for_tensor
+from .parameter_values import ConditionalValue, value_for_tensor
 from .recipe import ModelEntry, Recipe, TadropSettings, source_identity
 from .shards import OutputTensor
 from .tensor_names import layer_positions, shown_name, tensor_order
@@ -94,6 +94,14 @@ class Layout:
                 if value is not None:
                     return value
         return spec.default
+
+    def uniform_parameters(self) -> bool:
+        """Whether every parameter has one value for every tensor: no filtered value, no gradient, no
+        slices' own parameters (a lookup can then be made once for all the tensors)."""
+        sources = [self.recipe.parameters, *(model.entry.parameters for model in self.models)]
+        return not self.slice_parameters and not any(
+            isinstance(value, (list, ConditionalValue)) for source in sources for value in source.values()
+        )
 
     def method_parameters(self, tensor: str) -> dict[str, Any]:
         """The method's global parameters (normalize, lambda, ...) for one tensor."""

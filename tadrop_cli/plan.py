@@ -253,6 +253,7 @@ def build_plan(layout: Layout, device: str, on_tensor: Callable[[TensorJob], Non
     method = layout.recipe.method
     rows: dict[tuple[int, str], RatioRow] = {}
     pending: dict[int, list[_Entry]] = {j: [] for j in range(len(layout.models))}
+    densities = _RecipeDensities(layout)
 
     for job in layout.jobs:
         sparsifies = _sparsifies(method.sparsifier, job)
@@ -260,10 +261,7 @@ def build_plan(layout: Layout, device: str, on_tensor: Callable[[TensorJob], Non
         for j in job.contributors:
             model = layout.models[j]
             # the rank methods' default density is "1/T": the papers' equal split
-            density = 1.0
-            if sparsifies:
-                recipe_density = layout.model_parameter(model, method.density_param, job.name)
-                density = method.density_value(recipe_density, len(job.contributors))
+            density = densities.of(j, job) if sparsifies else 1.0
             base_ratio = 1.0 - density if sparsifies else 0.0
             row = RatioRow(model.label, job.name, job.out.numel, base_ratio, base_ratio, "uniform")
             rows[(j, job.name)] = row
@@ -316,6 +314,25 @@ def build_plan(layout: Layout, device: str, on_tensor: Callable[[TensorJob], Non
     ordered = [rows[key] for key in sorted(rows, key=lambda k: k[0])]
     _check_finite(ordered)
     return Plan(ordered, [_summarize(layout, j, ordered, summaries.get(j, {})) for j in range(len(layout.models))])
+
+
+class _RecipeDensities:
+    """Each model's density for a tensor as the recipe gives it (the host's, before TADrop):
+    looked up once per model and model count where the parameters are the same for every
+    tensor (Layout.uniform_parameters), else per tensor."""
+
+    def __init__(self, layout: Layout):
+        self.layout, self.uniform = layout, layout.uniform_parameters()
+        self._known: dict[tuple[int, int], float] = {}
+
+    def of(self, j: int, job: TensorJob) -> float:
+        key = (j, len(job.contributors))
+        if self.uniform and key in self._known:
+            return self._known[key]
+        method = self.layout.recipe.method
+        given = self.layout.model_parameter(self.layout.models[j], method.density_param, job.name)
+        self._known[key] = density = method.density_value(given, len(job.contributors))
+        return density
 
 
 def _pinned_note(label: str, entries: list[_Entry], settings: TadropSettings) -> str | None:
@@ -534,8 +551,19 @@ def _add_sums_with_kernels(
     """Add one slice's Hoyer sums of each model's task vector (checkpoints[0] is the base), from
     the stored entries; False (nothing added) when an entry is NaN or Inf, or a float32 sum
     overflowed: the caller's PyTorch path then names the input at fault, or sums scaled."""
-    with mapped_slices(checkpoints, name, start, stop) as (base, *tuned):
-        results, non_finite = kernels.hoyer_sums(base, tuned)
+    addresses = [checkpoint.address(name) for checkpoint in checkpoints] if stop - start < (1 << 16) else [None]
+    if start == 0 and stop == checkpoints[0].tensors[name].numel and None not in addresses:
+        # a small tensor whole, by address: a numpy view per input would cost more than its sums
+        try:
+            results, non_finite = kernels.hoyer_sums_at(
+                checkpoints[0].tensors[name].dtype, addresses[0], addresses[1:], stop
+            )
+        finally:
+            for checkpoint in checkpoints:
+                checkpoint.unmap(name, start, stop)
+    else:
+        with mapped_slices(checkpoints, name, start, stop) as (base, *tuned):
+            results, non_finite = kernels.hoyer_sums(base, tuned)
     if non_finite or not all(math.isfinite(l1) and math.isfinite(l2) for l1, l2 in results):  # float32 sums overflowed
         return False
     for model_sums, (l1, l2_squared) in zip(sums, results, strict=True):

@@ -31,11 +31,11 @@ class OutputTensor:
     dtype: str  # safetensors' name for it: "BF16", "F32", ...
     shape: tuple[int, ...]
 
-    @property
+    @functools.cached_property  # asked for many times per tensor (shards, headers, progress): computed once
     def numel(self) -> int:
         return math.prod(self.shape)
 
-    @property
+    @functools.cached_property
     def nbytes(self) -> int:
         return self.numel * ITEMSIZE[self.dtype]
 
@@ -45,7 +45,7 @@ class Shard:
     file_name: str
     tensors: tuple[OutputTensor, ...]
 
-    @property
+    @functools.cached_property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors)
 

@@ -53,6 +53,11 @@ GPU_CHUNK_ELEMENTS = 1 << 24
 # of 2^15 and 2^16 counts) is ~50x a tiny tensor's merge.
 SMALL_CUT = 1 << 14
 NON_FINITE_KEYS = 0x7F800000  # magnitude keys from here on are Inf and NaN
+# Consecutive tensors of at most SMALL_CUT entries that the CPU kernels merge are merged
+# together, in one kernel call per run of them (merge_tensors): up to this many entries (all
+# the run's tensors together) and this many tensors, so that memory stays at one slice's.
+BATCH_ENTRIES = CHUNK_ELEMENTS
+BATCH_TENSORS = 4096
 
 
 def chunk_elements(device: str) -> int:
@@ -93,6 +98,157 @@ def merge_tensor(
     return _merge_entries(
         layout, job, _read_inputs(layout, job, device, None, None, job.contributors), _task_settings(layout, plan, job)
     )
+
+
+def merge_tensors(
+    layout: Layout, plan: Plan, jobs: Iterable[TensorJob], device: str
+) -> Iterator[tuple[TensorJob, torch.Tensor | Stored | Iterable[torch.Tensor | Stored]]]:
+    """(job, merge_tensor(job)) for each job in turn (a shard's tensors), the same results;
+    where several tensors in a row are small ones that the CPU kernels merge, they are merged
+    in batches, one kernel call per batch (_merge_batch) instead of the ~50 Python calls of a
+    tensor's own merge. Each result is to be used (written) before the next is asked for."""
+    batchable = _batch_check(layout, device)
+    batch: list[TensorJob] = []
+    entries = 0
+    for job in jobs:
+        if batchable is not None and batchable(job):
+            if batch and (len(batch) == BATCH_TENSORS or entries + job.out.numel > BATCH_ENTRIES):
+                yield from _merge_batch(layout, plan, batch, device)
+                batch, entries = [], 0
+            batch.append(job)
+            entries += job.out.numel
+            continue
+        if batch:
+            yield from _merge_batch(layout, plan, batch, device)
+            batch, entries = [], 0
+        yield job, merge_tensor(layout, plan, job, device)
+    if batch:
+        yield from _merge_batch(layout, plan, batch, device)
+
+
+def _batch_check(layout: Layout, device: str):
+    """A test of whether a job goes into a batch (_merge_batch), or None where none does: a
+    kernel host (kernels_merge) with one value of each parameter for every tensor, and a job
+    of 1 to SMALL_CUT entries whose inputs are all stored in one dtype as safetensors bytes
+    (Checkpoint.address), with an F32/F16/BF16 output."""
+    method = layout.recipe.method
+    steps = method.gta
+    if (
+        not on_cpu(device)
+        or not kernels.available()
+        or method.interpolates
+        or steps is None
+        or steps.sparsifier not in (None, "magnitude", "random")
+        or steps.consensus not in (None, "sum")
+        or not layout.uniform_parameters()
+        or not layout.jobs
+        or not method.sliceable(layout.method_parameters(layout.jobs[0].name))
+    ):
+        return None
+    reference, models = layout.reference, layout.models
+    largest = min(SMALL_CUT, chunk_elements(device))  # one slice, cut by selection (_merge_with_kernels)
+
+    def batchable(job: TensorJob) -> bool:
+        if not job.mergeable or job.copy_base or not job.contributors or job.out.dtype not in kernels.DTYPE_CODES:
+            return False
+        if not 0 < job.out.numel <= largest or len(job.contributors) > kernels.MAX_MODELS:
+            return False
+        name = job.name
+        dtype = reference.tensors[name].dtype
+        if dtype not in kernels.DTYPE_CODES or reference.address(name) is None:
+            return False
+        for j in job.contributors:
+            checkpoint = models[j].checkpoint
+            if checkpoint.tensors[name].dtype != dtype or checkpoint.address(name) is None:
+                return False
+        return True
+
+    return batchable
+
+
+def _merge_batch(
+    layout: Layout, plan: Plan, jobs: list[TensorJob], device: str
+) -> Iterator[tuple[TensorJob, Iterable[Stored] | torch.Tensor | Stored | Iterator[torch.Tensor | Stored]]]:
+    """The merges of small tensors by the CPU kernels, batched (kernels.BatchMerge): those of
+    one stored dtype, output dtype and set of models in one call, each tensor with its own
+    weights, densities, seeds and cuts, as _merge_with_kernels merges it alone (the same bits).
+    A tensor with a NaN or Inf in a task vector or its result is merged again alone, by
+    merge_tensor, which names the input or refuses the result as it always does."""
+    steps = layout.recipe.method.gta
+    params = layout.method_parameters(jobs[0].name)  # Layout.uniform_parameters: every tensor's
+    lambda_, normalize = float(params.get("lambda", 1.0)), bool(params["normalize"])
+    rescale = params.get("rescale", False) in (True, "paper")
+    lookups = _BatchLookups(layout, plan)
+    groups: dict[tuple, tuple[kernels.BatchMerge, list[int]]] = {}
+    for position, job in enumerate(jobs):
+        name, contributors = job.name, tuple(job.contributors)
+        key = (layout.reference.tensors[name].dtype, job.out.dtype, contributors)
+        if key not in groups:
+            groups[key] = (kernels.BatchMerge(key[0], key[1], len(contributors), steps.consensus is not None), [])
+        batch, members = groups[key]
+        weights = [lookups.weight(j) for j in contributors]
+        sum_of_weights = sum(weights)
+        sum_of_weights = sum_of_weights if abs(sum_of_weights) >= 1e-8 else 1.0  # as generalized_task_arithmetic
+        models = [
+            _batch_model(steps.sparsifier, lookups, job, j, weight, rescale)
+            for j, weight in zip(contributors, weights, strict=True)
+        ]
+        batch.add(layout.reference.address(name), job.out.numel, sum_of_weights, lambda_, normalize, models)
+        members.append(position)
+    results: list = [None] * len(jobs)
+    for batch, members in groups.values():
+        out, starts, non_finite, _ = batch.run()
+        for position, start, flagged in zip(members, starts, non_finite, strict=True):
+            job = jobs[position]
+            results[position] = None if flagged else (Stored(job.out.dtype, out[start : start + job.out.numel]),)
+    names = [job.name for job in jobs]
+    for checkpoint in [layout.reference, *(model.checkpoint for model in layout.models)]:
+        checkpoint.unmap_whole([name for name in names if name in checkpoint.tensors])
+    for job, result in zip(jobs, results, strict=True):
+        yield job, (merge_tensor(layout, plan, job, device) if result is None else result)
+
+
+class _BatchLookups:
+    """A batch's parameter lookups: each model's weight and recipe density once (the parameters
+    are the same for every tensor: Layout.uniform_parameters), the plan's density per tensor."""
+
+    def __init__(self, layout: Layout, plan: Plan):
+        self.layout, self.plan = layout, plan
+        self._weights: dict[int, float] = {}
+        self._densities: dict[tuple[int, int], float] = {}
+
+    def weight(self, j: int) -> float:
+        if j not in self._weights:
+            layout = self.layout
+            model, name = layout.models[j], layout.jobs[0].name
+            self._weights[j] = float(layout.model_parameter(model, layout.recipe.method.weight_name, name, missing=1.0))
+        return self._weights[j]
+
+    def density(self, job: TensorJob, j: int) -> float:
+        """_density's value: the recipe's density (one per model and model count), or TADrop's."""
+        key = (j, len(job.contributors))
+        if key not in self._densities:
+            layout, method = self.layout, self.layout.recipe.method
+            given = layout.model_parameter(layout.models[j], method.density_param, layout.jobs[0].name, missing=1.0)
+            self._densities[key] = method.density_value(given, len(job.contributors))
+        return self.plan.density(self.layout.models[j].label, job.name, self._densities[key])
+
+
+def _batch_model(
+    sparsifier: str | None, lookups: _BatchLookups, job: TensorJob, j: int, weight: float, rescale: bool
+) -> tuple[int, float, int, int, int, float | None, int]:
+    """Model j's part in a batch's merge of one tensor (kernels.BatchMerge.add): _model_slice's
+    settings, with a magnitude trim's kept count for the kernel to cut by."""
+    layout = lookups.layout
+    density = lookups.density(job, j)
+    drop, seed, limit, kept = kernels.DROP_NOTHING, 0, 0, kernels.NO_CUT
+    if sparsifier == "magnitude" and density < 1:
+        drop, kept = kernels.DROP_BY_MAGNITUDE, kept_count(job.out.numel, density)
+    elif sparsifier == "random" and density < 1:
+        drop, limit = kernels.DROP_AT_RANDOM, kernels.random_keep_limit(density)
+        seed = tensor_seed(layout.recipe.seed, layout.models[j].label, job.name)
+    rescale_by = density if drop != kernels.DROP_NOTHING and rescale and density > 0 else None
+    return layout.models[j].checkpoint.address(job.name), weight, drop, seed, limit, rescale_by, kept
 
 
 def _interpolate(layout: Layout, job: TensorJob, device: str) -> torch.Tensor | Iterator[torch.Tensor]:

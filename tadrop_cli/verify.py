@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import kernels
-from .checkpoint import Checkpoint, all_finite, mapped_slices, open_checkpoint
-from .dtypes import FLOATS, dtype_name
+from .checkpoint import Checkpoint, TensorInfo, all_finite, mapped_slices, open_checkpoint
+from .dtypes import FLOATS, ITEMSIZE, dtype_name
 from .errors import BadInput, WriteError
 from .shards import Shard
 
@@ -21,8 +21,11 @@ def verify_tensors(checkpoint: Checkpoint) -> int:
     Raises BadInput naming the first file or tensor at fault.
     """
     total = 0
+    checked = _checked_in_runs(checkpoint)
     for name, info in checkpoint.tensors.items():
-        if info.offset >= 0 and kernels.supports([info.dtype], 1):  # the kernels check the file's pages as they are
+        if name in checked:
+            pass
+        elif info.offset >= 0 and kernels.supports([info.dtype], 1):  # the kernels check the file's pages as they are
             for start in range(0, info.numel, VERIFY_SLICE_ELEMENTS):
                 with mapped_slices([checkpoint], name, start, min(start + VERIFY_SLICE_ELEMENTS, info.numel)) as (
                     entries,
@@ -33,6 +36,50 @@ def verify_tensors(checkpoint: Checkpoint) -> int:
             _verify_with_torch(checkpoint, name)
         total += info.nbytes
     return total
+
+
+# Small tensors lying one after another in a file, of one dtype, are checked together (one kernel
+# call per run of them, not one per tensor) in runs of up to this many bytes.
+RUN_BYTES = 1 << 20
+
+
+def _checked_in_runs(checkpoint: Checkpoint) -> set[str]:
+    """The small safetensors tensors found finite in runs (kernels.non_finite over the bytes of
+    several tensors stored one after another, in one dtype): the others are checked one by one
+    in verify_tensors, which also names a tensor of a run that holds a NaN or Inf."""
+    if type(checkpoint).mapped is not Checkpoint.mapped or not kernels.available():
+        return set()
+    stored = sorted(
+        (info.file, info.offset, name, info)
+        for name, info in checkpoint.tensors.items()
+        if info.offset >= 0 and info.dtype in kernels.DTYPE_CODES and info.nbytes <= RUN_BYTES
+    )
+    checked: set[str] = set()
+    run: list[tuple[str, TensorInfo]] = []
+    for file, offset, name, info in stored:
+        if run and (
+            run[-1][1].file != file
+            or run[-1][1].dtype != info.dtype
+            or run[-1][1].offset + run[-1][1].nbytes != offset
+            or offset + info.nbytes - run[0][1].offset > RUN_BYTES
+        ):
+            checked.update(_finite_run(checkpoint, run))
+            run = []
+        run.append((name, info))
+    checked.update(_finite_run(checkpoint, run))
+    return checked
+
+
+def _finite_run(checkpoint: Checkpoint, run: list[tuple[str, TensorInfo]]) -> list[str]:
+    """The names of a run of tensors stored one after another, if all their entries are finite
+    (else none: each is then checked, and named, alone)."""
+    if len(run) < 2:
+        return []
+    first, last = run[0], run[-1]
+    count = (last[1].offset + last[1].nbytes - first[1].offset) // ITEMSIZE[first[1].dtype]
+    with mapped_slices([checkpoint], first[0], 0, count) as (entries,):  # from the first tensor's start, on
+        found = kernels.non_finite(entries)
+    return [] if found else [name for name, _ in run]
 
 
 def _verify_with_torch(checkpoint: Checkpoint, name: str) -> None:

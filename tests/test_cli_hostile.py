@@ -491,11 +491,12 @@ import sys, time
 sys.path.insert(0, {repo!r})
 sys.argv = ["tadrop", *sys.argv[1:]]
 from tadrop_cli import run
-merge_tensor = run.merge_tensor
+merge_tensors = run.merge_tensors
 def slow(*args, **kwargs):
-    time.sleep(0.4)
-    return merge_tensor(*args, **kwargs)
-run.merge_tensor = slow
+    for merged in merge_tensors(*args, **kwargs):  # each tensor of a shard, whether merged alone or in a batch
+        time.sleep(0.4)
+        yield merged
+run.merge_tensors = slow
 from tadrop_cli.__main__ import main
 main()
 """
