@@ -85,13 +85,14 @@ def regime_references(sw, log) -> dict:
 # ---------------------------------------------------------------- cells
 
 
-def run_direction(sw, hosts, densities, arms: dict, seeds: int, log) -> None:
+def run_direction(sw, hosts, densities, arms: dict, seeds: int, log, start: float | None = None) -> None:
+    """Every arm of every host x budget, the same lambda start for all (None: the host's own)."""
     from recipes import is_random
 
     for method in hosts:
         for d in densities:
             for arm, td in arms.items():
-                sw.run_cell(method, d, arm, td, list(range(seeds)) if is_random(method) else [0])
+                sw.run_cell(method, d, arm, td, list(range(seeds)) if is_random(method) else [0], start=start)
 
 
 # ---------------------------------------------------------------- the wider family (validation)
@@ -374,6 +375,13 @@ def main(argv=None):
     ap.add_argument(
         "--test-arm", default=None, help="a family_grid() name: test it against uniform on --hosts x --densities"
     )
+    ap.add_argument(
+        "--lam-start",
+        type=float,
+        default=None,
+        help="where every arm's lambda hill climb starts (a point of the 2^(k/2) grid; default: the "
+        "host's scale_start); the climb still extends until the best point is interior",
+    )
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument(
         "--threads",
@@ -409,6 +417,7 @@ def main(argv=None):
                 {"uniform": None, args.test_arm: td},
                 args.seeds,
                 log,
+                start=args.lam_start,
             )
             return write_report(sw, report_path, log)
         arms = {"uniform": None}
@@ -421,7 +430,7 @@ def main(argv=None):
             arms = {k: v for k, v in arms.items() if k in args.arms}
         hosts = args.hosts or (["ties"] if args.quick else HOSTS)
         densities = args.densities or ([0.2] if args.quick else DENSITIES)
-        run_direction(sw, hosts, densities, arms, args.seeds, log)
+        run_direction(sw, hosts, densities, arms, args.seeds, log, start=args.lam_start)
     return write_report(sw, report_path, log)
 
 
