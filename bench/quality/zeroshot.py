@@ -33,6 +33,7 @@ TD_BASE = {"statistic": "hoyer", "normalize": "rank", "preserve_budget": True}
 HOSTS = ["ties", "magnitude_prune"]
 DENSITIES = [0.1, 0.2, 0.3]
 STRENGTHS = {"plus0.2": 0.2, "minus0.2": -0.2}
+STATISTICS = ("kurtosis", "cv", "gini", "topmass")  # besides hoyer, the default
 RANDOM_SEEDS = 3
 
 
@@ -111,6 +112,20 @@ def family_grid() -> dict:
             grid[f"strength/{scope}/{name}"] = dict(TD_BASE, strength=g, **extra)
     for alloc in ("mass", "mass_reverse"):
         grid[f"{alloc}/l2"] = dict(TD_BASE, allocation=alloc, mass_norm="l2")
+    grid.update(wide_grid())
+    return grid
+
+
+def wide_grid() -> dict:
+    """The rest of the strength allocation's axes at model scope (issue 17, part 2): the other
+    statistics (normalize rank) and min-max normalisation (statistic hoyer), each at strength
+    -0.2 and +0.2; hoyer with rank is family_grid's strength/model. The -0.2 arms first, the
+    shipped direction, so that a search cut short leaves them."""
+    grid = {}
+    for name, g in sorted(STRENGTHS.items(), key=lambda kv: kv[1]):
+        for stat in STATISTICS:
+            grid[f"stat/{stat}/{name}"] = dict(TD_BASE, statistic=stat, strength=g)
+        grid[f"norm/minmax/{name}"] = dict(TD_BASE, normalize="minmax", strength=g)
     return grid
 
 
@@ -372,6 +387,7 @@ def main(argv=None):
         "magnitude_prune x 0.1, 0.2) instead of the direction cells",
     )
     ap.add_argument("--family-arms", nargs="*", default=None, help="a subset of family_grid()'s names")
+    ap.add_argument("--wide", action="store_true", help="with --family: only wide_grid()'s arms (statistics, minmax)")
     ap.add_argument(
         "--test-arm", default=None, help="a family_grid() name: test it against uniform on --hosts x --densities"
     )
@@ -402,7 +418,9 @@ def main(argv=None):
             grid = {
                 k: v
                 for k, v in family_grid().items()
-                if (not args.family_arms or k in args.family_arms) and tadrop_accepts(v)
+                if (not args.family_arms or k in args.family_arms)
+                and (not args.wide or k in wide_grid())
+                and tadrop_accepts(v)
             }
             log(f"family grid: {sorted(grid)}")
             hb = [(h, d) for h in (args.hosts or HOSTS) for d in (args.densities or [0.1, 0.2])]
