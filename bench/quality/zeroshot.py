@@ -33,6 +33,7 @@ TD_BASE = {"statistic": "hoyer", "normalize": "rank", "preserve_budget": True}
 HOSTS = ["ties", "magnitude_prune"]
 DENSITIES = [0.1, 0.2, 0.3]
 STRENGTHS = {"plus0.2": 0.2, "minus0.2": -0.2}
+STATISTICS = ("kurtosis", "cv", "gini", "topmass")  # besides hoyer, the default
 RANDOM_SEEDS = 3
 
 
@@ -85,13 +86,14 @@ def regime_references(sw, log) -> dict:
 # ---------------------------------------------------------------- cells
 
 
-def run_direction(sw, hosts, densities, arms: dict, seeds: int, log) -> None:
+def run_direction(sw, hosts, densities, arms: dict, seeds: int, log, start: float | None = None) -> None:
+    """Every arm of every host x budget, the same lambda start for all (None: the host's own)."""
     from recipes import is_random
 
     for method in hosts:
         for d in densities:
             for arm, td in arms.items():
-                sw.run_cell(method, d, arm, td, list(range(seeds)) if is_random(method) else [0])
+                sw.run_cell(method, d, arm, td, list(range(seeds)) if is_random(method) else [0], start=start)
 
 
 # ---------------------------------------------------------------- the wider family (validation)
@@ -110,6 +112,20 @@ def family_grid() -> dict:
             grid[f"strength/{scope}/{name}"] = dict(TD_BASE, strength=g, **extra)
     for alloc in ("mass", "mass_reverse"):
         grid[f"{alloc}/l2"] = dict(TD_BASE, allocation=alloc, mass_norm="l2")
+    grid.update(wide_grid())
+    return grid
+
+
+def wide_grid() -> dict:
+    """The rest of the strength allocation's axes at model scope (issue 17, part 2): the other
+    statistics (normalize rank) and min-max normalisation (statistic hoyer), each at strength
+    -0.2 and +0.2; hoyer with rank is family_grid's strength/model. The -0.2 arms first, the
+    shipped direction, so that a search cut short leaves them."""
+    grid = {}
+    for name, g in sorted(STRENGTHS.items(), key=lambda kv: kv[1]):
+        for stat in STATISTICS:
+            grid[f"stat/{stat}/{name}"] = dict(TD_BASE, statistic=stat, strength=g)
+        grid[f"norm/minmax/{name}"] = dict(TD_BASE, normalize="minmax", strength=g)
     return grid
 
 
@@ -371,8 +387,16 @@ def main(argv=None):
         "magnitude_prune x 0.1, 0.2) instead of the direction cells",
     )
     ap.add_argument("--family-arms", nargs="*", default=None, help="a subset of family_grid()'s names")
+    ap.add_argument("--wide", action="store_true", help="with --family: only wide_grid()'s arms (statistics, minmax)")
     ap.add_argument(
         "--test-arm", default=None, help="a family_grid() name: test it against uniform on --hosts x --densities"
+    )
+    ap.add_argument(
+        "--lam-start",
+        type=float,
+        default=None,
+        help="where every arm's lambda hill climb starts (a point of the 2^(k/2) grid; default: the "
+        "host's scale_start); the climb still extends until the best point is interior",
     )
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument(
@@ -394,7 +418,9 @@ def main(argv=None):
             grid = {
                 k: v
                 for k, v in family_grid().items()
-                if (not args.family_arms or k in args.family_arms) and tadrop_accepts(v)
+                if (not args.family_arms or k in args.family_arms)
+                and (not args.wide or k in wide_grid())
+                and tadrop_accepts(v)
             }
             log(f"family grid: {sorted(grid)}")
             hb = [(h, d) for h in (args.hosts or HOSTS) for d in (args.densities or [0.1, 0.2])]
@@ -409,6 +435,7 @@ def main(argv=None):
                 {"uniform": None, args.test_arm: td},
                 args.seeds,
                 log,
+                start=args.lam_start,
             )
             return write_report(sw, report_path, log)
         arms = {"uniform": None}
@@ -421,7 +448,7 @@ def main(argv=None):
             arms = {k: v for k, v in arms.items() if k in args.arms}
         hosts = args.hosts or (["ties"] if args.quick else HOSTS)
         densities = args.densities or ([0.2] if args.quick else DENSITIES)
-        run_direction(sw, hosts, densities, arms, args.seeds, log)
+        run_direction(sw, hosts, densities, arms, args.seeds, log, start=args.lam_start)
     return write_report(sw, report_path, log)
 
 
