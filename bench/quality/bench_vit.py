@@ -42,6 +42,9 @@ TEST_HOSTS = ["ties", "magnitude_prune", "dare", "dare_ties", "della", "breadcru
 RANK_HOSTS = ["tsv_m", "iso_cts"]
 RANK_SHARES = [0.125]  # each of the 8 tasks keeps 1/8 of the rank: the hosts' own default
 RANDOM_SEEDS = 3
+WIDER_STATISTICS = ["kurtosis", "cv", "gini", "topmass"]  # hoyer (the default) ran in the first search
+# the replication over sets of fine-tunes (--ft-seed): the direction question on the search hosts
+REPLICATION_ARMS = ["strength/model/plus0.2", "strength/model/minus0.2"]
 
 
 def search_grid() -> dict:
@@ -56,15 +59,32 @@ def search_grid() -> dict:
     grid["global"] = dict(td, allocation="global")
     for alloc in ("mass_reverse", "mass"):
         grid[f"{alloc}/l1"] = dict(td, allocation=alloc, mass_norm="l1")
+    grid.update(wider_grid())
     return grid
 
 
-def make_sweep(quick, tag, log):
+def wider_grid() -> dict:
+    """The rest of the issue's family (part 2), after the first run's arms: the other statistics
+    (TadropSettings.statistic) and min-max normalisation at strength +-0.2, model scope; the
+    knob-free mass allocations on L2 mass. Arms in the order they run."""
+    td = zeroshot.TD_BASE
+    grid = {}
+    for stat in WIDER_STATISTICS:
+        for name in ("plus0.2", "minus0.2"):
+            grid[f"{stat}/model/{name}"] = dict(td, statistic=stat, strength=STRENGTHS[name])
+    for name in ("plus0.2", "minus0.2"):
+        grid[f"minmax/model/{name}"] = dict(td, normalize="minmax", strength=STRENGTHS[name])
+    for alloc in ("mass", "mass_reverse"):
+        grid[f"{alloc}/l2"] = dict(td, allocation=alloc, mass_norm="l2")
+    return grid
+
+
+def make_sweep(quick, tag, log, ft_seed=0):
     from mergers import make_merger
     from sweep import Sweep
     from vit import ViTBench
 
-    bench = ViTBench(quick=quick, log=log)
+    bench = ViTBench(quick=quick, log=log, ft_seed=ft_seed)
     return Sweep(bench, make_merger("tadrop", log), log=log, tag=f"vit_{tag}", remerge=True, max_evals=8)
 
 
@@ -174,18 +194,40 @@ def main(argv=None):
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared machine)")
     ap.add_argument("--report", default=None)
+    ap.add_argument(
+        "--ft-seed",
+        type=int,
+        default=0,
+        help="which set of fine-tunes (0: the first run's; N > 0 in vit/ft_seedN/ with its own records)",
+    )
+    ap.add_argument(
+        "--replication-report",
+        nargs="*",
+        type=int,
+        default=None,
+        metavar="FT_SEED",
+        help="only the replication tables over these sets of fine-tunes (default 0 1 2)",
+    )
     args = ap.parse_args(argv)
     set_threads(args.threads)
-    log = Log(CACHE / "logs" / f"vit_{args.tag}{'_quick' if args.quick else ''}.log")
+    seed_tag = f"_s{args.ft_seed}" if args.ft_seed else ""
+    log = Log(CACHE / "logs" / f"vit_{args.tag}{seed_tag}{'_quick' if args.quick else ''}.log")
+    if args.replication_report is not None:
+        import replication
+
+        sets = args.replication_report or [0, 1, 2]
+        sweeps = {s: make_sweep(args.quick, "report", log, ft_seed=s) for s in sets}
+        out = Path(args.report) if args.report else sweeps[sets[0]].b.root / "report" / "vit_replication.md"
+        return replication.write_report(sweeps, load_records, out, log)
     if args.stage == "finetune":
         from vit import ViTBench
 
-        b = ViTBench(quick=args.quick, log=log)
+        b = ViTBench(quick=args.quick, log=log, ft_seed=args.ft_seed)
         for t in args.tasks or b.tasks:
             if not (b.ft_dir(t) / "model.safetensors").exists():
                 b.finetune(t)
         return None
-    sw = make_sweep(args.quick, args.tag, log)
+    sw = make_sweep(args.quick, args.tag, log, ft_seed=args.ft_seed)
     report_path = Path(args.report) if args.report else sw.b.root / "report" / "vit.md"
     if not args.report_only:
         if args.stage in ("all", "refs"):
