@@ -6,6 +6,8 @@
     python bench/quality/bench_vit.py --stage search --hosts ties --tag s1    # a share of the search
     python bench/quality/bench_vit.py --stage test --hosts dare --tag t1      # a share of the test
     python bench/quality/bench_vit.py --report-only
+    python bench/quality/bench_vit.py --ft-seed 1 --stage test --hosts ties --arms strength/model/plus0.2
+    python bench/quality/bench_vit.py --replication-report 0 1 2     # arm − uniform over sets of fine-tunes
 
 Stages (each resumable: finished records and evaluations are cached under bench/.cache/quality/vit):
 1. finetune: pretrain the base, fine-tune the 8 tasks under the frozen head.
@@ -18,6 +20,11 @@ Stages (each resumable: finished records and evaluations are cached under bench/
    host and budget, λ hill-climbed on validation per arm, 3 seeds for the random hosts, paired
    bootstrap on test (zeroshot.run_direction, common.paired_bootstrap).
 Every merge is made by `tadrop merge` in a subprocess (mergers.CliMerger).
+
+Sets of fine-tunes: `--ft-seed N` (N > 0) fine-tunes the 8 tasks again from the same base with
+another minibatch order (vit.finetune_seed) into vit/ft_seedN/, which holds that set's records and
+evaluations; set 0 is the first run's. `--replication-report` compares arms over the sets
+(replication.py: per set, mean ± sd, a t-interval and a sets × items bootstrap).
 """
 
 from __future__ import annotations

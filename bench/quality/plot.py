@@ -3,6 +3,7 @@
 
     python bench/quality/plot.py --bench vit                       # docs/img/quality_vit.png
     python bench/quality/plot.py --bench zeroshot                  # docs/img/quality_zeroshot.png
+    python bench/quality/plot.py --bench vit_replication           # over the sets of fine-tunes
     python bench/quality/plot.py --json a.json --out b.png --title "..."
 
 Input: a report JSON whose "test" rows have method, density, arm, diff, lo, hi (fractions, as
@@ -36,10 +37,12 @@ HOST_LABELS = {
 DEFAULT_JSON = {
     "vit": CACHE / "vit" / "report" / "vit.json",
     "zeroshot": CACHE / "zeroshot" / "report" / "zeroshot.json",
+    "vit_replication": CACHE / "vit" / "report" / "vit_replication.json",
 }
 TITLES = {
     "vit": "images: small ViT, 8 Fashion-MNIST domains, frozen head",
     "zeroshot": "text: MiniLM, 8 tasks, zero-shot heads",
+    "vit_replication": "images: small ViT, mean over 3 sets of fine-tunes",
 }
 
 
