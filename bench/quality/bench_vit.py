@@ -95,6 +95,17 @@ def make_sweep(quick, tag, log, ft_seed=0):
     return Sweep(bench, make_merger("tadrop", log), log=log, tag=f"vit_{tag}", remerge=True, max_evals=8)
 
 
+def set_complete(quick: bool, ft_seed: int, log) -> bool:
+    """Whether every task of set `ft_seed` is fine-tuned (a report must not start fine-tuning)."""
+    from vit import FULL, QUICK, set_root
+
+    root = set_root(quick, ft_seed)
+    missing = [t for t in (QUICK if quick else FULL)["tasks"] if not (root / "ft" / t / "model.safetensors").exists()]
+    if missing:
+        log(f"set {ft_seed}: not fine-tuned yet ({', '.join(missing)}): left out")
+    return not missing
+
+
 def load_records(root: Path) -> dict:
     """All shares' records merged (each share writes records_vit_<tag>.json)."""
     merged = {"refs": {}, "cells": {}, "family": {}}
@@ -222,7 +233,9 @@ def main(argv=None):
     if args.replication_report is not None:
         import replication
 
-        sets = args.replication_report or [0, 1, 2]
+        sets = [s for s in args.replication_report or [0, 1, 2] if set_complete(args.quick, s, log)]
+        if not sets:
+            raise SystemExit("no complete set of fine-tunes: run --stage finetune --ft-seed N first")
         sweeps = {s: make_sweep(args.quick, "report", log, ft_seed=s) for s in sets}
         out = Path(args.report) if args.report else sweeps[sets[0]].b.root / "report" / "vit_replication.md"
         return replication.write_report(sweeps, load_records, out, log)

@@ -248,6 +248,13 @@ def _schedule(steps: int):
 # ---------------------------------------------------------------- bench
 
 
+def set_root(quick: bool, ft_seed: int) -> Path:
+    """The folder of a set of fine-tunes (fine-tunes, records, evaluations). One base for every set
+    (in vit/base); set N > 0 in vit/ft_seedN, so that set 0 keeps the paths and caches of the first run."""
+    home = CACHE / ("vit_quick" if quick else "vit")
+    return home if ft_seed == 0 else home / f"ft_seed{ft_seed}"
+
+
 def finetune_seed(task: str, ft_seed: int) -> int:
     """The torch seed of a task's fine-tune (its minibatch order; the model starts from the base):
     sum of the name's character codes for set 0 (the first run's), + 100,003 * N for set N."""
@@ -266,9 +273,7 @@ class ViTBench:
         self.log = log
         self.ft_seed = ft_seed
         home = CACHE / ("vit_quick" if quick else "vit")
-        # one base for every set of fine-tunes; set N > 0 (its fine-tunes, records, evaluations)
-        # in its own folder, so that set 0 keeps the paths and caches of the first run
-        self.root = home if ft_seed == 0 else home / f"ft_seed{ft_seed}"
+        self.root = set_root(quick, ft_seed)
         self.root.mkdir(parents=True, exist_ok=True)
         self.tasks = self.cfg["tasks"]
         c = self.cfg
