@@ -131,6 +131,22 @@ def winner(root: Path) -> str | None:
     return name
 
 
+def family_gain_table(fam: dict, arms=None) -> str:
+    """Validation gain over uniform (points) per host-budget and its mean, for `arms` (default all)."""
+    hb = sorted({(c["method"], c["density"]) for c in fam.values() if c["arm"] == "uniform"})
+    names = [a for a in dict.fromkeys(c["arm"] for c in fam.values()) if a != "uniform" and (not arms or a in arms)]
+    out = "| arm | " + " | ".join(f"{m} {d}" for m, d in hb) + " | mean |\n|---|" + "---|" * (len(hb) + 1) + "\n"
+    for a in names:
+        gains = [
+            100 * (fam[f"{m}|{d}|{a}"]["val"] - fam[f"{m}|{d}|uniform"]["val"]) if f"{m}|{d}|{a}" in fam else None
+            for m, d in hb
+        ]
+        done = [g for g in gains if g is not None]
+        mean = f"**{sum(done) / len(done):+.2f}**" + ("" if len(done) == len(hb) else f" ({len(done)} of {len(hb)})")
+        out += f"| {a} | " + " | ".join("" if g is None else f"{g:+.2f}" for g in gains) + f" | {mean} |\n"
+    return out
+
+
 def requirements_table(sw, means: dict) -> str:
     tasks = sw.b.tasks
     base = means["base + zero-shot heads"]
@@ -170,6 +186,8 @@ def write_report(sw, path: Path, log) -> dict:
         + requirements_table(sw, means)
         + "\n## Validation search (same 3-point λ neighbourhood for every arm; validation accuracy %)\n\n"
         + zeroshot.family_table(recs["family"])
+        + "\n### The same, as gains over uniform (validation, points)\n\n"
+        + family_gain_table(recs["family"])
         + "\n## Test: each arm against uniform at the same kept fraction (points)\n\n"
         + test_md
     )
