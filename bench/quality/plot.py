@@ -71,9 +71,8 @@ def draw(rows: list[dict], path: Path, title: str) -> Path:
     cols = min(n, 3)
     nrows = (n + cols - 1) // cols
     width = max(len(v) for v in pan.values())
-    fig, axes = plt.subplots(
-        nrows, cols, figsize=(min(4.2 * cols, 0.42 * width * cols + 1.5), 3.2 * nrows), squeeze=False, sharey=True
-    )
+    size = (max(7.5, min(4.5 * cols, 0.45 * width * cols + 1.5)), 1.0 + 3.0 * nrows)
+    fig, axes = plt.subplots(nrows, cols, figsize=size, squeeze=False, sharey=True)
     for ax, (label, pts) in zip(axes.flat, pan.items(), strict=False):
         xs = range(len(pts))
         ys = [p[1] for p in pts]
@@ -91,7 +90,7 @@ def draw(rows: list[dict], path: Path, title: str) -> Path:
         ax.set_visible(False)
     for ax in axes[:, 0]:
         ax.set_ylabel("test accuracy, points", fontsize=8)
-    fig.suptitle(f"{title} — arm − reference, 95% interval (green / red: excludes 0)", fontsize=9)
+    fig.suptitle(f"{title}\narm − reference on test, 95% interval (green / red: above / below 0)", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
