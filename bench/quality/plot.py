@@ -42,7 +42,7 @@ DEFAULT_JSON = {
 TITLES = {
     "vit": "images: small ViT, 8 Fashion-MNIST domains, frozen head",
     "zeroshot": "text: MiniLM, 8 tasks, zero-shot heads",
-    "vit_replication": "images: small ViT, mean over 3 sets of fine-tunes",
+    "vit_replication": "images: small ViT, mean over 3 sets of fine-tunes (interval: sets × test items bootstrap)",
 }
 
 
