@@ -139,22 +139,27 @@ def table(rows: list[dict], seeds: list) -> str:
 
 
 def regime_rows(sweeps: dict, recs: dict) -> str:
-    """Per set: base + head, mean of the fine-tunes, and uniform TIES / magnitude prune at 0.2 (test)."""
-    out = "| set | fine-tunes (mean test %) | uniform TIES 0.2 | uniform magnitude prune 0.2 |\n|---|---|---|---|\n"
+    """Per set: the mean of the fine-tunes, dense task arithmetic (λ tuned) and uniform TIES /
+    magnitude prune at 0.2 (test, %; the base + head is the same in every set)."""
+    out = (
+        "| set | fine-tunes | task arithmetic (λ) | uniform TIES 0.2 | uniform magnitude prune 0.2 |\n"
+        "|---|---|---|---|---|\n"
+    )
     for s, sw in sweeps.items():
         tasks = sw.b.tasks
         try:
-            ft = 100 * np.mean([sw.ft_test(t).mean() for t in tasks])
-            ft_s = f"{ft:.1f}"
+            ft_s = f"{100 * np.mean([sw.ft_test(t).mean() for t in tasks]):.1f}"
         except FileNotFoundError:
             ft_s = "(not scored)"
+        ta = recs[s]["refs"].get("ta_dense")
+        ta_s = f"{100 * sw.avg(sw.test_result(ta['test_key'])):.1f} ({ta['lam']:g})" if ta else "(not run)"
         u = {
             c["method"]: 100 * c["seeds"]["0"]["test"]
             for c in recs[s]["cells"].values()
             if c["arm"] == "uniform" and c["density"] == 0.2 and "0" in c["seeds"]
         }
         cols = [f"{u[m]:.1f}" if m in u else "" for m in ("ties", "magnitude_prune")]
-        out += f"| {s} | {ft_s} | " + " | ".join(cols) + " |\n"
+        out += f"| {s} | {ft_s} | {ta_s} | " + " | ".join(cols) + " |\n"
     return out
 
 
