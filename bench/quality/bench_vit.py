@@ -132,9 +132,11 @@ def winner(root: Path) -> str | None:
 
 
 def family_gain_table(fam: dict, arms=None) -> str:
-    """Validation gain over uniform (points) per host-budget and its mean, for `arms` (default all)."""
+    """Validation gain over uniform (points) per host-budget and its mean, for `arms` in that order
+    (default: every arm, as they ran)."""
     hb = sorted({(c["method"], c["density"]) for c in fam.values() if c["arm"] == "uniform"})
-    names = [a for a in dict.fromkeys(c["arm"] for c in fam.values()) if a != "uniform" and (not arms or a in arms)]
+    present = [a for a in dict.fromkeys(c["arm"] for c in fam.values()) if a != "uniform"]
+    names = [a for a in arms if a in present] if arms else present
     out = "| arm | " + " | ".join(f"{m} {d}" for m, d in hb) + " | mean |\n|---|" + "---|" * (len(hb) + 1) + "\n"
     for a in names:
         gains = [
