@@ -68,7 +68,7 @@ def draw(rows: list[dict], path: Path, title: str) -> Path:
     if not pan:
         raise SystemExit("no arm − uniform rows in this report: nothing to draw")
     n = len(pan)
-    cols = min(n, 3)
+    cols = 2 if n == 4 else min(n, 3)  # 4 panels as 2 x 2
     nrows = (n + cols - 1) // cols
     width = max(len(v) for v in pan.values())
     size = (max(7.5, min(4.5 * cols, 0.45 * width * cols + 1.5)), 1.0 + 3.0 * nrows)
