@@ -29,6 +29,8 @@ COMPARISONS = [
     ("uniform", "strength/model/plus0.2"),
     ("uniform", "strength/model/minus0.2"),
     ("strength/model/plus0.2", "strength/model/minus0.2"),
+    # the wider search's validation winner (bench_vit.wider_grid), tested after that search
+    ("uniform", "gini/model/plus0.2"),
 ]
 
 
