@@ -13,9 +13,11 @@ Stages (each resumable: finished records and evaluations are cached under bench/
 1. finetune: pretrain the base, fine-tune the 8 tasks under the frozen head.
 2. refs: base + head, each fine-tune, dense task arithmetic (λ tuned on validation).
 3. search (validation only): uniform vs strength {+0.2, -0.2, -0.4} x scope {model, kind, layer}
-   with the default statistic, and the knob-free allocations mass, mass_reverse and global, for
-   TIES and magnitude prune at kept 0.1/0.2/0.3. Every arm, uniform included, gets the same λ grid
-   (the 3-point neighbourhood of uniform's hill-climbed λ: zeroshot.run_family_search).
+   with the default statistic, and the knob-free allocations mass, mass_reverse and global; then
+   (wider_grid) the statistics kurtosis, cv, gini, topmass and minmax normalisation at strength
+   +-0.2 and the L2 mass allocations; for TIES and magnitude prune at kept 0.1/0.2/0.3. Every arm,
+   uniform included, gets the same λ grid (the 3-point neighbourhood of uniform's hill-climbed λ:
+   zeroshot.run_family_search).
 4. test: the validation winner (`--arm`, default: the search's winner) against uniform for every
    host and budget, λ hill-climbed on validation per arm, 3 seeds for the random hosts, paired
    bootstrap on test (zeroshot.run_direction, common.paired_bootstrap).
