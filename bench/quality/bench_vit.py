@@ -6,18 +6,27 @@
     python bench/quality/bench_vit.py --stage search --hosts ties --tag s1    # a share of the search
     python bench/quality/bench_vit.py --stage test --hosts dare --tag t1      # a share of the test
     python bench/quality/bench_vit.py --report-only
+    python bench/quality/bench_vit.py --ft-seed 1 --stage test --hosts ties --arms strength/model/plus0.2
+    python bench/quality/bench_vit.py --replication-report 0 1 2     # arm − uniform over sets of fine-tunes
 
 Stages (each resumable: finished records and evaluations are cached under bench/.cache/quality/vit):
 1. finetune: pretrain the base, fine-tune the 8 tasks under the frozen head.
 2. refs: base + head, each fine-tune, dense task arithmetic (λ tuned on validation).
 3. search (validation only): uniform vs strength {+0.2, -0.2, -0.4} x scope {model, kind, layer}
-   with the default statistic, and the knob-free allocations mass, mass_reverse and global, for
-   TIES and magnitude prune at kept 0.1/0.2/0.3. Every arm, uniform included, gets the same λ grid
-   (the 3-point neighbourhood of uniform's hill-climbed λ: zeroshot.run_family_search).
+   with the default statistic, and the knob-free allocations mass, mass_reverse and global; then
+   (wider_grid) the statistics kurtosis, cv, gini, topmass and minmax normalisation at strength
+   +-0.2 and the L2 mass allocations; for TIES and magnitude prune at kept 0.1/0.2/0.3. Every arm,
+   uniform included, gets the same λ grid (the 3-point neighbourhood of uniform's hill-climbed λ:
+   zeroshot.run_family_search).
 4. test: the validation winner (`--arm`, default: the search's winner) against uniform for every
    host and budget, λ hill-climbed on validation per arm, 3 seeds for the random hosts, paired
    bootstrap on test (zeroshot.run_direction, common.paired_bootstrap).
 Every merge is made by `tadrop merge` in a subprocess (mergers.CliMerger).
+
+Sets of fine-tunes: `--ft-seed N` (N > 0) fine-tunes the 8 tasks again from the same base with
+another minibatch order (vit.finetune_seed) into vit/ft_seedN/, which holds that set's records and
+evaluations; set 0 is the first run's. `--replication-report` compares arms over the sets
+(replication.py: per set, mean ± sd, a t-interval and a sets × items bootstrap).
 """
 
 from __future__ import annotations
@@ -42,6 +51,9 @@ TEST_HOSTS = ["ties", "magnitude_prune", "dare", "dare_ties", "della", "breadcru
 RANK_HOSTS = ["tsv_m", "iso_cts"]
 RANK_SHARES = [0.125]  # each of the 8 tasks keeps 1/8 of the rank: the hosts' own default
 RANDOM_SEEDS = 3
+WIDER_STATISTICS = ["kurtosis", "cv", "gini", "topmass"]  # hoyer (the default) ran in the first search
+# the replication over sets of fine-tunes (--ft-seed): the direction question on the search hosts
+REPLICATION_ARMS = ["strength/model/plus0.2", "strength/model/minus0.2"]
 
 
 def search_grid() -> dict:
@@ -56,16 +68,44 @@ def search_grid() -> dict:
     grid["global"] = dict(td, allocation="global")
     for alloc in ("mass_reverse", "mass"):
         grid[f"{alloc}/l1"] = dict(td, allocation=alloc, mass_norm="l1")
+    grid.update(wider_grid())
     return grid
 
 
-def make_sweep(quick, tag, log):
+def wider_grid() -> dict:
+    """The rest of the issue's family (part 2), after the first run's arms: the other statistics
+    (TadropSettings.statistic) and min-max normalisation at strength +-0.2, model scope; the
+    knob-free mass allocations on L2 mass. Arms in the order they run."""
+    td = zeroshot.TD_BASE
+    grid = {}
+    for stat in WIDER_STATISTICS:
+        for name in ("plus0.2", "minus0.2"):
+            grid[f"{stat}/model/{name}"] = dict(td, statistic=stat, strength=STRENGTHS[name])
+    for name in ("plus0.2", "minus0.2"):
+        grid[f"minmax/model/{name}"] = dict(td, normalize="minmax", strength=STRENGTHS[name])
+    for alloc in ("mass", "mass_reverse"):
+        grid[f"{alloc}/l2"] = dict(td, allocation=alloc, mass_norm="l2")
+    return grid
+
+
+def make_sweep(quick, tag, log, ft_seed=0):
     from mergers import make_merger
     from sweep import Sweep
     from vit import ViTBench
 
-    bench = ViTBench(quick=quick, log=log)
+    bench = ViTBench(quick=quick, log=log, ft_seed=ft_seed)
     return Sweep(bench, make_merger("tadrop", log), log=log, tag=f"vit_{tag}", remerge=True, max_evals=8)
+
+
+def set_complete(quick: bool, ft_seed: int, log) -> bool:
+    """Whether every task of set `ft_seed` is fine-tuned (a report must not start fine-tuning)."""
+    from vit import FULL, QUICK, set_root
+
+    root = set_root(quick, ft_seed)
+    missing = [t for t in (QUICK if quick else FULL)["tasks"] if not (root / "ft" / t / "model.safetensors").exists()]
+    if missing:
+        log(f"set {ft_seed}: not fine-tuned yet ({', '.join(missing)}): left out")
+    return not missing
 
 
 def load_records(root: Path) -> dict:
@@ -91,6 +131,24 @@ def complete_family(fam: dict) -> dict:
 def winner(root: Path) -> str | None:
     name, _ = zeroshot.family_choice(complete_family(load_records(root)["family"]))
     return name
+
+
+def family_gain_table(fam: dict, arms=None) -> str:
+    """Validation gain over uniform (points) per host-budget and its mean, for `arms` in that order
+    (default: every arm, as they ran)."""
+    hb = sorted({(c["method"], c["density"]) for c in fam.values() if c["arm"] == "uniform"})
+    present = [a for a in dict.fromkeys(c["arm"] for c in fam.values()) if a != "uniform"]
+    names = [a for a in arms if a in present] if arms else present
+    out = "| arm | " + " | ".join(f"{m} {d}" for m, d in hb) + " | mean |\n|---|" + "---|" * (len(hb) + 1) + "\n"
+    for a in names:
+        gains = [
+            100 * (fam[f"{m}|{d}|{a}"]["val"] - fam[f"{m}|{d}|uniform"]["val"]) if f"{m}|{d}|{a}" in fam else None
+            for m, d in hb
+        ]
+        done = [g for g in gains if g is not None]
+        mean = f"**{sum(done) / len(done):+.2f}**" + ("" if len(done) == len(hb) else f" ({len(done)} of {len(hb)})")
+        out += f"| {a} | " + " | ".join("" if g is None else f"{g:+.2f}" for g in gains) + f" | {mean} |\n"
+    return out
 
 
 def requirements_table(sw, means: dict) -> str:
@@ -132,6 +190,8 @@ def write_report(sw, path: Path, log) -> dict:
         + requirements_table(sw, means)
         + "\n## Validation search (same 3-point λ neighbourhood for every arm; validation accuracy %)\n\n"
         + zeroshot.family_table(recs["family"])
+        + "\n### The same, as gains over uniform (validation, points)\n\n"
+        + family_gain_table(recs["family"])
         + "\n## Test: each arm against uniform at the same kept fraction (points)\n\n"
         + test_md
     )
@@ -174,18 +234,42 @@ def main(argv=None):
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared machine)")
     ap.add_argument("--report", default=None)
+    ap.add_argument(
+        "--ft-seed",
+        type=int,
+        default=0,
+        help="which set of fine-tunes (0: the first run's; N > 0 in vit/ft_seedN/ with its own records)",
+    )
+    ap.add_argument(
+        "--replication-report",
+        nargs="*",
+        type=int,
+        default=None,
+        metavar="FT_SEED",
+        help="only the replication tables over these sets of fine-tunes (default 0 1 2)",
+    )
     args = ap.parse_args(argv)
     set_threads(args.threads)
-    log = Log(CACHE / "logs" / f"vit_{args.tag}{'_quick' if args.quick else ''}.log")
+    seed_tag = f"_s{args.ft_seed}" if args.ft_seed else ""
+    log = Log(CACHE / "logs" / f"vit_{args.tag}{seed_tag}{'_quick' if args.quick else ''}.log")
+    if args.replication_report is not None:
+        import replication
+
+        sets = [s for s in args.replication_report or [0, 1, 2] if set_complete(args.quick, s, log)]
+        if not sets:
+            raise SystemExit("no complete set of fine-tunes: run --stage finetune --ft-seed N first")
+        sweeps = {s: make_sweep(args.quick, "report", log, ft_seed=s) for s in sets}
+        out = Path(args.report) if args.report else sweeps[sets[0]].b.root / "report" / "vit_replication.md"
+        return replication.write_report(sweeps, load_records, out, log)
     if args.stage == "finetune":
         from vit import ViTBench
 
-        b = ViTBench(quick=args.quick, log=log)
+        b = ViTBench(quick=args.quick, log=log, ft_seed=args.ft_seed)
         for t in args.tasks or b.tasks:
             if not (b.ft_dir(t) / "model.safetensors").exists():
                 b.finetune(t)
         return None
-    sw = make_sweep(args.quick, args.tag, log)
+    sw = make_sweep(args.quick, args.tag, log, ft_seed=args.ft_seed)
     report_path = Path(args.report) if args.report else sw.b.root / "report" / "vit.md"
     if not args.report_only:
         if args.stage in ("all", "refs"):

@@ -5,7 +5,8 @@
 set -eu
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 commit=$(git -C "$repo" rev-parse --short "${1:-HEAD}")
-dest="$repo/bench/.cache/quality/tadrop_frozen/$commit"
+# beside the benchmark cache (TADROP_QUALITY_CACHE, as common.py reads it), so that it lasts as long
+dest="${TADROP_QUALITY_CACHE:-$repo/bench/.cache/quality}/tadrop_frozen/$commit"
 if [ ! -f "$dest/.ok" ]; then
     rm -rf "$dest" && mkdir -p "$dest"
     git -C "$repo" archive "$commit" tadrop_cli | tar -x -C "$dest"

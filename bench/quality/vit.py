@@ -248,17 +248,32 @@ def _schedule(steps: int):
 # ---------------------------------------------------------------- bench
 
 
+def set_root(quick: bool, ft_seed: int) -> Path:
+    """The folder of a set of fine-tunes (fine-tunes, records, evaluations). One base for every set
+    (in vit/base); set N > 0 in vit/ft_seedN, so that set 0 keeps the paths and caches of the first run."""
+    home = CACHE / ("vit_quick" if quick else "vit")
+    return home if ft_seed == 0 else home / f"ft_seed{ft_seed}"
+
+
+def finetune_seed(task: str, ft_seed: int) -> int:
+    """The torch seed of a task's fine-tune (its minibatch order; the model starts from the base):
+    sum of the name's character codes for set 0 (the first run's), + 100,003 * N for set N."""
+    return sum(map(ord, task)) + 100_003 * ft_seed
+
+
 class ViTBench:
     """The interface sweep.Sweep needs: tasks, cfg, root, base_dir, base_state, finetune_all,
     load_state, evaluate (per-item correctness under the frozen head)."""
 
     kind = "vit"
 
-    def __init__(self, quick=False, log=print):
+    def __init__(self, quick=False, log=print, ft_seed=0):
         self.quick = quick
         self.cfg = QUICK if quick else FULL
         self.log = log
-        self.root = CACHE / ("vit_quick" if quick else "vit")
+        self.ft_seed = ft_seed
+        home = CACHE / ("vit_quick" if quick else "vit")
+        self.root = set_root(quick, ft_seed)
         self.root.mkdir(parents=True, exist_ok=True)
         self.tasks = self.cfg["tasks"]
         c = self.cfg
@@ -266,7 +281,7 @@ class ViTBench:
         self._t = {
             (t, s): (to_tensor(x), torch.from_numpy(y)) for t, sp in self.data.items() for s, (x, y) in sp.items()
         }
-        self.base_dir = self.root / "base"
+        self.base_dir = home / "base"
         self._pretrain()
         self.model = ViT(**c["arch"])
         self.base_state = load_file(str(self.base_dir / "model.safetensors"))
@@ -347,7 +362,8 @@ class ViTBench:
     def finetune(self, task):
         """AdamW on everything but the frozen head, under that head (the base's classifier)."""
         c = self.cfg
-        seed_all(sum(map(ord, task)))
+        seed = finetune_seed(task, self.ft_seed)
+        seed_all(seed)
         model = ViT(**c["arch"])
         model.load_state_dict(self.base_state)
         for p in model.head.parameters():
@@ -357,7 +373,7 @@ class ViTBench:
         steps = c["steps"]
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(steps))
         X, y = self._t[(task, "train")]
-        g = torch.Generator().manual_seed(sum(map(ord, task)))
+        g = torch.Generator().manual_seed(seed)
         model.train()
         t0 = time.time()
         losses = []
@@ -378,6 +394,7 @@ class ViTBench:
             seconds=time.time() - t0,
             loss_first=float(np.mean(losses[:20])),
             loss_last=float(np.mean(losses[-20:])),
+            **({"ft_seed": self.ft_seed} if self.ft_seed else {}),  # set 0's record as the first run's
         )
         self._save(model, self.ft_dir(task), meta)
         self.log(
