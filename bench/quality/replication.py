@@ -31,6 +31,8 @@ COMPARISONS = [
     ("strength/model/plus0.2", "strength/model/minus0.2"),
     # the wider search's validation winner (bench_vit.wider_grid), tested after that search
     ("uniform", "gini/model/plus0.2"),
+    # the validation winner over both benchmarks (docs/tadrop.md), the default since 2026-12-02 13:30 UTC
+    ("uniform", "minmax/model/minus0.2"),
 ]
 
 
