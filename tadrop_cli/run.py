@@ -260,7 +260,8 @@ def run_merge(recipe: Recipe, options: MergeOptions, progress: Progress = NO_PRO
             done = staging.open(resume=options.resume)
             published = False
             try:
-                summary = _merge_into(layout, staging, done, device, digest, progress, options)
+                with long_lived_objects_frozen() as freeze:
+                    summary = _merge_into(layout, staging, done, device, digest, progress, options, freeze)
                 _check_inputs_unchanged(layout, staging.sources["inputs"])
                 with interrupts.held():  # never cut in two: a signal meanwhile is raised once it is done
                     staging.publish(overwrite=options.overwrite)
@@ -364,19 +365,6 @@ def _summary(
     }
 
 
-def _merge_into(
-    layout: Layout,
-    staging: StagingFolder,
-    done: dict[str, dict],
-    device: str,
-    digest: str,
-    progress: Progress,
-    options: MergeOptions,
-) -> dict:
-    with long_lived_objects_frozen() as freeze:
-        return _merge_frozen(layout, staging, done, device, digest, progress, options, freeze)
-
-
 @contextmanager
 def collection_paused() -> Iterator[None]:
     """No automatic garbage collection inside: reading the inputs' headers makes a few objects per
@@ -411,7 +399,7 @@ def long_lived_objects_frozen() -> Iterator[Callable[[], None]]:
         gc.unfreeze()
 
 
-def _merge_frozen(
+def _merge_into(
     layout: Layout,
     staging: StagingFolder,
     done: dict[str, dict],
