@@ -234,12 +234,13 @@ EXPORT int64_t tadrop_nth_tie(int dtype, const void *base, const void *tuned, in
 #define LANES 16       /* accumulators per block: entry i goes to lane i % LANES */
 
 /* The sums behind TADrop's Hoyer score of a slice's task vector, for each of n_models models
- * (tadrop.HoyerSums): sums[2j] += sum |delta_j|, sums[2j + 1] += sum delta_j^2. Within a block
- * each lane sums 256 entries in float32 (squares of the entries scaled by the block's peak, so
- * that tiny deltas do not underflow); lanes and blocks are added in float64. Like PyTorch's
- * cascaded float32 sums, this is accurate to ~1e-7 relative; and the order of the additions is
- * fixed, so the result does not depend on the number of threads, the instruction set, or which
- * other models are summed alongside. The base's block is converted once for all the models.
+ * (tadrop.HoyerSums): sums[2j] += sum |delta_j|, sums[2j + 1] += sum delta_j^2, in float64. A
+ * float32 entry and its square are exact in a double (no underflow, no overflow), so the sums
+ * are within ~1e-16 x log(n) of exact: PyTorch's float64 sums of other slices in another order
+ * (a GPU's) agree to that, and a plan, even min-max normalised, does not depend on the device.
+ * Within a block each of LANES lanes sums every LANES-th entry; lanes, then blocks, are added
+ * in order, so the result does not depend on the number of threads, the instruction set, or
+ * which other models are summed alongside. The base's block is converted once for all models.
  * Returns 1 if an entry is NaN or Inf, -1 when out of memory, else 0. */
 static inline __attribute__((always_inline)) int hoyer_sums_of(int dtype, const void *base, const void *const *tuned, int n_models, int64_t n, double *sums) {
     int64_t blocks = (n + SUM_BLOCK - 1) / SUM_BLOCK;
@@ -254,27 +255,19 @@ static inline __attribute__((always_inline)) int hoyer_sums_of(int dtype, const 
         float b[SUM_BLOCK], magnitude[SUM_BLOCK];
         for (int i = 0; i < length; i++) b[i] = load(base, dtype, start + i);
         for (int j = 0; j < n_models; j++) {
-            float l1[LANES] = {0}, l2[LANES] = {0};
-            int32_t peak_bits = 0; /* |delta|'s bits order like |delta|: an integer maximum vectorizes */
+            double l1[LANES] = {0}, l2[LANES] = {0};
             for (int i = 0; i < length; i++) {
-                float delta = load(tuned[j], dtype, start + i) - b[i];
-                int32_t bits = (int32_t)(bits_of(delta) & 0x7FFFFFFFu);
-                non_finite |= bits >= 0x7F800000;
-                peak_bits = bits > peak_bits ? bits : peak_bits;
+                uint32_t bits = bits_of(load(tuned[j], dtype, start + i) - b[i]) & 0x7FFFFFFFu;
+                non_finite |= bits >= 0x7F800000u;
                 memcpy(&magnitude[i], &bits, 4);
             }
             for (int i = length; i < padded; i++) magnitude[i] = 0.0f;
-            float peak;
-            memcpy(&peak, &peak_bits, 4);
-            float scale = peak > 0.0f && peak < INFINITY ? 1.0f / peak : 1.0f;
-            if (scale > 0x1p126f) scale = 0x1p126f; /* 1 / a subnormal peak overflows */
-            /* three simple loops: the compiler vectorizes these better than one that does it all */
+            /* two simple loops: the compiler vectorizes these better than one that does both */
             for (int i = 0; i < padded; i += LANES) {
-                for (int k = 0; k < LANES; k++) l1[k] += magnitude[i + k];
+                for (int k = 0; k < LANES; k++) l1[k] += (double)magnitude[i + k];
             }
-            for (int i = 0; i < padded; i++) magnitude[i] *= scale;
             for (int i = 0; i < padded; i += LANES) {
-                for (int k = 0; k < LANES; k++) l2[k] += magnitude[i + k] * magnitude[i + k];
+                for (int k = 0; k < LANES; k++) l2[k] += (double)magnitude[i + k] * (double)magnitude[i + k];
             }
             double block_l1 = 0.0, block_l2 = 0.0;
             for (int k = 0; k < LANES; k++) {
@@ -282,7 +275,7 @@ static inline __attribute__((always_inline)) int hoyer_sums_of(int dtype, const 
                 block_l2 += l2[k];
             }
             partial[2 * (block * n_models + j)] = block_l1;
-            partial[2 * (block * n_models + j) + 1] = block_l2 / ((double)scale * scale);
+            partial[2 * (block * n_models + j) + 1] = block_l2;
         }
     }
     for (int j = 0; j < n_models; j++) {

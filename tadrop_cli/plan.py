@@ -549,8 +549,8 @@ def _add_sums_with_kernels(
     checkpoints: list[Checkpoint], name: str, start: int, stop: int, sums: list[HoyerSums]
 ) -> bool:
     """Add one slice's Hoyer sums of each model's task vector (checkpoints[0] is the base), from
-    the stored entries; False (nothing added) when an entry is NaN or Inf, or a float32 sum
-    overflowed: the caller's PyTorch path then names the input at fault, or sums scaled."""
+    the stored entries; False (nothing added) when an entry is NaN or Inf: the caller's PyTorch
+    path then names the input at fault, or the overflowing difference."""
     addresses = [checkpoint.address(name) for checkpoint in checkpoints] if stop - start < (1 << 16) else [None]
     if start == 0 and stop == checkpoints[0].tensors[name].numel and None not in addresses:
         # a small tensor whole, by address: a numpy view per input would cost more than its sums
@@ -564,7 +564,7 @@ def _add_sums_with_kernels(
     else:
         with mapped_slices(checkpoints, name, start, stop) as (base, *tuned):
             results, non_finite = kernels.hoyer_sums(base, tuned)
-    if non_finite or not all(math.isfinite(l1) and math.isfinite(l2) for l1, l2 in results):  # float32 sums overflowed
+    if non_finite:
         return False
     for model_sums, (l1, l2_squared) in zip(sums, results, strict=True):
         model_sums.add_sums(stop - start, l1, l2_squared)

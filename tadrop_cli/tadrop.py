@@ -31,21 +31,16 @@ _FLAT_SCORE = {"kurtosis": -2.0, "hoyer": 0.0, "cv": 0.0, "gini": 0.0}
 
 
 def _scaled(tau: torch.Tensor) -> torch.Tensor | None:
-    """tau / max|tau| (None if all zero). The statistics are scale-free; scaling first
-    keeps squares and fourth powers of tiny deltas from underflowing in float32."""
+    """tau / max|tau| in float64 (None if all zero). The statistics are scale-free. Float64,
+    because its sums are accurate to ~1e-16 whatever their order: the scores, and so the plans,
+    do not depend on the device (a GPU reduces in another order than a CPU)."""
     flat = tau.reshape(-1)
     peak = float(flat.abs().max())
-    return None if peak == 0 else flat / peak
-
-
-def _sum(x: torch.Tensor) -> float:
-    """A float32 sum: torch reduces float32 pairwise (cascaded), so its relative error stays
-    near 1e-7 even over 1e8 entries, and it runs ~15x faster than a float64 accumulator."""
-    return float(x.sum())
+    return None if peak == 0 else flat.double() / peak
 
 
 def _mean(x: torch.Tensor) -> float:
-    return _sum(x) / x.numel()
+    return float(x.sum()) / x.numel()
 
 
 def excess_kurtosis(tau: torch.Tensor) -> float:
@@ -70,23 +65,18 @@ def hoyer(tau: torch.Tensor) -> float:
 
 class HoyerSums:
     """The Hoyer sparsity of a tensor seen in slices: entries, L1 and squared L2 add up in
-    float64. Each slice is scaled by its own peak before squaring, so that squares of tiny
-    deltas do not underflow in float32."""
+    float64. A float32 entry and its square are exact in a double, so the sums are within
+    ~1e-16 x log(n) of exact whatever the slices and the order: the CPU kernels
+    (kernels.hoyer_sums) and a GPU agree to that, and so do their plans."""
 
     def __init__(self) -> None:
         self.numel, self.l1, self.l2_squared = 0, 0.0, 0.0
 
     def add(self, tau: torch.Tensor) -> None:
-        magnitudes = tau.reshape(-1).abs()
+        magnitudes = tau.reshape(-1).double().abs_()
         self.numel += magnitudes.numel()
-        peak = float(magnitudes.max()) if magnitudes.numel() else 0.0
-        if peak == 0:
-            return
-        l1 = _sum(magnitudes)
-        if not math.isfinite(l1):  # entries near float32's range: the sum overflows; sum them scaled
-            l1 = _sum(magnitudes / peak) * peak
-        self.l1 += l1
-        self.l2_squared += _sum(magnitudes.div_(peak).square_()) * peak * peak
+        self.l1 += float(magnitudes.sum())
+        self.l2_squared += float(magnitudes.square_().sum())
 
     def add_sums(self, numel: int, l1: float, l2_squared: float) -> None:
         """A slice's sums computed elsewhere (kernels.hoyer_sums)."""
@@ -101,7 +91,7 @@ class HoyerSums:
         if self.numel < 2:
             return _FLAT_SCORE["hoyer"]
         root_n = math.sqrt(self.numel)
-        return (root_n - self.l1 / math.sqrt(self.l2_squared)) / (root_n - 1)
+        return device_free((root_n - self.l1 / math.sqrt(self.l2_squared)) / (root_n - 1))
 
 
 def coefficient_of_variation(tau: torch.Tensor) -> float:
@@ -138,10 +128,22 @@ def top_mass(tau: torch.Tensor, fraction: float = 0.01) -> float:
     return float(magnitudes.topk(k, sorted=False).values.double().sum()) / total
 
 
+def device_free(score: float) -> float:
+    """A score from float64 sums, rounded to float32. Sums in another order (a GPU's, other
+    slices) differ in a double's last digits; rounded, the scores are equal unless one lies within
+    ~1e-16 of a float32 rounding boundary (odds ~1e-9 a score), so min-max normalisation, which
+    carries a score's digits into its ratio, gives the same plan on every device."""
+    return float(np.float32(score))
+
+
 def tensor_score(tau: torch.Tensor, statistic: Statistic, topmass_fraction: float = 0.01) -> float | None:
-    """The concentration score of one task-vector tensor, or None if tau is all zeros."""
+    """The concentration score of one task-vector tensor (device_free), or None if tau is all zeros."""
     if not bool(tau.any()):
         return None
+    return device_free(_score(tau, statistic, topmass_fraction))
+
+
+def _score(tau: torch.Tensor, statistic: Statistic, topmass_fraction: float) -> float:
     if statistic == "kurtosis":
         return excess_kurtosis(tau)
     if statistic == "hoyer":

@@ -18,6 +18,7 @@ from tadrop_cli.dtypes import Stored
 from tadrop_cli.errors import BadInput
 from tadrop_cli.recipe import parse_recipe
 from tadrop_cli.run import MergeOptions, run_merge
+from tadrop_cli.tadrop import HoyerSums
 
 needs_kernels = pytest.mark.skipif(
     not kernels.available(), reason="the C kernels were not built (no C compiler at install)"
@@ -156,8 +157,9 @@ def test_the_cut_by_selection_is_the_cut_by_histograms(dtype, kind, n):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("scale", [1.0, 1e-3, 1e-30, 1e-41, 1e30])
 def test_hoyer_sums_equal_float64_sums(dtype, scale):
-    """Within 1e-6 of sums taken in float64, from subnormal deltas (squares that would underflow
-    in float32) to huge ones; a slice of several blocks, the last one short."""
+    """Within 1e-13 of exact sums (math.fsum), from subnormal deltas (squares that would underflow
+    in float32) to huge ones; a slice of several blocks, the last one short. Float64 accuracy is
+    what makes plans independent of the device: PyTorch's sums (tadrop.HoyerSums) agree to it."""
     if dtype == torch.float16 and scale > 1:
         pytest.skip("beyond float16's range")
     g = torch.Generator().manual_seed(6)
@@ -169,11 +171,16 @@ def test_hoyer_sums_equal_float64_sums(dtype, scale):
     delta = _delta(base, tuned).double()
     [(l1, l2_squared)], non_finite = kernels.hoyer_sums(_stored(base), [_stored(tuned)])
     assert not non_finite
-    expected_l1, expected_l2 = float(delta.abs().sum()), float(delta.square().sum())
+    entries = delta.numpy().tolist()
+    expected_l1, expected_l2 = math.fsum(map(abs, entries)), math.fsum(x * x for x in entries)
     if expected_l1 == 0:  # the dtype cannot hold deltas this small: all zero
         assert l1 == 0 and l2_squared == 0
         return
-    assert l1 == pytest.approx(expected_l1, rel=1e-6) and l2_squared == pytest.approx(expected_l2, rel=1e-6)
+    assert l1 == pytest.approx(expected_l1, rel=1e-13) and l2_squared == pytest.approx(expected_l2, rel=1e-13)
+    with_torch = HoyerSums()
+    with_torch.add(delta.float())
+    assert with_torch.l1 == pytest.approx(expected_l1, rel=1e-13)
+    assert with_torch.l2_squared == pytest.approx(expected_l2, rel=1e-13)
 
 
 @needs_kernels
@@ -187,7 +194,7 @@ def test_hoyer_sums_flag_nan_and_inf_and_scores_match_pytorch():
         [(l1, l2_squared)], _ = kernels.hoyer_sums(_stored(b), [_stored(t)])
         with_kernels.add_sums(b.numel(), l1, l2_squared)
         with_torch.add(_delta(b, t))
-    assert with_kernels.score() == pytest.approx(with_torch.score(), rel=1e-6)
+    assert with_kernels.score() == pytest.approx(with_torch.score(), rel=1e-14)
     spoiled = tuned.clone()
     spoiled[123] = math.inf
     assert kernels.hoyer_sums(_stored(base), [_stored(tuned), _stored(spoiled)])[1]
@@ -535,15 +542,17 @@ def test_the_engine_writes_the_same_bytes_with_and_without_kernels(
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_tadrop_plans_from_the_kernels_equal_pytorchs(tmp_path, monkeypatch, dtype):
-    """The scoring pass's sums differ from PyTorch's in the last digits only: the same ratios."""
+@pytest.mark.parametrize("normalize", ["rank", "minmax"])
+def test_tadrop_plans_from_the_kernels_equal_pytorchs(tmp_path, monkeypatch, dtype, normalize):
+    """The scoring pass's float64 sums differ from PyTorch's (other slices, another order) in the
+    last digits of a double only: the same ratios, even where min-max normalisation carries the
+    scores' digits into them."""
     from tadrop_cli.layout import build_layout
     from tadrop_cli.plan import build_plan
 
     monkeypatch.setattr("tadrop_cli.plan.SCORE_SLICE_ELEMENTS", 1000)
-    recipe = parse_recipe(
-        basic_recipe(_models(tmp_path, dtype), tmp_path / "out", tadrop={"enabled": True, "min_numel": 1000})
-    )
+    settings = {"enabled": True, "min_numel": 1000, "normalize": normalize}
+    recipe = parse_recipe(basic_recipe(_models(tmp_path, dtype), tmp_path / "out", tadrop=settings))
     layout = build_layout(recipe)
     try:
         calls = []
@@ -568,8 +577,28 @@ def test_tadrop_plans_from_the_kernels_equal_pytorchs(tmp_path, monkeypatch, dty
         assert (
             row.score == expected.score
             if expected.score is None
-            else row.score == pytest.approx(expected.score, rel=1e-6)
+            else row.score == pytest.approx(expected.score, rel=1e-13)
         )
+
+
+@needs_kernels
+@pytest.mark.parametrize("method", ["ties", "dare_linear"])
+def test_min_max_plans_write_the_same_bytes_with_kernels_and_with_gpu_sized_pytorch_slices(
+    tmp_path, monkeypatch, method
+):
+    """`normalize: minmax` carries the scores' digits into the ratios, and a random host's mask
+    compares every draw with its tensor's ratio: the kernels' sums (blocks of 4,096 entries) and
+    PyTorch's sums over a GPU's slices (here one slice a tensor) must give the same bytes."""
+    models = _models(tmp_path, torch.bfloat16)
+    settings = {"enabled": True, "min_numel": 1000, "normalize": "minmax", "strength": 0.3}
+    recipe = parse_recipe(basic_recipe(models, tmp_path / "kernels", method=method, seed=3, tadrop=settings))
+    with_kernels = run_merge(recipe, MergeOptions(device="cpu"))
+    monkeypatch.setattr("tadrop_cli.plan.SCORE_SLICE_ELEMENTS", 1 << 24)
+    without = _merge_without_kernels(monkeypatch, recipe, tmp_path / "torch")
+    assert with_kernels["ratios"] == without["ratios"]
+    assert (tmp_path / "kernels" / "model.safetensors").read_bytes() == (
+        tmp_path / "torch" / "model.safetensors"
+    ).read_bytes()
 
 
 @needs_kernels
