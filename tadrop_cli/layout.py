@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -240,7 +241,9 @@ def _aligned_inputs(
 ) -> tuple[OutputTokenizer, Checkpoint, list[ModelInput]]:
     """The merged tokenizer, and the reference and models as views aligned to its vocabulary."""
     distinct = list({id(c): c for c in [reference, *(m.checkpoint for m in models)]}.values())
+    started = time.perf_counter()
     tokenizer, views = merged_vocabulary(recipe, reference, distinct)
+    tokenizer = dataclasses.replace(tokenizer, build_seconds=time.perf_counter() - started)
     aligned = [dataclasses.replace(m, checkpoint=views.get(id(m.checkpoint), m.checkpoint)) for m in models]
     return tokenizer, views.get(id(reference), reference), aligned
 

@@ -538,7 +538,9 @@ def dry_run(recipe: Recipe, options: MergeOptions) -> dict:
         shards = plan_shards(outputs, recipe.output.shard_size)
         method = layout.recipe.method
         passes = 2 if _needs_scores(layout) else 1
-        bytes_to_read, peak_entries, work, seconds, uses_torch = 0, 0, 0, 0.0, False
+        # a tokenizer merge's vocabulary was built just now by build_layout: the merge builds it again
+        building = layout.tokenizer.build_seconds if layout.tokenizer is not None else 0.0
+        bytes_to_read, peak_entries, work, seconds, uses_torch = 0, 0, 0, building, False
         for job in layout.jobs:
             if not job.mergeable:  # copied from the reference as stored
                 bytes_to_read += layout.reference.tensors[job.name].nbytes
@@ -579,7 +581,7 @@ def dry_run(recipe: Recipe, options: MergeOptions) -> dict:
             # reading from cache at ~2 GB/s and the float32 arithmetic at ~2 GB/s per pass
             "estimated_seconds": estimate.rounded(estimate.merge_seconds(seconds, uses_torch))
             if on_cpu(device)
-            else round(bytes_to_read / 2e9 + work / 2e9, 1),
+            else round(bytes_to_read / 2e9 + work / 2e9 + building, 1),
             "notes": [*layout.notes, *notes],
         }
     finally:

@@ -139,6 +139,7 @@ class OutputTokenizer:
     input_files: list[Path]  # the tokenizer and config files it was built from (a resume checks them unchanged)
     note: str  # what the merged vocabulary is, for the summary
     loaded_tokens: int = 0  # the tokens of every tokenizer loaded to build it (the inputs' and the output's)
+    build_seconds: float = 0.0  # how long building it took (a dry run's time estimate: a merge builds it again)
 
 
 def padded_rows(count: int, multiple: int | None) -> int:

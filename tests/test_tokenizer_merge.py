@@ -511,6 +511,26 @@ def test_merges_in_slices_that_cut_rows_give_the_bits_of_a_whole_tensor_merge(mo
     assert (whole / "model.safetensors").read_bytes() == (sliced / "model.safetensors").read_bytes()
 
 
+def test_the_dry_runs_time_estimate_counts_building_the_merged_tokenizer(models, tmp_path, monkeypatch):
+    """A real merge builds the merged tokenizer again (~14 s for a 33.5k-token union): the dry run,
+    which has just built it, adds the seconds that took. Here the build is made 3 s slower."""
+    import time
+
+    from tadrop_cli import layout
+
+    path = write_recipe(tmp_path, recipe_for(models, tmp_path / "out", tokenizer_source="union"))
+
+    def estimate() -> float:
+        result = invoke("merge", path, "--dry-run", "--json")
+        assert result.exit_code == 0, result.stderr
+        return json.loads(result.stdout)["estimated_seconds"]
+
+    quick = estimate()
+    original = layout.merged_vocabulary
+    monkeypatch.setattr(layout, "merged_vocabulary", lambda *a: time.sleep(3) or original(*a))
+    assert estimate() >= quick + 2.9
+
+
 def test_the_dry_runs_memory_estimate_covers_a_tokenizer_merges_peak(models, tmp_path):
     """A tokenizer merge's process holds torch, transformers and the tokenizers besides the merge's buffers:
     the dry run's peak covers the real merge's (measured by the merge itself, in its own process), within 2x.
