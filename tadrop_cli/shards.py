@@ -16,7 +16,7 @@ import os
 import struct
 import zlib
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .dtypes import ITEMSIZE, Stored, dtype_name
@@ -30,14 +30,15 @@ class OutputTensor:
     name: str
     dtype: str  # safetensors' name for it: "BF16", "F32", ...
     shape: tuple[int, ...]
+    # asked for many times per tensor (shards, headers, progress): computed once, when made (as
+    # checkpoint.TensorInfo's: a functools.cached_property's first access is slow under 3.11)
+    numel: int = field(init=False, repr=False, compare=False)
+    nbytes: int = field(init=False, repr=False, compare=False)
 
-    @functools.cached_property  # asked for many times per tensor (shards, headers, progress): computed once
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @functools.cached_property
-    def nbytes(self) -> int:
-        return self.numel * ITEMSIZE[self.dtype]
+    def __post_init__(self) -> None:
+        numel = math.prod(self.shape)
+        object.__setattr__(self, "numel", numel)
+        object.__setattr__(self, "nbytes", numel * ITEMSIZE[self.dtype])
 
 
 @dataclass(frozen=True)
