@@ -296,6 +296,19 @@ EXPORT int tadrop_hoyer_sums(int dtype, const void *base, const void *const *tun
     }
 }
 
+/* tadrop_hoyer_sums of each of n_tensors small tensors whole, in one call (plan._score_batch):
+ * tensor t's base is bases[t], its models' entries tuned[t * n_models + j], its size numels[t];
+ * its sums go to sums[2 * (t * n_models + j)] (zeroed by the caller) and status[t] is what
+ * tadrop_hoyer_sums returns for it. The same function per tensor: the same bits as alone.
+ * Returns -1 when out of memory, else 0. */
+EXPORT int tadrop_hoyer_sums_batch(int dtype, const void *const *bases, const void *const *tuned, const int64_t *numels, int n_tensors, int n_models, double *sums, int32_t *status) {
+    for (int t = 0; t < n_tensors; t++) {
+        status[t] = tadrop_hoyer_sums(dtype, bases[t], tuned + (int64_t)t * n_models, n_models, numels[t], sums + 2 * (int64_t)t * n_models);
+        if (status[t] < 0) return -1;
+    }
+    return 0;
+}
+
 /* ------------------------------------------------------------------ the merge of a slice */
 
 enum drop { KEEP_ALL = 0, MAGNITUDE_CUT = 1, RANDOM_DROP = 2 };

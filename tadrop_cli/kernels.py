@@ -103,6 +103,8 @@ def load_library(path: str) -> ctypes.CDLL:
     library.tadrop_nth_tie.restype = i64
     library.tadrop_hoyer_sums.argtypes = [ctypes.c_int, ptr, ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, i64, ptr]
     library.tadrop_hoyer_sums.restype = ctypes.c_int
+    library.tadrop_hoyer_sums_batch.argtypes = [ctypes.c_int, ptr, ptr, ptr, ctypes.c_int, ctypes.c_int, ptr, ptr]
+    library.tadrop_hoyer_sums_batch.restype = ctypes.c_int
     library.tadrop_non_finite.argtypes = [ctypes.c_int, ptr, i64]
     library.tadrop_non_finite.restype = ctypes.c_int
     library.tadrop_merge_slice.argtypes = [
@@ -257,9 +259,38 @@ def ties_kept_before(cut: TopKCut, offset: int, base: Stored, tuned: Stored) -> 
 
 def hoyer_sums(base: Stored, tuned: list[Stored]) -> tuple[list[tuple[float, float]], bool]:
     """(each model's (sum |delta|, sum delta^2), whether an entry is NaN or Inf) of the task
-    vectors tuned[j].float() - base.float(): what tadrop.HoyerSums adds up. Both sum in float32
-    blocks, in different orders, so they agree to ~1e-7 relative, as a GPU's sums do."""
+    vectors tuned[j].float() - base.float(): what tadrop.HoyerSums adds up. Both sum in float64,
+    in different orders, so they agree to ~1e-16 relative, as a GPU's sums do."""
     return hoyer_sums_at(base.dtype, _address(base), [_pair(base, entries)[2] for entries in tuned], base.numel)
+
+
+def hoyer_sums_batch(
+    dtype: str, bases: list[int], tuned: list[list[int]], numels: list[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """hoyer_sums_at of many tensors whole in one call, each given by address (its base, its
+    models' entries, its size): (sums of shape (tensors, models, 2), whether each tensor has a
+    NaN or Inf entry). Each tensor's sums are the bits it gets alone."""
+    models = len(tuned[0]) if tuned else 0
+    if any(len(addresses) != models for addresses in tuned) or not bases or len(bases) != len(tuned):
+        raise ValueError("every tensor of a batch has the same number of models")
+    base_addresses = np.array(bases, dtype=np.uint64)
+    tuned_addresses = np.array(tuned, dtype=np.uint64).reshape(-1)
+    sizes = np.array(numels, dtype=np.int64)
+    sums = np.zeros((len(bases), models, 2), dtype=np.float64)
+    status = np.zeros(len(bases), dtype=np.int32)
+    _check(
+        _ready().tadrop_hoyer_sums_batch(
+            DTYPE_CODES[dtype],
+            base_addresses.ctypes.data,
+            tuned_addresses.ctypes.data,
+            sizes.ctypes.data,
+            len(bases),
+            models,
+            sums.ctypes.data,
+            status.ctypes.data,
+        )
+    )
+    return sums, status == 1
 
 
 def hoyer_sums_at(dtype: str, base: int, tuned: list[int], numel: int) -> tuple[list[tuple[float, float]], bool]:

@@ -255,6 +255,7 @@ def build_plan(layout: Layout, device: str, on_tensor: Callable[[TensorJob], Non
     pending: dict[int, list[_Entry]] = {j: [] for j in range(len(layout.models))}
     densities = _RecipeDensities(layout)
 
+    measured: list[tuple[TensorJob, list[tuple[int, ModelInput, _Entry]], list[tuple[int, ModelInput, _Entry]]]] = []
     for job in layout.jobs:
         sparsifies = _sparsifies(method.sparsifier, job)
         to_measure: list[tuple[int, ModelInput, _Entry]] = []
@@ -274,12 +275,15 @@ def build_plan(layout: Layout, device: str, on_tensor: Callable[[TensorJob], Non
                     to_measure.append((j, model, _Entry(row, tensor_settings, density)))
                 else:
                     row.ratio = _fixed_ratio(model.tadrop, base_ratio)
-        if to_measure and on_cpu(device):
-            fit_torch_threads()  # where PyTorch measures (no-op until it is loaded)
-        scored = [(j, model, entry) for j, model, entry in to_measure if model.tadrop.allocation == "strength"]
+        measured.append((job, _scored(to_measure), to_measure))
+
+    batched = _batched_scores(layout, device, [(job, scored) for job, scored, _ in measured])
+    for job, scored, to_measure in measured:
         profiled = [(j, model, entry) for j, model, entry in to_measure if model.tadrop.allocation != "strength"]
+        if (scored and job.name not in batched or profiled) and on_cpu(device):
+            fit_torch_threads()  # where PyTorch measures (no-op until it is loaded)
         if scored:
-            scores = _scores(layout, job, device, [(j, model) for j, model, _ in scored])
+            scores = _tensor_scores(layout, job, device, [(j, model) for j, model, _ in scored], batched)
             for j, _, entry in scored:
                 entry.row.score = scores[j]
                 if entry.row.score is None:
@@ -448,6 +452,78 @@ def _check_finite(rows: list[RatioRow]) -> None:
 # scoring needs a few slices' memory, not the tensor's; the other statistics see whole tensors.
 SCORE_SLICE_ELEMENTS = 1 << 20
 GPU_SCORE_SLICE_ELEMENTS = 1 << 24  # on a GPU, fewer launches and waits (see tensor_merge.GPU_CHUNK_ELEMENTS)
+# Tensors up to this size are scored whole by address (no numpy view per input); on the CPU, those
+# whose every scored model uses Hoyer's statistic are scored many to a kernel call (_batched_scores).
+SMALL_SCORE_ELEMENTS = 1 << 16
+SCORE_BATCH_TENSORS = 4096
+
+
+def _scored(to_measure: list[tuple[int, ModelInput, _Entry]]) -> list[tuple[int, ModelInput, _Entry]]:
+    """The (model, tensor) entries whose ratio comes from a score (the `strength` allocation)."""
+    return [(j, model, entry) for j, model, entry in to_measure if model.tadrop.allocation == "strength"]
+
+
+def _batched_scores(
+    layout: Layout, device: str, measured: list[tuple[TensorJob, list[tuple[int, ModelInput, _Entry]]]]
+) -> dict[str, dict[int, float | None]]:
+    """The Hoyer scores of small tensors (SMALL_SCORE_ELEMENTS), SCORE_BATCH_TENSORS to a kernel
+    call (kernels.hoyer_sums_batch): a model of many small tensors (an MoE's experts) then pays
+    ~microseconds a tensor instead of a call and its Python around it. Each tensor's scores are
+    the bits _scores gives it alone. A tensor with a NaN or Inf entry is left out: _scores then
+    names the input at fault, or the overflowing difference."""
+    if not on_cpu(device) or not kernels.available():
+        return {}
+    groups: dict[tuple[str, tuple[int, ...]], list[tuple[str, list[int]]]] = {}
+    for job, scored in measured:
+        models = tuple(j for j, _, _ in scored)
+        addresses = _batchable(layout, job, models, [model for _, model, _ in scored]) if models else None
+        if addresses is not None:
+            key = (layout.reference.tensors[job.name].dtype, models)
+            groups.setdefault(key, []).append((job.name, addresses))
+    scores: dict[str, dict[int, float | None]] = {}
+    for (dtype, models), tensors in groups.items():
+        checkpoints = [layout.reference, *(layout.models[j].checkpoint for j in models)]
+        for first in range(0, len(tensors), SCORE_BATCH_TENSORS):
+            chunk = [name for name, _ in tensors[first : first + SCORE_BATCH_TENSORS]]
+            addresses = [addresses for _, addresses in tensors[first : first + SCORE_BATCH_TENSORS]]
+            try:
+                sums, non_finite = kernels.hoyer_sums_batch(
+                    dtype,
+                    [base for base, *_ in addresses],
+                    [tuned for _, *tuned in addresses],
+                    [layout.reference.tensors[name].numel for name in chunk],
+                )
+            finally:
+                for checkpoint in checkpoints:
+                    checkpoint.unmap_whole(chunk)
+            for name, tensor_sums, bad in zip(chunk, sums.tolist(), non_finite.tolist(), strict=True):
+                if not bad:
+                    numel = layout.reference.tensors[name].numel
+                    scores[name] = {
+                        j: _hoyer_score(numel, l1, l2) for j, (l1, l2) in zip(models, tensor_sums, strict=True)
+                    }
+    return scores
+
+
+def _batchable(layout: Layout, job: TensorJob, models: tuple[int, ...], inputs: list[ModelInput]) -> list[int] | None:
+    """The addresses of a tensor's inputs (the base first) where _batched_scores can score it:
+    small, Hoyer's statistic for every model, and every input's entries in the kernels' dtypes,
+    all one dtype, mapped as stored. None where it cannot."""
+    small = 0 < job.out.numel <= min(SMALL_SCORE_ELEMENTS, SCORE_SLICE_ELEMENTS)
+    if not small or any(m.tadrop.statistic != "hoyer" for m in inputs):
+        return None
+    checkpoints = [layout.reference, *(layout.models[j].checkpoint for j in models)]
+    if not kernels.supports([c.tensors[job.name].dtype for c in checkpoints], len(models)):
+        return None
+    addresses = [c.address(job.name) for c in checkpoints]
+    return None if None in addresses else addresses
+
+
+def _hoyer_score(numel: int, l1: float, l2_squared: float) -> float | None:
+    """A whole tensor's Hoyer score from its sums (as HoyerSums has it)."""
+    sums = HoyerSums()
+    sums.add_sums(numel, l1, l2_squared)
+    return sums.score()
 
 
 def _scores(
@@ -480,6 +556,17 @@ def _scores(
         if score is not None and not math.isfinite(score):  # finite inputs (the reads check) whose difference is not
             raise _overflow(layout, j, job)
     return scores
+
+
+def _tensor_scores(
+    layout: Layout,
+    job: TensorJob,
+    device: str,
+    models: list[tuple[int, ModelInput]],
+    batched: dict[str, dict[int, float | None]],
+) -> dict[int, float | None]:
+    """Each model's score of this tensor: from a batch where _batched_scores scored it, else now."""
+    return batched[job.name] if job.name in batched else _scores(layout, job, device, models)
 
 
 def _profiles(
@@ -551,7 +638,9 @@ def _add_sums_with_kernels(
     """Add one slice's Hoyer sums of each model's task vector (checkpoints[0] is the base), from
     the stored entries; False (nothing added) when an entry is NaN or Inf: the caller's PyTorch
     path then names the input at fault, or the overflowing difference."""
-    addresses = [checkpoint.address(name) for checkpoint in checkpoints] if stop - start < (1 << 16) else [None]
+    addresses = (
+        [checkpoint.address(name) for checkpoint in checkpoints] if stop - start <= SMALL_SCORE_ELEMENTS else [None]
+    )
     if start == 0 and stop == checkpoints[0].tensors[name].numel and None not in addresses:
         # a small tensor whole, by address: a numpy view per input would cost more than its sums
         try:

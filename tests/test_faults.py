@@ -145,7 +145,7 @@ def install_hooks(point: str, action: Callable[[], None], setattr_: Callable = s
         fire("wrote")
 
     setattr_(shards.ShardWriter, "write", write)
-    wrap(plan, "_scores", before="score")
+    wrap(plan, "_tensor_scores", before="score")
     wrap(staging.StagingFolder, "mark_complete", after="marked")
     wrap(staging.StagingFolder, "write_json", before="index", when=lambda self, name, data: name.endswith("index.json"))
     wrap(staging.StagingFolder, "copy_in", before="copy")

@@ -211,6 +211,91 @@ def test_hoyer_sums_of_several_models_are_each_models_own():
     assert len(set(together)) == 3
 
 
+@needs_kernels
+def test_hoyer_sums_of_a_batch_are_each_tensors_own():
+    """Many tensors in one call: each tensor's sums are the bits it gets alone, and a NaN flags
+    its own tensor only."""
+    pairs = [
+        _pair(torch.bfloat16, n, 20 + n % 7, kind)
+        for n, kind in [(3, "dense"), (4, "sparse"), (4097, "ties"), (65_536, "dense")]
+    ]
+    tuned = [[t, _pair(torch.bfloat16, b.numel(), 30 + i, "sparse")[1]] for i, (b, t) in enumerate(pairs)]
+    tuned[2][1] = tuned[2][1].clone()
+    tuned[2][1][7] = math.nan
+    sums, non_finite = kernels.hoyer_sums_batch(
+        "BF16",
+        [b.data_ptr() for b, _ in pairs],
+        [[t.data_ptr() for t in models] for models in tuned],
+        [b.numel() for b, _ in pairs],
+    )
+    assert non_finite.tolist() == [False, False, True, False]
+    for i, (base, _) in enumerate(pairs):
+        alone, _ = kernels.hoyer_sums(_stored(base), [_stored(t) for t in tuned[i]])
+        if i != 2:
+            assert [tuple(pair) for pair in sums[i].tolist()] == alone
+
+
+def _many_small(seed: int, count: int = 300) -> dict[str, torch.Tensor]:
+    """An MoE-like model of many small tensors (1 to 6,000 entries)."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(1, 6000, (count,), generator=g).tolist()
+    return {
+        f"model.layers.{i // 8}.mlp.experts.{i % 8}.w.weight": torch.randn(n, generator=g) for i, n in enumerate(sizes)
+    }
+
+
+@needs_kernels
+@pytest.mark.parametrize("normalize", ["rank", "minmax"])
+def test_plans_of_many_small_tensors_scored_in_batches_equal_one_at_a_time(tmp_path, monkeypatch, normalize):
+    from tadrop_cli import plan as plan_module
+    from tadrop_cli.layout import build_layout
+
+    base = _many_small(0)
+    models = {"base": write_checkpoint(tmp_path / "base", base, dtype=torch.bfloat16)}
+    for i in range(3):
+        tuned = {
+            name: t + 0.01 * torch.randn(t.shape, generator=torch.Generator().manual_seed(i * 1000 + k)) ** 3
+            for k, (name, t) in enumerate(base.items())
+        }
+        models[f"ft{i}"] = write_checkpoint(tmp_path / f"ft{i}", tuned, dtype=torch.bfloat16)
+    settings = {"enabled": True, "min_numel": 1, "normalize": normalize}
+    recipe = parse_recipe(basic_recipe(models, tmp_path / "out", tadrop=settings))
+    layout = build_layout(recipe)
+    calls = []
+    monkeypatch.setattr(plan_module, "SCORE_BATCH_TENSORS", 128)  # several batches
+    monkeypatch.setattr(
+        kernels,
+        "hoyer_sums_batch",
+        lambda *a, original=kernels.hoyer_sums_batch: calls.append(len(a[1])) or original(*a),
+    )
+    try:
+        batched = plan_module.build_plan(layout, "cpu")
+        assert calls == [128, 128, 44]
+        monkeypatch.setattr(plan_module, "SMALL_SCORE_ELEMENTS", 0)
+        one_at_a_time = plan_module.build_plan(layout, "cpu")
+    finally:
+        layout.close()
+    assert len(calls) == 3
+    assert [(r.model, r.tensor, r.reason, r.score, r.ratio) for r in batched.rows] == [
+        (r.model, r.tensor, r.reason, r.score, r.ratio) for r in one_at_a_time.rows
+    ]
+    assert sum(r.reason == "adaptive" for r in batched.rows) == 900
+
+
+@needs_kernels
+def test_a_nan_in_a_small_tensor_scored_in_a_batch_is_named(tmp_path):
+    base = _many_small(1, count=20)
+    tuned = {name: t + 0.01 for name, t in base.items()}
+    name = "model.layers.1.mlp.experts.3.w.weight"
+    tuned[name] = tuned[name].clone()
+    tuned[name][0] = math.nan
+    models = {"base": write_checkpoint(tmp_path / "base", base), "ft0": write_checkpoint(tmp_path / "ft0", tuned)}
+    recipe = parse_recipe(basic_recipe(models, tmp_path / "out", tadrop={"enabled": True, "min_numel": 1}))
+    with pytest.raises(BadInput) as error:
+        run_merge(recipe, MergeOptions(device="cpu"))
+    assert name in str(error.value) and "ft0" in str(error.value)
+
+
 # ---------------------------------------------------------------- the merge of a slice
 
 
