@@ -41,3 +41,12 @@ timeout "${BENCH_TIMEOUT:-540}" python3 bench/speed/run.py --device cuda --sizes
 echo "bench: exit $?"
 cp bench/.cache/results/speed-*.json "$OUT/" 2>/dev/null
 sed -n '/^## Results/,/^## Cross/p' "$OUT/speed-gpu.md" | grep -E "^\| (40m|168m|500m|1b) " | cut -d'|' -f2-13
+
+# 4. the SVD hosts per matrix on the GPU (exact and fast routes side by side, 7B shapes) and the
+#    projection of a 7B model's whole time (issue 16's GPU figure; SVD=0 skips it)
+if [ "${SVD:-1}" = 1 ]; then
+    timeout "${SVD_TIMEOUT:-240}" python3 bench/speed/svd.py --device cuda --shapes 4096x4096,11008x4096,1024x4096 \
+        --methods tsv_m,iso_cts --repeats "${SVD_REPEATS:-1}" --project 4096,11008,32,1024 --json "$OUT/svd-gpu.json" >"$OUT/svd-gpu.txt" 2>&1
+    echo "svd: exit $?"
+    cat "$OUT/svd-gpu.txt"
+fi

@@ -56,20 +56,27 @@ def merge(method: str, deltas, exact: bool) -> torch.Tensor:
 
 
 def timed(method: str, deltas, exact: bool) -> tuple[float, torch.Tensor]:
+    _wait(deltas[0].device)
     start = time.perf_counter()
     out = merge(method, deltas, exact)
+    _wait(out.device)  # a GPU's work is queued: wait for it before stopping the clock
     return time.perf_counter() - start, out
 
 
+def _wait(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def relative(a: torch.Tensor, b) -> float:
-    b = torch.as_tensor(b, dtype=torch.float64)
-    return float(torch.linalg.matrix_norm(a.double() - b) / torch.linalg.matrix_norm(b))
+    b = torch.as_tensor(b, dtype=torch.float64).cpu()
+    return float(torch.linalg.matrix_norm(a.double().cpu() - b) / torch.linalg.matrix_norm(b))
 
 
 def reference_merge(method: str, deltas):
     import reference as ref
 
-    numpy_deltas = [d.double().numpy() for d in deltas]
+    numpy_deltas = [d.double().cpu().numpy() for d in deltas]
     if method == "iso_c":
         return ref.iso_c_matrix(numpy_deltas)
     densities = [1 / len(deltas)] * len(deltas)
@@ -110,12 +117,13 @@ def main() -> None:
     parser.add_argument("--reference", action="store_true", help="also the float64 numpy reference's error (slow)")
     parser.add_argument("--project", default="", help="hidden,intermediate,layers,kv_width: project a model's time")
     parser.add_argument("--json", type=Path, help="write the rows here")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the task matrices made on the CPU, then moved)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows, medians = [], {}
     for shape_text in args.shapes.split(","):
         shape = tuple(int(x) for x in shape_text.split("x"))
-        deltas = task_matrices(shape, args.models, args.spectrum, seed=sum(shape))
+        deltas = [d.to(args.device) for d in task_matrices(shape, args.models, args.spectrum, seed=sum(shape))]
         for method in args.methods.split(","):
             times = {True: [], False: []}
             outputs = {}
@@ -128,6 +136,7 @@ def main() -> None:
                 "method": method,
                 "models": args.models,
                 "spectrum": args.spectrum,
+                "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(args.device),
                 "exact_s": statistics.median(times[True]),
                 "fast_s": statistics.median(times[False]),
                 "exact_runs": [round(t, 3) for t in times[True]],
