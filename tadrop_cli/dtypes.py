@@ -8,6 +8,7 @@ for the compiled kernels: a CPU merge by the kernels then never needs torch.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,6 +43,15 @@ _TORCH_NAMES = {
     "U8": "uint8",
     "BOOL": "bool",
 }
+
+
+def set_sizes(tensor) -> None:
+    """Set a frozen header record's `numel` and `nbytes` from its `shape` and `dtype`, once, when it
+    is made (checkpoint.TensorInfo, shards.OutputTensor: asked for many times per tensor; a
+    functools.cached_property's first access costs more under Python 3.11)."""
+    numel = math.prod(tensor.shape)
+    object.__setattr__(tensor, "numel", numel)
+    object.__setattr__(tensor, "nbytes", numel * ITEMSIZE[tensor.dtype])
 
 
 def torch_dtype(name: str):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import json
-import math
 import os
 import struct
 import zlib
@@ -19,7 +18,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .dtypes import ITEMSIZE, Stored, dtype_name
+from .dtypes import Stored, dtype_name, set_sizes
 from .errors import WriteError
 from .lazy import is_torch_tensor, torch
 from .safe_files import creating_in, describe_os_error
@@ -30,15 +29,12 @@ class OutputTensor:
     name: str
     dtype: str  # safetensors' name for it: "BF16", "F32", ...
     shape: tuple[int, ...]
-    # asked for many times per tensor (shards, headers, progress): computed once, when made (as
-    # checkpoint.TensorInfo's: a functools.cached_property's first access is slow under 3.11)
+    # asked for many times per tensor (shards, headers, progress): computed once, when made (dtypes.set_sizes)
     numel: int = field(init=False, repr=False, compare=False)
     nbytes: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        numel = math.prod(self.shape)
-        object.__setattr__(self, "numel", numel)
-        object.__setattr__(self, "nbytes", numel * ITEMSIZE[self.dtype])
+        set_sizes(self)
 
 
 @dataclass(frozen=True)
