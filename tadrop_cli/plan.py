@@ -484,13 +484,13 @@ def _batched_scores(
     for (dtype, models), tensors in groups.items():
         checkpoints = [layout.reference, *(layout.models[j].checkpoint for j in models)]
         for first in range(0, len(tensors), SCORE_BATCH_TENSORS):
-            chunk = [name for name, _ in tensors[first : first + SCORE_BATCH_TENSORS]]
-            addresses = [addresses for _, addresses in tensors[first : first + SCORE_BATCH_TENSORS]]
+            rows = tensors[first : first + SCORE_BATCH_TENSORS]
+            chunk = [name for name, _ in rows]
             try:
                 sums, non_finite = kernels.hoyer_sums_batch(
                     dtype,
-                    [base for base, *_ in addresses],
-                    [tuned for _, *tuned in addresses],
+                    [base for _, (base, *_) in rows],
+                    [tuned for _, (_, *tuned) in rows],
                     [layout.reference.tensors[name].numel for name in chunk],
                 )
             finally:
