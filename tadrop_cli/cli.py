@@ -213,17 +213,26 @@ def complete_message(output: str) -> str:
 
 
 def interrupted_message(stop: BaseException, merging: bool) -> str:
-    """What is true after an interrupt: the engine tells how many finished shards it kept."""
+    """What is true after an interrupt: the engine tells how many finished shards it kept, and
+    whether (or which earlier merge of a multi-document recipe) it had published."""
     published = getattr(stop, "published", None)
+    earlier = interrupts.published_output()
+    if published is None and not hasattr(stop, "finished_shards"):  # after the engine's publish (run_merge)
+        published = earlier
     if published is not None:
         return complete_message(published)
+    unpublished = (
+        "nothing was published"
+        if earlier is None
+        else f"{printable(earlier)} is complete, but the merge after it was not published"
+    )
     finished = getattr(stop, "finished_shards", None)
     if finished is None:  # before the merge began writing, or not a merge
-        return "interrupted: nothing was published" if merging else "interrupted"
+        return f"interrupted: {unpublished}" if merging else "interrupted"
     if finished == 0:
-        return "interrupted: nothing was published, and no shard was finished; run again to start over"
+        return f"interrupted: {unpublished}, and no shard was finished; run again to start over"
     return (
-        f"interrupted: nothing was published; {finished} finished shard{'s' if finished != 1 else ''} kept: "
+        f"interrupted: {unpublished}; {finished} finished shard{'s' if finished != 1 else ''} kept: "
         "run again with --resume to continue from them"
     )
 

@@ -26,6 +26,7 @@ _installed = False
 _holding = False  # within held(): a signal is noted in _pending and handled when the block ends
 _pending = False
 _message = "interrupted"  # what stop_now says: changed once the output is published (finished())
+_published: str | None = None  # the output the engine has just published (published()), until finished()
 
 
 def stop_now(message: str = "") -> None:
@@ -64,8 +65,8 @@ def install() -> None:
 @contextmanager
 def raising():  # -> Iterator[None]; typing is not imported here (~10 ms)
     """Within: the first SIGINT/SIGTERM raises KeyboardInterrupt (for cleanup and an honest message)."""
-    global _raising, _raised, _message
-    _raising, _raised, _message = True, False, "interrupted"
+    global _raising, _raised, _message, _published
+    _raising, _raised, _message, _published = True, False, "interrupted", None
     try:
         yield
     finally:
@@ -86,6 +87,18 @@ def held():
     if _pending:
         _pending = False
         _on_signal(0, None)
+
+
+def published(output: str) -> None:
+    """The engine has published `output`: a KeyboardInterrupt from now on, until finished(), is
+    said to have come once the output was complete (published_output()), never that nothing was."""
+    global _published
+    _published = output
+
+
+def published_output() -> str | None:
+    """The output published since the command began (published()), if any."""
+    return _published
 
 
 def finished(message: str) -> None:

@@ -266,6 +266,7 @@ def run_merge(recipe: Recipe, options: MergeOptions, progress: Progress = NO_PRO
                 with interrupts.held():  # never cut in two: a signal meanwhile is raised once it is done
                     staging.publish(overwrite=options.overwrite)
                     published = True
+                    interrupts.published(str(target))  # a signal until the CLI is done says so
             except (KeyboardInterrupt, SystemExit) as stop:
                 if published:
                     stop.published = str(target)  # the CLI says the output is complete

@@ -634,9 +634,9 @@ _SIGNAL_AFTER = """
 import os, signal, sys
 from tadrop_cli import interrupts
 interrupts.install()
-from tadrop_cli import cli, staging
+from tadrop_cli import cli, run, staging
 module, name = {where!r}
-owner = staging.StagingFolder if module == "staging" else cli
+owner = {{"staging": staging.StagingFolder, "cli": cli, "run": run}}[module]
 original = getattr(owner, name)
 def then_signal(*args, **kwargs):
     result = original(*args, **kwargs)
@@ -650,8 +650,8 @@ cli.main()
 
 @pytest.mark.parametrize(
     "where",
-    [("staging", "_move_in"), ("cli", "merged_line")],
-    ids=["right after the rename", "while printing the summary"],
+    [("staging", "_move_in"), ("run", "_peak_memory"), ("cli", "merged_line")],
+    ids=["right after the rename", "while the engine writes its summary", "while printing the summary"],
 )
 def test_an_interrupt_after_publishing_says_the_output_is_complete(recipe, where):
     recipe_path, output = recipe

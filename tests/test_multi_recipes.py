@@ -198,3 +198,32 @@ def test_bad_chat_template_refused_in_one_line(tmp_path, tiny_models):
     result = run_cli("merge", str(path), str(tmp_path / "out"))
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert "chat_template" in result.stderr and "chatml" in result.stderr
+
+
+def test_an_interrupt_in_a_later_merge_says_the_earlier_one_is_complete(tmp_path, tiny_models, monkeypatch):
+    """A multi-document recipe interrupted in its second merge: the first one's output is published
+    and complete, so the message must not say that nothing was published."""
+    from typer.testing import CliRunner
+
+    from tadrop_cli import interrupts, shards
+    from tadrop_cli.cli import app
+
+    m = {k: str(v) for k, v in tiny_models.items()}
+    documents = [{**_ties(m["base"], [m["ft0"], m["ft1"]]), "name": "step1"}, _ties(m["base"], ["step1", m["ft2"]])]
+    recipe = _write_documents(tmp_path / "multi.yaml", documents)
+    original = shards.ShardWriter.write
+
+    def write(self, name, tensor):  # a Ctrl-C while the second merge writes (the first one is published)
+        if interrupts.published_output() is not None:
+            raise KeyboardInterrupt
+        original(self, name, tensor)
+
+    monkeypatch.setattr(shards.ShardWriter, "write", write)
+    parts, out = tmp_path / "parts", tmp_path / "out"
+    result = CliRunner().invoke(app, ["merge", str(recipe), str(out), "-I", str(parts), "--quiet"])
+    assert result.exit_code == 130, result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert "nothing was published" not in line, line
+    expected = f"interrupted: {parts / 'step1'} is complete, but the merge after it was not published"
+    assert line.startswith(expected), line
+    assert (parts / "step1" / "model.safetensors").is_file() and not out.exists()
