@@ -35,11 +35,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from bench_images import _idx
+from bench_images import _fetch_fashion, _idx
 from common import CACHE, read_json, seed_all, write_json
 from safetensors.torch import load_file, save_file
 
-FASHION = Path(os.environ.get("TADROP_FMNIST", "/work/data/fmnist/usr/share/datasets/fashion-mnist"))
 CLASSES = ["T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]
 
 TASKS = {
@@ -150,12 +149,20 @@ class ViT(nn.Module):
 # ---------------------------------------------------------------- data
 
 
+def fashion_dir() -> Path:
+    """$TADROP_FMNIST if set, else Debian's package unpacked in the cache (bench_images fetches it
+    with apt-get download once: the previous default, a folder of one machine, is not on every one)."""
+    env = os.environ.get("TADROP_FMNIST")
+    return Path(env) if env else _fetch_fashion()
+
+
 def load_fashion() -> dict:
+    d = fashion_dir()
     return {
-        "x_train": _idx(FASHION / "train-images-idx3-ubyte.gz"),
-        "y_train": _idx(FASHION / "train-labels-idx1-ubyte.gz").astype(np.int64),
-        "x_test": _idx(FASHION / "t10k-images-idx3-ubyte.gz"),
-        "y_test": _idx(FASHION / "t10k-labels-idx1-ubyte.gz").astype(np.int64),
+        "x_train": _idx(d / "train-images-idx3-ubyte.gz"),
+        "y_train": _idx(d / "train-labels-idx1-ubyte.gz").astype(np.int64),
+        "x_test": _idx(d / "t10k-images-idx3-ubyte.gz"),
+        "y_test": _idx(d / "t10k-labels-idx1-ubyte.gz").astype(np.int64),
     }
 
 
