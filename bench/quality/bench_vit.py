@@ -280,7 +280,9 @@ def main(argv=None):
             raise SystemExit("no complete set of fine-tunes: run --stage finetune --ft-seed N first")
         sweeps = {s: make_sweep(args.quick, "report", log, ft_seed=s, base_seed=args.base_seed) for s in sets}
         out = Path(args.report) if args.report else sweeps[sets[0]].b.root / "report" / "vit_replication.md"
-        return replication.write_report(sweeps, load_records, out, log)
+        base = f" --base-seed {args.base_seed}" if args.base_seed else ""
+        hosts = tuple(args.hosts or ("ties", "magnitude_prune"))
+        return replication.write_report(sweeps, load_records, out, log, hosts, args.densities, base)
     if args.stage == "finetune":
         from vit import ViTBench
 
