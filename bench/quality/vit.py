@@ -35,11 +35,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from bench_images import _idx
+from bench_images import _fetch_fashion, _idx
 from common import CACHE, read_json, seed_all, write_json
 from safetensors.torch import load_file, save_file
 
-FASHION = Path(os.environ.get("TADROP_FMNIST", "/work/data/fmnist/usr/share/datasets/fashion-mnist"))
 CLASSES = ["T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]
 
 TASKS = {
@@ -150,12 +149,20 @@ class ViT(nn.Module):
 # ---------------------------------------------------------------- data
 
 
+def fashion_dir() -> Path:
+    """$TADROP_FMNIST if set, else Debian's package unpacked in the cache (bench_images fetches it
+    with apt-get download once: the previous default, a folder of one machine, is not on every one)."""
+    env = os.environ.get("TADROP_FMNIST")
+    return Path(env) if env else _fetch_fashion()
+
+
 def load_fashion() -> dict:
+    d = fashion_dir()
     return {
-        "x_train": _idx(FASHION / "train-images-idx3-ubyte.gz"),
-        "y_train": _idx(FASHION / "train-labels-idx1-ubyte.gz").astype(np.int64),
-        "x_test": _idx(FASHION / "t10k-images-idx3-ubyte.gz"),
-        "y_test": _idx(FASHION / "t10k-labels-idx1-ubyte.gz").astype(np.int64),
+        "x_train": _idx(d / "train-images-idx3-ubyte.gz"),
+        "y_train": _idx(d / "train-labels-idx1-ubyte.gz").astype(np.int64),
+        "x_test": _idx(d / "t10k-images-idx3-ubyte.gz"),
+        "y_test": _idx(d / "t10k-labels-idx1-ubyte.gz").astype(np.int64),
     }
 
 
@@ -248,16 +255,31 @@ def _schedule(steps: int):
 # ---------------------------------------------------------------- bench
 
 
-def set_root(quick: bool, ft_seed: int) -> Path:
-    """The folder of a set of fine-tunes (fine-tunes, records, evaluations). One base for every set
-    (in vit/base); set N > 0 in vit/ft_seedN, so that set 0 keeps the paths and caches of the first run."""
+def base_home(quick: bool, base_seed: int = 0) -> Path:
+    """The folder of one pretrained base and everything built on it: vit/ for base 0 (the first
+    run's paths and caches), vit/base_seedN/ for base N > 0. The base itself is in its base/."""
     home = CACHE / ("vit_quick" if quick else "vit")
+    return home if base_seed == 0 else home / f"base_seed{base_seed}"
+
+
+def set_root(quick: bool, ft_seed: int, base_seed: int = 0) -> Path:
+    """The folder of a set of fine-tunes (fine-tunes, records, evaluations) of one base: the base's
+    home (base_home) for set 0, its ft_seedN/ for set N > 0, so that base 0's set 0 keeps the
+    paths and caches of the first run."""
+    home = base_home(quick, base_seed)
     return home if ft_seed == 0 else home / f"ft_seed{ft_seed}"
+
+
+def pretrain_seed(base_seed: int) -> int:
+    """The seed of a base's pretraining: its init (seed_all) and its minibatch and augmentation
+    order (the generator). Base 0's is the first run's, 0; base N's is N."""
+    return base_seed
 
 
 def finetune_seed(task: str, ft_seed: int) -> int:
     """The torch seed of a task's fine-tune (its minibatch order; the model starts from the base):
-    sum of the name's character codes for set 0 (the first run's), + 100,003 * N for set N."""
+    sum of the name's character codes for set 0 (the first run's), + 100,003 * N for set N.
+    The same for every base: bases differ by their weights, not by the fine-tunes' order."""
     return sum(map(ord, task)) + 100_003 * ft_seed
 
 
@@ -267,13 +289,13 @@ class ViTBench:
 
     kind = "vit"
 
-    def __init__(self, quick=False, log=print, ft_seed=0):
+    def __init__(self, quick=False, log=print, ft_seed=0, base_seed=0):
         self.quick = quick
         self.cfg = QUICK if quick else FULL
         self.log = log
         self.ft_seed = ft_seed
-        home = CACHE / ("vit_quick" if quick else "vit")
-        self.root = set_root(quick, ft_seed)
+        self.base_seed = base_seed
+        self.root = set_root(quick, ft_seed, base_seed)
         self.root.mkdir(parents=True, exist_ok=True)
         self.tasks = self.cfg["tasks"]
         c = self.cfg
@@ -281,7 +303,7 @@ class ViTBench:
         self._t = {
             (t, s): (to_tensor(x), torch.from_numpy(y)) for t, sp in self.data.items() for s, (x, y) in sp.items()
         }
-        self.base_dir = home / "base"
+        self.base_dir = base_home(quick, base_seed) / "base"
         self._pretrain()
         self.model = ViT(**c["arch"])
         self.base_state = load_file(str(self.base_dir / "model.safetensors"))
@@ -319,12 +341,13 @@ class ViTBench:
         c = self.cfg
         d = load_fashion()
         X, Y = to_tensor(d["x_train"][: c["pre_images"]]), torch.from_numpy(d["y_train"][: c["pre_images"]])
-        seed_all(0)
+        seed = pretrain_seed(self.base_seed)
+        seed_all(seed)
         model = ViT(**c["arch"])
         opt = torch.optim.AdamW(model.parameters(), lr=c["pre_lr"], weight_decay=0.05)
         steps = c["pre_steps"]
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(steps))
-        g = torch.Generator().manual_seed(0)
+        g = torch.Generator().manual_seed(seed)
         t0 = time.time()
         model.train()
         losses = []
@@ -342,6 +365,8 @@ class ViTBench:
         model.eval()
         acc = float((self._logits(model, to_tensor(d["x_test"])).argmax(1).numpy() == d["y_test"]).mean())
         meta = {"pretrain_steps": steps, "fashion_test_acc": acc, "seconds": time.time() - t0}
+        if self.base_seed:  # base 0's record as the first run's
+            meta["base_seed"] = self.base_seed
         self._save(model, self.base_dir, meta)
         self.log(f"pretrained ViT on Fashion-MNIST: {steps} steps, test acc {acc:.3f} ({time.time() - t0:.0f}s)")
 
@@ -394,7 +419,9 @@ class ViTBench:
             seconds=time.time() - t0,
             loss_first=float(np.mean(losses[:20])),
             loss_last=float(np.mean(losses[-20:])),
-            **({"ft_seed": self.ft_seed} if self.ft_seed else {}),  # set 0's record as the first run's
+            # base 0's set 0's record as the first run's
+            **({"ft_seed": self.ft_seed} if self.ft_seed else {}),
+            **({"base_seed": self.base_seed} if self.base_seed else {}),
         )
         self._save(model, self.ft_dir(task), meta)
         self.log(
