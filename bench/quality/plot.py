@@ -36,7 +36,7 @@ HOST_LABELS = {
 }
 DEFAULT_JSON = {
     "vit": CACHE / "vit" / "report" / "vit.json",
-    "zeroshot": CACHE / "zeroshot" / "report" / "zeroshot.json",
+    "zeroshot": CACHE / "zeroshot" / "steps400" / "report" / "zeroshot.json",  # bench_zeroshot.bench_root
     "vit_replication": CACHE / "vit" / "report" / "vit_replication.json",
 }
 TITLES = {

@@ -4,6 +4,8 @@
     python bench/quality/run.py --bench zeroshot            # everything below, then the report
     python bench/quality/zeroshot.py --hosts ties --tag a   # one share of the cells (run two at once)
     python bench/quality/zeroshot.py --report-only          # tables from every cached share
+    python bench/quality/zeroshot.py --finetune noun_def pos_def   # only these fine-tunes (share them)
+    python bench/quality/zeroshot.py --ft-steps 150 ...     # another fine-tuning length (own cache)
 
 Steps: the regime references (base + zero-shot heads, each fine-tune, task arithmetic with a tuned
 lambda), then per host x kept fraction the arms uniform, strength +0.2 and (where the installed
@@ -362,18 +364,46 @@ def write_report(sw, path: Path, log) -> dict:
 # ---------------------------------------------------------------- main
 
 
-def make_sweep(quick, tag, log, max_evals=8):
+def make_sweep(quick, tag, log, max_evals=8, ft_steps=None):
     from bench_zeroshot import ZeroShotBench
     from mergers import make_merger
     from sweep import Sweep
 
-    bench = ZeroShotBench(quick=quick, log=log)
+    bench = ZeroShotBench(quick=quick, log=log, ft_steps=ft_steps)
     return Sweep(bench, make_merger("tadrop", log), log=log, tag=f"zeroshot_{tag}", remerge=True, max_evals=max_evals)
+
+
+def finetune_only(quick, tasks, log, ft_steps=None) -> None:
+    """Fine-tune `tasks` (those not cached yet) and nothing else: two processes given disjoint tasks
+    share the fine-tuning. Start the second once the first has written base/ and heads."""
+    from bench_zeroshot import ZeroShotBench
+
+    bench = ZeroShotBench(quick=quick, log=log, ft_steps=ft_steps)
+    unknown = sorted(set(tasks) - set(bench.tasks))
+    if unknown:
+        raise SystemExit(f"--finetune: not tasks of this benchmark: {unknown}")
+    for t in tasks:
+        if not (bench.ft_dir(t) / "model.safetensors").exists():
+            bench.finetune(t)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="3 tasks, short fine-tunes, TIES at kept 0.2 only")
+    ap.add_argument(
+        "--ft-steps",
+        type=int,
+        default=None,
+        help="fine-tuning steps per task (default: bench_zeroshot's, 400 full / 60 quick); each "
+        "step count has its own cache folder (bench_zeroshot.bench_root)",
+    )
+    ap.add_argument(
+        "--finetune",
+        nargs="+",
+        default=None,
+        metavar="TASK",
+        help="only fine-tune these tasks, then exit (run two at once with disjoint tasks)",
+    )
     ap.add_argument("--hosts", nargs="*", default=None)
     ap.add_argument("--densities", nargs="*", type=float, default=None)
     ap.add_argument("--seeds", type=int, default=RANDOM_SEEDS, help="seeds of the random hosts")
@@ -408,8 +438,11 @@ def main(argv=None):
     ap.add_argument("--report", default=None)
     args = ap.parse_args(argv)
     set_threads(args.threads)
-    log = Log(CACHE / "logs" / f"zeroshot_{args.tag}{'_quick' if args.quick else ''}.log")
-    sw = make_sweep(args.quick, args.tag, log)
+    steps = f"_steps{args.ft_steps}" if args.ft_steps is not None else ""
+    log = Log(CACHE / "logs" / f"zeroshot_{args.tag}{'_quick' if args.quick else ''}{steps}.log")
+    if args.finetune:
+        return finetune_only(args.quick, args.finetune, log, args.ft_steps)
+    sw = make_sweep(args.quick, args.tag, log, ft_steps=args.ft_steps)
     report_path = Path(args.report) if args.report else sw.b.root / "report" / "zeroshot.md"
     if not args.report_only:
         if not args.no_refs:
