@@ -301,6 +301,7 @@ def build_plan(layout: Layout, device: str, on_tensor: Callable[[TensorJob], Non
         on_tensor(job)
 
     summaries: dict[int, dict] = {}
+    unadapted: list[str] = []  # models whose every adapted tensor has strength 0 (the default)
     for j, entries in pending.items():
         settings = layout.models[j].tadrop
         if settings is None:
@@ -311,9 +312,14 @@ def build_plan(layout: Layout, device: str, on_tensor: Callable[[TensorJob], Non
             summaries[j] = _strength_ratios(entries, settings)
         else:
             summaries[j] = _count_ratios(entries, settings)
+        if settings.allocation == "strength" and entries and all(e.settings.strength == 0 for e in entries):
+            unadapted.append(layout.models[j].label)
+            continue
         pinned = _pinned_note(layout.models[j].label, entries, settings)
         if pinned:
             layout.notes.append(pinned)
+    if unadapted:
+        layout.notes.append(_strength_zero_note(unadapted, len(layout.models)))
 
     ordered = [rows[key] for key in sorted(rows, key=lambda k: k[0])]
     _check_finite(ordered)
@@ -337,6 +343,16 @@ class _RecipeDensities:
         given = self.layout.model_parameter(self.layout.models[j], method.density_param, job.name)
         self._known[key] = density = method.density_value(given, len(job.contributors))
         return density
+
+
+def _strength_zero_note(labels: list[str], models: int) -> str:
+    """Strength 0, the default, keeps every ratio uniform: said, so that `tadrop:` on is not
+    mistaken for an adaptive merge."""
+    which = "every model" if len(labels) == models else ", ".join(labels)
+    return (
+        f"tadrop: strength 0 (the default) for {which}: every ratio stays the host's uniform ratio, as no "
+        "strength beat it on the quality benchmarks (docs/tadrop.md); set tadrop.strength (-1..1) to adapt"
+    )
 
 
 def _pinned_note(label: str, entries: list[_Entry], settings: TadropSettings) -> str | None:
