@@ -314,7 +314,9 @@ def test_bin_adapter_with_default_names_reads_the_same(tmp_path, tiny):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_adapter_merged_in_slices_equals_whole(tmp_path, monkeypatch, dtype, dora):
     """A tensor merged in slices reads only the rows of B @ A each slice needs (float32 base: the C
-    kernels, through mapped(); bfloat16: PyTorch), and gives the whole tensor's merge."""
+    kernels, through mapped(); bfloat16: PyTorch), and gives the whole tensor's merge, up to the
+    float32 rounding of the product: a BLAS computes B[rows] @ A in another order than B @ A on
+    some CPUs (an AMD EPYC here: 1 ulp in ~0.3% of the entries, 1.9e-6 on entries of 16-32)."""
     base = write_checkpoint(tmp_path / "base", tiny_state(), dtype=dtype)
     tensors = dora_tensors() if dora else hand_tensors()
     adapter = write_adapter(tmp_path / "adapter", tensors, {"r": 4, "lora_alpha": 8, "use_dora": dora})
@@ -324,7 +326,7 @@ def test_adapter_merged_in_slices_equals_whole(tmp_path, monkeypatch, dtype, dor
     recipe["output"]["path"] = str(tmp_path / "sliced")
     sliced, _ = merge(tmp_path, recipe, "b.yaml")
     for name in whole:
-        torch.testing.assert_close(sliced[name], whole[name], atol=1e-6, rtol=0, msg=name)
+        torch.testing.assert_close(sliced[name], whole[name], atol=1e-6, rtol=3e-7, msg=name)  # 2.5 ulps
     assert not torch.equal(whole["model.layers.1.mlp.weight"], load_output(base)["model.layers.1.mlp.weight"])
 
 
