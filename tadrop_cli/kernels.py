@@ -270,8 +270,10 @@ def hoyer_sums_batch(
     """hoyer_sums_at of many tensors whole in one call, each given by address (its base, its
     models' entries, its size): (sums of shape (tensors, models, 2), whether each tensor has a
     NaN or Inf entry). Each tensor's sums are the bits it gets alone."""
-    models = len(tuned[0]) if tuned else 0
-    if any(len(addresses) != models for addresses in tuned) or not bases or len(bases) != len(tuned):
+    if not bases or len(bases) != len(tuned):
+        raise ValueError("a batch takes one or more tensors, each with its base and its models")
+    models = len(tuned[0])
+    if any(len(addresses) != models for addresses in tuned):
         raise ValueError("every tensor of a batch has the same number of models")
     base_addresses = np.array(bases, dtype=np.uint64)
     tuned_addresses = np.array(tuned, dtype=np.uint64).reshape(-1)
