@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from .dense_linalg import eigh_descending, gram64, matmul, times64
 from .lazy import torch
 
 _TOLERANCE = 1e-9  # density * n is a float: 1/3 * 3 must count as 1, not 0.999...
@@ -82,37 +83,12 @@ def orthogonalize(matrix: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------- the fast route's pieces
 
-_ROWS_PER_BLOCK = 4096  # rows turned into float64 at a time: a tall matrix is never copied whole
 _OVERSAMPLE = 0.5  # randomized iteration: l = k + max(_MIN_OVERSAMPLE, _OVERSAMPLE * k) directions
 _MIN_OVERSAMPLE = 16
 _MAX_ITERATIONS = 8  # power iterations before the exact route takes over
 _RANDOMIZED_SHARE = 0.25  # l above this share of the rank: the Gram route is cheaper
 _SINGLE_SPREAD = 0.25  # _top_gram: float32 eigendecomposition where sigma_k >= this * sigma_1
 _CONVERGED = 1e-5  # the kept subspace's remaining error (per direction, in the Frobenius norm)
-
-
-def _gram64(matrix: torch.Tensor) -> torch.Tensor:
-    """M^T M in float64, a block of rows at a time."""
-    gram = torch.zeros(matrix.shape[1], matrix.shape[1], dtype=torch.float64, device=matrix.device)
-    for start in range(0, matrix.shape[0], _ROWS_PER_BLOCK):
-        block = matrix[start : start + _ROWS_PER_BLOCK].double()
-        gram.addmm_(block.T, block)
-    return gram
-
-
-def _times64(matrix: torch.Tensor, right: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """matrix @ right in float64 (right: float64), returned in `dtype` (float32 by default), a block of
-    rows at a time. (The default is looked up here, not in the signature: that would import torch.)"""
-    dtype = torch.float32 if dtype is None else dtype
-    out = torch.empty(matrix.shape[0], right.shape[1], dtype=dtype, device=matrix.device)
-    for start in range(0, matrix.shape[0], _ROWS_PER_BLOCK):
-        out[start : start + _ROWS_PER_BLOCK] = matrix[start : start + _ROWS_PER_BLOCK].double() @ right
-    return out
-
-
-def _eigh_descending(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    values, vectors = torch.linalg.eigh(gram)
-    return values.flip(0), vectors.flip(1)
 
 
 def rounding_level(shape: tuple[int, int], frobenius_squared: float) -> float:
@@ -135,11 +111,11 @@ def polar(matrix: torch.Tensor) -> torch.Tensor:
     route keeps and which move the merge by percents.)"""
     if matrix.shape[0] < matrix.shape[1]:
         return polar(matrix.T).T
-    values, vectors = _eigh_descending(_gram64(matrix))
+    values, vectors = eigh_descending(gram64(matrix))
     tolerance = rounding_level(matrix.shape, float(values.clamp_min(0).sum()))
     kept = int((values > tolerance * tolerance).sum())
     vectors = vectors[:, :kept]
-    return _times64(matrix, (vectors / values[:kept].sqrt()) @ vectors.T)
+    return times64(matrix, matmul(vectors / values[:kept].sqrt(), vectors.T))
 
 
 def _top_gram(matrix: torch.Tensor, k: int, tolerance: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -154,16 +130,16 @@ def _top_gram(matrix: torch.Tensor, k: int, tolerance: float) -> tuple[torch.Ten
     if matrix.shape[0] < matrix.shape[1]:
         u, s, vh = _top_gram(matrix.T, k, tolerance)
         return vh.T, s, u.T
-    gram = _gram64(matrix)
-    values, vectors = _eigh_descending(gram.float())
+    gram = gram64(matrix)
+    values, vectors = eigh_descending(gram.float(), top=k)
     sigma = values.double().clamp_min(0).sqrt()
     k = min(k, int((sigma > tolerance).sum()))
     if k > 0 and sigma[k - 1] < _SINGLE_SPREAD * sigma[0]:
-        values, vectors = _eigh_descending(gram)
+        values, vectors = eigh_descending(gram, top=k)
         sigma = values.clamp_min(0).sqrt()
         k = min(k, int((sigma > tolerance).sum()))
     v = vectors[:, :k].double()
-    return _times64(matrix, v / sigma[:k]), sigma[:k].float(), v.T.float()
+    return times64(matrix, v / sigma[:k]), sigma[:k].float(), v.T.float()
 
 
 def _top_randomized(matrix: torch.Tensor, k: int, tolerance: float, seed: int):
@@ -191,7 +167,7 @@ def _randomized_wide(matrix: torch.Tensor, k: int, tolerance: float, seed: int):
     previous = None
     for done in range(1, _MAX_ITERATIONS + 1):
         z = matrix.T @ q  # B^T, B = Q^T A: the matrix seen in the basis
-        values, w = _eigh_descending(z.T.double() @ z.double())
+        values, w = eigh_descending(z.T.double() @ z.double())
         sigma = values.clamp_min(0).sqrt().float()
         kept = min(k, int((sigma > tolerance).sum()))
         wk = w[:, :kept].float()
@@ -241,7 +217,7 @@ def _top(matrix: torch.Tensor, k: int, tolerance: float) -> tuple[torch.Tensor, 
 
 
 def _low_rank(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> torch.Tensor:
-    return (u * s) @ vh
+    return matmul(u * s, vh)
 
 
 # Entries in this range need no scaling: a float32 norm or product of them cannot overflow
@@ -338,11 +314,11 @@ def iso_c_merge(
         k = int((s > tolerance).sum())
         return (u[:, :k] @ vh[:k, :]).mul_(s.mean())
     tall = total if total.shape[0] >= total.shape[1] else total.T
-    values, vectors = _eigh_descending(_gram64(tall))
+    values, vectors = eigh_descending(gram64(tall))
     mean = float(values.clamp_min(0).sqrt().mean())
     kept = int((values > tolerance * tolerance).sum())
     vectors = vectors[:, :kept]
-    merged = _times64(tall, (vectors / values[:kept].sqrt()) @ vectors.T).mul_(mean)
+    merged = times64(tall, matmul(vectors / values[:kept].sqrt(), vectors.T)).mul_(mean)
     return merged if tall is total else merged.T.contiguous()
 
 
@@ -369,21 +345,21 @@ def polar_extended(basis: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
     if e == 0:
         return basis.clone()
     float64 = torch.float64
-    cross = _times64(basis.T, extra.double(), float64)
+    cross = times64(basis.T, extra.double(), float64)
     q, r = torch.linalg.qr(cross)  # q: c x p, r: p x e, p = min(c, e)
     p = q.shape[1]
     middle = torch.zeros(p + e, p + e, dtype=float64, device=basis.device)
     middle[:p, p:], middle[p:, :p] = r, r.T
-    middle[p:, p:] = _gram64(extra) - torch.eye(e, dtype=float64, device=basis.device)
-    d, z = torch.linalg.eigh(middle)
+    middle[p:, p:] = gram64(extra) - torch.eye(e, dtype=float64, device=basis.device)
+    d, z = eigh_descending(middle)
     values = 1 + d  # the Gram's eigenvalues off the identity
     frobenius_squared = c + float(middle[p:, p:].trace()) + e  # |[basis, extra]|_F^2 = c + |extra|_F^2
     tolerance = rounding_level((basis.shape[0], c + e), frobenius_squared)
     kept = values > tolerance * tolerance
     factor = torch.where(kept, values.clamp_min(tolerance * tolerance).rsqrt(), torch.zeros_like(values)) - 1
     y_top, y_bottom = q @ z[:p], z[p:]  # Y Z, split by the rows of basis and of extra
-    mapped = _times64(basis, y_top, float64) + _times64(extra, y_bottom, float64)  # [basis, extra] Y Z
-    update = (mapped * factor) @ torch.cat([y_top, y_bottom]).T
+    mapped = times64(basis, y_top, float64) + times64(extra, y_bottom, float64)  # [basis, extra] Y Z
+    update = matmul(mapped * factor, torch.cat([y_top, y_bottom]).T)
     return (torch.cat([basis, extra], dim=1).double() + update).float()
 
 
@@ -417,7 +393,7 @@ def iso_cts_merge(
     asked = common
     for delta, k, seed in zip(deltas, split_budget(budget, densities), _seeds(seeds, len(deltas)), strict=True):
         if k > 0:
-            specific = delta - u @ (u.T @ delta)
+            specific = delta - matmul(u, matmul(u.T, delta))
             tolerance = null_tolerance(delta)
             tu, ts, tvh = _top(specific, k, tolerance) if exact_svd else top_fast(specific, k, tolerance, seed)
             us.append(tu), ss.append(ts), vhs.append(tvh)
@@ -435,4 +411,4 @@ def iso_cts_merge(
         # basis's float32 rounding would be amplified there: 1e-5 seen): the full Gram.
         c = us[0].shape[1]
         u_perp, vh_perp = polar_extended(u_all[:, :c], u_all[:, c:]), polar(vh_all)
-    return (u_perp @ vh_perp).mul_(spectrum.sum() / asked)
+    return matmul(u_perp, vh_perp).mul_(spectrum.sum() / asked)
