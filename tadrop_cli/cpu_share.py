@@ -115,9 +115,16 @@ class CpuShare:
 
 
 @lru_cache(maxsize=1)
+def torch_thread_limit() -> int:
+    """PyTorch's CPU thread count as this process found it, before fit_torch_threads() adapted it:
+    the user's OMP_NUM_THREADS, or the cores'. (Looked up once, at the first call.)"""
+    return torch.get_num_threads()
+
+
+@lru_cache(maxsize=1)
 def _torch_share() -> CpuShare | None:
     """What sets PyTorch's CPU thread count: None where the user fixed it with OMP_NUM_THREADS."""
-    limit = torch.get_num_threads()
+    limit = torch_thread_limit()
     return None if os.environ.get("OMP_NUM_THREADS") or limit <= 1 else CpuShare(limit)
 
 

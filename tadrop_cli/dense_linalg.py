@@ -1,16 +1,19 @@
 """Dense products and symmetric eigendecompositions for the SVD hosts' fast route (tensors in, tensors out).
 
-On the CPU these run in numpy and scipy (OpenBLAS and its LAPACK), not in PyTorch, for two
-measured reasons (docs/speed.md, "The SVD hosts"):
+Where tadrop computes on one CPU core (PyTorch's thread limit is 1: OMP_NUM_THREADS=1, a
+one-core machine or affinity mask) these run in numpy and scipy (OpenBLAS and its LAPACK), not
+in PyTorch, for two measured reasons (docs/speed.md, "The SVD hosts"):
 - PyTorch's CPU wheels use MKL, whose matrix products ran at about half OpenBLAS's speed on
   this project's AMD EPYC machines (2048 x 2048, one core: float64 0.41 s against 0.22 s,
   float32 0.19 s against 0.11 s);
 - the fast route needs only the top k eigenpairs of a task's Gram matrix, and LAPACK's MRRR
   eigensolver (scipy's driver "evr") finds just those, which torch.linalg.eigh cannot be asked
   for (k = r/4 of 2048: 0.57 s against 0.97 s for all of them, float32).
-OpenBLAS's threads are held to PyTorch's thread count for the call (which cpu_share.py fits to
-the idle cores before each tensor), so that they do not fight other work for cores either.
-On any other device, PyTorch.
+With several threads, PyTorch: OpenBLAS's worker threads and PyTorch's OpenMP threads, called in
+turn, spin for the same cores (a 40m TSV-M merge took 50 s with both on 2 threads, against 16 s
+with PyTorch alone). The choice follows the thread limit the process started with, not the
+count cpu_share.py fits to the idle cores tensor by tensor, so that a tensor's result does not
+depend on how busy the machine was. On a GPU, PyTorch.
 
 Every function returns new tensors on the input's device; the inputs are not modified.
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from functools import lru_cache
 
+from .cpu_share import torch_thread_limit
 from .lazy import torch
 
 ROWS_PER_BLOCK = 4096  # rows turned into float64 at a time: a tall matrix is never copied whole
@@ -37,12 +41,14 @@ def _blas_threads():
 
 @contextmanager
 def _cpu_threads():
-    with _blas_threads().limit(limits=torch.get_num_threads(), user_api="blas"):
+    """OpenBLAS on one thread (its default is every core) for the length of a call."""
+    with _blas_threads().limit(limits=1, user_api="blas"):
         yield
 
 
-def _on_cpu(*tensors) -> bool:
-    return all(t.device.type == "cpu" for t in tensors)
+def _by_openblas(*tensors) -> bool:
+    """Whether numpy/scipy compute this: on the CPU, where the process computes on one core."""
+    return all(t.device.type == "cpu" for t in tensors) and torch_thread_limit() == 1
 
 
 def _numpy(tensor, dtype=None):
@@ -53,7 +59,7 @@ def _numpy(tensor, dtype=None):
 
 def matmul(left, right):
     """left @ right, in their (common) dtype."""
-    if not _on_cpu(left, right):
+    if not _by_openblas(left, right):
         return left @ right
     with _cpu_threads():
         return torch.from_numpy(_numpy(left) @ _numpy(right))
@@ -62,7 +68,7 @@ def matmul(left, right):
 def gram64(matrix):
     """M^T M in float64, formed a block of ROWS_PER_BLOCK rows at a time (float64 sums: the Gram of
     float32 entries is exact to float64 rounding, whatever its condition number)."""
-    if not _on_cpu(matrix):
+    if not _by_openblas(matrix):
         gram = torch.zeros(matrix.shape[1], matrix.shape[1], dtype=torch.float64, device=matrix.device)
         for start in range(0, matrix.shape[0], ROWS_PER_BLOCK):
             block = matrix[start : start + ROWS_PER_BLOCK].double()
@@ -85,7 +91,7 @@ def times64(matrix, right, dtype=None):
     would import torch.)"""
     dtype = torch.float32 if dtype is None else dtype
     out = torch.empty(matrix.shape[0], right.shape[1], dtype=dtype, device=matrix.device)
-    if not _on_cpu(matrix, right):
+    if not _by_openblas(matrix, right):
         for start in range(0, matrix.shape[0], ROWS_PER_BLOCK):
             out[start : start + ROWS_PER_BLOCK] = matrix[start : start + ROWS_PER_BLOCK].double() @ right
         return out
@@ -101,11 +107,11 @@ def times64(matrix, right, dtype=None):
 
 def eigh_descending(symmetric, top: int | None = None):
     """(eigenvalues, eigenvectors) of a symmetric matrix, largest first, in its dtype: all n of
-    them, or only the `top` largest (then by LAPACK's MRRR solver on the CPU where top <= n/3).
+    them, or only the `top` largest (then by LAPACK's MRRR solver where top <= n/3, by OpenBLAS).
     Reads the lower triangle."""
     n = symmetric.shape[0]
     top = n if top is None else max(0, min(n, top))
-    if not _on_cpu(symmetric):
+    if not _by_openblas(symmetric):
         values, vectors = torch.linalg.eigh(symmetric)
         return values.flip(0)[:top], vectors.flip(1)[:, :top]
     if top == 0:

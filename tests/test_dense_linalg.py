@@ -11,6 +11,12 @@ from threadpoolctl import threadpool_info
 from tadrop_cli import dense_linalg
 
 
+@pytest.fixture(autouse=True)
+def by_openblas(monkeypatch):
+    """The numpy/scipy route (what a one-core merge takes), whatever this machine's thread count."""
+    monkeypatch.setattr(dense_linalg, "torch_thread_limit", lambda: 1)
+
+
 def symmetric(n: int, seed: int, dtype=np.float64) -> np.ndarray:
     a = np.random.default_rng(seed).normal(size=(n + 7, n))
     return (a.T @ a).astype(dtype)
@@ -97,32 +103,48 @@ def test_matmul_of_views_in_their_dtype():
     np.testing.assert_allclose(got.numpy(), a.double().numpy().T @ b.numpy(), rtol=1e-5, atol=1e-5)
 
 
-def test_the_torch_route_agrees_with_the_cpu_route(monkeypatch):
-    """The PyTorch branch (what a GPU runs), taken on the CPU, against the numpy/scipy branch."""
+def test_the_torch_route_agrees_with_the_openblas_route(monkeypatch):
+    """The PyTorch branch (what several threads and a GPU take), on the CPU, against numpy/scipy's."""
     rng = np.random.default_rng(6)
     a = torch.from_numpy(rng.normal(size=(40, 25)).astype(np.float32))
     g = torch.from_numpy(symmetric(25, 7))
-    cpu = (dense_linalg.gram64(a), dense_linalg.times64(a, g), dense_linalg.eigh_descending(g, top=5))
-    monkeypatch.setattr(dense_linalg, "_on_cpu", lambda *tensors: False)
+    openblas = (dense_linalg.gram64(a), dense_linalg.times64(a, g), dense_linalg.eigh_descending(g, top=5))
+    monkeypatch.setattr(dense_linalg, "torch_thread_limit", lambda: 2)
+    import scipy.linalg
+
+    monkeypatch.setattr(scipy.linalg, "eigh", None)  # not called on this route
     other = (dense_linalg.gram64(a), dense_linalg.times64(a, g), dense_linalg.eigh_descending(g, top=5))
-    np.testing.assert_allclose(other[0].numpy(), cpu[0].numpy(), rtol=1e-13)
-    np.testing.assert_allclose(other[1].numpy(), cpu[1].numpy(), rtol=1e-6)
-    np.testing.assert_allclose(other[2][0].numpy(), cpu[2][0].numpy(), rtol=1e-12)
-    assert sin_largest_angle(other[2][1].numpy(), cpu[2][1].numpy()) < 1e-10
+    np.testing.assert_allclose(other[0].numpy(), openblas[0].numpy(), rtol=1e-13)
+    np.testing.assert_allclose(other[1].numpy(), openblas[1].numpy(), rtol=1e-6)
+    np.testing.assert_allclose(other[2][0].numpy(), openblas[2][0].numpy(), rtol=1e-12)
+    assert sin_largest_angle(other[2][1].numpy(), openblas[2][1].numpy()) < 1e-10
 
 
-def test_openblas_threads_follow_torch_during_a_call_and_are_restored_after():
+def test_the_route_follows_the_thread_limit_the_process_started_with(monkeypatch):
+    from tadrop_cli import cpu_share
+
+    cpu_share.torch_thread_limit.cache_clear()
+    monkeypatch.undo()  # the real torch_thread_limit
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert cpu_share.torch_thread_limit() == 1 and dense_linalg._by_openblas(torch.zeros(1))
+        torch.set_num_threads(2)  # later changes (cpu_share fitting the idle cores) do not switch routes
+        assert cpu_share.torch_thread_limit() == 1 and dense_linalg._by_openblas(torch.zeros(1))
+        cpu_share.torch_thread_limit.cache_clear()
+        assert cpu_share.torch_thread_limit() == 2 and not dense_linalg._by_openblas(torch.zeros(1))
+    finally:
+        torch.set_num_threads(threads)
+        cpu_share.torch_thread_limit.cache_clear()
+
+
+def test_openblas_runs_on_one_thread_during_a_call_and_is_restored_after():
     dense_linalg.eigh_descending(torch.eye(3))  # loads scipy's OpenBLAS
     blas = [i for i in threadpool_info() if i["user_api"] == "blas"]
     assert blas, "numpy's or scipy's OpenBLAS should be loaded"
     before = {i["filepath"]: i["num_threads"] for i in blas}
-    torch_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with dense_linalg._cpu_threads():
-            inside = {i["filepath"]: i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
-    finally:
-        torch.set_num_threads(torch_threads)
+    with dense_linalg._cpu_threads():
+        inside = {i["filepath"]: i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
     assert set(inside.values()) == {1}
     after = {i["filepath"]: i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
     assert after == before

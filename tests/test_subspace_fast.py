@@ -18,8 +18,8 @@ import reference as ref
 import torch
 from conftest import basic_recipe, run_cli, tiny_state, write_checkpoint, write_recipe
 
+from tadrop_cli import dense_linalg, subspace
 from tadrop_cli import methods as methods_module
-from tadrop_cli import subspace
 from tadrop_cli.methods import METHODS, TaskVector
 
 FAST_VS_FLOAT64 = 1e-5
@@ -82,9 +82,16 @@ def reference_of(method: str, tasks, densities=None) -> np.ndarray:
     return (ref.tsv_m_matrix if method == "tsv_m" else ref.iso_cts_matrix)(tasks32, densities)
 
 
+@pytest.fixture(params=["openblas", "torch"])
+def linalg(request, monkeypatch):
+    """Both routes of dense_linalg: numpy/scipy (one-core merges) and PyTorch (several threads, GPUs)."""
+    monkeypatch.setattr(dense_linalg, "torch_thread_limit", lambda: 1 if request.param == "openblas" else 2)
+    return request.param
+
+
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("method", ["tsv_m", "iso_c", "iso_cts"])
-def test_fast_route_matches_float64_and_the_exact_route(method, case):
+def test_fast_route_matches_float64_and_the_exact_route(method, case, linalg):
     rng = np.random.default_rng(zlib.crc32(f"{method} {case}".encode()))
     tasks = tasks_for(case, rng)
     expected = reference_of(method, tasks)

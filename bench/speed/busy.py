@@ -67,8 +67,13 @@ def recipe(path: Path, method: str, checkpoints: Path, models: int, tadrop: bool
 
 def timed_merge(recipe_path: Path, env: dict[str, str]) -> float:
     started = time.perf_counter()
+    # cwd: `python -m` puts the working directory first on sys.path, ahead of PYTHONPATH, so run from
+    # the repository root it would import that checkout's tadrop_cli for every variant
     subprocess.run(
-        [sys.executable, "-m", "tadrop_cli", "merge", str(recipe_path), "--overwrite", "--quiet"], env=env, check=True
+        [sys.executable, "-m", "tadrop_cli", "merge", str(recipe_path), "--overwrite", "--quiet"],
+        env=env,
+        check=True,
+        cwd=recipe_path.parent,
     )
     return time.perf_counter() - started
 
