@@ -361,3 +361,54 @@ def test_tsv_m_of_a_model_with_itself_is_its_truncation(exact):
     assert torch.isfinite(got).all()
     if not exact:  # the float32 SVD of a rank-deficient concatenation picks arbitrary null directions
         assert relative(got, truncated) < FAST_VS_FLOAT64
+
+
+def _eigh_dtypes(monkeypatch) -> list:
+    dtypes = []
+    real = subspace.eigh_descending
+
+    def spy(symmetric, top=None):
+        dtypes.append(symmetric.dtype)
+        return real(symmetric, top)
+
+    monkeypatch.setattr(subspace, "eigh_descending", spy)
+    return dtypes
+
+
+@pytest.mark.parametrize("spectrum", ["decaying", "flat"])
+def test_the_float32_try_is_skipped_only_where_it_cannot_pass(spectrum, monkeypatch, linalg):
+    """A fine-tune-like decaying spectrum (sigma_k < sigma_1 / 4 at the cut): the float32 try is
+    skipped, and the result is the same bits as with the try; a flat one still gets the try."""
+    rng = np.random.default_rng(23)
+    if spectrum == "decaying":
+        matrix = spectral(rng, (300, 200), 1 / (1 + np.arange(200))).astype(np.float32)
+    else:
+        matrix = rng.normal(size=(300, 200)).astype(np.float32)
+    tensor = torch.from_numpy(matrix)
+    tolerance = subspace.null_tolerance(tensor)
+    dtypes = _eigh_dtypes(monkeypatch)
+    got = subspace._top_gram(tensor, 50, tolerance)
+    if spectrum == "decaying":
+        assert dtypes == [torch.float64]
+    else:
+        assert dtypes == [torch.float32]
+    monkeypatch.setattr(subspace, "_spread_can_pass", lambda gram, k: True)
+    tried = subspace._top_gram(tensor, 50, tolerance)
+    for a, b in zip(got, tried, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_spread_can_pass_is_false_only_where_sigma_k_is_below_a_quarter_of_sigma_1():
+    """The bound is certain: a False never stands where the float32 try would have passed."""
+    rng = np.random.default_rng(29)
+    falses = 0
+    for trial in range(40):
+        decay = rng.uniform(0, 1.5)
+        sigma = (1 + np.arange(80)) ** -decay * rng.uniform(0.5, 2)
+        matrix = spectral(rng, (120, 80), sigma)
+        gram = torch.from_numpy(matrix.T @ matrix)
+        k = int(rng.integers(1, 80))
+        if not subspace._spread_can_pass(gram, k):
+            falses += 1
+            assert sigma[k - 1] < subspace._SINGLE_SPREAD * sigma[0], (trial, decay, k)
+    assert falses >= 10  # the check does skip on decaying spectra
