@@ -14,7 +14,7 @@ Two routes to the same maths (the recipe parameter `exact_svd` picks one):
   Gram matrix: exact); the Procrustes factor M (M^T M)^(-1/2) from the float64 Gram of M's
   smaller side; Iso-CTS's left factor block by block (its task directions are orthogonal to
   the common ones by construction). Its products and eigendecompositions are dense_linalg's
-  (numpy/scipy's OpenBLAS on the CPU, where it is the faster: see there).
+  (numpy/scipy's OpenBLAS where the process computes on one CPU core, PyTorch otherwise).
 Both scale the task matrices by a power of two first, so that norms and Gram matrices of
 large entries cannot overflow (a power of two scales exactly).
 
