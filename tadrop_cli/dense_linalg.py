@@ -40,7 +40,7 @@ def _blas_threads():
 
 
 @contextmanager
-def _cpu_threads():
+def _one_openblas_thread():
     """OpenBLAS on one thread (its default is every core) for the length of a call."""
     with _blas_threads().limit(limits=1, user_api="blas"):
         yield
@@ -61,7 +61,7 @@ def matmul(left, right):
     """left @ right, in their (common) dtype."""
     if not _by_openblas(left, right):
         return left @ right
-    with _cpu_threads():
+    with _one_openblas_thread():
         return torch.from_numpy(_numpy(left) @ _numpy(right))
 
 
@@ -77,7 +77,7 @@ def gram64(matrix):
     import numpy as np
 
     array = _numpy(matrix)
-    with _cpu_threads():
+    with _one_openblas_thread():
         gram = np.zeros((array.shape[1], array.shape[1]), dtype=np.float64)
         for start in range(0, array.shape[0], ROWS_PER_BLOCK):
             block = array[start : start + ROWS_PER_BLOCK].astype(np.float64)
@@ -98,7 +98,7 @@ def times64(matrix, right, dtype=None):
     import numpy as np
 
     array, right_array, out_array = _numpy(matrix), _numpy(right, np.float64), out.numpy()
-    with _cpu_threads():
+    with _one_openblas_thread():
         for start in range(0, array.shape[0], ROWS_PER_BLOCK):
             block = array[start : start + ROWS_PER_BLOCK].astype(np.float64)
             out_array[start : start + ROWS_PER_BLOCK] = block @ right_array
@@ -118,7 +118,7 @@ def eigh_descending(symmetric, top: int | None = None):
         return symmetric.new_zeros(0), symmetric.new_zeros(n, 0)
     import scipy.linalg
 
-    with _cpu_threads():
+    with _one_openblas_thread():
         if top <= _SUBSET_SHARE * n:
             values, vectors = scipy.linalg.eigh(
                 _numpy(symmetric), driver="evr", subset_by_index=[n - top, n - 1], check_finite=False

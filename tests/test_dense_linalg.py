@@ -143,7 +143,7 @@ def test_openblas_runs_on_one_thread_during_a_call_and_is_restored_after():
     blas = [i for i in threadpool_info() if i["user_api"] == "blas"]
     assert blas, "numpy's or scipy's OpenBLAS should be loaded"
     before = {i["filepath"]: i["num_threads"] for i in blas}
-    with dense_linalg._cpu_threads():
+    with dense_linalg._one_openblas_thread():
         inside = {i["filepath"]: i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
     assert set(inside.values()) == {1}
     after = {i["filepath"]: i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
