@@ -140,6 +140,7 @@ def test_torch_threads_follow_the_idle_cores_and_a_fixed_count_is_kept(monkeypat
 
     saved = torch.get_num_threads()
     cpu_share._torch_share.cache_clear()
+    cpu_share.torch_thread_limit.cache_clear()  # the starting limit is read again: 2, set below
     try:
         torch.set_num_threads(2)
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
@@ -157,6 +158,7 @@ def test_torch_threads_follow_the_idle_cores_and_a_fixed_count_is_kept(monkeypat
         assert torch.get_num_threads() == 2
     finally:
         cpu_share._torch_share.cache_clear()
+        cpu_share.torch_thread_limit.cache_clear()
         torch.set_num_threads(saved)
 
 
